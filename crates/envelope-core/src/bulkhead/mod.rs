@@ -1,0 +1,323 @@
+//! Bulkhead: cap the calls in flight to one dependency, with a bounded, timed FIFO queue in front.
+//!
+//! Semantics follow resilience4j's semaphore bulkhead (`maxConcurrentCalls`, `maxWaitDuration`) and Envoy's
+//! `max_requests` / `max_pending_requests`:
+//!
+//! - at most `max_concurrent` calls run at once;
+//! - a call that finds no free permit waits in a FIFO queue of at most `max_queue` calls, for at most `max_wait`
+//!   (a zero wait or a zero queue rejects at once with [`BulkheadFull`]);
+//! - a permit is returned when its guard is dropped: on completion, on cancellation of the caller's future, and
+//!   on panic. It can never leak and is never returned twice;
+//! - the limits can be changed live ([`Bulkhead::set_max_concurrent`]); shrinking below the calls in flight takes
+//!   effect as they finish.
+//!
+//! ```
+//! use envelope_core::bulkhead::{Bulkhead, Config};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let bulkhead = Bulkhead::new("inventory", Config::new(10).queue(5, Duration::from_millis(50)));
+//! let answer = bulkhead.call(|| async { Ok::<_, std::io::Error>(42) }).await.unwrap();
+//! assert_eq!(answer, 42);
+//! # }
+//! ```
+
+mod error;
+pub(crate) mod semaphore;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+pub use error::BulkheadFull;
+
+use self::semaphore::{Semaphore, Wait};
+use crate::clock;
+use crate::event::{Event, Listener, Listeners};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Ordering};
+
+/// Default maximum of concurrent calls (resilience4j's default).
+pub const DEFAULT_MAX_CONCURRENT: usize = 25;
+/// Default queue length: no queue.
+pub const DEFAULT_MAX_QUEUE: usize = 0;
+/// Default longest wait in the queue: none (reject at once).
+pub const DEFAULT_MAX_WAIT: Duration = Duration::ZERO;
+
+/// Bulkhead configuration.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Calls allowed to run at once (≥ 1).
+    pub max_concurrent: usize,
+    /// Calls allowed to wait for a permit.
+    pub max_queue: usize,
+    /// Longest wait for a permit.
+    pub max_wait: Duration,
+    /// Where events go.
+    pub listeners: Listeners,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new(DEFAULT_MAX_CONCURRENT)
+    }
+}
+
+impl Config {
+    /// `max_concurrent` calls at once, no queue.
+    pub fn new(max_concurrent: usize) -> Self {
+        Config { max_concurrent, max_queue: DEFAULT_MAX_QUEUE, max_wait: DEFAULT_MAX_WAIT, listeners: Listeners::new() }
+    }
+
+    /// Lets up to `max_queue` calls wait up to `max_wait` each.
+    pub fn queue(mut self, max_queue: usize, max_wait: Duration) -> Self {
+        self.max_queue = max_queue;
+        self.max_wait = max_wait;
+        self
+    }
+
+    /// Sends events to `listener` too.
+    pub fn listener(mut self, listener: impl Listener) -> Self {
+        self.listeners = self.listeners.with(listener);
+        self
+    }
+}
+
+/// Why a bulkhead configuration is invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(&'static str);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A bulkhead. Cloning is cheap and every clone shares the same permits.
+#[derive(Clone)]
+pub struct Bulkhead {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    semaphore: Semaphore,
+    max_queue: AtomicUsize,
+    max_wait_nanos: AtomicU64,
+    rejected: AtomicU64,
+    listeners: Listeners,
+}
+
+/// What a bulkhead reports about itself.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metrics {
+    /// The current limit.
+    pub max_concurrent: usize,
+    /// Permits held now.
+    pub active: usize,
+    /// Calls waiting now.
+    pub queued: usize,
+    /// Calls rejected since creation.
+    pub rejected: u64,
+}
+
+impl Bulkhead {
+    /// A bulkhead named `name`. Panics if `config` is invalid; see [`Bulkhead::try_new`].
+    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+        match Self::try_new(name, config) {
+            Ok(b) => b,
+            Err(e) => panic!("invalid bulkhead config: {e}"),
+        }
+    }
+
+    /// A bulkhead named `name`, or why `config` is invalid.
+    pub fn try_new(name: impl Into<Arc<str>>, config: Config) -> Result<Self, ConfigError> {
+        if config.max_concurrent == 0 {
+            return Err(ConfigError("max_concurrent must be at least 1"));
+        }
+        if config.max_concurrent > isize::MAX as usize / 2 {
+            return Err(ConfigError("max_concurrent is too large"));
+        }
+        let shared = Shared {
+            name: name.into(),
+            semaphore: Semaphore::new(config.max_concurrent),
+            max_queue: AtomicUsize::new(config.max_queue),
+            max_wait_nanos: AtomicU64::new(clock::as_nanos(config.max_wait)),
+            rejected: AtomicU64::new(0),
+            listeners: config.listeners,
+        };
+        Ok(Bulkhead { shared: Arc::new(shared) })
+    }
+
+    /// The bulkhead's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Takes a permit, waiting in the queue if the configuration allows.
+    pub async fn acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
+        self.shared.acquire().await?;
+        Ok(Permit { shared: &self.shared })
+    }
+
+    /// Like [`acquire`](Self::acquire), with a permit that owns a handle to the bulkhead.
+    pub async fn acquire_owned(&self) -> Result<OwnedPermit, BulkheadFull> {
+        self.shared.acquire().await?;
+        Ok(OwnedPermit { shared: self.shared.clone() })
+    }
+
+    /// Takes a permit only if one is free now.
+    pub fn try_acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
+        if self.shared.semaphore.try_acquire() {
+            Ok(Permit { shared: &self.shared })
+        } else {
+            Err(self.shared.reject(false))
+        }
+    }
+
+    /// Takes a permit, blocking the current thread in the queue if the configuration allows. For threads that
+    /// are not running an async runtime.
+    pub fn acquire_blocking(&self) -> Result<Permit<'_>, BulkheadFull> {
+        self.shared.acquire_blocking()?;
+        Ok(Permit { shared: &self.shared })
+    }
+
+    /// Runs `f` holding a permit.
+    pub async fn call<T, E, F, Fut>(&self, f: F) -> Result<T, crate::Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let _permit = self.acquire().await?;
+        f().await.map_err(crate::Error::Inner)
+    }
+
+    /// Changes the limit of concurrent calls, live.
+    pub fn set_max_concurrent(&self, max_concurrent: usize) -> Result<(), ConfigError> {
+        if max_concurrent == 0 || max_concurrent > isize::MAX as usize / 2 {
+            return Err(ConfigError("max_concurrent must be at least 1"));
+        }
+        self.shared.semaphore.resize(max_concurrent);
+        Ok(())
+    }
+
+    /// Changes the queue, live. Calls already waiting keep their place.
+    pub fn set_queue(&self, max_queue: usize, max_wait: Duration) {
+        self.shared.max_queue.store(max_queue, Ordering::Release);
+        self.shared.max_wait_nanos.store(clock::as_nanos(max_wait), Ordering::Release);
+    }
+
+    /// What the bulkhead knows now.
+    pub fn metrics(&self) -> Metrics {
+        let s = &self.shared.semaphore;
+        Metrics {
+            max_concurrent: s.limit(),
+            active: s.in_use(),
+            queued: s.queued(),
+            rejected: self.shared.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Shared {
+    #[inline]
+    async fn acquire(&self) -> Result<(), BulkheadFull> {
+        if self.semaphore.try_acquire() {
+            return Ok(());
+        }
+        self.acquire_slow().await
+    }
+
+    async fn acquire_slow(&self) -> Result<(), BulkheadFull> {
+        let (max_queue, max_wait) = self.queue_limits();
+        if max_queue == 0 || max_wait.is_zero() {
+            return Err(self.reject(false));
+        }
+        let slot = self.semaphore.enqueue(max_queue).map_err(|_| self.reject(false))?;
+        let wait = Wait { semaphore: &self.semaphore, slot: Some(slot) };
+        match tokio::time::timeout(max_wait, wait).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.reject(true)),
+        }
+    }
+
+    fn acquire_blocking(&self) -> Result<(), BulkheadFull> {
+        if self.semaphore.try_acquire() {
+            return Ok(());
+        }
+        let (max_queue, max_wait) = self.queue_limits();
+        if max_queue == 0 || max_wait.is_zero() {
+            return Err(self.reject(false));
+        }
+        let slot = self.semaphore.enqueue(max_queue).map_err(|_| self.reject(false))?;
+        slot.register_thread();
+        let deadline = clock::now() + max_wait;
+        while !slot.is_granted() {
+            let now = clock::now();
+            if now >= deadline {
+                if self.semaphore.dequeue(&slot) {
+                    return Ok(());
+                }
+                return Err(self.reject(true));
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+        Ok(())
+    }
+
+    fn queue_limits(&self) -> (usize, Duration) {
+        (self.max_queue.load(Ordering::Acquire), Duration::from_nanos(self.max_wait_nanos.load(Ordering::Acquire)))
+    }
+
+    #[cold]
+    fn reject(&self, waited: bool) -> BulkheadFull {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.listeners.emit(Event::BulkheadRejected { name: &self.name, waited });
+        BulkheadFull { waited }
+    }
+}
+
+impl fmt::Debug for Bulkhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bulkhead").field("name", &self.shared.name).field("metrics", &self.metrics()).finish()
+    }
+}
+
+/// A bulkhead permit; returned when dropped.
+#[must_use = "the permit is returned as soon as it is dropped"]
+pub struct Permit<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.shared.semaphore.release();
+    }
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("bulkhead::Permit")
+    }
+}
+
+/// A bulkhead permit that owns a handle to its bulkhead; returned when dropped.
+#[must_use = "the permit is returned as soon as it is dropped"]
+pub struct OwnedPermit {
+    shared: Arc<Shared>,
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        self.shared.semaphore.release();
+    }
+}
+
+impl fmt::Debug for OwnedPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("bulkhead::OwnedPermit")
+    }
+}

@@ -1,0 +1,501 @@
+//! Circuit breaker: stop calling a dependency that is failing, and probe it carefully before trusting it again.
+//!
+//! Semantics follow resilience4j, with the differences noted:
+//!
+//! - **Closed**: calls pass and are recorded in a [count or time window](Window). Once the window holds at least
+//!   `minimum_calls`, the breaker opens when the failure rate *or* the slow-call rate is **at or above** its
+//!   threshold (`5 of 10` trips at 50 %).
+//! - **Open**: calls are rejected with [`CircuitOpen`] (which says how long remains) until the open duration has
+//!   passed. With [`Escalation`], each consecutive re-open lasts longer (capped, optionally jittered); the
+//!   escalation resets when the breaker closes (Polly's escalating break).
+//! - **Half-open**: exactly `half_open_calls` probes are admitted; concurrent extra calls are rejected. When all
+//!   probes have been recorded, their failure and slow-call rates decide between closed and open. A probe whose
+//!   outcome is ignored (or whose future is dropped) hands its permit back so another probe can run. If half-open
+//!   lasts longer than `max_half_open_wait` (on by default, unlike resilience4j), the breaker re-opens, so a hung
+//!   probe cannot wedge it.
+//! - **Disabled / forced open / forced closed / metrics-only**: operator states that never transition by
+//!   themselves; see [`State`].
+//!
+//! Results of calls admitted in an earlier state are not counted in a later one: every transition bumps a
+//! generation carried by the permit.
+//!
+//! # The hot path
+//! Admitting a call in the closed state is one atomic load. Recording a success in a full, clean count window is
+//! two more loads and no write. Neither ever takes a lock; the mutex inside is taken only to change state.
+//!
+//! # Example
+//! ```
+//! use envelope_core::circuit_breaker::{CircuitBreaker, Config};
+//! use envelope_core::Outcome;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let breaker = CircuitBreaker::new(
+//!     "payments",
+//!     Config::builder().count_window(20).minimum_calls(10).open_duration(Duration::from_secs(30)).build().unwrap(),
+//! );
+//! // As a plain call:
+//! let result: Result<u32, _> = breaker.call(|| async { Ok::<_, std::io::Error>(7) }).await;
+//! assert_eq!(result.unwrap(), 7);
+//! // Or by hand, with a permit:
+//! if let Ok(permit) = breaker.try_acquire() {
+//!     permit.record(Outcome::Upstream5xx);
+//! }
+//! # }
+//! ```
+
+mod config;
+mod error;
+mod registry;
+mod state;
+mod window;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+pub use config::{
+    Builder, Config, ConfigError, DEFAULT_FAILURE_RATE_THRESHOLD, DEFAULT_HALF_OPEN_CALLS, DEFAULT_MAX_HALF_OPEN_WAIT,
+    DEFAULT_MINIMUM_CALLS, DEFAULT_OPEN_DURATION, DEFAULT_SLOW_CALL_DURATION, DEFAULT_SLOW_CALL_RATE_THRESHOLD,
+    DEFAULT_WINDOW, Escalation, MAX_COUNT_WINDOW, MAX_HALF_OPEN_CALLS, MAX_TIME_WINDOW_SECS, Window,
+};
+pub use error::CircuitOpen;
+pub use registry::Registry;
+pub use state::{Snapshot, State};
+
+use self::state::{Verdict, Word, judge};
+use self::window::SlidingWindow;
+use crate::clock::{self, Instant};
+use crate::event::Event;
+use crate::outcome::{BreakerVerdict, Classify, DefaultClassifier, HasOutcome, Outcome};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
+
+/// A circuit breaker. Cloning is cheap and every clone shares the same state: hand clones to every caller of the
+/// same dependency.
+#[derive(Clone)]
+pub struct CircuitBreaker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    config: Config,
+    epoch: Instant,
+    word: AtomicU64,
+    /// In open: when probes may start. In half-open: when to give up and re-open. Nanoseconds since `epoch`.
+    deadline: AtomicU64,
+    window: SlidingWindow,
+    not_permitted: AtomicU64,
+    transitions: Mutex<Transitions>,
+}
+
+/// State that only changes under the transition lock.
+#[derive(Debug, Default)]
+struct Transitions {
+    /// Opens since the last close (drives escalation).
+    consecutive_opens: u32,
+    /// Results of half-open probes.
+    probes: Snapshot,
+}
+
+/// What a breaker reports about itself.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    /// Current state.
+    pub state: State,
+    /// Calls in the window (or, in half-open, probes recorded).
+    pub window: Snapshot,
+    /// Failure rate in percent, once the window holds the minimum number of calls.
+    pub failure_rate: Option<f32>,
+    /// Slow-call rate in percent, once the window holds the minimum number of calls.
+    pub slow_call_rate: Option<f32>,
+    /// Calls rejected since the breaker was created.
+    pub not_permitted_calls: u64,
+    /// Opens since the last close.
+    pub consecutive_opens: u32,
+    /// Time left in the open state.
+    pub remaining_open: Option<Duration>,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker named `name`.
+    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+        Self::with_state(name, config, State::Closed)
+    }
+
+    /// A breaker that starts in `state` (for instance [`State::Disabled`] from configuration).
+    pub fn with_state(name: impl Into<Arc<str>>, config: Config, state: State) -> Self {
+        let state = if state == State::HalfOpen || state == State::Open { State::Closed } else { state };
+        let shared = Shared {
+            name: name.into(),
+            epoch: clock::now(),
+            word: AtomicU64::new(Word::initial(state).pack()),
+            deadline: AtomicU64::new(0),
+            window: SlidingWindow::new(config.window),
+            not_permitted: AtomicU64::new(0),
+            transitions: Mutex::new(Transitions::default()),
+            config,
+        };
+        CircuitBreaker { shared: Arc::new(shared) }
+    }
+
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The breaker's configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The current state. An open breaker whose open duration has passed still reads as open until the next call
+    /// asks for a permit.
+    pub fn state(&self) -> State {
+        Word::unpack(self.shared.word.load(Ordering::Acquire)).state
+    }
+
+    /// Asks to make a call now. The permit must be used to [`record`](Permit::record) the outcome; dropping it
+    /// unrecorded counts as a cancelled call (ignored, and a half-open probe slot is handed back).
+    #[inline]
+    pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
+        self.try_acquire_at(clock::now())
+    }
+
+    /// [`try_acquire`](Self::try_acquire) with the caller's reading of the clock.
+    #[inline]
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Permit<'_>, CircuitOpen> {
+        let token = self.shared.acquire(now)?;
+        Ok(Permit { shared: &self.shared, token, done: false })
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), but the permit owns a handle to the breaker (for futures that
+    /// must be `'static`).
+    pub fn try_acquire_owned(&self) -> Result<OwnedPermit, CircuitOpen> {
+        let token = self.shared.acquire(clock::now())?;
+        Ok(OwnedPermit { shared: self.shared.clone(), token, done: false })
+    }
+
+    /// Runs `f` if the breaker permits it, classifying the result with [`DefaultClassifier`].
+    pub async fn call<T, E, F, Fut>(&self, f: F) -> Result<T, crate::Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: HasOutcome,
+    {
+        self.call_classified(&DefaultClassifier, f).await
+    }
+
+    /// Runs `f` if the breaker permits it, classifying the result with `classifier`.
+    pub async fn call_classified<T, E, F, Fut, C>(&self, classifier: &C, f: F) -> Result<T, crate::Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        let permit = self.try_acquire()?;
+        let result = f().await;
+        permit.record(classifier.classify(&result));
+        result.map_err(crate::Error::Inner)
+    }
+
+    /// What the breaker knows now.
+    pub fn metrics(&self) -> Metrics {
+        let now = clock::nanos_since(self.shared.epoch, clock::now());
+        let word = Word::unpack(self.shared.word.load(Ordering::Acquire));
+        let t = lock(&self.shared.transitions);
+        let window = if word.state == State::HalfOpen { t.probes } else { self.shared.window.snapshot(now) };
+        let minimum = if word.state == State::HalfOpen { 1 } else { self.shared.config.minimum_calls };
+        let ready = window.calls >= minimum && window.calls > 0;
+        let remaining_open = (word.state == State::Open)
+            .then(|| Duration::from_nanos(self.shared.deadline.load(Ordering::Acquire).saturating_sub(now)));
+        Metrics {
+            state: word.state,
+            window,
+            failure_rate: if ready { window.failure_rate() } else { None },
+            slow_call_rate: if ready { window.slow_call_rate() } else { None },
+            not_permitted_calls: self.shared.not_permitted.load(Ordering::Relaxed),
+            consecutive_opens: t.consecutive_opens,
+            remaining_open,
+        }
+    }
+
+    /// Moves to `state` now, whatever the current state: an operator's manual transition. Entering
+    /// [`State::Closed`] clears the window and the escalation; entering [`State::Open`] counts as an open.
+    pub fn transition_to(&self, state: State) {
+        self.shared.transition(None, state, clock::now());
+    }
+
+    /// Rejects every call until released by another transition.
+    pub fn force_open(&self) {
+        self.transition_to(State::ForcedOpen);
+    }
+
+    /// Admits every call until released by another transition; calls are still recorded.
+    pub fn force_closed(&self) {
+        self.transition_to(State::ForcedClosed);
+    }
+
+    /// Back to closed with an empty window and no escalation.
+    pub fn reset(&self) {
+        self.transition_to(State::Closed);
+    }
+}
+
+impl fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker").field("name", &self.shared.name).field("state", &self.state()).finish()
+    }
+}
+
+/// What a permit remembers about its admission.
+#[derive(Debug, Clone, Copy)]
+struct Token {
+    generation: u32,
+    probe: bool,
+    start: Instant,
+}
+
+impl Shared {
+    #[inline]
+    fn acquire(&self, now: Instant) -> Result<Token, CircuitOpen> {
+        let mut bits = self.word.load(Ordering::Acquire);
+        loop {
+            let word = Word::unpack(bits);
+            match word.state {
+                State::Closed | State::ForcedClosed | State::MetricsOnly | State::Disabled => {
+                    return Ok(Token { generation: word.generation, probe: false, start: now });
+                }
+                State::ForcedOpen => return Err(self.reject(word.state, None)),
+                State::Open => {
+                    let now_nanos = clock::nanos_since(self.epoch, now);
+                    let until = self.deadline.load(Ordering::Acquire);
+                    if now_nanos < until {
+                        return Err(self.reject(State::Open, Some(Duration::from_nanos(until - now_nanos))));
+                    }
+                    self.transition(Some(word), State::HalfOpen, now);
+                }
+                State::HalfOpen => {
+                    if u32::from(word.issued) < self.config.half_open_calls {
+                        let next = Word { issued: word.issued + 1, ..word };
+                        match self.word.compare_exchange_weak(bits, next.pack(), Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => return Ok(Token { generation: word.generation, probe: true, start: now }),
+                            Err(actual) => {
+                                bits = actual;
+                                continue;
+                            }
+                        }
+                    }
+                    let now_nanos = clock::nanos_since(self.epoch, now);
+                    if now_nanos < self.deadline.load(Ordering::Acquire) {
+                        return Err(self.reject(State::HalfOpen, None));
+                    }
+                    // A probe hung past the half-open limit: re-open rather than wait forever.
+                    self.transition(Some(word), State::Open, now);
+                }
+            }
+            bits = self.word.load(Ordering::Acquire);
+        }
+    }
+
+    #[cold]
+    fn reject(&self, state: State, remaining: Option<Duration>) -> CircuitOpen {
+        self.not_permitted.fetch_add(1, Ordering::Relaxed);
+        self.config.listeners.emit(Event::CallNotPermitted { name: &self.name, state });
+        CircuitOpen { state, remaining }
+    }
+
+    #[inline]
+    fn record(&self, token: Token, outcome: Outcome, now: Instant) {
+        let verdict = self.config.verdict(outcome);
+        if verdict == BreakerVerdict::Ignore {
+            self.release(token);
+            return;
+        }
+        let failed = verdict == BreakerVerdict::Failure;
+        let slow = now.saturating_duration_since(token.start) >= self.config.slow_call_duration;
+        if token.probe {
+            self.record_probe(token, failed, slow, now);
+            return;
+        }
+        let word = Word::unpack(self.word.load(Ordering::Acquire));
+        if word.generation != token.generation || !word.state.records() {
+            return;
+        }
+        let now_nanos = clock::nanos_since(self.epoch, now);
+        let Some(snapshot) = self.window.record(failed, slow, now_nanos) else { return };
+        let c = &self.config;
+        let verdict = judge(snapshot, c.minimum_calls, c.failure_ppm, c.slow_ppm);
+        if matches!(verdict, Verdict::FailureRateExceeded | Verdict::SlowCallRateExceeded) {
+            self.exceeded(verdict, snapshot);
+            if word.state == State::Closed {
+                self.transition(Some(word), State::Open, now);
+            }
+        }
+    }
+
+    #[cold]
+    fn exceeded(&self, verdict: Verdict, s: Snapshot) {
+        let name = &*self.name;
+        let event = match verdict {
+            Verdict::FailureRateExceeded => {
+                Event::FailureRateExceeded { name, failure_rate: s.failure_rate().unwrap_or(0.0) }
+            }
+            _ => Event::SlowCallRateExceeded { name, slow_call_rate: s.slow_call_rate().unwrap_or(0.0) },
+        };
+        self.config.listeners.emit(event);
+    }
+
+    fn record_probe(&self, token: Token, failed: bool, slow: bool, now: Instant) {
+        let mut t = lock(&self.transitions);
+        let word = Word::unpack(self.word.load(Ordering::Acquire));
+        if word.generation != token.generation || word.state != State::HalfOpen {
+            return;
+        }
+        t.probes.calls += 1;
+        t.probes.failures += u32::from(failed);
+        t.probes.slow += u32::from(slow);
+        if t.probes.calls < self.config.half_open_calls {
+            return;
+        }
+        let c = &self.config;
+        let verdict = judge(t.probes, c.half_open_calls, c.failure_ppm, c.slow_ppm);
+        let to = if verdict == Verdict::Healthy { State::Closed } else { State::Open };
+        let from = self.enter(&mut t, word, to, now);
+        drop(t);
+        self.config.listeners.emit(Event::StateTransition { name: &self.name, from, to });
+    }
+
+    /// Hands a half-open probe slot back (ignored outcome or dropped permit).
+    fn release(&self, token: Token) {
+        if !token.probe {
+            return;
+        }
+        let mut bits = self.word.load(Ordering::Acquire);
+        loop {
+            let word = Word::unpack(bits);
+            if word.generation != token.generation || word.state != State::HalfOpen || word.issued == 0 {
+                return;
+            }
+            let next = Word { issued: word.issued - 1, ..word };
+            match self.word.compare_exchange_weak(bits, next.pack(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => bits = actual,
+            }
+        }
+    }
+
+    /// Moves to `to` if the state is still `expected` (`None`: unconditionally). Emits the transition.
+    #[cold]
+    fn transition(&self, expected: Option<Word>, to: State, now: Instant) {
+        let mut t = lock(&self.transitions);
+        let current = Word::unpack(self.word.load(Ordering::Acquire));
+        if let Some(expected) = expected {
+            if current.generation != expected.generation || current.state != expected.state {
+                return;
+            }
+        }
+        let from = self.enter(&mut t, current, to, now);
+        drop(t);
+        self.config.listeners.emit(Event::StateTransition { name: &self.name, from, to });
+    }
+
+    /// Performs the transition; the caller holds the transition lock.
+    fn enter(&self, t: &mut Transitions, current: Word, to: State, now: Instant) -> State {
+        let now_nanos = clock::nanos_since(self.epoch, now);
+        match to {
+            State::Open => {
+                t.consecutive_opens = t.consecutive_opens.saturating_add(1);
+                let open_for = self.config.open_duration_for(t.consecutive_opens);
+                self.deadline.store(now_nanos.saturating_add(clock::as_nanos(open_for)), Ordering::Release);
+            }
+            State::HalfOpen => {
+                t.probes = Snapshot::default();
+                let give_up =
+                    self.config.max_half_open_wait.map_or(u64::MAX, |d| now_nanos.saturating_add(clock::as_nanos(d)));
+                self.deadline.store(give_up, Ordering::Release);
+            }
+            State::Closed => {
+                t.consecutive_opens = 0;
+                self.window.reset();
+            }
+            State::ForcedClosed | State::MetricsOnly | State::Disabled | State::ForcedOpen => self.window.reset(),
+        }
+        self.word.store(current.enter(to).pack(), Ordering::Release);
+        current.state
+    }
+}
+
+/// Permission to make one call, borrowed from the breaker.
+#[must_use = "record the outcome with `record`; dropping the permit counts as a cancelled call"]
+pub struct Permit<'a> {
+    shared: &'a Shared,
+    token: Token,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// Records how the call ended, timed from the permit's admission.
+    #[inline]
+    pub fn record(mut self, outcome: Outcome) {
+        self.done = true;
+        self.shared.record(self.token, outcome, clock::now());
+    }
+
+    /// [`record`](Self::record) with the caller's reading of the clock.
+    #[inline]
+    pub fn record_at(mut self, outcome: Outcome, now: Instant) {
+        self.done = true;
+        self.shared.record(self.token, outcome, now);
+    }
+
+    /// Whether this permit is a half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.token.probe
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.release(self.token);
+        }
+    }
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit").field("probe", &self.token.probe).finish()
+    }
+}
+
+/// A [`Permit`] that owns a handle to its breaker.
+#[must_use = "record the outcome with `record`; dropping the permit counts as a cancelled call"]
+pub struct OwnedPermit {
+    shared: Arc<Shared>,
+    token: Token,
+    done: bool,
+}
+
+impl OwnedPermit {
+    /// Records how the call ended, timed from the permit's admission.
+    pub fn record(mut self, outcome: Outcome) {
+        self.done = true;
+        self.shared.record(self.token, outcome, clock::now());
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.release(self.token);
+        }
+    }
+}
+
+impl fmt::Debug for OwnedPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedPermit").field("probe", &self.token.probe).finish()
+    }
+}

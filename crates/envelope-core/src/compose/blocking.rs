@@ -1,0 +1,121 @@
+//! The blocking face of [`Envelope`]: the same policies for synchronous clients on threads without a runtime.
+//!
+//! What differs from the async path, because a blocking call cannot be interrupted:
+//! - the attempt timeout and the deadline cannot cancel a call in progress; the deadline still stops retries
+//!   (no attempt starts that cannot finish in time), and slow calls still count against the breaker;
+//! - hedging is skipped (it would need extra threads);
+//! - waits (backoff, bulkhead queue, injected delay) block the calling thread.
+
+use std::time::Duration;
+
+use super::{Envelope, min_opt};
+use crate::clock;
+use crate::error::Error;
+use crate::fault::InjectedFault;
+use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
+use crate::retry::{Attempts, Next, classified};
+
+impl Envelope {
+    /// Runs the blocking `f` (once per attempt) through every policy; classifies with [`DefaultClassifier`].
+    pub fn call_blocking<T, E, F>(&self, f: F) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Result<T, E>,
+        E: HasOutcome,
+    {
+        self.call_blocking_classified(&DefaultClassifier, f).0
+    }
+
+    /// Runs the blocking `f` through every policy, classifying with `classifier`. Also returns the outcome.
+    pub fn call_blocking_classified<T, E, F, C>(&self, classifier: &C, mut f: F) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Result<T, E>,
+        C: Classify<T, E>,
+    {
+        let p = &*self.inner;
+        let shed_permit = match &p.shed {
+            Some((shedder, priority)) => match shedder.try_acquire(*priority) {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::Shed(e)), Outcome::Shed),
+            },
+            None => None,
+        };
+        let start = clock::now();
+        let outer = p.deadline.map(|d| start + d);
+        let own = p.retry.as_ref().and_then(|r| r.config().deadline()).map(|d| start + d);
+        let deadline = match (outer, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(r) = &p.retry {
+            r.on_first_attempt();
+        }
+        let mut st = Attempts::default();
+        let (result, outcome) = loop {
+            let began = clock::now();
+            st.made += 1;
+            let (result, outcome, retry_after) = self.attempt_blocking(classifier, &mut f);
+            let Some(retry) = &p.retry else { break (result, outcome) };
+            let now = clock::now();
+            st.last_duration = now.saturating_duration_since(began);
+            match retry.next(&mut st, outcome, retry_after, now, deadline) {
+                Next::RetryAfter(delay) => sleep(delay),
+                Next::GiveUp(_) => break (result, outcome),
+            }
+        };
+        if let Some(permit) = shed_permit {
+            permit.record(outcome);
+        }
+        let _ = min_opt;
+        (result, outcome)
+    }
+
+    fn attempt_blocking<T, E, F, C>(&self, classifier: &C, f: &mut F) -> super::Attempt<T, E>
+    where
+        F: FnMut() -> Result<T, E>,
+        C: Classify<T, E>,
+    {
+        let p = &*self.inner;
+        let now = clock::now();
+        let permit = match &p.breaker {
+            Some(b) => match b.try_acquire_at(now) {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
+            },
+            None => None,
+        };
+        if let Some(limiter) = &p.rate_limit {
+            if let Err(e) = limiter.try_acquire_at(now) {
+                return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
+            }
+        }
+        let _bulkhead_permit = match &p.bulkhead {
+            Some(b) => match b.acquire_blocking() {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, None),
+            },
+            None => None,
+        };
+        let done = 'call: {
+            if let Some(fault) = &p.fault {
+                let decision = fault.decide();
+                if let Some(delay) = decision.delay {
+                    sleep(delay);
+                }
+                if let Some(outcome) = decision.abort {
+                    break 'call (Err(Error::Injected(InjectedFault::new(outcome))), outcome, None);
+                }
+            }
+            classified(classifier, f())
+        };
+        if let Some(permit) = permit {
+            permit.record(done.1);
+        }
+        done
+    }
+}
+
+fn sleep(d: Duration) {
+    if !d.is_zero() {
+        std::thread::sleep(d);
+    }
+}

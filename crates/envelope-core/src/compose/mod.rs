@@ -1,0 +1,401 @@
+//! Composition: every policy in the documented order, in one place, usable three ways.
+//!
+//! ```text
+//!  call ──► shed ──► deadline ──► fallback ──► retry ──► hedge ──► breaker ──► rate limit ──► bulkhead ──► attempt timeout ──► fault ──► f()
+//!            (2)       (3)          (4)         (5)       (6)        (7)          (8)            (9)            (10)            (11)
+//! ```
+//!
+//! Why this order (numbers as in `docs/architecture.md`):
+//!
+//! - **Shed** first: a call we will not serve should cost nothing, not even a deadline timer.
+//! - **Deadline** outside retry: it bounds the whole call, waits between attempts included.
+//! - **Fallback** outside retry: it answers only once every attempt has failed.
+//! - **Retry** outside the breaker, rate limit and bulkhead: each attempt asks each of them again, so a retry
+//!   never bypasses an open breaker or a full bulkhead (and their rejections are not retried by default).
+//! - **Hedge** inside retry: a hedged group is one attempt to the retry policy.
+//! - **Breaker** before rate limit and bulkhead: an open breaker rejects without using a token or a permit; a
+//!   permit it gave is handed back if the call is then rejected locally.
+//! - **Bulkhead** innermost of the admission checks: it holds its permit only while the call really runs.
+//! - **Attempt timeout** inside the bulkhead: queue wait does not eat into the attempt's time, and the permit is
+//!   released as soon as the attempt is cancelled.
+//! - **Fault injection** innermost: an injected failure or delay looks exactly like the dependency's own, so every
+//!   other policy reacts to it as it would in a real incident.
+//!
+//! The three ways to use it: [`Envelope::call`] for async code, [`Envelope::call_blocking`] for blocking clients
+//! on threads without a runtime, and [`EnvelopeLayer`] for tower services.
+
+mod blocking;
+mod layer;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use layer::{EnvelopeLayer, EnvelopeService, ResponseFuture};
+
+use crate::bulkhead::Bulkhead;
+use crate::circuit_breaker::CircuitBreaker;
+use crate::clock::{self, Instant};
+use crate::error::Error;
+use crate::event::GiveUpReason;
+use crate::fallback::Fallback;
+use crate::fault::FaultInjector;
+use crate::hedge::Hedge;
+use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
+use crate::rate_limit::RateLimiter;
+use crate::retry::{Attempts, Next, Retry, classified};
+use crate::shed::{LoadShedder, Priority};
+use crate::timeout::Elapsed;
+
+/// Policies composed in the documented order. Cloning is one reference-count increment; clones share all state.
+#[derive(Clone)]
+pub struct Envelope {
+    inner: Arc<Policies>,
+}
+
+#[derive(Default)]
+struct Policies {
+    name: Option<Arc<str>>,
+    shed: Option<(LoadShedder, Priority)>,
+    deadline: Option<Duration>,
+    fallback: Option<Fallback>,
+    retry: Option<Retry>,
+    hedge: Option<Hedge>,
+    breaker: Option<CircuitBreaker>,
+    rate_limit: Option<RateLimiter>,
+    bulkhead: Option<Bulkhead>,
+    attempt_timeout: Option<Duration>,
+    fault: Option<FaultInjector>,
+}
+
+/// Builds an [`Envelope`]. The order in which policies are added does not matter: they always run in the
+/// documented order.
+#[derive(Default)]
+pub struct Builder {
+    p: Policies,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder").finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Names the composition.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.p.name = Some(name.into());
+        self
+    }
+    /// (2) Sheds load with `shedder`; calls through this envelope have `priority`.
+    pub fn shed(mut self, shedder: LoadShedder, priority: Priority) -> Self {
+        self.p.shed = Some((shedder, priority));
+        self
+    }
+    /// (3) Bounds the whole call, waits between retries included.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.p.deadline = Some(deadline);
+        self
+    }
+    /// (4) Falls back on the fallback's outcomes (the fallback value is given per call).
+    pub fn fallback(mut self, fallback: Fallback) -> Self {
+        self.p.fallback = Some(fallback);
+        self
+    }
+    /// (5) Retries. The retry's own `deadline` and `per_attempt_timeout`, if set, apply too.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.p.retry = Some(retry);
+        self
+    }
+    /// (6) Hedges each attempt.
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.p.hedge = Some(hedge);
+        self
+    }
+    /// (7) Guards the dependency with a circuit breaker.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.p.breaker = Some(breaker);
+        self
+    }
+    /// (8) Limits the rate of attempts.
+    pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.p.rate_limit = Some(limiter);
+        self
+    }
+    /// (9) Limits concurrent attempts.
+    pub fn bulkhead(mut self, bulkhead: Bulkhead) -> Self {
+        self.p.bulkhead = Some(bulkhead);
+        self
+    }
+    /// (10) Times out each attempt.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.p.attempt_timeout = Some(timeout);
+        self
+    }
+    /// (11) Injects faults into each attempt.
+    pub fn fault(mut self, fault: FaultInjector) -> Self {
+        self.p.fault = Some(fault);
+        self
+    }
+    /// The envelope.
+    pub fn build(self) -> Envelope {
+        Envelope { inner: Arc::new(self.p) }
+    }
+}
+
+/// One attempt's result, outcome, and the dependency's requested wait.
+pub(crate) type Attempt<T, E> = (Result<T, Error<E>>, Outcome, Option<Duration>);
+
+impl Envelope {
+    /// An empty builder.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The circuit breaker, if any.
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.breaker.as_ref()
+    }
+    /// The bulkhead, if any.
+    pub fn bulkhead(&self) -> Option<&Bulkhead> {
+        self.inner.bulkhead.as_ref()
+    }
+    /// The rate limiter, if any.
+    pub fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.inner.rate_limit.as_ref()
+    }
+    /// The load shedder, if any.
+    pub fn shedder(&self) -> Option<&LoadShedder> {
+        self.inner.shed.as_ref().map(|(s, _)| s)
+    }
+    /// The retry policy, if any.
+    pub fn retry(&self) -> Option<&Retry> {
+        self.inner.retry.as_ref()
+    }
+    /// The fault injector, if any.
+    pub fn fault(&self) -> Option<&FaultInjector> {
+        self.inner.fault.as_ref()
+    }
+
+    /// Runs `f` (once per attempt) through every policy; results are classified with [`DefaultClassifier`].
+    pub async fn call<T, E, F, Fut>(&self, f: F) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: HasOutcome,
+    {
+        self.call_classified(&DefaultClassifier, f).await.0
+    }
+
+    /// Runs `f` through every policy, classifying with `classifier`. Also returns the final outcome.
+    pub async fn call_classified<T, E, F, Fut, C>(&self, classifier: &C, f: F) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        self.run(classifier, f, None::<fn(Outcome) -> T>).await
+    }
+
+    /// Like [`call`](Self::call), answering `fallback(outcome)` when the configured [`Fallback`] applies.
+    pub async fn call_or<T, E, F, Fut>(&self, f: F, fallback: impl FnOnce(Outcome) -> T) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: HasOutcome,
+    {
+        self.run(&DefaultClassifier, f, Some(fallback)).await.0
+    }
+
+    async fn run<T, E, F, Fut, C, FB>(
+        &self,
+        classifier: &C,
+        f: F,
+        fallback: Option<FB>,
+    ) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+        FB: FnOnce(Outcome) -> T,
+    {
+        let p = &*self.inner;
+        // (2) Shed before anything else is spent on the call.
+        let shed_permit = match &p.shed {
+            Some((shedder, priority)) => match shedder.try_acquire(*priority) {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::Shed(e)), Outcome::Shed),
+            },
+            None => None,
+        };
+        // (3) The deadline covers every attempt and every wait.
+        let (result, outcome) = match p.deadline {
+            Some(limit) => {
+                let deadline = clock::now() + limit;
+                match tokio::time::timeout(limit, self.attempts(classifier, f, Some(deadline))).await {
+                    Ok(done) => done,
+                    Err(_) => (Err(Error::Timeout(Elapsed::new(limit))), Outcome::Timeout),
+                }
+            }
+            None => self.attempts(classifier, f, None).await,
+        };
+        if let Some(permit) = shed_permit {
+            permit.record(outcome);
+        }
+        // (4) Fallback once everything else has been tried.
+        if let (Some(policy), Some(fallback)) = (&p.fallback, fallback) {
+            if !outcome.is_ok() && policy.applies(outcome) {
+                return (Ok(fallback(outcome)), outcome);
+            }
+        }
+        (result, outcome)
+    }
+
+    /// (5) The retry loop around (6) hedged or single attempts.
+    async fn attempts<T, E, F, Fut, C>(
+        &self,
+        classifier: &C,
+        mut f: F,
+        deadline: Option<Instant>,
+    ) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        let p = &*self.inner;
+        let Some(retry) = &p.retry else {
+            let (result, outcome, _) =
+                self.hedged(classifier, &mut f, self.attempt_limit(clock::now(), deadline)).await;
+            return (result, outcome);
+        };
+        let deadline = match retry.config().deadline() {
+            Some(d) => {
+                let own = clock::now() + d;
+                Some(deadline.map_or(own, |outer| outer.min(own)))
+            }
+            None => deadline,
+        };
+        retry.on_first_attempt();
+        let mut st = Attempts::default();
+        loop {
+            let began = clock::now();
+            st.made += 1;
+            let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
+            let (result, outcome, retry_after) = self.hedged(classifier, &mut f, limit).await;
+            let now = clock::now();
+            st.last_duration = now.saturating_duration_since(began);
+            match retry.next(&mut st, outcome, retry_after, now, deadline) {
+                Next::RetryAfter(delay) => {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                Next::GiveUp(reason) => {
+                    let _: GiveUpReason = reason;
+                    return (result, outcome);
+                }
+            }
+        }
+    }
+
+    fn attempt_limit(&self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
+        min_opt(self.inner.attempt_timeout, deadline.map(|d| d.saturating_duration_since(now)))
+    }
+
+    /// (6) One attempt, or a hedged group of attempts.
+    async fn hedged<T, E, F, Fut, C>(&self, classifier: &C, f: &mut F, limit: Option<Duration>) -> Attempt<T, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        match &self.inner.hedge {
+            None => self.attempt(classifier, f(), limit).await,
+            Some(hedge) => hedge.race(|| self.attempt(classifier, f(), limit)).await,
+        }
+    }
+
+    /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout.
+    async fn attempt<T, E, Fut, C>(&self, classifier: &C, call: Fut, limit: Option<Duration>) -> Attempt<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        let p = &*self.inner;
+        let now = clock::now();
+        // (7) Breaker. Its permit is handed back on drop if a later check rejects the call.
+        let permit = match &p.breaker {
+            Some(b) => match b.try_acquire_at(now) {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
+            },
+            None => None,
+        };
+        // (8) Rate limit.
+        if let Some(limiter) = &p.rate_limit {
+            if let Err(e) = limiter.try_acquire_at(now) {
+                return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
+            }
+        }
+        // (9) Bulkhead; the permit is held until this function returns or is cancelled.
+        let _bulkhead_permit = match &p.bulkhead {
+            Some(b) => match b.acquire().await {
+                Ok(permit) => Some(permit),
+                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, None),
+            },
+            None => None,
+        };
+        // (10) + (11): the call, with injected faults, under the attempt timeout.
+        let run = async {
+            if let Some(fault) = &p.fault {
+                let decision = fault.decide();
+                if let Some(delay) = decision.delay {
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(outcome) = decision.abort {
+                    return (Err(Error::Injected(crate::fault::InjectedFault::new(outcome))), outcome, None);
+                }
+            }
+            classified(classifier, call.await)
+        };
+        let done = match limit {
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(done) => done,
+                Err(_) => (Err(Error::Timeout(Elapsed::new(limit))), Outcome::Timeout, None),
+            },
+            None => run.await,
+        };
+        if let Some(permit) = permit {
+            permit.record(done.1);
+        }
+        done
+    }
+}
+
+fn min_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &*self.inner;
+        f.debug_struct("Envelope")
+            .field("name", &p.name)
+            .field("shed", &p.shed.is_some())
+            .field("deadline", &p.deadline)
+            .field("fallback", &p.fallback.is_some())
+            .field("retry", &p.retry.is_some())
+            .field("hedge", &p.hedge.is_some())
+            .field("circuit_breaker", &p.breaker.is_some())
+            .field("rate_limit", &p.rate_limit.is_some())
+            .field("bulkhead", &p.bulkhead.is_some())
+            .field("attempt_timeout", &p.attempt_timeout)
+            .field("fault", &p.fault.is_some())
+            .finish()
+    }
+}

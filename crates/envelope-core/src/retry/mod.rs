@@ -1,0 +1,342 @@
+//! Retry: try again after a transient failure, without turning a dependency's bad minute into a retry storm.
+//!
+//! What a retry policy decides, after each failed attempt, in this order:
+//!
+//! 1. Is the outcome one we retry? ([`Config::retry_on`], default [`OutcomeSet::RETRYABLE`]: transient faults
+//!    of the dependency, never Envelope's own rejections.)
+//! 2. Are attempts left? `max_attempts` counts the first call: 3 means one call and at most two retries.
+//! 3. How long to wait? The [`Backoff`], unless the dependency said how long (`Retry-After`, supplied by the
+//!    classifier): that wait is honoured, and if it is longer than the backoff's `max_delay`, we do not retry at
+//!    all (waiting that long is worse than failing now).
+//! 4. Is there time? With a deadline, a retry starts only if, after its wait, the time left is at least as long as
+//!    the previous attempt took: no attempt that cannot finish is started.
+//! 5. Does the [`RetryBudget`] allow it? The budget is shared by every clone of the policy.
+//!
+//! Each attempt may have its own timeout (`per_attempt_timeout`, shortened to the time left before the deadline).
+//!
+//! ```
+//! use envelope_core::retry::{Backoff, Config, Retry};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let retry = Retry::new("catalog", Config::builder()
+//!     .max_attempts(3)
+//!     .backoff(Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1)).unwrap())
+//!     .build().unwrap());
+//! let mut calls = 0;
+//! let result = retry.call(|| { calls += 1; async move { if calls < 3 { Err("flaky") } else { Ok(calls) } } }).await;
+//! assert_eq!(result.unwrap(), 3);
+//! # }
+//! ```
+
+mod backoff;
+mod budget;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use backoff::{Backoff, DEFAULT_BASE, DEFAULT_MAX_DELAY, DEFAULT_MULTIPLIER, Growth, InvalidBackoff, Jitter};
+pub use budget::{DEFAULT_MIN_PER_SECOND, DEFAULT_RETRY_RATIO, DEFAULT_TTL, InvalidBudget, RetryBudget};
+
+use crate::clock::{self, Instant};
+use crate::event::{Event, GiveUpReason, Listener, Listeners};
+use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome, OutcomeSet};
+
+/// Default attempts, counting the first call.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Largest `max_attempts` accepted.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
+/// A validated retry configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) retry_on: OutcomeSet,
+    pub(crate) per_attempt_timeout: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) listeners: Listeners,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Builder::default().build().expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// A builder starting from the documented defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+    /// Attempts, counting the first call.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+    /// The backoff.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+    /// Outcomes that are retried.
+    pub fn retry_on(&self) -> OutcomeSet {
+        self.retry_on
+    }
+    /// Timeout of each attempt.
+    pub fn per_attempt_timeout(&self) -> Option<Duration> {
+        self.per_attempt_timeout
+    }
+    /// Total time for all attempts.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+    /// The shared budget.
+    pub fn budget(&self) -> Option<&RetryBudget> {
+        self.budget.as_ref()
+    }
+}
+
+/// Why a retry configuration is invalid.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigError {
+    /// `max_attempts` of zero or above [`MAX_ATTEMPTS_LIMIT`].
+    MaxAttempts(u32),
+    /// A zero timeout or deadline.
+    ZeroDuration(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::MaxAttempts(n) => write!(f, "max_attempts {n} must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
+            ConfigError::ZeroDuration(field) => write!(f, "{field} must be greater than zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Builds a retry [`Config`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            config: Config {
+                max_attempts: DEFAULT_MAX_ATTEMPTS,
+                backoff: Backoff::default(),
+                retry_on: OutcomeSet::RETRYABLE,
+                per_attempt_timeout: None,
+                deadline: None,
+                budget: None,
+                listeners: Listeners::new(),
+            },
+        }
+    }
+}
+
+impl Builder {
+    /// Attempts, counting the first call (1 = never retry).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.max_attempts = n;
+        self
+    }
+    /// Waits between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+    /// Outcomes that are retried.
+    pub fn retry_on(mut self, outcomes: OutcomeSet) -> Self {
+        self.config.retry_on = outcomes;
+        self
+    }
+    /// Timeout of each attempt.
+    pub fn per_attempt_timeout(mut self, d: Duration) -> Self {
+        self.config.per_attempt_timeout = Some(d);
+        self
+    }
+    /// Total time for all attempts and waits.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.config.deadline = Some(d);
+        self
+    }
+    /// Draws retries from `budget` (shared with its clones).
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.config.budget = Some(budget);
+        self
+    }
+    /// Sends events to `listener` too.
+    pub fn listener(mut self, listener: impl Listener) -> Self {
+        self.config.listeners = self.config.listeners.with(listener);
+        self
+    }
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let c = self.config;
+        if c.max_attempts == 0 || c.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return Err(ConfigError::MaxAttempts(c.max_attempts));
+        }
+        if c.per_attempt_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration("per_attempt_timeout"));
+        }
+        if c.deadline.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::ZeroDuration("deadline"));
+        }
+        Ok(c)
+    }
+}
+
+/// A retry policy. Cloning is cheap; clones share the budget.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    name: Arc<str>,
+    config: Arc<Config>,
+}
+
+/// Where a call stands between attempts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attempts {
+    /// Attempts made so far.
+    pub(crate) made: u32,
+    previous_delay: Duration,
+    /// How long the last attempt took.
+    pub(crate) last_duration: Duration,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    RetryAfter(Duration),
+    GiveUp(GiveUpReason),
+}
+
+impl Retry {
+    /// A policy named `name` (for events).
+    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+        Retry { name: name.into(), config: Arc::new(config) }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Records a live call in the budget.
+    #[inline]
+    pub(crate) fn on_first_attempt(&self) {
+        if let Some(b) = &self.config.budget {
+            b.deposit();
+        }
+    }
+
+    /// The timeout for the next attempt: the per-attempt timeout, shortened to the time left.
+    #[inline]
+    pub(crate) fn attempt_limit(&self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
+        let left = deadline.map(|d| d.saturating_duration_since(now));
+        match (self.config.per_attempt_timeout, left) {
+            (Some(a), Some(l)) => Some(a.min(l)),
+            (a, l) => a.or(l),
+        }
+    }
+
+    /// Decides what follows an attempt that ended in `outcome`.
+    pub(crate) fn next(
+        &self,
+        st: &mut Attempts,
+        outcome: Outcome,
+        retry_after: Option<Duration>,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> Next {
+        let c = &self.config;
+        let give_up = |reason| {
+            if reason != GiveUpReason::NotRetryable || st.made > 1 {
+                c.listeners.emit(Event::RetryGaveUp { name: &self.name, attempts: st.made, outcome, reason });
+            }
+            Next::GiveUp(reason)
+        };
+        if outcome.is_ok() || !c.retry_on.contains(outcome) {
+            return give_up(GiveUpReason::NotRetryable);
+        }
+        if st.made >= c.max_attempts {
+            return give_up(GiveUpReason::AttemptsExhausted);
+        }
+        let delay = match retry_after {
+            Some(wait) if wait > c.backoff.max_delay() => return give_up(GiveUpReason::RetryAfterTooLong),
+            Some(wait) => wait,
+            None => c.backoff.delay(st.made, st.previous_delay),
+        };
+        if let Some(deadline) = deadline {
+            let left_after_wait = deadline.saturating_duration_since(now).saturating_sub(delay);
+            if left_after_wait.is_zero() || left_after_wait < st.last_duration {
+                return give_up(GiveUpReason::DeadlineTooClose);
+            }
+        }
+        if let Some(b) = &c.budget {
+            if !b.withdraw() {
+                return give_up(GiveUpReason::BudgetExhausted);
+            }
+        }
+        st.previous_delay = delay;
+        c.listeners.emit(Event::RetryScheduled { name: &self.name, attempt: st.made, outcome, delay });
+        Next::RetryAfter(delay)
+    }
+
+    /// Calls `f` until it succeeds or the policy gives up; errors are classified with [`DefaultClassifier`].
+    pub async fn call<T, E, F, Fut>(&self, f: F) -> Result<T, crate::Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: HasOutcome,
+    {
+        self.call_classified(&DefaultClassifier, f).await
+    }
+
+    /// Calls `f` until it succeeds or the policy gives up, classifying results with `classifier`.
+    pub async fn call_classified<T, E, F, Fut, C>(&self, classifier: &C, mut f: F) -> Result<T, crate::Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        let start = clock::now();
+        let deadline = self.config.deadline.map(|d| start + d);
+        self.on_first_attempt();
+        let mut st = Attempts::default();
+        loop {
+            let began = clock::now();
+            st.made += 1;
+            let (result, outcome, retry_after) = match self.attempt_limit(began, deadline) {
+                Some(limit) => match tokio::time::timeout(limit, f()).await {
+                    Ok(r) => classified(classifier, r),
+                    Err(_) => (Err(crate::Error::Timeout(crate::timeout::Elapsed::new(limit))), Outcome::Timeout, None),
+                },
+                None => classified(classifier, f().await),
+            };
+            let now = clock::now();
+            st.last_duration = now.saturating_duration_since(began);
+            match self.next(&mut st, outcome, retry_after, now, deadline) {
+                Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                Next::GiveUp(_) => return result,
+            }
+        }
+    }
+}
+
+/// Classifies an attempt's result and wraps its error.
+#[inline]
+pub(crate) fn classified<T, E, C: Classify<T, E>>(
+    classifier: &C,
+    result: Result<T, E>,
+) -> (Result<T, crate::Error<E>>, Outcome, Option<Duration>) {
+    let outcome = classifier.classify(&result);
+    let retry_after = if outcome.is_ok() { None } else { classifier.retry_after(&result) };
+    (result.map_err(crate::Error::Inner), outcome, retry_after)
+}

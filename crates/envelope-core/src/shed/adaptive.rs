@@ -1,0 +1,213 @@
+//! An adaptive concurrency limit in the style of Netflix's Gradient2, with one change that matters under spikes.
+//!
+//! **Why a gradient and not AIMD.** AIMD needs a hand-set latency threshold or a loss signal; the gradient needs
+//! neither. It compares the recent latency (mean of the last sample window) with a slowly moving baseline (an
+//! exponential average over many windows): while the recent latency stays within `tolerance ×` the baseline the
+//! limit grows by about `√limit` per window; when queueing makes calls slower the ratio drops below 1 and the limit
+//! shrinks in proportion. Timeouts shrink it by at least 10 %.
+//!
+//! **What we change.** Gradient2 and Envoy's adaptive concurrency let the limit drift upwards while traffic is
+//! healthy, up to their maximum, so the first second of a spike is admitted into a deep queue at the dependency.
+//! Here the limit never grows past twice the largest concurrency actually seen in the window: an idle service keeps
+//! a limit near its real working set, and a spike meets a limit that is already close to right.
+//!
+//! The per-call cost is three relaxed atomic adds; once per window one caller takes a mutex to update the limit.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::clock;
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock};
+
+/// Gradient limiter settings; every field has a documented default.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientConfig {
+    /// Limit before any sample (default 20).
+    pub initial_limit: usize,
+    /// Floor (default 4).
+    pub min_limit: usize,
+    /// Ceiling (default 1000).
+    pub max_limit: usize,
+    /// Length of a sample window (default 100 ms).
+    pub window: Duration,
+    /// Samples needed in a window before it counts (default 10).
+    pub min_samples: u64,
+    /// Recent latency tolerated relative to the baseline before shrinking (default 1.5).
+    pub tolerance: f64,
+    /// Weight of a new limit against the old one, in (0, 1] (default 0.2).
+    pub smoothing: f64,
+    /// Number of windows the baseline averages over (default 60).
+    pub baseline_windows: u32,
+}
+
+impl Default for GradientConfig {
+    fn default() -> Self {
+        GradientConfig {
+            initial_limit: 20,
+            min_limit: 4,
+            max_limit: 1000,
+            window: Duration::from_millis(100),
+            min_samples: 10,
+            tolerance: 1.5,
+            smoothing: 0.2,
+            baseline_windows: 60,
+        }
+    }
+}
+
+pub(crate) struct Gradient {
+    config: GradientConfig,
+    window_nanos: u64,
+    window_end: AtomicU64,
+    sum_nanos: AtomicU64,
+    samples: AtomicU64,
+    drops: AtomicU64,
+    max_in_flight: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    baseline: Option<f64>,
+}
+
+impl Gradient {
+    pub(crate) fn new(mut config: GradientConfig) -> Self {
+        config.min_limit = config.min_limit.max(1);
+        config.max_limit = config.max_limit.max(config.min_limit);
+        config.initial_limit = config.initial_limit.clamp(config.min_limit, config.max_limit);
+        if !(config.smoothing > 0.0 && config.smoothing <= 1.0) {
+            config.smoothing = 0.2;
+        }
+        if !(config.tolerance >= 1.0 && config.tolerance.is_finite()) {
+            config.tolerance = 1.5;
+        }
+        let window_nanos = clock::as_nanos(config.window).max(1);
+        Gradient {
+            window_nanos,
+            window_end: AtomicU64::new(window_nanos),
+            sum_nanos: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            drops: AtomicU64::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            state: Mutex::new(State { limit: config.initial_limit as f64, baseline: None }),
+            config,
+        }
+    }
+
+    pub(crate) fn initial_limit(&self) -> usize {
+        self.config.initial_limit
+    }
+
+    /// Adds a sample; at the end of a window, computes the new limit. Returns `(old, new)` when it changed.
+    pub(crate) fn sample(&self, rtt: Duration, in_flight: usize, dropped: bool, now: u64) -> Option<(usize, usize)> {
+        self.sum_nanos.fetch_add(clock::as_nanos(rtt), Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Relaxed);
+        self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
+        if dropped {
+            self.drops.fetch_add(1, Ordering::Relaxed);
+        }
+        let end = self.window_end.load(Ordering::Acquire);
+        if now < end {
+            return None;
+        }
+        if self.samples.load(Ordering::Relaxed) < self.config.min_samples && !dropped {
+            return None;
+        }
+        // One caller closes the window.
+        if self.window_end.compare_exchange(end, now + self.window_nanos, Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return None;
+        }
+        let samples = self.samples.swap(0, Ordering::Relaxed);
+        let sum = self.sum_nanos.swap(0, Ordering::Relaxed);
+        let drops = self.drops.swap(0, Ordering::Relaxed);
+        let max_in_flight = self.max_in_flight.swap(0, Ordering::Relaxed);
+        if samples == 0 {
+            return None;
+        }
+        let mut state = lock(&self.state);
+        let old = state.limit.round() as usize;
+        let new = next_limit(&self.config, &mut state, sum as f64 / samples as f64, max_in_flight, drops > 0);
+        state.limit = new;
+        let new = new.round() as usize;
+        (new != old).then_some((old, new))
+    }
+}
+
+/// One step of the limit, given the mean latency of the window that just closed.
+fn next_limit(c: &GradientConfig, s: &mut State, recent: f64, max_in_flight: usize, dropped: bool) -> f64 {
+    let recent = recent.max(1.0);
+    let baseline = match s.baseline {
+        None => recent,
+        Some(b) => {
+            let alpha = 2.0 / (f64::from(c.baseline_windows.max(1)) + 1.0);
+            let b = b * (1.0 - alpha) + recent * alpha;
+            // Latency fell well below the baseline (e.g. after an incident): let the baseline catch up fast.
+            if b > 2.0 * recent { b * 0.9 } else { b }
+        }
+    };
+    s.baseline = Some(baseline);
+    let gradient = (c.tolerance * baseline / recent).clamp(0.5, 1.0);
+    let limit = s.limit;
+    let mut target = limit * gradient + limit.sqrt();
+    // Never grow far past what the traffic actually used: no drift while healthy.
+    target = target.min((2 * max_in_flight.max(1)) as f64).max(limit.min(target));
+    if dropped {
+        target = target.min(limit * 0.9);
+    }
+    let smoothed = limit * (1.0 - c.smoothing) + target * c.smoothing;
+    smoothed.clamp(c.min_limit as f64, c.max_limit as f64)
+}
+
+impl fmt::Debug for Gradient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gradient").field("config", &self.config).field("state", &*lock(&self.state)).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(c: &GradientConfig, s: &mut State, windows: usize, rtt: f64, in_flight: usize) {
+        for _ in 0..windows {
+            s.limit = next_limit(c, s, rtt, in_flight, false);
+        }
+    }
+
+    #[test]
+    fn grows_while_latency_is_flat_and_traffic_uses_the_limit() {
+        let c = GradientConfig::default();
+        let mut s = State { limit: 20.0, baseline: None };
+        run(&c, &mut s, 50, 10e6, 1000);
+        assert!(s.limit > 60.0, "limit {}", s.limit);
+    }
+
+    #[test]
+    fn does_not_drift_above_twice_the_concurrency_in_use() {
+        let c = GradientConfig::default();
+        let mut s = State { limit: 20.0, baseline: None };
+        run(&c, &mut s, 500, 10e6, 8);
+        assert!(s.limit <= 20.0 + 1e-9, "limit {}", s.limit);
+        let mut s = State { limit: 200.0, baseline: None };
+        run(&c, &mut s, 500, 10e6, 8);
+        assert!(s.limit <= 200.0, "a healthy, idle service never grows: {}", s.limit);
+    }
+
+    #[test]
+    fn shrinks_when_latency_rises_and_on_drops() {
+        let c = GradientConfig::default();
+        let mut s = State { limit: 100.0, baseline: None };
+        run(&c, &mut s, 20, 10e6, 100);
+        let before = s.limit;
+        run(&c, &mut s, 20, 40e6, 100);
+        assert!(s.limit < before * 0.7, "{before} -> {}", s.limit);
+        let before = s.limit;
+        s.limit = next_limit(&c, &mut s, 10e6, 100, true);
+        assert!(s.limit < before);
+        assert!(s.limit >= c.min_limit as f64);
+    }
+}
