@@ -17,7 +17,13 @@ fn breaker(config: Config) -> CircuitBreaker {
 }
 
 fn count(window: u32, minimum: u32) -> Config {
-    Config::builder().count_window(window).minimum_calls(minimum).open_duration(10 * SEC).half_open_calls(3).build().unwrap()
+    Config::builder()
+        .count_window(window)
+        .minimum_calls(minimum)
+        .open_duration(10 * SEC)
+        .half_open_calls(3)
+        .build()
+        .unwrap()
 }
 
 fn record(b: &CircuitBreaker, outcome: Outcome) {
@@ -72,8 +78,12 @@ async fn a_success_that_completes_the_minimum_can_trip() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_at_zero_percent_failures() {
-    let config =
-        Config::builder().count_window(4).minimum_calls(4).slow_calls(Duration::from_millis(100), 50.0).build().unwrap();
+    let config = Config::builder()
+        .count_window(4)
+        .minimum_calls(4)
+        .slow_calls(Duration::from_millis(100), 50.0)
+        .build()
+        .unwrap();
     let b = breaker(config);
     for slow in [false, true, false, true] {
         let permit = b.try_acquire().unwrap();

@@ -1,10 +1,16 @@
 //! An adaptive concurrency limit in the style of Netflix's Gradient2, with one change that matters under spikes.
 //!
 //! **Why a gradient and not AIMD.** AIMD needs a hand-set latency threshold or a loss signal; the gradient needs
-//! neither. It compares the recent latency (mean of the last sample window) with a slowly moving baseline (an
-//! exponential average over many windows): while the recent latency stays within `tolerance ×` the baseline the
-//! limit grows by about `√limit` per window; when queueing makes calls slower the ratio drops below 1 and the limit
-//! shrinks in proportion. Timeouts shrink it by at least 10 %.
+//! neither. It compares the recent latency (mean of the last sample window) with a baseline: while the recent
+//! latency stays within `tolerance ×` the baseline the limit grows by about `√limit` per window; when queueing
+//! makes calls slower the ratio drops below 1 and the limit shrinks in proportion. Timeouts shrink it by at least
+//! 10 %.
+//!
+//! **The baseline is a slowly rising minimum**, not Gradient2's long average: it drops at once to any lower
+//! window mean and otherwise rises by a factor of 2 over `baseline_windows` windows. An average learns sustained
+//! overload as the new normal and stops shedding; a minimum keeps remembering the latency without queueing, which
+//! the limiter sees again whenever it is near the right size. The slow rise still follows a dependency whose real
+//! latency has changed.
 //!
 //! **What we change.** Gradient2 and Envoy's adaptive concurrency let the limit drift upwards while traffic is
 //! healthy, up to their maximum, so the first second of a spike is admitted into a deep queue at the dependency.
@@ -37,7 +43,7 @@ pub struct GradientConfig {
     pub tolerance: f64,
     /// Weight of a new limit against the old one, in (0, 1] (default 0.2).
     pub smoothing: f64,
-    /// Number of windows the baseline averages over (default 60).
+    /// Windows over which the baseline may double when latency stays above it (default 600: a minute).
     pub baseline_windows: u32,
 }
 
@@ -51,7 +57,7 @@ impl Default for GradientConfig {
             min_samples: 10,
             tolerance: 1.5,
             smoothing: 0.2,
-            baseline_windows: 60,
+            baseline_windows: 600,
         }
     }
 }
@@ -142,12 +148,7 @@ fn next_limit(c: &GradientConfig, s: &mut State, recent: f64, max_in_flight: usi
     let recent = recent.max(1.0);
     let baseline = match s.baseline {
         None => recent,
-        Some(b) => {
-            let alpha = 2.0 / (f64::from(c.baseline_windows.max(1)) + 1.0);
-            let b = b * (1.0 - alpha) + recent * alpha;
-            // Latency fell well below the baseline (e.g. after an incident): let the baseline catch up fast.
-            if b > 2.0 * recent { b * 0.9 } else { b }
-        }
+        Some(b) => recent.min(b * 2f64.powf(1.0 / f64::from(c.baseline_windows.max(1)))),
     };
     s.baseline = Some(baseline);
     let gradient = (c.tolerance * baseline / recent).clamp(0.5, 1.0);
