@@ -42,6 +42,7 @@
 //! assert_eq!(stock, 12);
 //! # }
 //! ```
+#![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 pub mod bulkhead;

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use error::BulkheadFull;
 
-use self::semaphore::{Semaphore, Wait};
+use self::semaphore::{Enqueued, MAX_PERMITS, Semaphore, Wait};
 use crate::clock;
 use crate::event::{Event, Listener, Listeners};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Ordering};
@@ -102,7 +102,7 @@ pub struct Bulkhead {
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: std::sync::Arc<str>,
     semaphore: Semaphore,
     max_queue: AtomicUsize,
     max_wait_nanos: AtomicU64,
@@ -126,7 +126,7 @@ pub struct Metrics {
 
 impl Bulkhead {
     /// A bulkhead named `name`. Panics if `config` is invalid; see [`Bulkhead::try_new`].
-    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
         match Self::try_new(name, config) {
             Ok(b) => b,
             Err(e) => panic!("invalid bulkhead config: {e}"),
@@ -134,11 +134,11 @@ impl Bulkhead {
     }
 
     /// A bulkhead named `name`, or why `config` is invalid.
-    pub fn try_new(name: impl Into<Arc<str>>, config: Config) -> Result<Self, ConfigError> {
+    pub fn try_new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Result<Self, ConfigError> {
         if config.max_concurrent == 0 {
             return Err(ConfigError("max_concurrent must be at least 1"));
         }
-        if config.max_concurrent > isize::MAX as usize / 2 {
+        if config.max_concurrent > MAX_PERMITS {
             return Err(ConfigError("max_concurrent is too large"));
         }
         let shared = Shared {
@@ -197,7 +197,7 @@ impl Bulkhead {
 
     /// Changes the limit of concurrent calls, live.
     pub fn set_max_concurrent(&self, max_concurrent: usize) -> Result<(), ConfigError> {
-        if max_concurrent == 0 || max_concurrent > isize::MAX as usize / 2 {
+        if max_concurrent == 0 || max_concurrent > MAX_PERMITS {
             return Err(ConfigError("max_concurrent must be at least 1"));
         }
         self.shared.semaphore.resize(max_concurrent);
@@ -236,7 +236,11 @@ impl Shared {
         if max_queue == 0 || max_wait.is_zero() {
             return Err(self.reject(false));
         }
-        let slot = self.semaphore.enqueue(max_queue).map_err(|_| self.reject(false))?;
+        let slot = match self.semaphore.enqueue(max_queue) {
+            Ok(Enqueued::Acquired) => return Ok(()),
+            Ok(Enqueued::Waiting(slot)) => slot,
+            Err(_) => return Err(self.reject(false)),
+        };
         let wait = Wait { semaphore: &self.semaphore, slot: Some(slot) };
         match tokio::time::timeout(max_wait, wait).await {
             Ok(()) => Ok(()),
@@ -252,7 +256,11 @@ impl Shared {
         if max_queue == 0 || max_wait.is_zero() {
             return Err(self.reject(false));
         }
-        let slot = self.semaphore.enqueue(max_queue).map_err(|_| self.reject(false))?;
+        let slot = match self.semaphore.enqueue(max_queue) {
+            Ok(Enqueued::Acquired) => return Ok(()),
+            Ok(Enqueued::Waiting(slot)) => slot,
+            Err(_) => return Err(self.reject(false)),
+        };
         slot.register_thread();
         let deadline = clock::now() + max_wait;
         while !slot.is_granted() {

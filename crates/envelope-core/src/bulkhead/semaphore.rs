@@ -3,11 +3,13 @@
 //! Why not `tokio::sync::Semaphore`: the bulkhead also needs a bounded queue, waiting from threads that have no
 //! runtime (`call_blocking`), and shrinking below the permits in use. The design:
 //!
-//! - `available` counts free permits and may go negative after a shrink; nobody takes a permit while it is ≤ 0.
+//! - One `u64` word holds both the free permits (low half, may go negative after a shrink; nobody takes a permit
+//!   while it is ≤ 0) and the number of queued waiters (high half). Because both live in one word, a releaser's
+//!   `fetch_add` tells it atomically whether anybody waits: no Dekker-style pairing of two variables, no reliance
+//!   on `SeqCst`, and nothing loom cannot model.
 //! - Fast path: when nobody is queued, take a permit with one compare-and-swap; release with one `fetch_add`.
-//! - Slow path: waiters queue in FIFO order under a mutex; a releaser that sees `queued > 0` hands free permits
-//!   to the front of the queue. Waiter and releaser each write their own counter and then read the other's with
-//!   `SeqCst`, so at least one of them sees the free permit (Dekker), and no waiter sleeps next to a free permit.
+//! - Slow path: waiters queue in FIFO order under a mutex; a releaser that saw waiters hands free permits to the
+//!   front of the queue, taking the permit and the queue slot in one compare-and-swap.
 //! - A waiter that gives up (cancelled, timed out) removes itself; if a permit was handed to it meanwhile, it
 //!   passes the permit on. Permits are returned by `Drop`, exactly once.
 
@@ -17,13 +19,33 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
 
-use crate::sync::{Arc, AtomicBool, AtomicIsize, AtomicUsize, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering, lock};
+
+/// Largest number of permits (the free count is stored with this offset in 32 bits).
+pub(crate) const MAX_PERMITS: usize = 1 << 30;
+const OFFSET: u64 = 1 << 31;
+const ONE_QUEUED: u64 = 1 << 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    available: i64,
+    queued: u64,
+}
+
+impl State {
+    const fn unpack(word: u64) -> State {
+        State { available: (word & 0xFFFF_FFFF) as i64 - OFFSET as i64, queued: word >> 32 }
+    }
+
+    const fn pack(self) -> u64 {
+        self.queued << 32 | (self.available + OFFSET as i64) as u64
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Semaphore {
-    available: AtomicIsize,
+    word: AtomicU64,
     limit: AtomicUsize,
-    queued: AtomicUsize,
     queue: Mutex<VecDeque<Arc<Slot>>>,
 }
 
@@ -48,14 +70,27 @@ pub(crate) enum Refused {
     QueueFull,
 }
 
+/// What joining the queue gave.
+#[derive(Debug)]
+pub(crate) enum Enqueued {
+    /// A permit was free after all: it is the caller's.
+    Acquired,
+    /// The caller waits on this slot.
+    Waiting(Arc<Slot>),
+}
+
 impl Semaphore {
     pub(crate) fn new(permits: usize) -> Self {
+        let permits = permits.min(MAX_PERMITS);
         Semaphore {
-            available: AtomicIsize::new(permits as isize),
+            word: AtomicU64::new(State { available: permits as i64, queued: 0 }.pack()),
             limit: AtomicUsize::new(permits),
-            queued: AtomicUsize::new(0),
             queue: Mutex::new(VecDeque::new()),
         }
+    }
+
+    fn state(&self) -> State {
+        State::unpack(self.word.load(Ordering::Acquire))
     }
 
     pub(crate) fn limit(&self) -> usize {
@@ -63,62 +98,84 @@ impl Semaphore {
     }
 
     pub(crate) fn in_use(&self) -> usize {
-        let available = self.available.load(Ordering::Acquire);
-        (self.limit() as isize - available).max(0) as usize
+        (self.limit() as i64 - self.state().available).max(0) as usize
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.state().queued as usize
     }
 
     /// Takes a permit if one is free and nobody is queued ahead.
     #[inline]
     pub(crate) fn try_acquire(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) == 0 && self.take()
-    }
-
-    #[inline]
-    fn take(&self) -> bool {
-        let mut current = self.available.load(Ordering::Acquire);
-        while current > 0 {
-            match self.available.compare_exchange_weak(current, current - 1, Ordering::SeqCst, Ordering::Acquire) {
+        let mut word = self.word.load(Ordering::Acquire);
+        loop {
+            let s = State::unpack(word);
+            if s.queued > 0 || s.available <= 0 {
+                return false;
+            }
+            match self.word.compare_exchange_weak(word, word - 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return true,
-                Err(actual) => current = actual,
+                Err(actual) => word = actual,
             }
         }
-        false
     }
 
     /// Returns a permit.
     #[inline]
     pub(crate) fn release(&self) {
-        self.available.fetch_add(1, Ordering::SeqCst);
-        if self.queued.load(Ordering::SeqCst) > 0 {
+        let before = State::unpack(self.word.fetch_add(1, Ordering::AcqRel));
+        if before.queued > 0 {
             self.dispatch(&mut lock(&self.queue));
         }
     }
 
     /// Hands free permits to the front of the queue. Caller holds the queue lock.
     fn dispatch(&self, queue: &mut VecDeque<Arc<Slot>>) {
-        while !queue.is_empty() && self.take() {
+        while !queue.is_empty() {
+            // Take a permit and the waiter's queue slot together.
+            let mut word = self.word.load(Ordering::Acquire);
+            loop {
+                let s = State::unpack(word);
+                if s.available <= 0 {
+                    return;
+                }
+                let next = State { available: s.available - 1, queued: s.queued - 1 }.pack();
+                match self.word.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break,
+                    Err(actual) => word = actual,
+                }
+            }
             if let Some(slot) = queue.pop_front() {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
                 slot.grant();
             }
         }
     }
 
-    /// Joins the queue (if it has room); the returned slot is granted a permit later, or at once.
-    pub(crate) fn enqueue(&self, max_queue: usize) -> Result<Arc<Slot>, Refused> {
+    /// Joins the queue (if it has room), or takes a permit freed meanwhile.
+    pub(crate) fn enqueue(&self, max_queue: usize) -> Result<Enqueued, Refused> {
         let mut queue = lock(&self.queue);
-        if queue.len() >= max_queue {
-            return Err(Refused::QueueFull);
+        let mut word = self.word.load(Ordering::Acquire);
+        loop {
+            let s = State::unpack(word);
+            let next = if s.queued == 0 && s.available > 0 {
+                word - 1
+            } else if queue.len() >= max_queue {
+                return Err(Refused::QueueFull);
+            } else {
+                word + ONE_QUEUED
+            };
+            match self.word.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) if next < word => return Ok(Enqueued::Acquired),
+                Ok(_) => break,
+                Err(actual) => word = actual,
+            }
         }
         let slot = Arc::new(Slot::default());
         queue.push_back(slot.clone());
-        self.queued.fetch_add(1, Ordering::SeqCst);
+        // Permits freed by releasers that saw no waiter yet go to the front of the queue now.
         self.dispatch(&mut queue);
-        Ok(slot)
+        Ok(Enqueued::Waiting(slot))
     }
 
     /// Leaves the queue. Returns true if the slot had already been granted a permit, which the caller now owns.
@@ -126,7 +183,7 @@ impl Semaphore {
         let mut queue = lock(&self.queue);
         if let Some(i) = queue.iter().position(|s| Arc::ptr_eq(s, slot)) {
             queue.remove(i);
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.word.fetch_sub(ONE_QUEUED, Ordering::AcqRel);
             return false;
         }
         slot.is_granted()
@@ -134,9 +191,14 @@ impl Semaphore {
 
     /// Changes the number of permits. Shrinking below the permits in use takes effect as they are returned.
     pub(crate) fn resize(&self, permits: usize) {
+        let permits = permits.min(MAX_PERMITS);
         let mut queue = lock(&self.queue);
         let old = self.limit.swap(permits, Ordering::AcqRel);
-        self.available.fetch_add(permits as isize - old as isize, Ordering::SeqCst);
+        if permits >= old {
+            self.word.fetch_add((permits - old) as u64, Ordering::AcqRel);
+        } else {
+            self.word.fetch_sub((old - permits) as u64, Ordering::AcqRel);
+        }
         self.dispatch(&mut queue);
     }
 }
@@ -204,5 +266,53 @@ impl Drop for Wait<'_> {
                 self.semaphore.release();
             }
         }
+    }
+}
+
+#[cfg(all(test, envelope_loom))]
+mod loom_model {
+    use super::*;
+
+    /// One permit, two callers: the second queues while the first may be releasing at the same moment. In every
+    /// interleaving the second gets the permit (no waiter sleeps next to a free permit) and it ends up free again.
+    #[test]
+    fn release_races_with_enqueue() {
+        loom::model(|| {
+            let s = Arc::new(Semaphore::new(1));
+            assert!(s.try_acquire());
+            let other = s.clone();
+            let t = loom::thread::spawn(move || {
+                if !other.try_acquire() {
+                    if let Enqueued::Waiting(slot) = other.enqueue(1).expect("room in the queue") {
+                        loom::future::block_on(Wait { semaphore: &other, slot: Some(slot) });
+                    }
+                }
+                other.release();
+            });
+            s.release();
+            t.join().unwrap();
+            assert_eq!(s.in_use(), 0);
+            assert_eq!(s.queued(), 0);
+            assert!(s.try_acquire(), "the permit is free");
+        });
+    }
+
+    /// A waiter that gives up while a permit is being handed to it passes the permit on: never leaked, never
+    /// returned twice.
+    #[test]
+    fn cancelled_waiter_passes_a_granted_permit_on() {
+        loom::model(|| {
+            let s = Arc::new(Semaphore::new(1));
+            assert!(s.try_acquire());
+            let Enqueued::Waiting(slot) = s.enqueue(1).expect("room") else { panic!("no permit is free") };
+            let releaser = s.clone();
+            let t = loom::thread::spawn(move || releaser.release());
+            drop(Wait { semaphore: &s, slot: Some(slot) });
+            t.join().unwrap();
+            assert_eq!(s.in_use(), 0);
+            assert_eq!(s.queued(), 0);
+            assert!(s.try_acquire());
+            assert!(!s.try_acquire(), "exactly one permit");
+        });
     }
 }

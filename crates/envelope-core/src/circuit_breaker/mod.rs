@@ -78,7 +78,7 @@ pub struct CircuitBreaker {
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: std::sync::Arc<str>,
     config: Config,
     epoch: Instant,
     word: AtomicU64,
@@ -120,12 +120,12 @@ pub struct Metrics {
 
 impl CircuitBreaker {
     /// A closed breaker named `name`.
-    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
         Self::with_state(name, config, State::Closed)
     }
 
     /// A breaker that starts in `state` (for instance [`State::Disabled`] from configuration).
-    pub fn with_state(name: impl Into<Arc<str>>, config: Config, state: State) -> Self {
+    pub fn with_state(name: impl Into<std::sync::Arc<str>>, config: Config, state: State) -> Self {
         let state = if state == State::HalfOpen || state == State::Open { State::Closed } else { state };
         let shared = Shared {
             name: name.into(),
@@ -497,5 +497,68 @@ impl Drop for OwnedPermit {
 impl fmt::Debug for OwnedPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnedPermit").field("probe", &self.token.probe).finish()
+    }
+}
+
+#[cfg(all(test, envelope_loom))]
+mod loom_model {
+    use super::*;
+
+    fn config(half_open_calls: u32) -> Config {
+        Config::builder().count_window(2).minimum_calls(2).half_open_calls(half_open_calls).build().unwrap()
+    }
+
+    /// Two concurrent callers in half-open with one probe: exactly one is admitted while the probe is out, and
+    /// its success closes the breaker.
+    #[test]
+    fn half_open_admits_exactly_one_of_two() {
+        loom::model(|| {
+            let b = CircuitBreaker::new("loom", config(1));
+            b.transition_to(State::HalfOpen);
+            let other = b.clone();
+            let t = loom::thread::spawn(move || other.try_acquire_owned().ok());
+            let mine = b.try_acquire_owned().ok();
+            let theirs = t.join().unwrap();
+            let admitted: Vec<_> = mine.into_iter().chain(theirs).collect();
+            assert_eq!(admitted.len(), 1);
+            for p in admitted {
+                p.record(Outcome::Ok);
+            }
+            assert_eq!(b.state(), State::Closed);
+        });
+    }
+
+    /// Two failures recorded concurrently in a window of two open the breaker exactly once.
+    #[test]
+    fn concurrent_failures_open_exactly_once() {
+        loom::model(|| {
+            let b = CircuitBreaker::new("loom", config(1));
+            let p1 = b.try_acquire().unwrap();
+            let p2 = b.try_acquire_owned().unwrap();
+            let t = loom::thread::spawn(move || p2.record(Outcome::Failure));
+            p1.record(Outcome::Failure);
+            t.join().unwrap();
+            assert_eq!(b.state(), State::Open);
+            let m = b.metrics();
+            assert_eq!(m.consecutive_opens, 1, "one transition, not two");
+        });
+    }
+
+    /// A probe released (dropped) concurrently with another caller's admission never lets more than the allowed
+    /// number of probes be outstanding.
+    #[test]
+    fn released_probe_and_new_admission() {
+        loom::model(|| {
+            let b = CircuitBreaker::new("loom", config(1));
+            b.transition_to(State::HalfOpen);
+            let first = b.try_acquire().unwrap();
+            let other = b.clone();
+            let t = loom::thread::spawn(move || other.try_acquire().map(|p| std::mem::forget(p)).is_ok());
+            drop(first);
+            let got = t.join().unwrap();
+            let now = b.try_acquire().map(|p| std::mem::forget(p)).is_ok();
+            assert!(!(got && now), "at most one probe outstanding after the release");
+            assert!(got || now, "the released slot is usable");
+        });
     }
 }

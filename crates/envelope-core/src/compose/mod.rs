@@ -38,7 +38,7 @@ use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::clock::{self, Instant};
 use crate::error::Error;
-use crate::event::GiveUpReason;
+use crate::event::{Event, GiveUpReason, Listeners};
 use crate::fallback::Fallback;
 use crate::fault::FaultInjector;
 use crate::hedge::Hedge;
@@ -67,6 +67,7 @@ struct Policies {
     bulkhead: Option<Bulkhead>,
     attempt_timeout: Option<Duration>,
     fault: Option<FaultInjector>,
+    listeners: Listeners,
 }
 
 /// Builds an [`Envelope`]. The order in which policies are added does not matter: they always run in the
@@ -136,6 +137,12 @@ impl Builder {
     /// (11) Injects faults into each attempt.
     pub fn fault(mut self, fault: FaultInjector) -> Self {
         self.p.fault = Some(fault);
+        self
+    }
+    /// Sends the envelope's own events (its deadline and attempt timeouts firing) to `listeners`. Each policy
+    /// reports to the listeners in its own configuration.
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
+        self.p.listeners = listeners;
         self
     }
     /// The envelope.
@@ -235,7 +242,7 @@ impl Envelope {
                 let deadline = clock::now() + limit;
                 match tokio::time::timeout(limit, self.attempts(classifier, f, Some(deadline))).await {
                     Ok(done) => done,
-                    Err(_) => (Err(Error::Timeout(Elapsed::new(limit))), Outcome::Timeout),
+                    Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
             }
             None => self.attempts(classifier, f, None).await,
@@ -312,14 +319,24 @@ impl Envelope {
         C: Classify<T, E>,
     {
         match &self.inner.hedge {
-            None => self.attempt(classifier, f(), limit).await,
-            Some(hedge) => hedge.race(|| self.attempt(classifier, f(), limit)).await,
+            None => self.attempt(classifier, f, limit).await,
+            Some(hedge) => {
+                // Hedged attempts run concurrently, each creating its call only once admitted.
+                let shared = std::sync::Mutex::new(f);
+                let make = || {
+                    let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    (*f)()
+                };
+                hedge.race(|| self.attempt(classifier, make, limit)).await
+            }
         }
     }
 
-    /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout.
-    async fn attempt<T, E, Fut, C>(&self, classifier: &C, call: Fut, limit: Option<Duration>) -> Attempt<T, E>
+    /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout. The
+    /// call's future is created (`make`) only once the attempt is admitted.
+    async fn attempt<T, E, M, Fut, C>(&self, classifier: &C, make: M, limit: Option<Duration>) -> Attempt<T, E>
     where
+        M: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
@@ -358,12 +375,12 @@ impl Envelope {
                     return (Err(Error::Injected(crate::fault::InjectedFault::new(outcome))), outcome, None);
                 }
             }
-            classified(classifier, call.await)
+            classified(classifier, make().await)
         };
         let done = match limit {
             Some(limit) => match tokio::time::timeout(limit, run).await {
                 Ok(done) => done,
-                Err(_) => (Err(Error::Timeout(Elapsed::new(limit))), Outcome::Timeout, None),
+                Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout, None),
             },
             None => run.await,
         };
@@ -371,6 +388,15 @@ impl Envelope {
             permit.record(done.1);
         }
         done
+    }
+}
+
+impl Envelope {
+    #[cold]
+    fn timed_out<E>(&self, after: Duration) -> Error<E> {
+        let name = self.inner.name.as_deref().unwrap_or("envelope");
+        self.inner.listeners.emit(Event::TimedOut { name, after });
+        Error::Timeout(Elapsed::new(after))
     }
 }
 

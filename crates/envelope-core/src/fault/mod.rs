@@ -97,7 +97,7 @@ pub struct FaultInjector {
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: std::sync::Arc<str>,
     active: AtomicBool,
     current: Mutex<Option<(Fault, Option<Instant>)>>,
     listeners: Listeners,
@@ -105,12 +105,12 @@ struct Shared {
 
 impl FaultInjector {
     /// An inactive injector.
-    pub fn new(name: impl Into<Arc<str>>) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>) -> Self {
         Self::with_listeners(name, Listeners::new())
     }
 
     /// An inactive injector that reports to `listeners`.
-    pub fn with_listeners(name: impl Into<Arc<str>>, listeners: Listeners) -> Self {
+    pub fn with_listeners(name: impl Into<std::sync::Arc<str>>, listeners: Listeners) -> Self {
         FaultInjector {
             shared: Arc::new(Shared {
                 name: name.into(),

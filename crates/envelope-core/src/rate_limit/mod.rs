@@ -131,7 +131,7 @@ pub struct Metrics {
 }
 
 struct Common {
-    name: Arc<str>,
+    name: std::sync::Arc<str>,
     gcra: Gcra,
     shadow: bool,
     max_wait: u64,
@@ -142,7 +142,7 @@ struct Common {
 }
 
 impl Common {
-    fn new(name: Arc<str>, config: Config) -> Result<Self, ConfigError> {
+    fn new(name: std::sync::Arc<str>, config: Config) -> Result<Self, ConfigError> {
         Ok(Common {
             name,
             gcra: config.gcra()?,
@@ -200,7 +200,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter named `name`. Panics if `config` is invalid; see [`RateLimiter::try_new`].
-    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
         match Self::try_new(name, config) {
             Ok(l) => l,
             Err(e) => panic!("invalid rate limiter config: {e}"),
@@ -208,7 +208,7 @@ impl RateLimiter {
     }
 
     /// A limiter named `name`, or why `config` is invalid.
-    pub fn try_new(name: impl Into<Arc<str>>, config: Config) -> Result<Self, ConfigError> {
+    pub fn try_new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Result<Self, ConfigError> {
         Ok(RateLimiter { shared: Arc::new((Common::new(name.into(), config)?, AtomicU64::new(0))) })
     }
 
@@ -289,7 +289,7 @@ impl<K> Clone for KeyedRateLimiter<K> {
 
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// A per-key limiter tracking at most `max_keys` keys (rounded up to a multiple of 16).
-    pub fn new(name: impl Into<Arc<str>>, config: Config, max_keys: usize) -> Result<Self, ConfigError> {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config, max_keys: usize) -> Result<Self, ConfigError> {
         if max_keys == 0 {
             return Err(ConfigError("max_keys must be at least 1"));
         }

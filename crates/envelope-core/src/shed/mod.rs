@@ -77,7 +77,7 @@ pub struct LoadShedder {
 }
 
 struct Shared {
-    name: Arc<str>,
+    name: std::sync::Arc<str>,
     in_flight: AtomicUsize,
     limit: AtomicUsize,
     shares: [u8; 3],
@@ -101,18 +101,23 @@ pub struct Metrics {
 
 impl LoadShedder {
     /// A shedder named `name` with the default priority shares.
-    pub fn new(name: impl Into<Arc<str>>, limit: Limit) -> Self {
+    pub fn new(name: impl Into<std::sync::Arc<str>>, limit: Limit) -> Self {
         Self::with_shares(name, limit, DEFAULT_SHARES)
     }
 
     /// A shedder with custom shares (percent of the limit per priority: non-critical, default, critical; each
     /// clamped to 1..=100).
-    pub fn with_shares(name: impl Into<Arc<str>>, limit: Limit, shares: [u8; 3]) -> Self {
+    pub fn with_shares(name: impl Into<std::sync::Arc<str>>, limit: Limit, shares: [u8; 3]) -> Self {
         Self::with_listeners(name, limit, shares, Listeners::new())
     }
 
     /// A shedder that reports to `listeners`.
-    pub fn with_listeners(name: impl Into<Arc<str>>, limit: Limit, shares: [u8; 3], listeners: Listeners) -> Self {
+    pub fn with_listeners(
+        name: impl Into<std::sync::Arc<str>>,
+        limit: Limit,
+        shares: [u8; 3],
+        listeners: Listeners,
+    ) -> Self {
         let (initial, gradient) = match limit {
             Limit::Fixed(n) => (n.max(1), None),
             Limit::Adaptive(config) => {

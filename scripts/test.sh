@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: everything a fresh machine needs to pass the project's tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Unit, integration and doc tests of every crate (paused-clock tests run in memory).
+cargo test --workspace
+
+# Loom models of the hand-written synchronisation (circuit breaker state word, bulkhead semaphore). Built with
+# `--cfg envelope_loom` in a target directory of their own, so they never invalidate the main build.
+RUSTFLAGS="--cfg envelope_loom" CARGO_TARGET_DIR=target/loom cargo test -p envelope-core --lib loom_model
