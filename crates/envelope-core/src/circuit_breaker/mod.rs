@@ -21,7 +21,8 @@
 //!
 //! # The hot path
 //! Admitting a call in the closed state is one atomic load. Recording a success in a full, clean count window is
-//! two more loads and no write. Neither ever takes a lock; the mutex inside is taken only to change state.
+//! two more loads and no write. Neither ever takes a lock; the mutex inside is taken only to change state. The clock
+//! is read only where it is needed: in the open state, for time windows, and when slow-call detection is on.
 //!
 //! # Example
 //! ```
@@ -160,20 +161,21 @@ impl CircuitBreaker {
     /// unrecorded counts as a cancelled call (ignored, and a half-open probe slot is handed back).
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
-        self.try_acquire_at(clock::now())
+        let token = self.shared.acquire(None)?;
+        Ok(Permit { shared: &self.shared, token, done: false })
     }
 
     /// [`try_acquire`](Self::try_acquire) with the caller's reading of the clock.
     #[inline]
     pub fn try_acquire_at(&self, now: Instant) -> Result<Permit<'_>, CircuitOpen> {
-        let token = self.shared.acquire(now)?;
+        let token = self.shared.acquire(Some(now))?;
         Ok(Permit { shared: &self.shared, token, done: false })
     }
 
     /// Like [`try_acquire`](Self::try_acquire), but the permit owns a handle to the breaker (for futures that
     /// must be `'static`).
     pub fn try_acquire_owned(&self) -> Result<OwnedPermit, CircuitOpen> {
-        let token = self.shared.acquire(clock::now())?;
+        let token = self.shared.acquire(None)?;
         Ok(OwnedPermit { shared: self.shared.clone(), token, done: false })
     }
 
@@ -254,21 +256,26 @@ impl fmt::Debug for CircuitBreaker {
 struct Token {
     generation: u32,
     probe: bool,
-    start: Instant,
+    /// When the call was admitted; only read when slow calls are detected.
+    start: Option<Instant>,
 }
 
 impl Shared {
+    /// Admits or rejects a call; `now` is read from the clock only if this decision needs it.
     #[inline]
-    fn acquire(&self, now: Instant) -> Result<Token, CircuitOpen> {
+    fn acquire(&self, now: Option<Instant>) -> Result<Token, CircuitOpen> {
         let mut bits = self.word.load(Ordering::Acquire);
+        let start =
+            || if self.config.slow_call_duration.is_some() { Some(now.unwrap_or_else(clock::now)) } else { None };
         loop {
             let word = Word::unpack(bits);
             match word.state {
                 State::Closed | State::ForcedClosed | State::MetricsOnly | State::Disabled => {
-                    return Ok(Token { generation: word.generation, probe: false, start: now });
+                    return Ok(Token { generation: word.generation, probe: false, start: start() });
                 }
                 State::ForcedOpen => return Err(self.reject(word.state, None)),
                 State::Open => {
+                    let now = now.unwrap_or_else(clock::now);
                     let now_nanos = clock::nanos_since(self.epoch, now);
                     let until = self.deadline.load(Ordering::Acquire);
                     if now_nanos < until {
@@ -280,15 +287,15 @@ impl Shared {
                     if u32::from(word.issued) < self.config.half_open_calls {
                         let next = Word { issued: word.issued + 1, ..word };
                         match self.word.compare_exchange_weak(bits, next.pack(), Ordering::AcqRel, Ordering::Acquire) {
-                            Ok(_) => return Ok(Token { generation: word.generation, probe: true, start: now }),
+                            Ok(_) => return Ok(Token { generation: word.generation, probe: true, start: start() }),
                             Err(actual) => {
                                 bits = actual;
                                 continue;
                             }
                         }
                     }
-                    let now_nanos = clock::nanos_since(self.epoch, now);
-                    if now_nanos < self.deadline.load(Ordering::Acquire) {
+                    let now = now.unwrap_or_else(clock::now);
+                    if clock::nanos_since(self.epoch, now) < self.deadline.load(Ordering::Acquire) {
                         return Err(self.reject(State::HalfOpen, None));
                     }
                     // A probe hung past the half-open limit: re-open rather than wait forever.
@@ -306,25 +313,32 @@ impl Shared {
         CircuitOpen { state, remaining }
     }
 
+    /// Records a call's outcome; `now` is read from the clock only if slow calls or a time window need it.
     #[inline]
-    fn record(&self, token: Token, outcome: Outcome, now: Instant) {
+    fn record(&self, token: Token, outcome: Outcome, now: Option<Instant>) {
         let verdict = self.config.verdict(outcome);
         if verdict == BreakerVerdict::Ignore {
             self.release(token);
             return;
         }
         let failed = verdict == BreakerVerdict::Failure;
-        let slow = now.saturating_duration_since(token.start) >= self.config.slow_call_duration;
+        let mut now = now;
+        let mut read_now = || *now.get_or_insert_with(clock::now);
+        let slow = match (self.config.slow_call_duration, token.start) {
+            (Some(threshold), Some(start)) => read_now().saturating_duration_since(start) >= threshold,
+            _ => false,
+        };
         if token.probe {
-            self.record_probe(token, failed, slow, now);
+            self.record_probe(token, failed, slow, read_now());
             return;
         }
         let word = Word::unpack(self.word.load(Ordering::Acquire));
         if word.generation != token.generation || !word.state.records() {
             return;
         }
-        let now_nanos = clock::nanos_since(self.epoch, now);
+        let now_nanos = if self.window.needs_time() { clock::nanos_since(self.epoch, read_now()) } else { 0 };
         let Some(snapshot) = self.window.record(failed, slow, now_nanos) else { return };
+        let now = read_now();
         let c = &self.config;
         let verdict = judge(snapshot, c.minimum_calls, c.failure_ppm, c.slow_ppm);
         if matches!(verdict, Verdict::FailureRateExceeded | Verdict::SlowCallRateExceeded) {
@@ -440,14 +454,14 @@ impl Permit<'_> {
     #[inline]
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        self.shared.record(self.token, outcome, clock::now());
+        self.shared.record(self.token, outcome, None);
     }
 
     /// [`record`](Self::record) with the caller's reading of the clock.
     #[inline]
     pub fn record_at(mut self, outcome: Outcome, now: Instant) {
         self.done = true;
-        self.shared.record(self.token, outcome, now);
+        self.shared.record(self.token, outcome, Some(now));
     }
 
     /// Whether this permit is a half-open probe.
@@ -482,7 +496,7 @@ impl OwnedPermit {
     /// Records how the call ended, timed from the permit's admission.
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        self.shared.record(self.token, outcome, clock::now());
+        self.shared.record(self.token, outcome, None);
     }
 }
 

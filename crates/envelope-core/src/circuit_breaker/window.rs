@@ -41,6 +41,12 @@ impl SlidingWindow {
         }
     }
 
+    /// Whether recording needs the time (time windows do, count windows do not).
+    #[inline]
+    pub(crate) fn needs_time(&self) -> bool {
+        matches!(self, SlidingWindow::Time(_))
+    }
+
     pub(crate) fn snapshot(&self, now_nanos: u64) -> Snapshot {
         match self {
             SlidingWindow::Count(w) => w.snapshot(),

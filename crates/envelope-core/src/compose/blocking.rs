@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use super::{Envelope, min_opt};
+use super::Envelope;
 use crate::clock;
 use crate::error::Error;
 use crate::fault::InjectedFault;
@@ -39,9 +39,10 @@ impl Envelope {
             },
             None => None,
         };
-        let start = clock::now();
-        let outer = p.deadline.map(|d| start + d);
-        let own = p.retry.as_ref().and_then(|r| r.config().deadline()).map(|d| start + d);
+        let own = p.retry.as_ref().and_then(|r| r.config().deadline());
+        let start = (p.deadline.is_some() || own.is_some()).then(clock::now);
+        let outer = p.deadline.zip(start).map(|(d, start)| start + d);
+        let own = own.zip(start).map(|(d, start)| start + d);
         let deadline = match (outer, own) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -51,13 +52,15 @@ impl Envelope {
         }
         let mut st = Attempts::default();
         let (result, outcome) = loop {
-            let began = clock::now();
+            let began = deadline.map(|_| clock::now());
             st.made += 1;
             let (result, outcome, retry_after) = self.attempt_blocking(classifier, &mut f);
             let Some(retry) = &p.retry else { break (result, outcome) };
-            let now = clock::now();
-            st.last_duration = now.saturating_duration_since(began);
-            match retry.next(&mut st, outcome, retry_after, now, deadline) {
+            if outcome.is_ok() {
+                break (result, outcome);
+            }
+            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
+            match retry.next(&mut st, outcome, retry_after, deadline) {
                 Next::RetryAfter(delay) => sleep(delay),
                 Next::GiveUp(_) => break (result, outcome),
             }
@@ -65,7 +68,6 @@ impl Envelope {
         if let Some(permit) = shed_permit {
             permit.record(outcome);
         }
-        let _ = min_opt;
         (result, outcome)
     }
 
@@ -75,16 +77,15 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let now = clock::now();
         let permit = match &p.breaker {
-            Some(b) => match b.try_acquire_at(now) {
+            Some(b) => match b.try_acquire() {
                 Ok(permit) => Some(permit),
                 Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
             },
             None => None,
         };
         if let Some(limiter) = &p.rate_limit {
-            if let Err(e) = limiter.try_acquire_at(now) {
+            if let Err(e) = limiter.try_acquire() {
                 return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
             }
         }

@@ -240,7 +240,7 @@ impl Envelope {
         let (result, outcome) = match p.deadline {
             Some(limit) => {
                 let deadline = clock::now() + limit;
-                match tokio::time::timeout(limit, self.attempts(classifier, f, Some(deadline))).await {
+                match crate::timeout::lazy(limit, self.attempts(classifier, f, Some(deadline))).await {
                     Ok(done) => done,
                     Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
@@ -259,7 +259,7 @@ impl Envelope {
         (result, outcome)
     }
 
-    /// (5) The retry loop around (6) hedged or single attempts.
+    /// (5) The retry loop around (6) hedged or single attempts. The clock is read only when a deadline needs it.
     async fn attempts<T, E, F, Fut, C>(
         &self,
         classifier: &C,
@@ -273,8 +273,8 @@ impl Envelope {
     {
         let p = &*self.inner;
         let Some(retry) = &p.retry else {
-            let (result, outcome, _) =
-                self.hedged(classifier, &mut f, self.attempt_limit(clock::now(), deadline)).await;
+            let began = deadline.map(|_| clock::now());
+            let (result, outcome, _) = self.hedged(classifier, &mut f, self.attempt_limit(began, deadline)).await;
             return (result, outcome);
         };
         let deadline = match retry.config().deadline() {
@@ -287,13 +287,15 @@ impl Envelope {
         retry.on_first_attempt();
         let mut st = Attempts::default();
         loop {
-            let began = clock::now();
+            let began = deadline.map(|_| clock::now());
             st.made += 1;
             let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
             let (result, outcome, retry_after) = self.hedged(classifier, &mut f, limit).await;
-            let now = clock::now();
-            st.last_duration = now.saturating_duration_since(began);
-            match retry.next(&mut st, outcome, retry_after, now, deadline) {
+            if outcome.is_ok() {
+                return (result, outcome);
+            }
+            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
+            match retry.next(&mut st, outcome, retry_after, deadline) {
                 Next::RetryAfter(delay) => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
@@ -307,8 +309,8 @@ impl Envelope {
         }
     }
 
-    fn attempt_limit(&self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
-        min_opt(self.inner.attempt_timeout, deadline.map(|d| d.saturating_duration_since(now)))
+    fn attempt_limit(&self, now: Option<Instant>, deadline: Option<Instant>) -> Option<Duration> {
+        min_opt(self.inner.attempt_timeout, deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now)))
     }
 
     /// (6) One attempt, or a hedged group of attempts.
@@ -341,10 +343,9 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let now = clock::now();
         // (7) Breaker. Its permit is handed back on drop if a later check rejects the call.
         let permit = match &p.breaker {
-            Some(b) => match b.try_acquire_at(now) {
+            Some(b) => match b.try_acquire() {
                 Ok(permit) => Some(permit),
                 Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
             },
@@ -352,7 +353,7 @@ impl Envelope {
         };
         // (8) Rate limit.
         if let Some(limiter) = &p.rate_limit {
-            if let Err(e) = limiter.try_acquire_at(now) {
+            if let Err(e) = limiter.try_acquire() {
                 return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
             }
         }
@@ -378,7 +379,7 @@ impl Envelope {
             classified(classifier, make().await)
         };
         let done = match limit {
-            Some(limit) => match tokio::time::timeout(limit, run).await {
+            Some(limit) => match crate::timeout::lazy(limit, run).await {
                 Ok(done) => done,
                 Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout, None),
             },

@@ -236,23 +236,23 @@ impl Retry {
         }
     }
 
-    /// The timeout for the next attempt: the per-attempt timeout, shortened to the time left.
+    /// The timeout for the next attempt: the per-attempt timeout, shortened to the time left. `now` is only needed
+    /// (and given) when there is a deadline.
     #[inline]
-    pub(crate) fn attempt_limit(&self, now: Instant, deadline: Option<Instant>) -> Option<Duration> {
-        let left = deadline.map(|d| d.saturating_duration_since(now));
+    pub(crate) fn attempt_limit(&self, now: Option<Instant>, deadline: Option<Instant>) -> Option<Duration> {
+        let left = deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now));
         match (self.config.per_attempt_timeout, left) {
             (Some(a), Some(l)) => Some(a.min(l)),
             (a, l) => a.or(l),
         }
     }
 
-    /// Decides what follows an attempt that ended in `outcome`.
+    /// Decides what follows an attempt that ended in `outcome`. `now` is read only when there is a deadline.
     pub(crate) fn next(
         &self,
         st: &mut Attempts,
         outcome: Outcome,
         retry_after: Option<Duration>,
-        now: Instant,
         deadline: Option<Instant>,
     ) -> Next {
         let c = &self.config;
@@ -274,7 +274,7 @@ impl Retry {
             None => c.backoff.delay(st.made, st.previous_delay),
         };
         if let Some(deadline) = deadline {
-            let left_after_wait = deadline.saturating_duration_since(now).saturating_sub(delay);
+            let left_after_wait = deadline.saturating_duration_since(clock::now()).saturating_sub(delay);
             if left_after_wait.is_zero() || left_after_wait < st.last_duration {
                 return give_up(GiveUpReason::DeadlineTooClose);
             }
@@ -306,23 +306,25 @@ impl Retry {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        let start = clock::now();
-        let deadline = self.config.deadline.map(|d| start + d);
+        // The clock is read only when a deadline needs it: a call that succeeds at once costs no clock read.
+        let deadline = self.config.deadline.map(|d| clock::now() + d);
         self.on_first_attempt();
         let mut st = Attempts::default();
         loop {
-            let began = clock::now();
+            let began = deadline.map(|_| clock::now());
             st.made += 1;
             let (result, outcome, retry_after) = match self.attempt_limit(began, deadline) {
-                Some(limit) => match tokio::time::timeout(limit, f()).await {
+                Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
                     Err(_) => (Err(crate::Error::Timeout(crate::timeout::Elapsed::new(limit))), Outcome::Timeout, None),
                 },
                 None => classified(classifier, f().await),
             };
-            let now = clock::now();
-            st.last_duration = now.saturating_duration_since(began);
-            match self.next(&mut st, outcome, retry_after, now, deadline) {
+            if outcome.is_ok() {
+                return result;
+            }
+            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
+            match self.next(&mut st, outcome, retry_after, deadline) {
                 Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
                 Next::GiveUp(_) => return result,
             }

@@ -1,6 +1,7 @@
 //! Timeout: give up on a call after a fixed time, and cancel it.
 //!
-//! When the timer fires, the inner future is **dropped**: whatever it held (a connection, a permit, a child task
+//! The timer is armed when the call first has to wait ([`LazyTimeout`]): a call that completes at once costs no
+//! clock read and no timer. When the timer fires, the inner future is **dropped**: whatever it held (a connection, a permit, a child task
 //! handle) is released at once, so the work really stops. A caller that drops the call itself is not a timeout:
 //! nothing is reported and no [`Elapsed`] is produced.
 //!
@@ -19,12 +20,15 @@
 //! ```
 
 mod error;
+mod future;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::Elapsed;
+pub use future::LazyTimeout;
+pub(crate) use future::lazy;
 
 use crate::event::{Event, Listeners};
 
@@ -73,7 +77,7 @@ impl Timeout {
 
     /// Runs `fut` for at most `limit` (which the caller may have shortened, e.g. to a deadline).
     pub(crate) async fn run<Fut: Future>(&self, limit: Duration, fut: Fut) -> Result<Fut::Output, Elapsed> {
-        match tokio::time::timeout(limit, fut).await {
+        match lazy(limit, fut).await {
             Ok(out) => Ok(out),
             Err(_) => {
                 self.listeners.emit(Event::TimedOut { name: &self.name, after: limit });
