@@ -7,7 +7,9 @@ use super::State;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitOpen {
     pub(crate) state: State,
-    pub(crate) remaining: Option<Duration>,
+    /// Nanoseconds until probes are admitted; `u64::MAX` when unknown. Kept raw so that a rejection does not pay
+    /// for a division it may never need.
+    pub(crate) remaining_nanos: u64,
 }
 
 impl CircuitOpen {
@@ -18,7 +20,7 @@ impl CircuitOpen {
 
     /// How long until the breaker admits probes, when that is known (a good `Retry-After`).
     pub fn remaining(&self) -> Option<Duration> {
-        self.remaining
+        (self.remaining_nanos != u64::MAX).then(|| Duration::from_nanos(self.remaining_nanos))
     }
 }
 

@@ -86,7 +86,6 @@ struct Shared {
     /// In open: when probes may start. In half-open: when to give up and re-open. Nanoseconds since `epoch`.
     deadline: AtomicU64,
     window: SlidingWindow,
-    not_permitted: AtomicU64,
     transitions: Mutex<Transitions>,
 }
 
@@ -100,6 +99,10 @@ struct Transitions {
 }
 
 /// What a breaker reports about itself.
+///
+/// Rejected calls are not counted here: a rejection is the breaker's hottest path after the happy one, and a shared
+/// counter would add an atomic read-modify-write to it. Count [`Event::CallNotPermitted`] in a listener (the
+/// sidecar's metrics do), which costs nothing when nobody listens.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metrics {
@@ -111,8 +114,6 @@ pub struct Metrics {
     pub failure_rate: Option<f32>,
     /// Slow-call rate in percent, once the window holds the minimum number of calls.
     pub slow_call_rate: Option<f32>,
-    /// Calls rejected since the breaker was created.
-    pub not_permitted_calls: u64,
     /// Opens since the last close.
     pub consecutive_opens: u32,
     /// Time left in the open state.
@@ -134,7 +135,6 @@ impl CircuitBreaker {
             word: AtomicU64::new(Word::initial(state).pack()),
             deadline: AtomicU64::new(0),
             window: SlidingWindow::new(config.window),
-            not_permitted: AtomicU64::new(0),
             transitions: Mutex::new(Transitions::default()),
             config,
         };
@@ -217,7 +217,6 @@ impl CircuitBreaker {
             window,
             failure_rate: if ready { window.failure_rate() } else { None },
             slow_call_rate: if ready { window.slow_call_rate() } else { None },
-            not_permitted_calls: self.shared.not_permitted.load(Ordering::Relaxed),
             consecutive_opens: t.consecutive_opens,
             remaining_open,
         }
@@ -264,7 +263,17 @@ impl Shared {
     /// Admits or rejects a call; `now` is read from the clock only if this decision needs it.
     #[inline]
     fn acquire(&self, now: Option<Instant>) -> Result<Token, CircuitOpen> {
-        let mut bits = self.word.load(Ordering::Acquire);
+        let bits = self.word.load(Ordering::Acquire);
+        let word = Word::unpack(bits);
+        if word.state == State::Closed && self.config.slow_call_duration.is_none() {
+            return Ok(Token { generation: word.generation, probe: false, start: None });
+        }
+        self.acquire_slow(bits, now)
+    }
+
+    /// Every state but the common case of closed without slow-call detection.
+    #[inline(never)]
+    fn acquire_slow(&self, mut bits: u64, now: Option<Instant>) -> Result<Token, CircuitOpen> {
         let start =
             || if self.config.slow_call_duration.is_some() { Some(now.unwrap_or_else(clock::now)) } else { None };
         loop {
@@ -273,13 +282,13 @@ impl Shared {
                 State::Closed | State::ForcedClosed | State::MetricsOnly | State::Disabled => {
                     return Ok(Token { generation: word.generation, probe: false, start: start() });
                 }
-                State::ForcedOpen => return Err(self.reject(word.state, None)),
+                State::ForcedOpen => return Err(self.reject(word.state, u64::MAX)),
                 State::Open => {
                     let now = now.unwrap_or_else(clock::now);
                     let now_nanos = clock::nanos_since(self.epoch, now);
                     let until = self.deadline.load(Ordering::Acquire);
                     if now_nanos < until {
-                        return Err(self.reject(State::Open, Some(Duration::from_nanos(until - now_nanos))));
+                        return Err(self.reject(State::Open, until - now_nanos));
                     }
                     self.transition(Some(word), State::HalfOpen, now);
                 }
@@ -296,7 +305,7 @@ impl Shared {
                     }
                     let now = now.unwrap_or_else(clock::now);
                     if clock::nanos_since(self.epoch, now) < self.deadline.load(Ordering::Acquire) {
-                        return Err(self.reject(State::HalfOpen, None));
+                        return Err(self.reject(State::HalfOpen, u64::MAX));
                     }
                     // A probe hung past the half-open limit: re-open rather than wait forever.
                     self.transition(Some(word), State::Open, now);
@@ -306,11 +315,12 @@ impl Shared {
         }
     }
 
-    #[cold]
-    fn reject(&self, state: State, remaining: Option<Duration>) -> CircuitOpen {
-        self.not_permitted.fetch_add(1, Ordering::Relaxed);
-        self.config.listeners.emit(Event::CallNotPermitted { name: &self.name, state });
-        CircuitOpen { state, remaining }
+    #[inline]
+    fn reject(&self, state: State, remaining_nanos: u64) -> CircuitOpen {
+        if !self.config.listeners.is_empty() {
+            self.config.listeners.emit(Event::CallNotPermitted { name: &self.name, state });
+        }
+        CircuitOpen { state, remaining_nanos }
     }
 
     /// Records a call's outcome; `now` is read from the clock only if slow calls or a time window need it.
@@ -322,29 +332,38 @@ impl Shared {
             return;
         }
         let failed = verdict == BreakerVerdict::Failure;
-        let mut now = now;
-        let mut read_now = || *now.get_or_insert_with(clock::now);
-        let slow = match (self.config.slow_call_duration, token.start) {
-            (Some(threshold), Some(start)) => read_now().saturating_duration_since(start) >= threshold,
+        let now = match now {
+            Some(now) => Some(now),
+            None if token.start.is_some() || token.probe || self.window.needs_time() => Some(clock::now()),
+            None => None,
+        };
+        let slow = match (self.config.slow_call_duration, token.start, now) {
+            (Some(threshold), Some(start), Some(now)) => now.saturating_duration_since(start) >= threshold,
             _ => false,
         };
         if token.probe {
-            self.record_probe(token, failed, slow, read_now());
+            self.record_probe(token, failed, slow, now.unwrap_or_else(clock::now));
             return;
         }
         let word = Word::unpack(self.word.load(Ordering::Acquire));
         if word.generation != token.generation || !word.state.records() {
             return;
         }
-        let now_nanos = if self.window.needs_time() { clock::nanos_since(self.epoch, read_now()) } else { 0 };
-        let Some(snapshot) = self.window.record(failed, slow, now_nanos) else { return };
-        let now = read_now();
+        let now_nanos = now.map_or(0, |now| clock::nanos_since(self.epoch, now));
+        if let Some(snapshot) = self.window.record(failed, slow, now_nanos) {
+            self.judge(word, snapshot, now);
+        }
+    }
+
+    /// Decides whether the window just recorded trips the breaker.
+    #[inline(never)]
+    fn judge(&self, word: Word, snapshot: Snapshot, now: Option<Instant>) {
         let c = &self.config;
         let verdict = judge(snapshot, c.minimum_calls, c.failure_ppm, c.slow_ppm);
         if matches!(verdict, Verdict::FailureRateExceeded | Verdict::SlowCallRateExceeded) {
             self.exceeded(verdict, snapshot);
             if word.state == State::Closed {
-                self.transition(Some(word), State::Open, now);
+                self.transition(Some(word), State::Open, now.unwrap_or_else(clock::now));
             }
         }
     }

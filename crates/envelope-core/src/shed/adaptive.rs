@@ -25,40 +25,97 @@ use std::time::Duration;
 use crate::clock;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock};
 
-/// Gradient limiter settings; every field has a documented default.
+/// Default limit before any sample.
+pub const DEFAULT_INITIAL_LIMIT: usize = 20;
+/// Default floor of the limit.
+pub const DEFAULT_MIN_LIMIT: usize = 4;
+/// Default ceiling of the limit.
+pub const DEFAULT_MAX_LIMIT: usize = 1000;
+/// Default length of a sample window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_millis(100);
+/// Default samples needed before a window counts.
+pub const DEFAULT_MIN_SAMPLES: u64 = 10;
+/// Default latency tolerated relative to the baseline.
+pub const DEFAULT_TOLERANCE: f64 = 1.5;
+/// Default weight of a new limit against the old one.
+pub const DEFAULT_SMOOTHING: f64 = 0.2;
+/// Default number of windows over which the baseline may double.
+pub const DEFAULT_BASELINE_WINDOWS: u32 = 600;
+
+/// Why a gradient configuration is invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidGradient(&'static str);
+
+impl fmt::Display for InvalidGradient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid adaptive limit: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidGradient {}
+
+/// Gradient limiter settings; every field defaults to the named constant of the same name.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradientConfig {
-    /// Limit before any sample (default 20).
+    /// Limit before any sample.
     pub initial_limit: usize,
-    /// Floor (default 4).
+    /// Floor (≥ 1).
     pub min_limit: usize,
-    /// Ceiling (default 1000).
+    /// Ceiling.
     pub max_limit: usize,
-    /// Length of a sample window (default 100 ms).
+    /// Length of a sample window.
     pub window: Duration,
-    /// Samples needed in a window before it counts (default 10).
+    /// Samples needed in a window before it counts.
     pub min_samples: u64,
-    /// Recent latency tolerated relative to the baseline before shrinking (default 1.5).
+    /// Recent latency tolerated relative to the baseline before shrinking (≥ 1).
     pub tolerance: f64,
-    /// Weight of a new limit against the old one, in (0, 1] (default 0.2).
+    /// Weight of a new limit against the old one, in (0, 1].
     pub smoothing: f64,
-    /// Windows over which the baseline may double when latency stays above it (default 600: a minute).
+    /// Windows over which the baseline may double when latency stays above it (600 windows of 100 ms: a minute).
     pub baseline_windows: u32,
 }
 
 impl Default for GradientConfig {
     fn default() -> Self {
         GradientConfig {
-            initial_limit: 20,
-            min_limit: 4,
-            max_limit: 1000,
-            window: Duration::from_millis(100),
-            min_samples: 10,
-            tolerance: 1.5,
-            smoothing: 0.2,
-            baseline_windows: 600,
+            initial_limit: DEFAULT_INITIAL_LIMIT,
+            min_limit: DEFAULT_MIN_LIMIT,
+            max_limit: DEFAULT_MAX_LIMIT,
+            window: DEFAULT_WINDOW,
+            min_samples: DEFAULT_MIN_SAMPLES,
+            tolerance: DEFAULT_TOLERANCE,
+            smoothing: DEFAULT_SMOOTHING,
+            baseline_windows: DEFAULT_BASELINE_WINDOWS,
         }
+    }
+}
+
+impl GradientConfig {
+    /// Checks every field; the shedder refuses an invalid configuration with this error.
+    pub fn validate(&self) -> Result<(), InvalidGradient> {
+        if self.min_limit == 0 {
+            return Err(InvalidGradient("min_limit must be at least 1"));
+        }
+        if self.max_limit < self.min_limit {
+            return Err(InvalidGradient("max_limit must be at least min_limit"));
+        }
+        if !(self.min_limit..=self.max_limit).contains(&self.initial_limit) {
+            return Err(InvalidGradient("initial_limit must be between min_limit and max_limit"));
+        }
+        if self.window.is_zero() {
+            return Err(InvalidGradient("window must be greater than zero"));
+        }
+        if !(self.tolerance >= 1.0 && self.tolerance.is_finite()) {
+            return Err(InvalidGradient("tolerance must be a finite number >= 1"));
+        }
+        if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
+            return Err(InvalidGradient("smoothing must be in (0, 1]"));
+        }
+        if self.baseline_windows == 0 {
+            return Err(InvalidGradient("baseline_windows must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -80,16 +137,8 @@ struct State {
 }
 
 impl Gradient {
-    pub(crate) fn new(mut config: GradientConfig) -> Self {
-        config.min_limit = config.min_limit.max(1);
-        config.max_limit = config.max_limit.max(config.min_limit);
-        config.initial_limit = config.initial_limit.clamp(config.min_limit, config.max_limit);
-        if !(config.smoothing > 0.0 && config.smoothing <= 1.0) {
-            config.smoothing = 0.2;
-        }
-        if !(config.tolerance >= 1.0 && config.tolerance.is_finite()) {
-            config.tolerance = 1.5;
-        }
+    /// A limiter for a configuration already checked by [`GradientConfig::validate`].
+    pub(crate) fn new(config: GradientConfig) -> Self {
         let window_nanos = clock::as_nanos(config.window).max(1);
         Gradient {
             window_nanos,

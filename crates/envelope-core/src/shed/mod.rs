@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use error::Overloaded;
 
-use self::adaptive::{Gradient, GradientConfig};
+use self::adaptive::{Gradient, GradientConfig, InvalidGradient};
 use crate::clock::{self, Instant};
 use crate::event::{Event, Listeners};
 use crate::outcome::Outcome;
@@ -99,44 +99,77 @@ pub struct Metrics {
     pub shed: u64,
 }
 
+/// Why a shedder configuration is invalid.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A fixed limit of zero.
+    ZeroLimit,
+    /// A priority share outside 1..=100 percent.
+    Share(u8),
+    /// An invalid adaptive limit.
+    Adaptive(InvalidGradient),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::ZeroLimit => f.write_str("a fixed limit must be at least 1"),
+            ConfigError::Share(s) => write!(f, "priority share {s} must be between 1 and 100 percent"),
+            ConfigError::Adaptive(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 impl LoadShedder {
-    /// A shedder named `name` with the default priority shares.
+    /// A shedder named `name` with the default priority shares. Panics on an invalid limit; see
+    /// [`LoadShedder::try_new`].
     pub fn new(name: impl Into<std::sync::Arc<str>>, limit: Limit) -> Self {
         Self::with_shares(name, limit, DEFAULT_SHARES)
     }
 
-    /// A shedder with custom shares (percent of the limit per priority: non-critical, default, critical; each
-    /// clamped to 1..=100).
+    /// A shedder with custom shares (percent of the limit per priority: non-critical, default, critical). Panics
+    /// on an invalid configuration; see [`LoadShedder::try_new`].
     pub fn with_shares(name: impl Into<std::sync::Arc<str>>, limit: Limit, shares: [u8; 3]) -> Self {
-        Self::with_listeners(name, limit, shares, Listeners::new())
+        match Self::try_new(name, limit, shares, Listeners::new()) {
+            Ok(s) => s,
+            Err(e) => panic!("invalid load shedder config: {e}"),
+        }
     }
 
-    /// A shedder that reports to `listeners`.
-    pub fn with_listeners(
+    /// A shedder that reports to `listeners`, or why the configuration is invalid.
+    pub fn try_new(
         name: impl Into<std::sync::Arc<str>>,
         limit: Limit,
         shares: [u8; 3],
         listeners: Listeners,
-    ) -> Self {
+    ) -> Result<Self, ConfigError> {
+        if let Some(bad) = shares.iter().find(|s| !(1..=100).contains(*s)) {
+            return Err(ConfigError::Share(*bad));
+        }
         let (initial, gradient) = match limit {
-            Limit::Fixed(n) => (n.max(1), None),
+            Limit::Fixed(0) => return Err(ConfigError::ZeroLimit),
+            Limit::Fixed(n) => (n, None),
             Limit::Adaptive(config) => {
+                config.validate().map_err(ConfigError::Adaptive)?;
                 let g = Gradient::new(config);
                 (g.initial_limit(), Some(g))
             }
         };
-        LoadShedder {
+        Ok(LoadShedder {
             shared: Arc::new(Shared {
                 name: name.into(),
                 in_flight: AtomicUsize::new(0),
                 limit: AtomicUsize::new(initial),
-                shares: shares.map(|s| s.clamp(1, 100)),
+                shares,
                 gradient,
                 shed: AtomicU64::new(0),
                 epoch: clock::now(),
                 listeners,
             }),
-        }
+        })
     }
 
     /// Admits a call of `priority`, or sheds it at once.
