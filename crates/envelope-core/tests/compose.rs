@@ -143,7 +143,7 @@ async fn shed_first_and_fallback_last() {
 async fn injected_faults_look_like_real_ones_to_the_other_policies() {
     let b = breaker(4);
     let faults = FaultInjector::new("f");
-    faults.set(Fault::abort(Outcome::Upstream5xx, 100.0), None);
+    faults.set(Fault::abort(Outcome::Upstream5xx, 100.0), None).unwrap();
     let env = Envelope::builder().retry(retry(2)).circuit_breaker(b.clone()).fault(faults.clone()).build();
     let calls = Cell::new(0);
     for _ in 0..2 {
@@ -158,7 +158,7 @@ async fn injected_faults_look_like_real_ones_to_the_other_policies() {
     assert_eq!(calls.get(), 0, "aborted calls never reach the dependency");
     assert_eq!(b.state(), State::Open, "4 injected 5xx (2 calls x 2 attempts) opened the breaker");
     // Injected latency trips the attempt timeout.
-    faults.set(Fault::delay(Duration::from_secs(1), 100.0), None);
+    faults.set(Fault::delay(Duration::from_secs(1), 100.0), None).unwrap();
     b.reset();
     let env = Envelope::builder().attempt_timeout(100 * MS).fault(faults).build();
     let (r, outcome) =

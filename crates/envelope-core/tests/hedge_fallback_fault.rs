@@ -77,13 +77,40 @@ async fn fallback_only_on_configured_outcomes() {
 async fn faults_hit_about_their_percentage_and_expire() {
     let faults = FaultInjector::new("f");
     assert_eq!(faults.decide(), Default::default(), "inactive by default");
-    faults.set(Fault::abort(Outcome::Upstream5xx, 30.0), Some(Instant::now() + Duration::from_secs(1)));
+    faults.set(Fault::abort(Outcome::Upstream5xx, 30.0), Some(Instant::now() + Duration::from_secs(1))).unwrap();
+    assert!(faults.set(Fault::abort(Outcome::Upstream5xx, f64::NAN), None).is_err());
+    assert!(faults.set(Fault::delay(MS, -1.0), None).is_err());
     let aborted = (0..10_000).filter(|_| faults.decide().abort == Some(Outcome::Upstream5xx)).count();
     assert!((2_500..3_500).contains(&aborted), "{aborted} of 10000 at 30 %");
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(faults.decide(), Default::default(), "expired");
-    faults.set(Fault::delay(20 * MS, 100.0), None);
+    faults.set(Fault::delay(20 * MS, 100.0), None).unwrap();
     assert_eq!(faults.decide().delay, Some(20 * MS));
     faults.clear();
     assert!(faults.current().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedging_inside_the_envelope_passes_each_attempt_through_the_breaker() {
+    use envelope_core::Envelope;
+    use envelope_core::circuit_breaker::{CircuitBreaker, Config};
+    let breaker = CircuitBreaker::new("b", Config::builder().count_window(10).minimum_calls(10).build().unwrap());
+    let env = Envelope::builder().hedge(Hedge::new("h", 50 * MS, 1)).circuit_breaker(breaker.clone()).build();
+    let started = Cell::new(0u32);
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let r = env
+        .call(|| {
+            started.set(started.get() + 1);
+            let n = started.get();
+            let guard = Count(cancelled.clone());
+            async move {
+                let _guard = guard;
+                tokio::time::sleep(if n == 1 { 1000 * MS } else { 10 * MS }).await;
+                Ok::<_, std::io::Error>(n)
+            }
+        })
+        .await;
+    assert_eq!(r.unwrap(), 2, "the hedge answered first");
+    assert_eq!(cancelled.load(Ordering::SeqCst), 2, "the slow attempt was cancelled");
+    assert_eq!(breaker.metrics().window.calls, 1, "only the finished attempt was recorded; the cancelled one was not");
 }

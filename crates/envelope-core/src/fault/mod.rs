@@ -9,7 +9,8 @@
 //! use envelope_core::Outcome;
 //!
 //! let faults = FaultInjector::new("payments");
-//! faults.set(Fault::abort(Outcome::Upstream5xx, 10.0), None); // 10 % of calls fail
+//! faults.set(Fault::abort(Outcome::Upstream5xx, 10.0), None).unwrap(); // 10 % of calls fail
+//! assert!(faults.set(Fault::abort(Outcome::Timeout, 150.0), None).is_err());
 //! faults.clear();
 //! ```
 
@@ -38,21 +39,46 @@ pub struct Fault {
 impl Fault {
     /// Aborts `percent` of calls with `outcome`.
     pub fn abort(outcome: Outcome, percent: f64) -> Self {
-        Fault { abort: Some(outcome), abort_percent: percent.clamp(0.0, 100.0), delay: None, delay_percent: 0.0 }
+        Fault { abort: Some(outcome), abort_percent: percent, delay: None, delay_percent: 0.0 }
     }
 
     /// Delays `percent` of calls by `delay`.
     pub fn delay(delay: Duration, percent: f64) -> Self {
-        Fault { abort: None, abort_percent: 0.0, delay: Some(delay), delay_percent: percent.clamp(0.0, 100.0) }
+        Fault { abort: None, abort_percent: 0.0, delay: Some(delay), delay_percent: percent }
     }
 
     /// This fault, also delaying `percent` of calls by `delay`.
     pub fn with_delay(mut self, delay: Duration, percent: f64) -> Self {
         self.delay = Some(delay);
-        self.delay_percent = percent.clamp(0.0, 100.0);
+        self.delay_percent = percent;
         self
     }
+
+    /// Checks that both percentages are in [0, 100].
+    pub fn validate(&self) -> Result<(), InvalidFault> {
+        for (field, p) in [("abort_percent", self.abort_percent), ("delay_percent", self.delay_percent)] {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(InvalidFault { field, value: p });
+            }
+        }
+        Ok(())
+    }
 }
+
+/// A fault with a percentage outside [0, 100].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InvalidFault {
+    field: &'static str,
+    value: f64,
+}
+
+impl fmt::Display for InvalidFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} must be in [0, 100]", self.field, self.value)
+    }
+}
+
+impl std::error::Error for InvalidFault {}
 
 /// What to do to one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,10 +147,13 @@ impl FaultInjector {
         }
     }
 
-    /// Injects `fault` from now on, until `until` (or until cleared).
-    pub fn set(&self, fault: Fault, until: Option<Instant>) {
+    /// Injects `fault` from now on, until `until` (or until cleared). An invalid fault is refused and the
+    /// current one kept.
+    pub fn set(&self, fault: Fault, until: Option<Instant>) -> Result<(), InvalidFault> {
+        fault.validate()?;
         *lock(&self.shared.current) = Some((fault, until));
         self.shared.active.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Stops injecting.

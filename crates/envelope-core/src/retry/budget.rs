@@ -179,6 +179,9 @@ mod tests {
         let granted = (0..100).filter(|_| b.withdraw()).count();
         assert_eq!(granted, 10);
         assert!(!b.withdraw(), "exhausted budget denies");
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        let granted = (0..100).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 10, "the floor refills once the withdrawals expire");
     }
 
     #[tokio::test(start_paused = true)]
