@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use error::BulkheadFull;
 
-use self::semaphore::{Enqueued, MAX_PERMITS, Semaphore, Wait};
+use self::semaphore::{Enqueued, MAX_PERMITS, Semaphore, Slot, Wait};
 use crate::clock;
 use crate::event::{Event, Listener, Listeners};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Ordering};
@@ -231,16 +231,21 @@ impl Shared {
         self.acquire_slow().await
     }
 
-    async fn acquire_slow(&self) -> Result<(), BulkheadFull> {
+    /// No permit was free: join the queue if the configuration allows. `Ok(None)`: a permit was taken after all.
+    fn join_queue(&self) -> Result<Option<(Arc<Slot>, Duration)>, BulkheadFull> {
         let (max_queue, max_wait) = self.queue_limits();
         if max_queue == 0 || max_wait.is_zero() {
             return Err(self.reject(false));
         }
-        let slot = match self.semaphore.enqueue(max_queue) {
-            Ok(Enqueued::Acquired) => return Ok(()),
-            Ok(Enqueued::Waiting(slot)) => slot,
-            Err(_) => return Err(self.reject(false)),
-        };
+        match self.semaphore.enqueue(max_queue) {
+            Ok(Enqueued::Acquired) => Ok(None),
+            Ok(Enqueued::Waiting(slot)) => Ok(Some((slot, max_wait))),
+            Err(_) => Err(self.reject(false)),
+        }
+    }
+
+    async fn acquire_slow(&self) -> Result<(), BulkheadFull> {
+        let Some((slot, max_wait)) = self.join_queue()? else { return Ok(()) };
         let wait = Wait { semaphore: &self.semaphore, slot: Some(slot) };
         match tokio::time::timeout(max_wait, wait).await {
             Ok(()) => Ok(()),
@@ -252,15 +257,7 @@ impl Shared {
         if self.semaphore.try_acquire() {
             return Ok(());
         }
-        let (max_queue, max_wait) = self.queue_limits();
-        if max_queue == 0 || max_wait.is_zero() {
-            return Err(self.reject(false));
-        }
-        let slot = match self.semaphore.enqueue(max_queue) {
-            Ok(Enqueued::Acquired) => return Ok(()),
-            Ok(Enqueued::Waiting(slot)) => slot,
-            Err(_) => return Err(self.reject(false)),
-        };
+        let Some((slot, max_wait)) = self.join_queue()? else { return Ok(()) };
         slot.register_thread();
         let deadline = clock::now() + max_wait;
         while !slot.is_granted() {

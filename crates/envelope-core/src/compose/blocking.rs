@@ -77,18 +77,10 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let permit = match &p.breaker {
-            Some(b) => match b.try_acquire() {
-                Ok(permit) => Some(permit),
-                Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
-            },
-            None => None,
+        let permit = match self.admit() {
+            Ok(permit) => permit,
+            Err(rejected) => return rejected,
         };
-        if let Some(limiter) = &p.rate_limit {
-            if let Err(e) = limiter.try_acquire() {
-                return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
-            }
-        }
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire_blocking() {
                 Ok(permit) => Some(permit),

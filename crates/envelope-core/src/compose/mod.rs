@@ -343,20 +343,10 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        // (7) Breaker. Its permit is handed back on drop if a later check rejects the call.
-        let permit = match &p.breaker {
-            Some(b) => match b.try_acquire() {
-                Ok(permit) => Some(permit),
-                Err(e) => return (Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining()),
-            },
-            None => None,
+        let permit = match self.admit() {
+            Ok(permit) => permit,
+            Err(rejected) => return rejected,
         };
-        // (8) Rate limit.
-        if let Some(limiter) = &p.rate_limit {
-            if let Err(e) = limiter.try_acquire() {
-                return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after()));
-            }
-        }
         // (9) Bulkhead; the permit is held until this function returns or is cancelled.
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire().await {
@@ -393,6 +383,26 @@ impl Envelope {
 }
 
 impl Envelope {
+    /// (7) Breaker, then (8) rate limit: the admission checks shared by the async and blocking paths. The breaker's
+    /// permit is handed back on drop if a later check rejects the call.
+    #[inline]
+    fn admit<T, E>(&self) -> Result<Option<crate::circuit_breaker::Permit<'_>>, Attempt<T, E>> {
+        let p = &*self.inner;
+        let permit = match &p.breaker {
+            Some(b) => match b.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(e) => return Err((Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining())),
+            },
+            None => None,
+        };
+        if let Some(limiter) = &p.rate_limit {
+            if let Err(e) = limiter.try_acquire() {
+                return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after())));
+            }
+        }
+        Ok(permit)
+    }
+
     #[cold]
     fn timed_out<E>(&self, after: Duration) -> Error<E> {
         let name = self.inner.name.as_deref().unwrap_or("envelope");
