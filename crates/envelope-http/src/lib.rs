@@ -1,7 +1,23 @@
-//! HTTP semantics for Envelope's policies: request ids, status-code-first classification, `Retry-After`,
-//! idempotency and replayable bodies, RED metrics and access logs, as tower layers.
+//! HTTP semantics for Envelope's policies: what an HTTP exchange means to the policy engine.
 //!
-//! This crate sits between the protocol-agnostic engine ([`envelope_core`]) and the sidecar. Its content is being
-//! built (see the project's issues); today it only re-exports the engine so the workspace shows the layering.
+//! `envelope-core` decides from [`Outcome`](envelope_core::Outcome)s; this crate maps HTTP onto them and back:
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`request_id`] | keep a valid `X-Request-ID` or generate one; echo it; a tower layer |
+//! | [`classify`] | status-code-first classification; `Retry-After` in both forms |
+//! | [`idempotency`] | which requests may be sent again (method, `Idempotency-Key`) |
+//! | [`body`] | request bodies replayable within a memory cap |
+//! | [`problem`] | local errors as RFC 9457 `problem+json` responses, in one place |
+//! | [`headers`] | hop-by-hop headers, `X-Forwarded-For` |
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod body;
+pub mod classify;
+pub mod headers;
+pub mod idempotency;
+pub mod problem;
+pub mod request_id;
 
 pub use envelope_core;

@@ -1,0 +1,121 @@
+//! Local errors become HTTP responses here, and only here.
+//!
+//! Every rejection or failure that Envelope itself produces is answered — never turned into an error that would make
+//! hyper drop the connection — as an RFC 9457 `application/problem+json` document carrying the outcome and the
+//! request id:
+//!
+//! | outcome | status | `Retry-After` |
+//! |---|---|---|
+//! | `timeout` | 504 Gateway Timeout | |
+//! | `connect_error`, `failure`, `upstream_5xx` | 502 Bad Gateway | |
+//! | `circuit_open` | 503 Service Unavailable | time until the breaker admits probes |
+//! | `bulkhead_full` | 503 Service Unavailable | 1 s |
+//! | `shed` | 429 Too Many Requests | 1 s |
+//! | `local_rate_limited`, `rate_limited` | 429 Too Many Requests | the limiter's wait |
+//! | `bad_request` | 400 Bad Request | |
+//! | `client_cancelled` | 499 (never sent: the client is gone) | |
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use envelope_core::Outcome;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::classify::retry_after_value;
+use crate::request_id::{RequestId, X_REQUEST_ID};
+
+/// The media type of problem documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The status Envelope answers with for a call that ended locally in `outcome`.
+pub fn status_for(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        Outcome::CircuitOpen | Outcome::BulkheadFull => StatusCode::SERVICE_UNAVAILABLE,
+        Outcome::Shed | Outcome::LocalRateLimited | Outcome::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Outcome::BadRequest => StatusCode::BAD_REQUEST,
+        Outcome::ClientCancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Outcome::Upstream4xx | Outcome::Ok => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// The default `Retry-After` for an outcome, when the policy did not say.
+fn default_retry_after(outcome: Outcome) -> Option<Duration> {
+    matches!(outcome, Outcome::Shed | Outcome::BulkheadFull).then_some(Duration::from_secs(1))
+}
+
+/// A `problem+json` response for a call that ended locally in `outcome`.
+///
+/// `detail` is a human-readable sentence (no secrets, no request data); `retry_after` overrides the default wait
+/// hint. The request id, when known, is echoed in the body and in `X-Request-ID`.
+pub fn problem(
+    outcome: Outcome,
+    detail: &str,
+    request_id: Option<&RequestId>,
+    retry_after: Option<Duration>,
+) -> Response<Full<Bytes>> {
+    let status = status_for(outcome);
+    let mut doc = serde_json::json!({
+        "type": format!("urn:envelope:problem:{}", outcome.as_str()),
+        "title": status.canonical_reason().unwrap_or("Client Closed Request"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "outcome": outcome.as_str(),
+    });
+    if let Some(id) = request_id {
+        doc["request_id"] = serde_json::Value::from(id.as_str());
+    }
+    let body = serde_json::to_vec(&doc).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(wait) = retry_after.or_else(|| default_retry_after(outcome)) {
+        headers.insert(header::RETRY_AFTER, retry_after_value(wait));
+    }
+    if let Some(id) = request_id {
+        headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn problem_documents_carry_outcome_status_and_request_id() {
+        let id = RequestId::parse(&HeaderValue::from_static("req-1")).unwrap();
+        let r =
+            problem(Outcome::CircuitOpen, "the payments breaker is open", Some(&id), Some(Duration::from_millis(2500)));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(r.headers()[&X_REQUEST_ID], "req-1");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["status"], 503);
+        assert_eq!(doc["outcome"], "circuit_open");
+        assert_eq!(doc["request_id"], "req-1");
+        assert_eq!(doc["type"], "urn:envelope:problem:circuit_open");
+    }
+
+    #[test]
+    fn statuses_per_outcome() {
+        assert_eq!(status_for(Outcome::Timeout), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(status_for(Outcome::Shed), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status_for(Outcome::LocalRateLimited), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status_for(Outcome::BulkheadFull), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_for(Outcome::ConnectError), StatusCode::BAD_GATEWAY);
+        assert_eq!(status_for(Outcome::BadRequest), StatusCode::BAD_REQUEST);
+        let shed = problem(Outcome::Shed, "overloaded", None, None);
+        assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+        assert!(shed.headers().get(&X_REQUEST_ID).is_none());
+        let timeout = problem(Outcome::Timeout, "route timeout", None, None);
+        assert!(timeout.headers().get(header::RETRY_AFTER).is_none());
+    }
+}
