@@ -152,6 +152,8 @@ pub enum Event<'a> {
 pub enum GiveUpReason {
     /// The last outcome is not retryable.
     NotRetryable,
+    /// The call itself may not be repeated (its classifier said so: e.g. a request that is not idempotent).
+    NotReplayable,
     /// `max_attempts` were made.
     AttemptsExhausted,
     /// The retry budget had no tokens left.

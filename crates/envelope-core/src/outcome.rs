@@ -236,6 +236,14 @@ pub trait Classify<T, E> {
         let _ = result;
         None
     }
+
+    /// Whether this particular call may be made again after `result`, whatever the retry policy says. A classifier
+    /// that knows the request uses it to forbid replaying one that is not safe to send twice (an HTTP POST without
+    /// an idempotency key, once its bytes have left). Only asked for results that are not [`Outcome::Ok`].
+    fn may_retry(&self, result: &Result<T, E>) -> bool {
+        let _ = result;
+        true
+    }
 }
 
 /// `Ok` is [`Outcome::Ok`]; an `Err` carries its own outcome when it is one of Envelope's errors or an

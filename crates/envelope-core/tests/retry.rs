@@ -234,3 +234,43 @@ fn invalid_configs_are_rejected() {
     assert!(Config::builder().deadline(Duration::ZERO).build().is_err());
     assert!(Config::builder().per_attempt_timeout(Duration::ZERO).build().is_err());
 }
+
+/// A classifier that forbids repeating the call (as the HTTP layer does for a POST without an idempotency key).
+struct NotReplayable;
+
+impl Classify<(), &'static str> for NotReplayable {
+    fn classify(&self, r: &Result<(), &'static str>) -> Outcome {
+        if r.is_ok() { Outcome::Ok } else { Outcome::Upstream5xx }
+    }
+    fn may_retry(&self, _: &Result<(), &'static str>) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_can_forbid_repeating_a_call() {
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let seen = reasons.clone();
+    let retry = Retry::new(
+        "r",
+        Config::builder()
+            .max_attempts(5)
+            .backoff(Backoff::none())
+            .listener(move |e: &Event<'_>| {
+                if let Event::RetryGaveUp { reason, .. } = e {
+                    seen.lock().unwrap().push(*reason);
+                }
+            })
+            .build()
+            .unwrap(),
+    );
+    let calls = Cell::new(0);
+    let _ = retry
+        .call_classified(&NotReplayable, || {
+            calls.set(calls.get() + 1);
+            async { Err("5xx after the body was sent") }
+        })
+        .await;
+    assert_eq!(calls.get(), 1);
+    assert_eq!(*reasons.lock().unwrap(), [GiveUpReason::NotReplayable]);
+}

@@ -13,7 +13,7 @@ use crate::clock;
 use crate::error::Error;
 use crate::fault::InjectedFault;
 use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
-use crate::retry::{Attempts, Next, classified};
+use crate::retry::{Attempts, Hint, Next, classified};
 
 impl Envelope {
     /// Runs the blocking `f` (once per attempt) through every policy; classifies with [`DefaultClassifier`].
@@ -54,13 +54,13 @@ impl Envelope {
         let (result, outcome) = loop {
             let began = deadline.map(|_| clock::now());
             st.made += 1;
-            let (result, outcome, retry_after) = self.attempt_blocking(classifier, &mut f);
+            let (result, outcome, hint) = self.attempt_blocking(classifier, &mut f);
             let Some(retry) = &p.retry else { break (result, outcome) };
             if outcome.is_ok() {
                 break (result, outcome);
             }
             st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match retry.next(&mut st, outcome, retry_after, deadline) {
+            match retry.next(&mut st, outcome, hint, deadline) {
                 Next::RetryAfter(delay) => sleep(delay),
                 Next::GiveUp(_) => break (result, outcome),
             }
@@ -84,7 +84,7 @@ impl Envelope {
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire_blocking() {
                 Ok(permit) => Some(permit),
-                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, None),
+                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, Hint::NONE),
             },
             None => None,
         };
@@ -95,7 +95,7 @@ impl Envelope {
                     sleep(delay);
                 }
                 if let Some(outcome) = decision.abort {
-                    break 'call (Err(Error::Injected(InjectedFault::new(outcome))), outcome, None);
+                    break 'call (Err(Error::Injected(InjectedFault::new(outcome))), outcome, Hint::NONE);
                 }
             }
             classified(classifier, f())

@@ -44,7 +44,7 @@ use crate::fault::FaultInjector;
 use crate::hedge::Hedge;
 use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
 use crate::rate_limit::RateLimiter;
-use crate::retry::{Attempts, Next, Retry, classified};
+use crate::retry::{Attempts, Hint, Next, Retry, classified};
 use crate::shed::{LoadShedder, Priority};
 use crate::timeout::Elapsed;
 
@@ -151,8 +151,8 @@ impl Builder {
     }
 }
 
-/// One attempt's result, outcome, and the dependency's requested wait.
-pub(crate) type Attempt<T, E> = (Result<T, Error<E>>, Outcome, Option<Duration>);
+/// One attempt's result, outcome, and what the classifier said about repeating it.
+pub(crate) type Attempt<T, E> = (Result<T, Error<E>>, Outcome, Hint);
 
 impl Envelope {
     /// An empty builder.
@@ -290,12 +290,12 @@ impl Envelope {
             let began = deadline.map(|_| clock::now());
             st.made += 1;
             let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
-            let (result, outcome, retry_after) = self.hedged(classifier, &mut f, limit).await;
+            let (result, outcome, hint) = self.hedged(classifier, &mut f, limit).await;
             if outcome.is_ok() {
                 return (result, outcome);
             }
             st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match retry.next(&mut st, outcome, retry_after, deadline) {
+            match retry.next(&mut st, outcome, hint, deadline) {
                 Next::RetryAfter(delay) => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
@@ -351,7 +351,7 @@ impl Envelope {
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire().await {
                 Ok(permit) => Some(permit),
-                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, None),
+                Err(e) => return (Err(Error::BulkheadFull(e)), Outcome::BulkheadFull, Hint::NONE),
             },
             None => None,
         };
@@ -363,7 +363,7 @@ impl Envelope {
                     tokio::time::sleep(delay).await;
                 }
                 if let Some(outcome) = decision.abort {
-                    return (Err(Error::Injected(crate::fault::InjectedFault::new(outcome))), outcome, None);
+                    return (Err(Error::Injected(crate::fault::InjectedFault::new(outcome))), outcome, Hint::NONE);
                 }
             }
             classified(classifier, make().await)
@@ -371,7 +371,7 @@ impl Envelope {
         let done = match limit {
             Some(limit) => match crate::timeout::lazy(limit, run).await {
                 Ok(done) => done,
-                Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout, None),
+                Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout, Hint::NONE),
             },
             None => run.await,
         };
@@ -391,13 +391,13 @@ impl Envelope {
         let permit = match &p.breaker {
             Some(b) => match b.try_acquire() {
                 Ok(permit) => Some(permit),
-                Err(e) => return Err((Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, e.remaining())),
+                Err(e) => return Err((Err(Error::CircuitOpen(e)), Outcome::CircuitOpen, Hint::wait(e.remaining()))),
             },
             None => None,
         };
         if let Some(limiter) = &p.rate_limit {
             if let Err(e) = limiter.try_acquire() {
-                return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Some(e.retry_after())));
+                return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after()))));
             }
         }
         Ok(permit)

@@ -84,11 +84,11 @@ impl Hedge {
         .0
     }
 
-    /// Races attempts made by `make`; each yields `(result, outcome, retry_after)`.
-    pub(crate) async fn race<R, Fut, F>(&self, mut make: F) -> (R, Outcome, Option<Duration>)
+    /// Races attempts made by `make`; each yields `(result, outcome, hint)`.
+    pub(crate) async fn race<R, H, Fut, F>(&self, mut make: F) -> (R, Outcome, H)
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = (R, Outcome, Option<Duration>)>,
+        Fut: Future<Output = (R, Outcome, H)>,
     {
         if let Some(b) = &self.budget {
             b.deposit();

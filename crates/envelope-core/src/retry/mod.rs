@@ -210,6 +210,25 @@ pub(crate) struct Attempts {
     pub(crate) last_duration: Duration,
 }
 
+/// What the classifier said about a failed attempt, besides its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hint {
+    /// The dependency's requested wait (`Retry-After`).
+    pub(crate) retry_after: Option<Duration>,
+    /// Whether this call may be repeated at all.
+    pub(crate) may_retry: bool,
+}
+
+impl Hint {
+    /// No wait requested, retry allowed.
+    pub(crate) const NONE: Hint = Hint { retry_after: None, may_retry: true };
+
+    /// A requested wait.
+    pub(crate) fn wait(retry_after: Option<Duration>) -> Hint {
+        Hint { retry_after, may_retry: true }
+    }
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -248,13 +267,7 @@ impl Retry {
     }
 
     /// Decides what follows an attempt that ended in `outcome`. `now` is read only when there is a deadline.
-    pub(crate) fn next(
-        &self,
-        st: &mut Attempts,
-        outcome: Outcome,
-        retry_after: Option<Duration>,
-        deadline: Option<Instant>,
-    ) -> Next {
+    pub(crate) fn next(&self, st: &mut Attempts, outcome: Outcome, hint: Hint, deadline: Option<Instant>) -> Next {
         let c = &self.config;
         let give_up = |reason| {
             if reason != GiveUpReason::NotRetryable || st.made > 1 {
@@ -265,10 +278,13 @@ impl Retry {
         if outcome.is_ok() || !c.retry_on.contains(outcome) {
             return give_up(GiveUpReason::NotRetryable);
         }
+        if !hint.may_retry {
+            return give_up(GiveUpReason::NotReplayable);
+        }
         if st.made >= c.max_attempts {
             return give_up(GiveUpReason::AttemptsExhausted);
         }
-        let delay = match retry_after {
+        let delay = match hint.retry_after {
             Some(wait) if wait > c.backoff.max_delay() => return give_up(GiveUpReason::RetryAfterTooLong),
             Some(wait) => wait,
             None => c.backoff.delay(st.made, st.previous_delay),
@@ -313,10 +329,12 @@ impl Retry {
         loop {
             let began = deadline.map(|_| clock::now());
             st.made += 1;
-            let (result, outcome, retry_after) = match self.attempt_limit(began, deadline) {
+            let (result, outcome, hint) = match self.attempt_limit(began, deadline) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
-                    Err(_) => (Err(crate::Error::Timeout(crate::timeout::Elapsed::new(limit))), Outcome::Timeout, None),
+                    Err(_) => {
+                        (Err(crate::Error::Timeout(crate::timeout::Elapsed::new(limit))), Outcome::Timeout, Hint::NONE)
+                    }
                 },
                 None => classified(classifier, f().await),
             };
@@ -324,7 +342,7 @@ impl Retry {
                 return result;
             }
             st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match self.next(&mut st, outcome, retry_after, deadline) {
+            match self.next(&mut st, outcome, hint, deadline) {
                 Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
                 Next::GiveUp(_) => return result,
             }
@@ -337,8 +355,12 @@ impl Retry {
 pub(crate) fn classified<T, E, C: Classify<T, E>>(
     classifier: &C,
     result: Result<T, E>,
-) -> (Result<T, crate::Error<E>>, Outcome, Option<Duration>) {
+) -> (Result<T, crate::Error<E>>, Outcome, Hint) {
     let outcome = classifier.classify(&result);
-    let retry_after = if outcome.is_ok() { None } else { classifier.retry_after(&result) };
-    (result.map_err(crate::Error::Inner), outcome, retry_after)
+    let hint = if outcome.is_ok() {
+        Hint::NONE
+    } else {
+        Hint { retry_after: classifier.retry_after(&result), may_retry: classifier.may_retry(&result) }
+    };
+    (result.map_err(crate::Error::Inner), outcome, hint)
 }
