@@ -1,6 +1,7 @@
-//! The `envelope` sidecar as a library: configuration, the server stack, the admin listener.
-//!
-//! Its content is being built (see the project's issues); the binary in `crates/envelope` stays a thin shell
-//! around it.
+//! The `envelope` sidecar as a library: configuration, the proxy stack, the admin listener.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod config;
 
 pub use envelope_http;

@@ -1,0 +1,635 @@
+//! Configuration in two stages: the file as written ([`raw`]) and the validated config the sidecar runs on
+//! ([`Config`]). Every error names the file, line, column and field path, and nothing is bound or started
+//! before the whole config is valid.
+
+pub(crate) mod raw;
+mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use envelope_core::{Outcome, OutcomeSet};
+use http::{Method, StatusCode, Uri};
+use toml::Spanned;
+
+use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawUpstream};
+pub use self::raw::{BreakerMode, Tier};
+pub use self::units::{Dur, NonZero, Percent, PositiveDur};
+
+/// Default admin listener: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default environment variable holding the admin bearer token.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "ENVELOPE_ADMIN_TOKEN";
+/// Default in-flight requests per listener before load is shed (429).
+pub const DEFAULT_MAX_CONCURRENT: u32 = 1000;
+/// Default open connections per listener.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default time a client has to send the request head (slowloris protection, 408).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on the request head size (431).
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// Default limit on the number of request headers (431).
+pub const DEFAULT_MAX_HEADERS: u32 = 100;
+/// Default limit on the request target length (414).
+pub const DEFAULT_MAX_URI_BYTES: u32 = 8 * 1024;
+/// Default limit on a request body (413).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Default time in-flight requests get to finish on shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time to establish an upstream connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time an idle pooled upstream connection is kept.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default idle pooled connections kept per upstream endpoint.
+pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// Default route timeout, covering every attempt and wait (Envoy's default).
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default cap on a request body buffered for retries.
+pub const DEFAULT_REPLAY_LIMIT: usize = envelope_http::body::DEFAULT_REPLAY_LIMIT;
+
+/// A configuration error, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (as given).
+    pub file: String,
+    /// 1-based line, 0 if unknown.
+    pub line: usize,
+    /// 1-based column, 0 if unknown.
+    pub column: usize,
+    /// The field path, such as `route[1].retry.max_attempts`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "`{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The admin listener.
+    pub admin: Admin,
+    /// Listeners, in file order.
+    pub listeners: Vec<Listener>,
+    /// Upstreams, in file order.
+    pub upstreams: Vec<Upstream>,
+    /// Routes, in file order (matched longest prefix first).
+    pub routes: Vec<Route>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Environment variable holding the bearer token for state-changing calls.
+    pub token_env: String,
+}
+
+/// How a listener sheds load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Shedding {
+    /// At a fixed number of requests in flight.
+    Fixed(usize),
+    /// At an adaptive limit that follows latency.
+    Adaptive,
+}
+
+/// A listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// Its name.
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// How it sheds load.
+    pub shedding: Shedding,
+    /// Open connections allowed.
+    pub max_connections: usize,
+    /// Time to receive a request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Longest request target.
+    pub max_uri_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Time in-flight requests get on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// An upstream endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+}
+
+/// Bulkhead settings of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkheadSpec {
+    /// Requests in flight to the upstream.
+    pub max_concurrent: usize,
+    /// Requests allowed to wait.
+    pub queue: usize,
+    /// Longest wait.
+    pub queue_timeout: Duration,
+}
+
+/// Breaker settings of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerSpec {
+    /// The window: `Count(n)` calls or `Time(n)` seconds.
+    pub window: envelope_core::circuit_breaker::Window,
+    /// Calls before any verdict.
+    pub min_calls: u32,
+    /// Failure-rate threshold (percent).
+    pub failure_rate: f32,
+    /// Slow-call duration and rate threshold, if on.
+    pub slow_call: Option<(Duration, f32)>,
+    /// Open duration.
+    pub open_for: Duration,
+    /// Cap of the escalating open duration, if escalation is on.
+    pub max_open_for: Option<Duration>,
+    /// Probes in half-open.
+    pub half_open_calls: u32,
+    /// Longest stay in half-open.
+    pub max_half_open_wait: Duration,
+    /// Normal, disabled or metrics-only.
+    pub mode: BreakerMode,
+}
+
+/// Rate limit of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitSpec {
+    /// Calls per period.
+    pub rate: u32,
+    /// The period.
+    pub per: Duration,
+    /// Burst.
+    pub burst: u32,
+    /// Count only.
+    pub shadow: bool,
+}
+
+/// An upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// Its name.
+    pub name: String,
+    /// Endpoints, used round-robin.
+    pub endpoints: Vec<Endpoint>,
+    /// Time to connect.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Idle pooled connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// Bulkhead, if any.
+    pub bulkhead: Option<BulkheadSpec>,
+    /// Circuit breaker, if any.
+    pub breaker: Option<BreakerSpec>,
+    /// Rate limit, if any.
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// Retry settings of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySpec {
+    /// Attempts, counting the first.
+    pub max_attempts: u32,
+    /// The backoff (validated).
+    pub backoff: envelope_core::retry::Backoff,
+    /// Outcomes retried.
+    pub retry_on: OutcomeSet,
+    /// Budget `(ratio, min_per_second, ttl)`.
+    pub budget: (f32, u32, Duration),
+}
+
+/// A route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Its name (a metrics label).
+    pub name: String,
+    /// Index of its listener.
+    pub listener: usize,
+    /// Path prefix matched.
+    pub path_prefix: String,
+    /// Methods matched (`None`: all).
+    pub methods: Option<Vec<Method>>,
+    /// Whether the prefix is removed before forwarding.
+    pub strip_prefix: bool,
+    /// Index of its upstream.
+    pub upstream: usize,
+    /// SLO tier (and shedding priority).
+    pub tier: Tier,
+    /// Total time for the request, every attempt and wait included (504).
+    pub timeout: Duration,
+    /// Time for one attempt.
+    pub attempt_timeout: Option<Duration>,
+    /// Retries, if any.
+    pub retry: Option<RetrySpec>,
+    /// 4xx statuses counted as failures.
+    pub fail_on_status: Vec<StatusCode>,
+    /// Largest body buffered for retries.
+    pub replay_limit: usize,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(&file, &text)
+    }
+
+    /// Validates the config text `text`, naming it `file` in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let locate = |span: Option<Range<usize>>, field: String, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_column(text, s.start));
+            ConfigError { file: file.to_owned(), line, column, field, message }
+        };
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| locate(e.span(), String::new(), e.message().to_owned()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            // `Spanned` values show up in serde's path as a private field: leave it out.
+            let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+            let inner = e.into_inner();
+            locate(inner.span(), if path == "." { String::new() } else { path }, inner.message().to_owned())
+        })?;
+        resolve(raw).map_err(|Invalid { span, field, message }| locate(span, field, message))
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A validation error before it is located in the file.
+struct Invalid {
+    span: Option<Range<usize>>,
+    field: String,
+    message: String,
+}
+
+fn invalid<T>(spanned: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid { span: Some(spanned.span()), field: field.into(), message: message.into() }
+}
+
+fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
+    let admin_listen = match &raw.admin.listen {
+        Some(l) => {
+            let addr = *l.get_ref();
+            if !addr.ip().is_loopback() && raw.admin.allow_non_loopback != Some(true) {
+                return Err(invalid(
+                    l,
+                    "admin.listen",
+                    format!(
+                        "{addr} is not a loopback address; set `allow_non_loopback = true` to expose the admin API"
+                    ),
+                ));
+            }
+            addr
+        }
+        None => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+    };
+    let admin = Admin {
+        listen: admin_listen,
+        token_env: raw.admin.token_env.clone().unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.to_owned()),
+    };
+
+    let mut listeners = Vec::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        if raw.listeners[..i].iter().any(|o| o.name.get_ref() == l.name.get_ref()) {
+            return Err(invalid(
+                &l.name,
+                format!("listener[{i}].name"),
+                format!("duplicate listener `{}`", l.name.get_ref()),
+            ));
+        }
+        let shedding = match (l.adaptive_concurrency, l.max_concurrent) {
+            (Some(true), _) => Shedding::Adaptive,
+            (_, Some(n)) => Shedding::Fixed(n.0 as usize),
+            _ => Shedding::Fixed(DEFAULT_MAX_CONCURRENT as usize),
+        };
+        listeners.push(Listener {
+            name: l.name.get_ref().clone(),
+            listen: l.listen,
+            shedding,
+            max_connections: l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, |n| n.0) as usize,
+            header_read_timeout: l.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            max_header_bytes: l.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |n| n.0).max(8192) as usize,
+            max_headers: l.max_headers.map_or(DEFAULT_MAX_HEADERS, |n| n.0) as usize,
+            max_uri_bytes: l.max_uri_bytes.map_or(DEFAULT_MAX_URI_BYTES, |n| n.0) as usize,
+            max_body_bytes: l.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            drain_timeout: l.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+        });
+    }
+
+    let mut upstreams = Vec::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        if raw.upstreams[..i].iter().any(|o| o.name.get_ref() == u.name.get_ref()) {
+            return Err(invalid(
+                &u.name,
+                format!("upstream[{i}].name"),
+                format!("duplicate upstream `{}`", u.name.get_ref()),
+            ));
+        }
+        upstreams.push(resolve_upstream(i, u)?);
+    }
+
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        if raw.routes[..i].iter().any(|o| o.name.get_ref() == r.name.get_ref()) {
+            return Err(invalid(
+                &r.name,
+                format!("route[{i}].name"),
+                format!("duplicate route `{}`", r.name.get_ref()),
+            ));
+        }
+        routes.push(resolve_route(i, r, &listeners, &upstreams)?);
+    }
+    Ok(Config { admin, listeners, upstreams, routes })
+}
+
+fn resolve_upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Invalid> {
+    let field = |f: &str| format!("upstream[{i}].{f}");
+    if u.endpoints.get_ref().is_empty() {
+        return Err(invalid(&u.endpoints, field("endpoints"), "an upstream needs at least one endpoint"));
+    }
+    let mut endpoints = Vec::new();
+    for (j, e) in u.endpoints.get_ref().iter().enumerate() {
+        let bad = |why: &str| invalid(e, format!("upstream[{i}].endpoints[{j}]"), format!("`{}` {why}", e.get_ref()));
+        let uri: Uri = e.get_ref().parse().map_err(|_| bad("is not a URL like http://127.0.0.1:8000"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| bad("has no scheme (http:// or https://)"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(bad("must use http or https"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad("must not have a path (use a route's strip_prefix to rewrite paths)"));
+        }
+        endpoints.push(Endpoint { scheme, authority });
+    }
+    let breaker = u.breaker.as_ref().map(|b| resolve_breaker(i, b)).transpose()?;
+    Ok(Upstream {
+        name: u.name.get_ref().clone(),
+        endpoints,
+        connect_timeout: u.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+        idle_timeout: u.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+        max_idle_per_endpoint: u.max_idle_per_endpoint.unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
+        bulkhead: u.bulkhead.as_ref().map(|b| BulkheadSpec {
+            max_concurrent: b.max_concurrent.0 as usize,
+            queue: b.queue.unwrap_or(0) as usize,
+            queue_timeout: b.queue_timeout.map_or(Duration::ZERO, |d| d.0),
+        }),
+        breaker,
+        rate_limit: u.rate_limit.as_ref().map(|r| RateLimitSpec {
+            rate: r.rate.0,
+            per: r.per.map_or(Duration::from_secs(1), |d| d.0),
+            burst: r.burst.map_or(r.rate.0, |b| b.0),
+            shadow: r.shadow.unwrap_or(false),
+        }),
+    })
+}
+
+/// Sidecar breaker defaults: a window of 100 calls, 20 before any verdict, 50 %, 30 s open, 3 probes.
+pub const DEFAULT_BREAKER_WINDOW: u32 = 100;
+/// Calls in the window before the sidecar's breaker decides anything.
+pub const DEFAULT_BREAKER_MIN_CALLS: u32 = 20;
+/// Open duration of the sidecar's breaker.
+pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(30);
+/// Half-open probes of the sidecar's breaker.
+pub const DEFAULT_BREAKER_HALF_OPEN_CALLS: u32 = 3;
+
+fn resolve_breaker(i: usize, b: &Spanned<RawBreaker>) -> Result<BreakerSpec, Invalid> {
+    use envelope_core::circuit_breaker::Window;
+    let raw = b.get_ref();
+    let window = match &raw.window {
+        None => Window::Count(DEFAULT_BREAKER_WINDOW),
+        Some(w) => match (w.count, w.seconds) {
+            (Some(c), None) => Window::Count(c.0),
+            (None, Some(s)) => Window::Time(s.0),
+            _ => {
+                return Err(invalid(
+                    b,
+                    format!("upstream[{i}].breaker.window"),
+                    "give exactly one of `count` or `seconds`",
+                ));
+            }
+        },
+    };
+    let spec = BreakerSpec {
+        window,
+        min_calls: raw.min_calls.map_or(DEFAULT_BREAKER_MIN_CALLS, |n| n.0),
+        failure_rate: raw.failure_rate.map_or(50.0, |p| p.0),
+        slow_call: raw.slow_call.as_ref().map(|s| (s.duration.0, s.rate.0)),
+        open_for: raw.open_for.map_or(DEFAULT_BREAKER_OPEN_FOR, |d| d.0),
+        max_open_for: raw.max_open_for.map(|d| d.0),
+        half_open_calls: raw.half_open_calls.map_or(DEFAULT_BREAKER_HALF_OPEN_CALLS, |n| n.0),
+        max_half_open_wait: raw
+            .max_half_open_wait
+            .map_or(envelope_core::circuit_breaker::DEFAULT_MAX_HALF_OPEN_WAIT, |d| d.0),
+        mode: raw.mode.unwrap_or(BreakerMode::Normal),
+    };
+    // The engine's own validation (e.g. minimum calls larger than a count window) decides.
+    spec.to_config(envelope_core::event::Listeners::new())
+        .map_err(|e| invalid(b, format!("upstream[{i}].breaker"), e.to_string()))?;
+    Ok(spec)
+}
+
+impl BreakerSpec {
+    /// The engine's breaker configuration, reporting to `listeners`.
+    pub fn to_config(
+        &self,
+        listeners: envelope_core::event::Listeners,
+    ) -> Result<envelope_core::circuit_breaker::Config, envelope_core::circuit_breaker::ConfigError> {
+        use envelope_core::circuit_breaker::{Config as BreakerConfig, Escalation, Window};
+        let mut b = BreakerConfig::builder()
+            .minimum_calls(self.min_calls)
+            .failure_rate_threshold(self.failure_rate)
+            .open_duration(self.open_for)
+            .half_open_calls(self.half_open_calls)
+            .max_half_open_wait(Some(self.max_half_open_wait))
+            .listeners(listeners);
+        b = match self.window {
+            Window::Count(n) => b.count_window(n),
+            Window::Time(s) => b.time_window(s),
+        };
+        if let Some((d, rate)) = self.slow_call {
+            b = b.slow_calls(d, rate);
+        }
+        if let Some(max) = self.max_open_for {
+            b = b.escalation(Escalation { multiplier: 2.0, max, jitter: 0.1 });
+        }
+        b.build()
+    }
+}
+
+fn resolve_route(i: usize, r: &RawRoute, listeners: &[Listener], upstreams: &[Upstream]) -> Result<Route, Invalid> {
+    let field = |f: &str| format!("route[{i}].{f}");
+    let listener = match &r.listener {
+        Some(name) => listeners
+            .iter()
+            .position(|l| &l.name == name.get_ref())
+            .ok_or_else(|| invalid(name, field("listener"), format!("no listener named `{}`", name.get_ref())))?,
+        None if listeners.len() == 1 => 0,
+        None => {
+            return Err(invalid(
+                &r.name,
+                field("listener"),
+                "name the listener: the config has more than one (or none)",
+            ));
+        }
+    };
+    let upstream = upstreams.iter().position(|u| &u.name == r.upstream.get_ref()).ok_or_else(|| {
+        invalid(&r.upstream, field("upstream"), format!("no upstream named `{}`", r.upstream.get_ref()))
+    })?;
+    let m = r.matcher.get_ref();
+    let path_prefix = m.path_prefix.clone().unwrap_or_else(|| "/".to_owned());
+    if !path_prefix.starts_with('/') {
+        return Err(invalid(&r.matcher, field("match.path_prefix"), "must start with `/`"));
+    }
+    let methods = match &m.methods {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(j, name)| {
+                    let upper = name.get_ref().to_ascii_uppercase();
+                    Method::from_bytes(upper.as_bytes())
+                        .map_err(|_| invalid(name, format!("route[{i}].match.methods[{j}]"), "not an HTTP method"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let mut fail_on_status = Vec::new();
+    for (j, s) in r.fail_on_status.iter().enumerate() {
+        match StatusCode::from_u16(*s.get_ref()) {
+            Ok(code) if code.is_client_error() => fail_on_status.push(code),
+            _ => {
+                return Err(invalid(
+                    s,
+                    format!("route[{i}].fail_on_status[{j}]"),
+                    "must be a 4xx status (5xx always fail)",
+                ));
+            }
+        }
+    }
+    let retry = r.retry.as_ref().map(|retry| resolve_retry(i, &r.name, retry)).transpose()?;
+    Ok(Route {
+        name: r.name.get_ref().clone(),
+        listener,
+        tier: r.tier.unwrap_or_else(|| tier_by_path(&path_prefix)),
+        path_prefix,
+        methods,
+        strip_prefix: r.strip_prefix.unwrap_or(false),
+        upstream,
+        timeout: r.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
+        attempt_timeout: r.attempt_timeout.map(|d| d.0),
+        retry,
+        fail_on_status,
+        replay_limit: r.replay_limit.unwrap_or(DEFAULT_REPLAY_LIMIT),
+    })
+}
+
+/// The tier of a route without one in the config: `/auth*` and `/payments*` are critical, `/analytics*` and
+/// `/reports*` non-critical, everything else default.
+pub fn tier_by_path(prefix: &str) -> Tier {
+    let first = prefix.trim_start_matches('/').split('/').next().unwrap_or("");
+    let starts = |names: &[&str]| names.iter().any(|n| first.starts_with(n));
+    if starts(&["auth", "login", "payment", "checkout"]) {
+        Tier::Critical
+    } else if starts(&["analytics", "report", "export"]) {
+        Tier::NonCritical
+    } else {
+        Tier::Default
+    }
+}
+
+/// Default attempts of a configured retry.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
+
+fn resolve_retry(i: usize, name: &Spanned<String>, r: &RawRetry) -> Result<RetrySpec, Invalid> {
+    use envelope_core::retry::{Backoff, Growth, Jitter};
+    let field = |f: &str| format!("route[{i}].retry.{f}");
+    let base = r.base.map_or(envelope_core::retry::DEFAULT_BASE, |d| d.0);
+    let max_delay = r.max_delay.map_or(envelope_core::retry::DEFAULT_MAX_DELAY, |d| d.0);
+    let growth = match r.backoff.unwrap_or(BackoffKind::Exponential) {
+        BackoffKind::Constant => Growth::Constant,
+        BackoffKind::Linear => Growth::Linear,
+        BackoffKind::Exponential => Growth::Exponential { multiplier: envelope_core::retry::DEFAULT_MULTIPLIER },
+    };
+    let jitter = match r.jitter.unwrap_or(JitterKind::Full) {
+        JitterKind::None => Jitter::None,
+        JitterKind::Full => Jitter::Full,
+        JitterKind::Equal => Jitter::Equal,
+        JitterKind::Decorrelated => Jitter::Decorrelated,
+    };
+    let backoff =
+        Backoff::new(growth, base, max_delay, jitter).map_err(|e| invalid(name, field("backoff"), e.to_string()))?;
+    let retry_on = match &r.retry_on {
+        None => OutcomeSet::RETRYABLE,
+        Some(list) => {
+            let mut set = OutcomeSet::EMPTY;
+            for (j, o) in list.iter().enumerate() {
+                let outcome = Outcome::from_name(o.get_ref()).ok_or_else(|| {
+                    let names: Vec<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+                    invalid(
+                        o,
+                        format!("route[{i}].retry.retry_on[{j}]"),
+                        format!("unknown outcome; one of {}", names.join(", ")),
+                    )
+                })?;
+                set = set.with(outcome);
+            }
+            set
+        }
+    };
+    let budget = match &r.budget {
+        None => (
+            envelope_core::retry::DEFAULT_RETRY_RATIO,
+            envelope_core::retry::DEFAULT_MIN_PER_SECOND,
+            envelope_core::retry::DEFAULT_TTL,
+        ),
+        Some(b) => (
+            b.ratio.unwrap_or(envelope_core::retry::DEFAULT_RETRY_RATIO),
+            b.min_per_second.unwrap_or(envelope_core::retry::DEFAULT_MIN_PER_SECOND),
+            b.ttl.map_or(envelope_core::retry::DEFAULT_TTL, |d| d.0),
+        ),
+    };
+    envelope_core::retry::RetryBudget::new(budget.2, budget.1, budget.0)
+        .map_err(|e| invalid(name, field("budget"), e.to_string()))?;
+    Ok(RetrySpec {
+        max_attempts: r.max_attempts.map_or(DEFAULT_RETRY_ATTEMPTS, |n| n.0).min(100),
+        backoff,
+        retry_on,
+        budget,
+    })
+}

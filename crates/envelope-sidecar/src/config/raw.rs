@@ -1,0 +1,191 @@
+//! The config file as written: serde structures that mirror the TOML, with `deny_unknown_fields` everywhere.
+//! Values that can be checked alone are checked while parsing (units, ranges); cross-references are checked when
+//! the raw config is resolved (`super::resolve`).
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{Dur, NonZero, Percent, PositiveDur};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub(crate) admin: RawAdmin,
+    #[serde(default, rename = "listener")]
+    pub(crate) listeners: Vec<RawListener>,
+    #[serde(default, rename = "upstream")]
+    pub(crate) upstreams: Vec<RawUpstream>,
+    #[serde(default, rename = "route")]
+    pub(crate) routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) listen: Option<Spanned<SocketAddr>>,
+    pub(crate) allow_non_loopback: Option<bool>,
+    pub(crate) token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub(crate) name: Spanned<String>,
+    pub(crate) listen: SocketAddr,
+    pub(crate) max_concurrent: Option<NonZero>,
+    pub(crate) adaptive_concurrency: Option<bool>,
+    pub(crate) max_connections: Option<NonZero>,
+    pub(crate) header_read_timeout: Option<PositiveDur>,
+    pub(crate) max_header_bytes: Option<NonZero>,
+    pub(crate) max_headers: Option<NonZero>,
+    pub(crate) max_uri_bytes: Option<NonZero>,
+    pub(crate) max_body_bytes: Option<u64>,
+    pub(crate) drain_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    pub(crate) name: Spanned<String>,
+    pub(crate) endpoints: Spanned<Vec<Spanned<String>>>,
+    pub(crate) connect_timeout: Option<PositiveDur>,
+    pub(crate) idle_timeout: Option<PositiveDur>,
+    pub(crate) max_idle_per_endpoint: Option<usize>,
+    pub(crate) bulkhead: Option<RawBulkhead>,
+    pub(crate) breaker: Option<Spanned<RawBreaker>>,
+    pub(crate) rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBulkhead {
+    pub(crate) max_concurrent: NonZero,
+    pub(crate) queue: Option<u32>,
+    pub(crate) queue_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBreaker {
+    pub(crate) window: Option<RawWindow>,
+    pub(crate) min_calls: Option<NonZero>,
+    pub(crate) failure_rate: Option<Percent>,
+    pub(crate) slow_call: Option<RawSlowCall>,
+    pub(crate) open_for: Option<PositiveDur>,
+    pub(crate) max_open_for: Option<PositiveDur>,
+    pub(crate) half_open_calls: Option<NonZero>,
+    pub(crate) max_half_open_wait: Option<PositiveDur>,
+    pub(crate) mode: Option<BreakerMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWindow {
+    pub(crate) count: Option<NonZero>,
+    pub(crate) seconds: Option<NonZero>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSlowCall {
+    pub(crate) duration: PositiveDur,
+    pub(crate) rate: Percent,
+}
+
+/// How an upstream's breaker behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerMode {
+    /// The breaker opens and closes by itself.
+    Normal,
+    /// Every call passes; nothing is recorded.
+    Disabled,
+    /// Calls are recorded and would-trip events emitted, but the breaker never opens.
+    MetricsOnly,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub(crate) rate: NonZero,
+    pub(crate) per: Option<PositiveDur>,
+    pub(crate) burst: Option<NonZero>,
+    pub(crate) shadow: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub(crate) name: Spanned<String>,
+    pub(crate) listener: Option<Spanned<String>>,
+    #[serde(rename = "match")]
+    pub(crate) matcher: Spanned<RawMatch>,
+    pub(crate) strip_prefix: Option<bool>,
+    pub(crate) upstream: Spanned<String>,
+    pub(crate) tier: Option<Tier>,
+    pub(crate) timeout: Option<PositiveDur>,
+    pub(crate) attempt_timeout: Option<PositiveDur>,
+    pub(crate) retry: Option<RawRetry>,
+    #[serde(default)]
+    pub(crate) fail_on_status: Vec<Spanned<u16>>,
+    pub(crate) replay_limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub(crate) path_prefix: Option<String>,
+    pub(crate) methods: Option<Vec<Spanned<String>>>,
+}
+
+/// An SLO tier: what the route promises, and how important its traffic is when load must be shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Authentication, payments.
+    Critical,
+    /// API endpoints.
+    Default,
+    /// Analytics, reports.
+    NonCritical,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub(crate) max_attempts: Option<NonZero>,
+    pub(crate) backoff: Option<BackoffKind>,
+    pub(crate) base: Option<Dur>,
+    pub(crate) max_delay: Option<Dur>,
+    pub(crate) jitter: Option<JitterKind>,
+    pub(crate) retry_on: Option<Vec<Spanned<String>>>,
+    pub(crate) budget: Option<RawBudget>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum BackoffKind {
+    Constant,
+    Linear,
+    Exponential,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum JitterKind {
+    None,
+    Full,
+    Equal,
+    Decorrelated,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBudget {
+    pub(crate) ratio: Option<f32>,
+    pub(crate) min_per_second: Option<u32>,
+    pub(crate) ttl: Option<PositiveDur>,
+}

@@ -1,0 +1,104 @@
+//! Config errors name the file, line, column and field; valid configs resolve with documented defaults.
+
+use std::time::Duration;
+
+use envelope_sidecar::config::{Config, ConfigError, Shedding, Tier};
+
+const VALID: &str = r#"
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:8080"
+
+[[upstream]]
+name = "app"
+endpoints = ["http://127.0.0.1:8000"]
+breaker = { window = { count = 50 }, min_calls = 10, failure_rate = 50, open_for = "10s" }
+bulkhead = { max_concurrent = 20, queue = 5, queue_timeout = "50ms" }
+
+[[route]]
+name = "payments"
+match = { path_prefix = "/payments", methods = ["get", "POST"] }
+upstream = "app"
+timeout = "2s"
+retry = { max_attempts = 4, base = "50ms", max_delay = "1s" }
+
+[[route]]
+name = "reports"
+match = { path_prefix = "/reports" }
+upstream = "app"
+"#;
+
+fn error(text: &str) -> ConfigError {
+    Config::parse("envelope.toml", text).expect_err("config must be rejected")
+}
+
+#[test]
+fn a_valid_config_resolves_with_defaults() {
+    let c = Config::parse("envelope.toml", VALID).unwrap();
+    assert_eq!(c.listeners[0].shedding, Shedding::Fixed(1000));
+    assert_eq!(c.routes[0].tier, Tier::Critical, "tier by path pattern");
+    assert_eq!(c.routes[1].tier, Tier::NonCritical);
+    assert_eq!(c.routes[1].timeout, Duration::from_secs(15), "documented default route timeout");
+    assert_eq!(c.routes[0].retry.as_ref().unwrap().max_attempts, 4);
+    assert_eq!(c.routes[0].methods.as_ref().unwrap().len(), 2);
+    assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().queue, 5);
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_position_and_path() {
+    let e = error(&VALID.replace("timeout = \"2s\"", "timeout = \"2s\"\ntimeuot = \"3s\""));
+    assert_eq!((e.line, e.column), (17, 1), "{e}");
+    assert_eq!(e.field, "route[0].timeuot");
+    assert!(e.message.contains("unknown field `timeuot`"), "{e}");
+    assert!(e.to_string().starts_with("envelope.toml:17:1: `route[0].timeuot`: unknown field"), "{e}");
+}
+
+#[test]
+fn bad_values_point_at_the_value() {
+    let e = error(&VALID.replace("timeout = \"2s\"", "timeout = \"2 seconds\""));
+    assert_eq!((e.line, e.column, e.field.as_str()), (16, 11, "route[0].timeout"), "{e}");
+    assert!(e.message.contains("invalid duration"), "{e}");
+
+    let e = error(&VALID.replace("failure_rate = 50", "failure_rate = 150"));
+    assert_eq!(e.field, "upstream[0].breaker.failure_rate");
+    assert_eq!(e.line, 9);
+
+    let e = error(&VALID.replace("max_attempts = 4", "max_attempts = 0"));
+    assert_eq!(e.field, "route[0].retry.max_attempts");
+    assert!(e.message.contains("at least 1"), "{e}");
+}
+
+#[test]
+fn references_and_cross_checks_are_located() {
+    let e = error(&VALID.replace("upstream = \"app\"\ntimeout", "upstream = \"missing\"\ntimeout"));
+    assert_eq!((e.line, e.field.as_str()), (15, "route[0].upstream"), "{e}");
+    assert!(e.message.contains("no upstream named `missing`"));
+
+    let e = error(&VALID.replace("min_calls = 10", "min_calls = 60"));
+    assert_eq!(e.field, "upstream[0].breaker");
+    assert!(e.message.contains("minimum calls 60"), "{e}");
+
+    let e = error(&VALID.replace("http://127.0.0.1:8000", "ftp://127.0.0.1:8000"));
+    assert_eq!(e.field, "upstream[0].endpoints[0]");
+
+    let e = error(&VALID.replace("\"get\"", "\"G E T\""));
+    assert_eq!(e.field, "route[0].match.methods[0]");
+
+    let e = error(&format!("{VALID}\n[admin]\nlisten = \"0.0.0.0:9901\"\n"));
+    assert_eq!(e.field, "admin.listen");
+    assert!(e.message.contains("loopback"));
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let e = error("[[listener]\nname = 1");
+    assert_eq!(e.line, 1);
+    assert!(e.column > 0);
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let e = Config::load(std::path::Path::new("/nonexistent/envelope.toml")).unwrap_err();
+    assert!(e.to_string().contains("cannot read the config file"), "{e}");
+}
