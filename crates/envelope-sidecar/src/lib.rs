@@ -1,7 +1,20 @@
-//! The `envelope` sidecar as a library: configuration, the proxy stack, the admin listener.
+//! The `envelope` sidecar as a library: configuration, the proxy stack, listeners.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | the config file: parse, validate, locate errors |
+//! | `runtime` | the config as live objects: shedders, route tables, envelopes, upstream clients |
+//! | `proxy` | the request path, top to bottom, in one function |
+//! | [`server`] | listeners, limits, graceful drain |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod access_log;
 pub mod config;
+mod proxy;
+mod runtime;
+pub mod server;
+mod upstream;
 
 pub use envelope_http;
+pub use server::{RunError, Sidecar};

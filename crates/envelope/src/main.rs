@@ -1,11 +1,120 @@
-//! `envelope`: the sidecar binary. Load config, build, run, exit code; everything else lives in
-//! `envelope-sidecar`.
+//! `envelope`: the sidecar binary. Parse the command line, load the config, run, exit code; everything else lives
+//! in `envelope-sidecar`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+use envelope_sidecar::Sidecar;
+use envelope_sidecar::config::Config;
+
+/// Envelope: resilience and observability in front of any HTTP service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve traffic through the policies of a config file.
+    Run {
+        /// The config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print what it resolves to; binds nothing.
+    Check {
+        /// The config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
-    let _ = envelope_sidecar::envelope_http::envelope_core::Outcome::Ok;
-    eprintln!("envelope: the sidecar is not built yet; the policy engine is the `envelope-core` crate.");
-    eprintln!("Try `cargo run --example flaky_dependency` to see the policies at work.");
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", summary(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async {
+                let sidecar = Sidecar::start(config).await?;
+                for addr in sidecar.addrs() {
+                    eprintln!("envelope: listening on {addr}");
+                }
+                sidecar.run_until_signal().await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// What a config resolves to, for `envelope check`.
+fn summary(c: &Config) -> String {
+    let mut out = format!(
+        "config OK: {} listener(s), {} upstream(s), {} route(s)\n",
+        c.listeners.len(),
+        c.upstreams.len(),
+        c.routes.len()
+    );
+    out += &format!("admin {}\n", c.admin.listen);
+    for l in &c.listeners {
+        out += &format!(
+            "listener {} on {} (shedding {:?}, max body {} bytes)\n",
+            l.name, l.listen, l.shedding, l.max_body_bytes
+        );
+    }
+    for u in &c.upstreams {
+        let endpoints: Vec<String> = u.endpoints.iter().map(|e| format!("{}://{}", e.scheme, e.authority)).collect();
+        out += &format!(
+            "upstream {} -> {} (breaker: {}, bulkhead: {}, rate limit: {})\n",
+            u.name,
+            endpoints.join(", "),
+            if u.breaker.is_some() { "on" } else { "off" },
+            u.bulkhead.as_ref().map_or("off".to_owned(), |b| format!("{} + queue {}", b.max_concurrent, b.queue)),
+            u.rate_limit.as_ref().map_or("off".to_owned(), |r| format!("{}/{:?}", r.rate, r.per)),
+        );
+    }
+    for r in &c.routes {
+        out += &format!(
+            "route {} {}{} -> {} (tier {:?}, timeout {:?}, retry {})\n",
+            r.name,
+            r.path_prefix,
+            if r.strip_prefix { " (stripped)" } else { "" },
+            c.upstreams[r.upstream].name,
+            r.tier,
+            r.timeout,
+            r.retry.as_ref().map_or("off".to_owned(), |x| format!("{} attempts", x.max_attempts)),
+        );
+    }
+    out
 }

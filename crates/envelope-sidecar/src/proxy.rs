@@ -1,0 +1,240 @@
+//! The sidecar's request path, top to bottom, in one function: [`handle`].
+//!
+//! ```text
+//! socket ─► hyper (head limits: 431, 408) ─► handle:
+//!   1. request id          keep a valid X-Request-ID or make one; echoed on every response, logged once
+//!   2. input limits        414 URI too long, 413 body too large (by Content-Length, and while reading)
+//!   3. route               longest path prefix + method; 404 otherwise
+//!   4. header hygiene      hop-by-hop headers stripped, X-Forwarded-For appended, Host = upstream
+//!   5. body                buffered for replay up to the route's cap, else streamed once (never retried)
+//!   6. the envelope        shed → deadline → retry → breaker → rate limit → bulkhead → attempt timeout
+//!                          (envelope-core's Envelope, composed in that order; see docs/architecture.md)
+//!   7. the call            pooled keep-alive HTTP/1.1 to an endpoint picked round-robin
+//!   8. the answer          the upstream's response, or a problem+json for a local outcome (one place)
+//!   9. access log          one JSON line
+//! ```
+//!
+//! Nothing here returns an error to hyper: every outcome is a response, so no connection is dropped for a
+//! local failure.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use envelope_core::{Classify, Error, Outcome};
+use envelope_http::body::{Prepared, prepare};
+use envelope_http::classify::StatusClassifier;
+use envelope_http::headers::{append_forwarded_for, strip_hop_by_hop};
+use envelope_http::idempotency::{Replay, replay_safety};
+use envelope_http::problem::problem;
+use envelope_http::request_id::{RequestId, X_REQUEST_ID};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::access_log::{self, Entry};
+use crate::runtime::{RouteRt, Runtime};
+use crate::upstream::{UpstreamBody, UpstreamError};
+
+/// What the sidecar answers with: the upstream's body, or a local one.
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The result of one attempt.
+type Attempt = Result<Response<Incoming>, UpstreamError>;
+
+/// Handles one request on listener `listener` from `client`.
+pub(crate) async fn handle(
+    rt: Arc<Runtime>,
+    listener: usize,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let start = Instant::now();
+    let spec = &rt.config.listeners[listener];
+    let method = req.method().clone();
+
+    // 1. Request id.
+    let (id, kept) = RequestId::from_headers(req.headers());
+    if !kept {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+    }
+
+    let mut attempts = 0u32;
+    let mut upstream_status = None;
+    let mut route_name = None;
+    let (mut response, outcome) = 'answer: {
+        // 2. Input limits.
+        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if uri_len > spec.max_uri_bytes {
+            break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", &id);
+        }
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > spec.max_body_bytes) {
+            break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
+        }
+
+        // 3. Route.
+        let path = req.uri().path().to_owned();
+        let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(&path, &method)).cloned() else {
+            break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
+        };
+        route_name = Some(route.spec.name.clone());
+
+        // 4. Header hygiene.
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarded_for(&mut parts.headers, client.ip());
+
+        // 5. Body: replayable within the cap, else streamed once.
+        let replay = replay_safety(&parts.method, &parts.headers);
+        let body = Limited::new(body, usize::try_from(spec.max_body_bytes).unwrap_or(usize::MAX));
+        let mut prepared = match prepare(body, route.spec.replay_limit).await {
+            Ok(p) => p,
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
+            }
+            Err(_) => {
+                let r = problem(Outcome::ClientCancelled, "the client went away", Some(&id), None);
+                break 'answer (r.map(Either::Right), Outcome::ClientCancelled);
+            }
+        };
+
+        // 6 + 7. The envelope around the call.
+        let classifier = RouteClassifier {
+            status: &route.classifier,
+            replay_safe: replay == Replay::Safe && prepared.is_replayable(),
+            replayable_body: prepared.is_replayable(),
+        };
+        let count = AtomicU32::new(0);
+        let (result, outcome) = route
+            .envelope
+            .call_classified(&classifier, || {
+                count.fetch_add(1, Ordering::Relaxed);
+                let attempt = upstream_request(&route, &parts, &mut prepared);
+                let client = route.upstream.client.clone();
+                async move {
+                    let req = attempt.ok_or(UpstreamError::BodyGone)?;
+                    let response = client.request(req).await.map_err(UpstreamError::from_client);
+                    response
+                }
+            })
+            .await;
+        attempts = count.load(Ordering::Relaxed);
+        upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
+
+        // 8. The answer.
+        match result {
+            Ok(mut upstream) => {
+                strip_hop_by_hop(upstream.headers_mut());
+                upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+                (upstream.map(Either::Left), outcome)
+            }
+            Err(e) => (answer_error(e, outcome, &id, &route), outcome),
+        }
+    };
+
+    if !response.headers().contains_key(&X_REQUEST_ID) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+    }
+    // 9. Access log.
+    access_log::write(&Entry {
+        request_id: id.as_str(),
+        listener: &spec.name,
+        route: route_name.as_deref(),
+        method: &method,
+        status: response.status().as_u16(),
+        upstream_status,
+        attempts,
+        duration: start.elapsed(),
+        outcome,
+    });
+    Ok(response)
+}
+
+/// A local answer that is not a policy outcome (404, 413, 414): status and a problem document.
+fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBody>, Outcome) {
+    let mut r = problem(Outcome::BadRequest, detail, Some(id), None);
+    *r.status_mut() = status;
+    (r.map(Either::Right), Outcome::BadRequest)
+}
+
+/// Builds the request for one attempt, or `None` if the body cannot be sent again.
+fn upstream_request(
+    route: &RouteRt,
+    parts: &http::request::Parts,
+    body: &mut Prepared<Limited<Incoming>>,
+) -> Option<Request<UpstreamBody>> {
+    let body = body.attempt()?;
+    let endpoint = route.upstream.pick();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let rewritten;
+    let path_and_query = if route.spec.strip_prefix {
+        let rest = path_and_query.strip_prefix(route.spec.path_prefix.trim_end_matches('/')).unwrap_or(path_and_query);
+        rewritten = if rest.starts_with('/') { rest.to_owned() } else { format!("/{rest}") };
+        rewritten.as_str()
+    } else {
+        path_and_query
+    };
+    let uri = Uri::builder()
+        .scheme(endpoint.scheme.clone())
+        .authority(endpoint.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .ok()?;
+    let mut req = Request::builder().method(parts.method.clone()).uri(uri).version(http::Version::HTTP_11);
+    if let Some(headers) = req.headers_mut() {
+        *headers = parts.headers.clone();
+        if let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    req.body(body).ok()
+}
+
+/// Turns a failed call into the answer for the client. Errors become responses here and nowhere else.
+fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route: &RouteRt) -> Response<ProxyBody> {
+    let name = &route.spec.name;
+    let (detail, retry_after): (String, Option<Duration>) = match &e {
+        Error::Inner(inner) => (format!("route `{name}`: {inner}"), None),
+        Error::Timeout(t) => (format!("route `{name}`: no answer within {:?}", t.after()), None),
+        Error::CircuitOpen(c) => {
+            (format!("upstream `{}`: circuit breaker is {}", route.upstream.spec.name, c.state()), c.remaining())
+        }
+        Error::BulkheadFull(_) => {
+            (format!("upstream `{}`: too many requests in flight", route.upstream.spec.name), None)
+        }
+        Error::RateLimited(r) => {
+            (format!("upstream `{}`: rate limit reached", route.upstream.spec.name), Some(r.retry_after()))
+        }
+        Error::Shed(_) => ("the service is overloaded".to_owned(), None),
+        other => (format!("route `{name}`: {other}"), None),
+    };
+    problem(outcome, &detail, Some(id), retry_after).map(Either::Right)
+}
+
+/// Status-first classification, plus the request's replay safety.
+struct RouteClassifier<'a> {
+    status: &'a StatusClassifier,
+    /// Idempotent (method or key) and its body can be sent again.
+    replay_safe: bool,
+    /// The body can be sent again (it was buffered).
+    replayable_body: bool,
+}
+
+impl Classify<Response<Incoming>, UpstreamError> for RouteClassifier<'_> {
+    fn classify(&self, result: &Attempt) -> Outcome {
+        self.status.classify(result)
+    }
+
+    fn retry_after(&self, result: &Attempt) -> Option<Duration> {
+        self.status.retry_after(result)
+    }
+
+    /// Idempotent requests may be repeated; others only if they never left and their body can be sent again.
+    fn may_retry(&self, result: &Attempt) -> bool {
+        self.replay_safe || (self.replayable_body && matches!(result, Err(e) if e.never_sent()))
+    }
+}

@@ -1,0 +1,130 @@
+//! The configuration turned into live objects: per listener a shedder and a route table; per route an
+//! [`Envelope`] composed from the route's own policies and its upstream's shared ones.
+
+use std::fmt;
+use std::sync::Arc;
+
+use envelope_core::Envelope;
+use envelope_core::event::Listeners;
+use envelope_core::retry::{Config as RetryConfig, Retry, RetryBudget};
+use envelope_core::shed::{Limit, LoadShedder, Priority};
+use envelope_http::classify::StatusClassifier;
+use http::Method;
+
+use crate::config::{Config, Route, Shedding, Tier};
+use crate::upstream::UpstreamRt;
+
+/// Everything a request needs, built once per config (and again on reload).
+pub(crate) struct Runtime {
+    pub(crate) config: Config,
+    pub(crate) listeners: Vec<ListenerRt>,
+}
+
+pub(crate) struct ListenerRt {
+    /// Routes of this listener, longest prefix first.
+    pub(crate) routes: Vec<Arc<RouteRt>>,
+}
+
+pub(crate) struct RouteRt {
+    pub(crate) spec: Route,
+    pub(crate) envelope: Envelope,
+    pub(crate) classifier: StatusClassifier,
+    pub(crate) upstream: Arc<UpstreamRt>,
+}
+
+impl Runtime {
+    pub(crate) fn build(config: Config, listeners_for_events: &Listeners) -> Runtime {
+        let upstreams: Vec<_> = config.upstreams.iter().map(|u| UpstreamRt::new(u, listeners_for_events)).collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let limit = match l.shedding {
+                    Shedding::Fixed(n) => Limit::Fixed(n),
+                    Shedding::Adaptive => Limit::Adaptive(Default::default()),
+                };
+                let shedder = LoadShedder::try_new(
+                    l.name.clone(),
+                    limit,
+                    envelope_core::shed::DEFAULT_SHARES,
+                    listeners_for_events.clone(),
+                )
+                .expect("limits validated when the config was loaded");
+                let mut routes: Vec<Arc<RouteRt>> = config
+                    .routes
+                    .iter()
+                    .filter(|r| r.listener == i)
+                    .map(|r| Arc::new(RouteRt::new(r, &shedder, &upstreams[r.upstream], listeners_for_events)))
+                    .collect();
+                routes.sort_by_key(|r| std::cmp::Reverse(r.spec.path_prefix.len()));
+                ListenerRt { routes }
+            })
+            .collect();
+        Runtime { config, listeners }
+    }
+}
+
+impl RouteRt {
+    fn new(spec: &Route, shedder: &LoadShedder, upstream: &Arc<UpstreamRt>, events: &Listeners) -> RouteRt {
+        let mut b = Envelope::builder()
+            .name(spec.name.clone())
+            .shed(shedder.clone(), priority(spec.tier))
+            .deadline(spec.timeout)
+            .listeners(events.clone());
+        if let Some(r) = &spec.retry {
+            let budget = RetryBudget::new(r.budget.2, r.budget.1, r.budget.0).expect("validated when loaded");
+            let mut config = RetryConfig::builder()
+                .max_attempts(r.max_attempts)
+                .backoff(r.backoff)
+                .retry_on(r.retry_on)
+                .budget(budget);
+            let events = events.clone();
+            config = config.listener(move |e: &envelope_core::event::Event<'_>| events.emit(*e));
+            b = b.retry(Retry::new(spec.name.clone(), config.build().expect("validated when loaded")));
+        }
+        if let Some(breaker) = &upstream.breaker {
+            b = b.circuit_breaker(breaker.clone());
+        }
+        if let Some(limiter) = &upstream.rate_limit {
+            b = b.rate_limiter(limiter.clone());
+        }
+        if let Some(bulkhead) = &upstream.bulkhead {
+            b = b.bulkhead(bulkhead.clone());
+        }
+        if let Some(t) = spec.attempt_timeout {
+            b = b.attempt_timeout(t);
+        }
+        RouteRt {
+            spec: spec.clone(),
+            envelope: b.build(),
+            classifier: StatusClassifier::new().fail_on(spec.fail_on_status.iter().copied()),
+            upstream: upstream.clone(),
+        }
+    }
+
+    /// Whether this route takes a request for `path` and `method`.
+    pub(crate) fn matches(&self, path: &str, method: &Method) -> bool {
+        let prefix = self.spec.path_prefix.as_str();
+        let on_boundary = prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes().get(prefix.len()) == Some(&b'/')
+            || path.as_bytes().get(prefix.len()) == Some(&b'?');
+        path.starts_with(prefix) && on_boundary && self.spec.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+/// The shedding priority of a tier: critical work is shed last.
+pub(crate) fn priority(tier: Tier) -> Priority {
+    match tier {
+        Tier::Critical => Priority::Critical,
+        Tier::Default => Priority::Default,
+        Tier::NonCritical => Priority::NonCritical,
+    }
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime").field("routes", &self.config.routes.len()).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,121 @@
+//! Upstreams at run time: endpoints picked round-robin, a pooled keep-alive HTTP client, and the policies shared
+//! by every route to the upstream (breaker, bulkhead, rate limit).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use envelope_core::bulkhead::{Bulkhead, Config as BulkheadConfig};
+use envelope_core::circuit_breaker::{CircuitBreaker, State};
+use envelope_core::event::Listeners;
+use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
+use envelope_core::{HasOutcome, Outcome};
+use envelope_http::body::AttemptBody;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{BreakerMode, Endpoint, Upstream};
+
+/// The body the client sends upstream: a replayable buffer, or the client's body streamed once.
+pub(crate) type UpstreamBody = AttemptBody<Limited<Incoming>>;
+
+/// An upstream, ready to take requests.
+pub(crate) struct UpstreamRt {
+    pub(crate) spec: Upstream,
+    next: AtomicUsize,
+    pub(crate) client: Client<HttpConnector, UpstreamBody>,
+    pub(crate) breaker: Option<CircuitBreaker>,
+    pub(crate) bulkhead: Option<Bulkhead>,
+    pub(crate) rate_limit: Option<RateLimiter>,
+}
+
+impl UpstreamRt {
+    pub(crate) fn new(spec: &Upstream, listeners: &Listeners) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(spec.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(spec.idle_timeout)
+            .pool_max_idle_per_host(spec.max_idle_per_endpoint)
+            .build(connector);
+        let breaker = spec.breaker.as_ref().map(|b| {
+            let config = b.to_config(listeners.clone()).expect("validated when the config was loaded");
+            let state = match b.mode {
+                BreakerMode::Normal => State::Closed,
+                BreakerMode::Disabled => State::Disabled,
+                BreakerMode::MetricsOnly => State::MetricsOnly,
+            };
+            CircuitBreaker::with_state(spec.name.clone(), config, state)
+        });
+        let bulkhead = spec.bulkhead.as_ref().map(|b| {
+            let mut config = BulkheadConfig::new(b.max_concurrent).queue(b.queue, b.queue_timeout);
+            config.listeners = listeners.clone();
+            Bulkhead::new(spec.name.clone(), config)
+        });
+        let rate_limit = spec.rate_limit.as_ref().map(|r| {
+            let mut config = RateConfig::new(r.rate, r.per).burst(r.burst).shadow(r.shadow);
+            config.listeners = listeners.clone();
+            RateLimiter::new(spec.name.clone(), config)
+        });
+        Arc::new(UpstreamRt { spec: spec.clone(), next: AtomicUsize::new(0), client, breaker, bulkhead, rate_limit })
+    }
+
+    /// The next endpoint, round-robin.
+    pub(crate) fn pick(&self) -> &Endpoint {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.spec.endpoints.len();
+        &self.spec.endpoints[i]
+    }
+}
+
+impl fmt::Debug for UpstreamRt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamRt").field("name", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+/// Why an attempt got no response from the upstream.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// The connection could not be made: not a byte of the request was sent.
+    Connect(hyper_util::client::legacy::Error),
+    /// The exchange failed after the request (or part of it) was sent.
+    Exchange(hyper_util::client::legacy::Error),
+    /// The request body was streamed by an earlier attempt and cannot be sent again.
+    BodyGone,
+}
+
+impl UpstreamError {
+    pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
+        if e.is_connect() { UpstreamError::Connect(e) } else { UpstreamError::Exchange(e) }
+    }
+
+    /// Whether the request provably never left.
+    pub(crate) fn never_sent(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "cannot connect to the upstream: {e}"),
+            UpstreamError::Exchange(e) => write!(f, "the upstream exchange failed: {e}"),
+            UpstreamError::BodyGone => f.write_str("the request body cannot be sent again"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+impl HasOutcome for UpstreamError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Exchange(_) => Outcome::ConnectError,
+            UpstreamError::BodyGone => Outcome::BadRequest,
+        }
+    }
+}
