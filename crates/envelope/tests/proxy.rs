@@ -1,0 +1,194 @@
+//! End-to-end behaviour of the real `envelope` binary against a misbehaving upstream, over 127.0.0.1.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::{Action, FaultUpstream, envelope, get, send};
+
+const CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "app"
+endpoints = ["http://{upstream}"]
+breaker = { window = { count = 10 }, min_calls = 10, failure_rate = 50, open_for = "2s", half_open_calls = 2 }
+
+[[route]]
+name = "api"
+match = { path_prefix = "/api" }
+upstream = "app"
+timeout = "5s"
+attempt_timeout = "300ms"
+retry = { max_attempts = 3, base = "10ms", max_delay = "2s" }
+replay_limit = 64
+
+[[route]]
+name = "slow"
+match = { path_prefix = "/slow" }
+upstream = "app"
+timeout = "200ms"
+"#;
+
+fn post(addr: std::net::SocketAddr, path: &str, body: &'static [u8], key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(format!("http://{addr}{path}"));
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Full::new(Bytes::from_static(body))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_exactly_max_attempts_and_returns_the_last_answer() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/flaky", [Action::status(503)]);
+    let env = envelope(CONFIG, up.addr).await;
+    let (status, headers, _) = send(get(env.addr, "/api/flaky")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "the upstream's own last answer");
+    assert_eq!(up.count("GET", "/api/flaky"), 3);
+    let ids = up.request_ids("/api/flaky");
+    assert!(ids.iter().all(|i| i == &ids[0]) && !ids[0].is_empty(), "one request id across retries: {ids:?}");
+    assert_eq!(headers["x-request-id"], ids[0].as_str(), "and it is echoed");
+
+    up.script("/api/recovers", [Action::status(502), Action::status(200)]);
+    let (status, _, body) = send(get(env.addr, "/api/recovers")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"200 from upstream /api/recovers");
+    assert_eq!(up.count("GET", "/api/recovers"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_without_key_is_sent_once_and_with_key_replays_the_same_body() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/orders", [Action::status(503)]);
+    let env = envelope(CONFIG, up.addr).await;
+    let (status, _, _) = send(post(env.addr, "/api/orders", b"{\"sku\":1}", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(up.count("POST", "/api/orders"), 1, "a POST without an idempotency key is never repeated");
+
+    up.script("/api/keyed", [Action::status(503)]);
+    send(post(env.addr, "/api/keyed", b"{\"sku\":2}", Some("order-7"))).await;
+    assert_eq!(up.count("POST", "/api/keyed"), 3);
+    let bodies = up.bodies("/api/keyed");
+    assert!(bodies.iter().all(|b| &b[..] == b"{\"sku\":2}"), "identical body on every attempt: {bodies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_replay_limit_is_forwarded_once_and_whole() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/upload", [Action::status(503)]);
+    let env = envelope(CONFIG, up.addr).await;
+    let big: &'static [u8] = &[b'x'; 200];
+    send(post(env.addr, "/api/upload", big, Some("upload-1"))).await;
+    assert_eq!(up.count("POST", "/api/upload"), 1, "not retried: the body is over the 64-byte replay limit");
+    assert_eq!(up.bodies("/api/upload")[0].len(), 200, "but forwarded whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_and_too_long_is_not_waited_for() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/throttled", [Action::with_header(429, "retry-after", "1"), Action::status(200)]);
+    let env = envelope(CONFIG, up.addr).await;
+    let started = Instant::now();
+    let (status, _, _) = send(get(env.addr, "/api/throttled")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(950), "waited the server's 1 s: {:?}", started.elapsed());
+
+    up.script("/api/busy", [Action::with_header(503, "retry-after", "30")]);
+    let started = Instant::now();
+    let (status, _, _) = send(get(env.addr, "/api/busy")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(up.count("GET", "/api/busy"), 1, "30 s is over the 2 s max delay: no retry");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_answers_504_and_the_upstream_sees_the_cancel() {
+    let up = FaultUpstream::start().await;
+    up.script("/slow/report", [Action::delayed(200, Duration::from_secs(3))]);
+    let env = envelope(CONFIG, up.addr).await;
+    let started = Instant::now();
+    let (status, headers, body) = send(get(env.addr, "/slow/report")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2), "answered at the deadline, not after the upstream");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["outcome"], "timeout");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.cancelled() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.cancelled(), 1, "the timed-out request was cancelled at the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_trips_fast_fails_probes_and_recovers() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/down", [Action::status(500)]);
+    let env = envelope(CONFIG, up.addr).await;
+    // 4 requests x 3 attempts = 12 failed calls: the window of 10 at 50 % opens the breaker.
+    for _ in 0..4 {
+        send(get(env.addr, "/api/down")).await;
+    }
+    let hits = up.count("GET", "/api/down");
+    assert!((10..=12).contains(&hits), "{hits}");
+    let started = Instant::now();
+    let (status, headers, body) = send(get(env.addr, "/api/down")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_millis(500), "fast fail");
+    assert!(headers.contains_key("retry-after"));
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["outcome"], "circuit_open");
+    assert_eq!(up.count("GET", "/api/down"), hits, "the upstream was not touched while open");
+
+    // After the open duration, probes go through; healthy answers close the breaker.
+    up.script("/api/down", [Action::status(200)]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for _ in 0..3 {
+        let (status, _, _) = send(get(env.addr, "/api/down")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_kept_or_replaced_and_every_log_line_is_one_json_object() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    let mut req = get(env.addr, "/api/ids");
+    req.headers_mut().insert("x-request-id", "client-42".parse().unwrap());
+    let (_, headers, _) = send(req).await;
+    assert_eq!(headers["x-request-id"], "client-42");
+
+    for hostile in ["a\"b", "{\"injected\":true}", "x y", &"z".repeat(200)] {
+        let mut req = get(env.addr, "/api/ids");
+        req.headers_mut().insert("x-request-id", hostile.parse().unwrap());
+        let (_, headers, _) = send(req).await;
+        let echoed = headers["x-request-id"].to_str().unwrap();
+        assert_ne!(echoed, hostile);
+        assert_eq!(echoed.len(), 36, "replaced by a generated id");
+    }
+    let (status, _, _) = send(get(env.addr, "/nowhere")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = env.access_log();
+    assert_eq!(log.len(), 6, "one line per request");
+    for line in &log {
+        for field in
+            ["request_id", "route", "method", "status", "upstream_status", "attempts", "duration_ms", "outcome"]
+        {
+            assert!(line.get(field).is_some(), "{field} in {line}");
+        }
+        assert!(line["request_id"].as_str().unwrap().len() <= 128);
+    }
+    assert_eq!(log[0]["request_id"], "client-42");
+    assert_eq!(log[5]["status"], 404);
+}

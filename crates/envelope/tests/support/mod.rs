@@ -1,0 +1,262 @@
+//! Test support: a scriptable, misbehaving upstream and a driver for the real `envelope` binary, both on
+//! 127.0.0.1 with real sockets and bounded waits.
+#![allow(dead_code)] // each test file uses a different part of the support code
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+/// What the fault upstream does with one request.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Answer with a status after a delay, with extra headers.
+    Respond { status: u16, delay: Duration, headers: Vec<(&'static str, String)> },
+    /// Close the connection without reading the body or answering.
+    ResetBeforeBody,
+    /// Read the body, then close the connection without answering.
+    ResetAfterBody,
+}
+
+impl Action {
+    pub fn status(status: u16) -> Action {
+        Action::Respond { status, delay: Duration::ZERO, headers: Vec::new() }
+    }
+
+    pub fn delayed(status: u16, delay: Duration) -> Action {
+        Action::Respond { status, delay, headers: Vec::new() }
+    }
+
+    pub fn with_header(status: u16, name: &'static str, value: &str) -> Action {
+        Action::Respond { status, delay: Duration::ZERO, headers: vec![(name, value.to_owned())] }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Scripted actions per path, used in order; the last one repeats.
+    scripts: HashMap<String, VecDeque<Action>>,
+    /// Requests seen: (method, path) -> count.
+    counts: HashMap<(String, String), usize>,
+    /// Bodies seen per path, in order.
+    bodies: HashMap<String, Vec<Bytes>>,
+    /// Request ids seen per path, in order.
+    request_ids: HashMap<String, Vec<String>>,
+    /// Requests whose handling was cancelled (the proxy closed the connection before the answer).
+    cancelled: usize,
+}
+
+/// A scriptable upstream on 127.0.0.1.
+#[derive(Clone)]
+pub struct FaultUpstream {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+struct CancelGuard {
+    state: Arc<Mutex<State>>,
+    done: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.lock().unwrap().cancelled += 1;
+        }
+    }
+}
+
+impl FaultUpstream {
+    pub async fn start() -> FaultUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FaultUpstream { addr, state }
+    }
+
+    /// Scripts `path`: each request takes the next action; the last repeats.
+    pub fn script(&self, path: &str, actions: impl IntoIterator<Item = Action>) {
+        self.state.lock().unwrap().scripts.insert(path.to_owned(), actions.into_iter().collect());
+    }
+
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.state.lock().unwrap().counts.get(&(method.to_owned(), path.to_owned())).copied().unwrap_or(0)
+    }
+
+    pub fn bodies(&self, path: &str) -> Vec<Bytes> {
+        self.state.lock().unwrap().bodies.get(path).cloned().unwrap_or_default()
+    }
+
+    pub fn request_ids(&self, path: &str) -> Vec<String> {
+        self.state.lock().unwrap().request_ids.get(path).cloned().unwrap_or_default()
+    }
+
+    pub fn cancelled(&self) -> usize {
+        self.state.lock().unwrap().cancelled
+    }
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().to_string();
+    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let action = {
+        let mut s = state.lock().unwrap();
+        *s.counts.entry((method, path.clone())).or_default() += 1;
+        s.request_ids.entry(path.clone()).or_default().push(id);
+        match s.scripts.get_mut(&path) {
+            Some(q) if q.len() > 1 => q.pop_front().unwrap(),
+            Some(q) => q.front().cloned().unwrap_or(Action::status(200)),
+            None => Action::status(200),
+        }
+    };
+    if let Action::ResetBeforeBody = action {
+        return Err(std::io::Error::other("reset before body"));
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    state.lock().unwrap().bodies.entry(path.clone()).or_default().push(body.clone());
+    match action {
+        Action::ResetAfterBody | Action::ResetBeforeBody => Err(std::io::Error::other("reset after body")),
+        Action::Respond { status, delay, headers } => {
+            let mut guard = CancelGuard { state: state.clone(), done: false };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            guard.done = true;
+            let mut r = Response::new(Full::new(Bytes::from(format!("{status} from upstream {path}"))));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (name, value) in headers {
+                r.headers_mut().insert(name, value.parse().unwrap());
+            }
+            Ok(r)
+        }
+    }
+}
+
+/// The real `envelope` binary, running a config.
+pub struct Envelope {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("envelope-test-{}-{}", std::process::id(), fastrand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+        ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
+}
+
+/// Writes `config` (with `{upstream}` replaced) and starts the binary on it; waits until it listens.
+pub async fn envelope(config: &str, upstream: SocketAddr) -> Envelope {
+    let dir = TempDir::new();
+    let path = dir.0.join("envelope.toml");
+    std::fs::write(&path, config.replace("{upstream}", &upstream.to_string())).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_envelope"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if let Some(addr) = line.strip_prefix("envelope: listening on ") {
+                return addr.parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("envelope exited before listening");
+    })
+    .await
+    .expect("envelope starts within 20 s");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+    Envelope { child, addr, log, _dir: dir }
+}
+
+impl Envelope {
+    /// The access-log lines so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("every line is one JSON object"))
+            .collect()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+}
+
+/// A plain HTTP/1.1 client for the tests.
+pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and returns status, headers and body, within 30 s.
+pub async fn send(req: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap, Bytes) {
+    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
+        .await
+        .expect("answered in time")
+        .expect("a response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()
+}
