@@ -117,8 +117,7 @@ pub(crate) async fn handle(
                 let client = route.upstream.client.clone();
                 async move {
                     let req = attempt.ok_or(UpstreamError::BodyGone)?;
-                    let response = client.request(req).await.map_err(UpstreamError::from_client);
-                    response
+                    client.request(req).await.map_err(UpstreamError::from_client)
                 }
             })
             .await;
