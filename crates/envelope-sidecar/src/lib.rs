@@ -10,7 +10,9 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod access_log;
+mod admin;
 pub mod config;
+mod metrics;
 mod proxy;
 mod runtime;
 pub mod server;

@@ -54,6 +54,7 @@ pub(crate) async fn handle(
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let start = Instant::now();
     let spec = &rt.config.listeners[listener];
+    let listener_metrics = &rt.listeners[listener].metrics;
     let method = req.method().clone();
 
     // 1. Request id.
@@ -61,6 +62,9 @@ pub(crate) async fn handle(
     if !kept {
         req.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
+    // Counts the request in flight; if the client goes away first, records it as cancelled.
+    let mut pending = Pending { rt: &rt, listener, id: &id, method: &method, start, route: None, done: false };
+    listener_metrics.in_flight.inc();
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
@@ -79,8 +83,10 @@ pub(crate) async fn handle(
         // 3. Route.
         let path = req.uri().path().to_owned();
         let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(&path, &method)).cloned() else {
+            listener_metrics.unmatched.inc();
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
         };
+        pending.route = Some(route.clone());
         route_name = Some(route.spec.name.clone());
 
         // 4. Header hygiene.
@@ -113,6 +119,7 @@ pub(crate) async fn handle(
             .envelope
             .call_classified(&classifier, || {
                 count.fetch_add(1, Ordering::Relaxed);
+                route.metrics.attempt();
                 let attempt = upstream_request(&route, &parts, &mut prepared);
                 let client = route.upstream.client.clone();
                 async move {
@@ -138,7 +145,12 @@ pub(crate) async fn handle(
     if !response.headers().contains_key(&X_REQUEST_ID) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
-    // 9. Access log.
+    // 9. Metrics and access log.
+    let elapsed = start.elapsed();
+    if let Some(route) = &pending.route {
+        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64());
+    }
+    pending.done = true;
     access_log::write(&Entry {
         request_id: id.as_str(),
         listener: &spec.name,
@@ -147,10 +159,46 @@ pub(crate) async fn handle(
         status: response.status().as_u16(),
         upstream_status,
         attempts,
-        duration: start.elapsed(),
+        duration: elapsed,
         outcome,
     });
     Ok(response)
+}
+
+/// A request being handled. Dropped before it is done means the client went away: the request is still counted
+/// and logged, as `client_cancelled`.
+struct Pending<'a> {
+    rt: &'a Runtime,
+    listener: usize,
+    id: &'a RequestId,
+    method: &'a http::Method,
+    start: Instant,
+    route: Option<Arc<RouteRt>>,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.rt.listeners[self.listener].metrics.in_flight.dec();
+        if self.done {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        if let Some(route) = &self.route {
+            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64());
+        }
+        access_log::write(&Entry {
+            request_id: self.id.as_str(),
+            listener: &self.rt.config.listeners[self.listener].name,
+            route: self.route.as_ref().map(|r| r.spec.name.as_str()),
+            method: self.method,
+            status: 499,
+            upstream_status: None,
+            attempts: 0,
+            duration: elapsed,
+            outcome: Outcome::ClientCancelled,
+        });
+    }
 }
 
 /// A local answer that is not a policy outcome (404, 413, 414): status and a problem document.

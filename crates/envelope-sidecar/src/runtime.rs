@@ -12,15 +12,18 @@ use envelope_http::classify::StatusClassifier;
 use http::Method;
 
 use crate::config::{Config, Route, Shedding, Tier};
+use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::upstream::UpstreamRt;
 
 /// Everything a request needs, built once per config (and again on reload).
 pub(crate) struct Runtime {
     pub(crate) config: Config,
     pub(crate) listeners: Vec<ListenerRt>,
+    pub(crate) upstreams: Vec<Arc<UpstreamRt>>,
 }
 
 pub(crate) struct ListenerRt {
+    pub(crate) metrics: ListenerMetrics,
     /// Routes of this listener, longest prefix first.
     pub(crate) routes: Vec<Arc<RouteRt>>,
 }
@@ -30,11 +33,19 @@ pub(crate) struct RouteRt {
     pub(crate) envelope: Envelope,
     pub(crate) classifier: StatusClassifier,
     pub(crate) upstream: Arc<UpstreamRt>,
+    pub(crate) metrics: RouteMetrics,
 }
 
 impl Runtime {
-    pub(crate) fn build(config: Config, listeners_for_events: &Listeners) -> Runtime {
+    pub(crate) fn build(config: Config, metrics: &Arc<Metrics>) -> Runtime {
+        let events = metrics.listener_for_events();
+        let listeners_for_events = &events;
         let upstreams: Vec<_> = config.upstreams.iter().map(|u| UpstreamRt::new(u, listeners_for_events)).collect();
+        for u in &upstreams {
+            if let Some(b) = &u.breaker {
+                metrics.breaker_state(&u.spec.name, b.state());
+            }
+        }
         let listeners = config
             .listeners
             .iter()
@@ -55,18 +66,28 @@ impl Runtime {
                     .routes
                     .iter()
                     .filter(|r| r.listener == i)
-                    .map(|r| Arc::new(RouteRt::new(r, &shedder, &upstreams[r.upstream], listeners_for_events)))
+                    .map(|r| {
+                        let upstream = &upstreams[r.upstream];
+                        let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name);
+                        Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics))
+                    })
                     .collect();
                 routes.sort_by_key(|r| std::cmp::Reverse(r.spec.path_prefix.len()));
-                ListenerRt { routes }
+                ListenerRt { metrics: metrics.listener(&l.name), routes }
             })
             .collect();
-        Runtime { config, listeners }
+        Runtime { config, listeners, upstreams }
     }
 }
 
 impl RouteRt {
-    fn new(spec: &Route, shedder: &LoadShedder, upstream: &Arc<UpstreamRt>, events: &Listeners) -> RouteRt {
+    fn new(
+        spec: &Route,
+        shedder: &LoadShedder,
+        upstream: &Arc<UpstreamRt>,
+        events: &Listeners,
+        metrics: RouteMetrics,
+    ) -> RouteRt {
         let mut b = Envelope::builder()
             .name(spec.name.clone())
             .shed(shedder.clone(), priority(spec.tier))
@@ -100,6 +121,7 @@ impl RouteRt {
             envelope: b.build(),
             classifier: StatusClassifier::new().fail_on(spec.fail_on_status.iter().copied()),
             upstream: upstream.clone(),
+            metrics,
         }
     }
 

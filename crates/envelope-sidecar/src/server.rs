@@ -6,14 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envelope_core::event::Listeners;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy;
 use crate::runtime::Runtime;
 
@@ -49,6 +52,8 @@ impl std::error::Error for RunError {}
 /// A running sidecar: its listeners are bound and serving.
 pub struct Sidecar {
     addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -62,7 +67,8 @@ impl fmt::Debug for Sidecar {
 impl Sidecar {
     /// Binds every listener of `config` (all or nothing) and starts serving.
     pub async fn start(config: Config) -> Result<Sidecar, RunError> {
-        let rt = Arc::new(Runtime::build(config, &Listeners::new()));
+        let metrics = Metrics::new();
+        let rt = Arc::new(Runtime::build(config, &metrics));
         let mut sockets = Vec::new();
         for l in &rt.config.listeners {
             let socket = TcpListener::bind(l.listen).await.map_err(|source| RunError::Bind {
@@ -72,8 +78,28 @@ impl Sidecar {
             })?;
             sockets.push(socket);
         }
+        let admin_socket = TcpListener::bind(rt.config.admin.listen).await.map_err(|source| RunError::Bind {
+            listener: "admin".to_owned(),
+            addr: rt.config.admin.listen,
+            source,
+        })?;
+        let admin_addr = admin_socket.local_addr().map_err(|source| RunError::Bind {
+            listener: "admin".to_owned(),
+            addr: rt.config.admin.listen,
+            source,
+        })?;
         let addrs = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
         let (shutdown, signal) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
+        let admin = admin::router(admin::AdminState {
+            runtime: rt.clone(),
+            metrics: metrics.clone(),
+            token: std::env::var(&rt.config.admin.token_env).ok().filter(|t| !t.is_empty()),
+            draining: draining.clone(),
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(admin_socket, admin).await;
+        });
         let mut loops = Vec::new();
         for (i, socket) in sockets.into_iter().enumerate() {
             loops.push(tokio::spawn(serve_listener(rt.clone(), i, socket, signal.clone())));
@@ -83,7 +109,7 @@ impl Sidecar {
                 let _ = l.await;
             }
         });
-        Ok(Sidecar { addrs, shutdown, done })
+        Ok(Sidecar { addrs, admin_addr, draining, shutdown, done })
     }
 
     /// The bound addresses of the listeners, in config order.
@@ -91,8 +117,15 @@ impl Sidecar {
         &self.addrs
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns.
+    /// The bound address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns. Readiness turns
+    /// 503 at once.
     pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
     }

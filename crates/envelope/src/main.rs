@@ -65,6 +65,7 @@ fn main() -> ExitCode {
                 for addr in sidecar.addrs() {
                     eprintln!("envelope: listening on {addr}");
                 }
+                eprintln!("envelope: admin on {}", sidecar.admin_addr());
                 sidecar.run_until_signal().await
             });
             match result {

@@ -159,8 +159,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
 
 /// The real `envelope` binary, running a config.
 pub struct Envelope {
-    child: Child,
+    pub child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
@@ -191,6 +192,11 @@ fn fastrand_suffix() -> u64 {
 
 /// Writes `config` (with `{upstream}` replaced) and starts the binary on it; waits until it listens.
 pub async fn envelope(config: &str, upstream: SocketAddr) -> Envelope {
+    envelope_with_env(config, upstream, &[]).await
+}
+
+/// Like [`envelope`], with extra environment variables.
+pub async fn envelope_with_env(config: &str, upstream: SocketAddr, env: &[(&str, &str)]) -> Envelope {
     let dir = TempDir::new();
     let path = dir.0.join("envelope.toml");
     std::fs::write(&path, config.replace("{upstream}", &upstream.to_string())).unwrap();
@@ -198,14 +204,19 @@ pub async fn envelope(config: &str, upstream: SocketAddr) -> Envelope {
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+    let (addr, admin) = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut addr = None;
         while let Some(line) = stderr.next_line().await.unwrap() {
-            if let Some(addr) = line.strip_prefix("envelope: listening on ") {
-                return addr.parse::<SocketAddr>().unwrap();
+            if let Some(a) = line.strip_prefix("envelope: listening on ") {
+                addr = Some(a.parse::<SocketAddr>().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("envelope: admin on ") {
+                return (addr.expect("listeners are printed first"), a.parse::<SocketAddr>().unwrap());
             }
         }
         panic!("envelope exited before listening");
@@ -221,7 +232,7 @@ pub async fn envelope(config: &str, upstream: SocketAddr) -> Envelope {
         }
     });
     tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-    Envelope { child, addr, log, _dir: dir }
+    Envelope { child, addr, admin, log, _dir: dir }
 }
 
 impl Envelope {

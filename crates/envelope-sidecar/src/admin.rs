@@ -1,0 +1,218 @@
+//! The admin listener: health, readiness, metrics, a JSON view of the running config and policies, and operator
+//! control of circuit breakers.
+//!
+//! | path | method | what |
+//! |---|---|---|
+//! | `/healthz` | GET | 200 while the process runs |
+//! | `/readyz` | GET | 200 while serving, 503 once shutdown has begun |
+//! | `/metrics` | GET | Prometheus / OpenMetrics text |
+//! | `/api/v1/config` | GET | the resolved config |
+//! | `/api/v1/routes` | GET | routes and their policies |
+//! | `/api/v1/upstreams` | GET | upstreams, endpoints, bulkhead and rate-limit state |
+//! | `/api/v1/breakers` | GET | every breaker's state and window |
+//! | `/api/v1/breakers/{upstream}/force-open` | POST | force the breaker open |
+//! | `/api/v1/breakers/{upstream}/force-close` | POST | force the breaker closed |
+//! | `/api/v1/breakers/{upstream}/reset` | POST | back to closed with an empty window |
+//!
+//! State-changing calls need `Authorization: Bearer <token>`, the token being read from the environment variable
+//! named by `admin.token_env` (default `ENVELOPE_ADMIN_TOKEN`); with no token set they are refused. Other methods
+//! on these paths answer 405 and change nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) token: Option<String>,
+    pub(crate) draining: Arc<AtomicBool>,
+}
+
+pub(crate) fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/config", get(config))
+        .route("/api/v1/routes", get(routes))
+        .route("/api/v1/upstreams", get(upstreams))
+        .route("/api/v1/breakers", get(breakers))
+        .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    ([(header::CONTENT_TYPE, content_type)], s.metrics.encode()).into_response()
+}
+
+async fn config(State(s): State<AdminState>) -> axum::Json<Value> {
+    let c = &s.runtime.config;
+    axum::Json(json!({
+        "admin": { "listen": c.admin.listen.to_string(), "token_env": c.admin.token_env },
+        "listeners": c.listeners.iter().map(|l| json!({
+            "name": l.name,
+            "listen": l.listen.to_string(),
+            "shedding": format!("{:?}", l.shedding),
+            "max_connections": l.max_connections,
+            "header_read_timeout_ms": l.header_read_timeout.as_millis() as u64,
+            "max_header_bytes": l.max_header_bytes,
+            "max_headers": l.max_headers,
+            "max_uri_bytes": l.max_uri_bytes,
+            "max_body_bytes": l.max_body_bytes,
+            "drain_timeout_ms": l.drain_timeout.as_millis() as u64,
+        })).collect::<Vec<_>>(),
+        "upstreams": c.upstreams.iter().map(|u| upstream_json(u, None)).collect::<Vec<_>>(),
+        "routes": c.routes.iter().map(|r| route_json(r, c)).collect::<Vec<_>>(),
+    }))
+}
+
+fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::upstream::UpstreamRt>) -> Value {
+    let mut v = json!({
+        "name": u.name,
+        "endpoints": u.endpoints.iter().map(|e| format!("{}://{}", e.scheme, e.authority)).collect::<Vec<_>>(),
+        "connect_timeout_ms": u.connect_timeout.as_millis() as u64,
+        "bulkhead": u.bulkhead.as_ref().map(|b| json!({
+            "max_concurrent": b.max_concurrent, "queue": b.queue, "queue_timeout_ms": b.queue_timeout.as_millis() as u64,
+        })),
+        "breaker": u.breaker.as_ref().map(|b| json!({
+            "window": format!("{:?}", b.window), "min_calls": b.min_calls, "failure_rate": b.failure_rate,
+            "open_for_ms": b.open_for.as_millis() as u64, "half_open_calls": b.half_open_calls,
+        })),
+        "rate_limit": u.rate_limit.as_ref().map(|r| json!({
+            "rate": r.rate, "per_ms": r.per.as_millis() as u64, "burst": r.burst, "shadow": r.shadow,
+        })),
+    });
+    if let Some(live) = live {
+        if let Some(b) = &live.bulkhead {
+            let m = b.metrics();
+            v["bulkhead_now"] = json!({ "active": m.active, "queued": m.queued, "rejected": m.rejected });
+        }
+        if let Some(r) = &live.rate_limit {
+            let m = r.metrics();
+            v["rate_limit_now"] = json!({ "allowed": m.allowed, "limited": m.limited });
+        }
+        if let Some(b) = &live.breaker {
+            v["breaker_state"] = json!(b.state().as_str());
+        }
+    }
+    v
+}
+
+fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
+    json!({
+        "name": r.name,
+        "listener": c.listeners[r.listener].name,
+        "path_prefix": r.path_prefix,
+        "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
+        "strip_prefix": r.strip_prefix,
+        "upstream": c.upstreams[r.upstream].name,
+        "tier": format!("{:?}", r.tier),
+        "timeout_ms": r.timeout.as_millis() as u64,
+        "attempt_timeout_ms": r.attempt_timeout.map(|d| d.as_millis() as u64),
+        "retry": r.retry.as_ref().map(|x| json!({
+            "max_attempts": x.max_attempts,
+            "retry_on": x.retry_on.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            "budget": { "ratio": x.budget.0, "min_per_second": x.budget.1, "ttl_ms": x.budget.2.as_millis() as u64 },
+        })),
+        "fail_on_status": r.fail_on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>(),
+        "replay_limit": r.replay_limit,
+    })
+}
+
+async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
+    let c = &s.runtime.config;
+    axum::Json(json!(c.routes.iter().map(|r| route_json(r, c)).collect::<Vec<_>>()))
+}
+
+async fn upstreams(State(s): State<AdminState>) -> axum::Json<Value> {
+    let all: Vec<Value> = s.runtime.upstreams.iter().map(|u| upstream_json(&u.spec, Some(u))).collect();
+    axum::Json(json!(all))
+}
+
+async fn breakers(State(s): State<AdminState>) -> axum::Json<Value> {
+    let all: Vec<Value> = s
+        .runtime
+        .upstreams
+        .iter()
+        .filter_map(|u| u.breaker.as_ref())
+        .map(|b| {
+            let m = b.metrics();
+            json!({
+                "upstream": b.name(),
+                "state": m.state.as_str(),
+                "calls": m.window.calls,
+                "failed_calls": m.window.failures,
+                "slow_calls": m.window.slow,
+                "failure_rate": m.failure_rate,
+                "slow_call_rate": m.slow_call_rate,
+                "consecutive_opens": m.consecutive_opens,
+                "remaining_open_ms": m.remaining_open.map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect();
+    axum::Json(json!(all))
+}
+
+async fn breaker_action(
+    State(s): State<AdminState>,
+    Path((upstream, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(expected) = s.token.as_deref() else {
+        return (StatusCode::FORBIDDEN, "no admin token is configured; state changes are disabled\n").into_response();
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a valid bearer token is required\n",
+        )
+            .into_response();
+    }
+    let Some(breaker) = s.runtime.upstreams.iter().find(|u| u.spec.name == upstream).and_then(|u| u.breaker.as_ref())
+    else {
+        return (StatusCode::NOT_FOUND, format!("no breaker for upstream `{upstream}`\n")).into_response();
+    };
+    match action.as_str() {
+        "force-open" => breaker.force_open(),
+        "force-close" => breaker.force_closed(),
+        "reset" => breaker.reset(),
+        _ => return (StatusCode::NOT_FOUND, "actions: force-open, force-close, reset\n").into_response(),
+    }
+    axum::Json(json!({ "upstream": upstream, "state": breaker.state().as_str() })).into_response()
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

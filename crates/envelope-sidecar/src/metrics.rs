@@ -1,0 +1,306 @@
+//! Metrics: RED per route, and what every policy did, in Prometheus / OpenMetrics form (prometheus-client).
+//!
+//! Label values are bounded: routes, listeners and upstreams by their configured names, outcomes by the taxonomy.
+//! Per-route handles are resolved once, when the config is loaded (a counter handle shares its value with its
+//! family), so a request increments a counter it already holds. Policy events (breaker transitions, retries,
+//! rejections) reach the metrics through an event listener: the policies know nothing about metrics.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `envelope_requests_total` | counter | `listener`, `route`, `outcome`, `code` (status class) |
+//! | `envelope_request_duration_seconds` | histogram (5 ms … 10 s) | `route` |
+//! | `envelope_requests_in_flight` | gauge | `listener` |
+//! | `envelope_unmatched_requests_total` | counter | `listener` |
+//! | `envelope_upstream_attempts_total` | counter | `route`, `upstream` |
+//! | `envelope_breaker_state` | gauge (1 = current) | `upstream`, `state` |
+//! | `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
+//! | `envelope_breaker_rejections_total` | counter | `upstream` |
+//! | `envelope_retries_total` | counter | `route` |
+//! | `envelope_retries_given_up_total` | counter | `route`, `reason` |
+//! | `envelope_bulkhead_rejections_total` | counter | `upstream`, `waited` |
+//! | `envelope_rate_limited_total` | counter | `upstream`, `shadow` |
+//! | `envelope_shed_total` | counter | `listener`, `priority` |
+//! | `envelope_timeouts_total` | counter | `route` |
+
+use std::sync::Arc;
+
+use envelope_core::Outcome;
+use envelope_core::circuit_breaker::State;
+use envelope_core::event::{Event, GiveUpReason, Listeners};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Upper bounds of the duration histogram, in seconds: 5 ms to 10 s.
+pub(crate) const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    outcome: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    route: String,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    upstream: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    upstream: String,
+    from: &'static str,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GiveUpLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BulkheadLabels {
+    upstream: String,
+    waited: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLabels {
+    upstream: String,
+    shadow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    listener: String,
+    priority: &'static str,
+}
+
+/// Every metric family of the sidecar.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabel, Histogram>,
+    in_flight: Family<ListenerLabel, Gauge>,
+    unmatched: Family<ListenerLabel, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    breaker_state: Family<StateLabels, Gauge>,
+    breaker_transitions: Family<TransitionLabels, Counter>,
+    breaker_rejections: Family<UpstreamLabel, Counter>,
+    retries: Family<RouteLabel, Counter>,
+    retries_given_up: Family<GiveUpLabels, Counter>,
+    bulkhead_rejections: Family<BulkheadLabels, Counter>,
+    rate_limited: Family<RateLabels, Counter>,
+    shed: Family<ShedLabels, Counter>,
+    timeouts: Family<RouteLabel, Counter>,
+}
+
+/// A route's metric handles, resolved at config load.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteMetrics {
+    /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx).
+    requests: Vec<[Counter; 6]>,
+    duration: Histogram,
+    attempts: Counter,
+}
+
+/// A listener's metric handles.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerMetrics {
+    pub(crate) in_flight: Gauge,
+    pub(crate) unmatched: Counter,
+}
+
+const CODES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    pub(crate) fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("envelope");
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            in_flight: Family::default(),
+            unmatched: Family::default(),
+            attempts: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            breaker_rejections: Family::default(),
+            retries: Family::default(),
+            retries_given_up: Family::default(),
+            bulkhead_rejections: Family::default(),
+            rate_limited: Family::default(),
+            shed: Family::default(),
+            timeouts: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests answered, by route, outcome and status class", m.requests.clone());
+        registry.register("request_duration_seconds", "Time to answer a request", m.duration.clone());
+        registry.register("requests_in_flight", "Requests being handled", m.in_flight.clone());
+        registry.register("unmatched_requests", "Requests that matched no route (404)", m.unmatched.clone());
+        registry.register(
+            "upstream_attempts",
+            "Attempts sent to an upstream (first tries and retries)",
+            m.attempts.clone(),
+        );
+        registry.register("breaker_state", "Circuit breaker state (1 for the current state)", m.breaker_state.clone());
+        registry.register("breaker_transitions", "Circuit breaker state changes", m.breaker_transitions.clone());
+        registry.register(
+            "breaker_rejections",
+            "Calls rejected by an open circuit breaker",
+            m.breaker_rejections.clone(),
+        );
+        registry.register("retries", "Retries scheduled", m.retries.clone());
+        registry.register("retries_given_up", "Calls whose retries stopped, by reason", m.retries_given_up.clone());
+        registry.register("bulkhead_rejections", "Calls rejected by a full bulkhead", m.bulkhead_rejections.clone());
+        registry.register("rate_limited", "Calls over a local rate limit", m.rate_limited.clone());
+        registry.register("shed", "Requests shed by a listener, by priority", m.shed.clone());
+        registry.register("timeouts", "Deadlines and attempt timeouts that fired", m.timeouts.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub(crate) fn route(&self, listener: &str, route: &str, upstream: &str) -> RouteMetrics {
+        let requests = Outcome::ALL
+            .iter()
+            .map(|o| {
+                CODES.map(|code| {
+                    let labels = RequestLabels {
+                        listener: listener.to_owned(),
+                        route: route.to_owned(),
+                        outcome: o.as_str(),
+                        code,
+                    };
+                    self.requests.get_or_create(&labels).clone()
+                })
+            })
+            .collect();
+        RouteMetrics {
+            requests,
+            duration: self.duration.get_or_create(&RouteLabel { route: route.to_owned() }).clone(),
+            attempts: self
+                .attempts
+                .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
+                .clone(),
+        }
+    }
+
+    pub(crate) fn listener(&self, listener: &str) -> ListenerMetrics {
+        let label = ListenerLabel { listener: listener.to_owned() };
+        ListenerMetrics {
+            in_flight: self.in_flight.get_or_create(&label).clone(),
+            unmatched: self.unmatched.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Sets the state gauge of a breaker (1 for `state`, 0 for the others).
+    pub(crate) fn breaker_state(&self, upstream: &str, state: State) {
+        for s in State::ALL {
+            let labels = StateLabels { upstream: upstream.to_owned(), state: s.as_str() };
+            self.breaker_state.get_or_create(&labels).set(i64::from(s == state));
+        }
+    }
+
+    /// An event listener that turns policy events into metrics.
+    pub(crate) fn listener_for_events(self: &Arc<Self>) -> Listeners {
+        let m = Arc::downgrade(self);
+        Listeners::new().with(move |e: &Event<'_>| {
+            if let Some(m) = m.upgrade() {
+                m.on_event(e);
+            }
+        })
+    }
+
+    fn on_event(&self, e: &Event<'_>) {
+        match *e {
+            Event::StateTransition { name, from, to } => {
+                let labels = TransitionLabels { upstream: name.to_owned(), from: from.as_str(), to: to.as_str() };
+                self.breaker_transitions.get_or_create(&labels).inc();
+                self.breaker_state(name, to);
+            }
+            Event::CallNotPermitted { name, .. } => {
+                self.breaker_rejections.get_or_create(&UpstreamLabel { upstream: name.to_owned() }).inc();
+            }
+            Event::RetryScheduled { name, .. } => {
+                self.retries.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
+            }
+            Event::RetryGaveUp { name, reason, .. } => {
+                let reason = match reason {
+                    GiveUpReason::NotRetryable => "not_retryable",
+                    GiveUpReason::NotReplayable => "not_replayable",
+                    GiveUpReason::AttemptsExhausted => "attempts_exhausted",
+                    GiveUpReason::BudgetExhausted => "budget_exhausted",
+                    GiveUpReason::DeadlineTooClose => "deadline",
+                    GiveUpReason::RetryAfterTooLong => "retry_after_too_long",
+                    _ => "other",
+                };
+                self.retries_given_up.get_or_create(&GiveUpLabels { route: name.to_owned(), reason }).inc();
+            }
+            Event::BulkheadRejected { name, waited } => {
+                let labels =
+                    BulkheadLabels { upstream: name.to_owned(), waited: if waited { "true" } else { "false" } };
+                self.bulkhead_rejections.get_or_create(&labels).inc();
+            }
+            Event::RateLimited { name, shadow } => {
+                let labels = RateLabels { upstream: name.to_owned(), shadow: if shadow { "true" } else { "false" } };
+                self.rate_limited.get_or_create(&labels).inc();
+            }
+            Event::Shed { name, priority, .. } => {
+                let labels = ShedLabels { listener: name.to_owned(), priority: priority.as_str() };
+                self.shed.get_or_create(&labels).inc();
+            }
+            Event::TimedOut { name, .. } => {
+                self.timeouts.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus reads too).
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl RouteMetrics {
+    /// Counts one answered request.
+    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64) {
+        let class =
+            if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
+        self.requests[outcome as usize][class].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts one attempt sent upstream.
+    pub(crate) fn attempt(&self) {
+        self.attempts.inc();
+    }
+}

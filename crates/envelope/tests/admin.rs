@@ -1,0 +1,120 @@
+//! The admin listener: metrics that add up, breaker control guarded by a token, health and readiness.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::{Action, FaultUpstream, envelope_with_env, get, send};
+
+const CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "app"
+endpoints = ["http://{upstream}"]
+breaker = { window = { count = 10 }, min_calls = 10, failure_rate = 50, open_for = "30s" }
+
+[[route]]
+name = "api"
+match = { path_prefix = "/api" }
+upstream = "app"
+retry = { max_attempts = 2, base = "1ms", max_delay = "10ms" }
+"#;
+
+/// Sums every sample of `family` (optionally filtered by a label substring) in an exposition text.
+fn sum(text: &str, family: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && (l.as_bytes().get(family.len()) == Some(&b'{')) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_counters_add_up_to_the_requests_sent() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/mixed", [Action::status(200), Action::status(500), Action::status(404), Action::status(200)]);
+    let env = envelope_with_env(CONFIG, up.addr, &[]).await;
+    for _ in 0..7 {
+        send(get(env.addr, "/api/mixed")).await;
+    }
+    send(get(env.addr, "/unrouted")).await;
+    let (status, headers, body) = send(get(env.admin, "/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(sum(&text, "envelope_requests_total", "route=\"api\""), 7.0, "{text}");
+    assert_eq!(sum(&text, "envelope_request_duration_seconds_count", "route=\"api\""), 7.0);
+    assert_eq!(sum(&text, "envelope_unmatched_requests_total", ""), 1.0);
+    assert_eq!(sum(&text, "envelope_upstream_attempts_total", ""), up.count("GET", "/api/mixed") as f64);
+    assert_eq!(sum(&text, "envelope_requests_in_flight", ""), 0.0);
+    assert_eq!(sum(&text, "envelope_breaker_state", "state=\"closed\""), 1.0);
+    // OpenMetrics on request.
+    let mut req = get(env.admin, "/metrics");
+    req.headers_mut().insert("accept", "application/openmetrics-text; version=1.0.0".parse().unwrap());
+    let (_, headers, body) = send(req).await;
+    assert!(headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(String::from_utf8(body.to_vec()).unwrap().trim_end().ends_with("# EOF"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_control_needs_post_and_the_token() {
+    let up = FaultUpstream::start().await;
+    let env = envelope_with_env(CONFIG, up.addr, &[("ENVELOPE_ADMIN_TOKEN", "s3cret")]).await;
+    let path = "/api/v1/breakers/app/force-open";
+    assert_eq!(send(get(env.admin, path)).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(send(post(env.admin, path, None)).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(post(env.admin, path, Some("wrong"))).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(get(env.addr, "/api/x")).await.0, StatusCode::OK, "nothing changed so far");
+
+    assert_eq!(send(post(env.admin, path, Some("s3cret"))).await.0, StatusCode::OK);
+    let (status, _, body) = send(get(env.addr, "/api/x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("circuit_open"));
+    let (_, _, body) = send(get(env.admin, "/api/v1/breakers")).await;
+    let breakers: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(breakers[0]["state"], "forced_open");
+
+    assert_eq!(send(post(env.admin, "/api/v1/breakers/app/reset", Some("s3cret"))).await.0, StatusCode::OK);
+    assert_eq!(send(get(env.addr, "/api/x")).await.0, StatusCode::OK);
+    assert_eq!(send(post(env.admin, "/api/v1/breakers/nope/reset", Some("s3cret"))).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_state_changes_are_refused() {
+    let up = FaultUpstream::start().await;
+    let env = envelope_with_env(CONFIG, up.addr, &[]).await;
+    assert_eq!(
+        send(post(env.admin, "/api/v1/breakers/app/force-open", Some("anything"))).await.0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_config_and_routes_are_served() {
+    let up = FaultUpstream::start().await;
+    let env = envelope_with_env(CONFIG, up.addr, &[]).await;
+    assert_eq!(send(get(env.admin, "/healthz")).await.0, StatusCode::OK);
+    assert_eq!(send(get(env.admin, "/readyz")).await.0, StatusCode::OK);
+    let (_, _, body) = send(get(env.admin, "/api/v1/config")).await;
+    let config: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(config["routes"][0]["name"], "api");
+    assert_eq!(config["routes"][0]["retry"]["max_attempts"], 2);
+    assert_eq!(config["routes"][0]["timeout_ms"], 15_000, "documented default");
+    let (_, _, body) = send(get(env.admin, "/api/v1/upstreams")).await;
+    let ups: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(ups[0]["breaker_state"], "closed");
+}
