@@ -33,7 +33,7 @@ use crate::runtime::Runtime;
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) runtime: Arc<arc_swap::ArcSwap<Runtime>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) token: Option<String>,
     pub(crate) draining: Arc<AtomicBool>,
@@ -74,7 +74,8 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
 }
 
 async fn config(State(s): State<AdminState>) -> axum::Json<Value> {
-    let c = &s.runtime.config;
+    let rt = s.runtime.load();
+    let c = &rt.config;
     axum::Json(json!({
         "admin": { "listen": c.admin.listen.to_string(), "token_env": c.admin.token_env },
         "listeners": c.listeners.iter().map(|l| json!({
@@ -148,18 +149,20 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
 }
 
 async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
-    let c = &s.runtime.config;
+    let rt = s.runtime.load();
+    let c = &rt.config;
     axum::Json(json!(c.routes.iter().map(|r| route_json(r, c)).collect::<Vec<_>>()))
 }
 
 async fn upstreams(State(s): State<AdminState>) -> axum::Json<Value> {
-    let all: Vec<Value> = s.runtime.upstreams.iter().map(|u| upstream_json(&u.spec, Some(u))).collect();
+    let all: Vec<Value> = s.runtime.load().upstreams.iter().map(|u| upstream_json(&u.spec, Some(u))).collect();
     axum::Json(json!(all))
 }
 
 async fn breakers(State(s): State<AdminState>) -> axum::Json<Value> {
     let all: Vec<Value> = s
         .runtime
+        .load()
         .upstreams
         .iter()
         .filter_map(|u| u.breaker.as_ref())
@@ -199,8 +202,8 @@ async fn breaker_action(
         )
             .into_response();
     }
-    let Some(breaker) = s.runtime.upstreams.iter().find(|u| u.spec.name == upstream).and_then(|u| u.breaker.as_ref())
-    else {
+    let rt = s.runtime.load();
+    let Some(breaker) = rt.upstreams.iter().find(|u| u.spec.name == upstream).and_then(|u| u.breaker.as_ref()) else {
         return (StatusCode::NOT_FOUND, format!("no breaker for upstream `{upstream}`\n")).into_response();
     };
     match action.as_str() {

@@ -19,4 +19,4 @@ pub mod server;
 mod upstream;
 
 pub use envelope_http;
-pub use server::{RunError, Sidecar};
+pub use server::{ReloadError, RunError, Sidecar};

@@ -21,6 +21,7 @@
 //! | `envelope_rate_limited_total` | counter | `upstream`, `shadow` |
 //! | `envelope_shed_total` | counter | `listener`, `priority` |
 //! | `envelope_timeouts_total` | counter | `route` |
+//! | `envelope_config_reloads_total` | counter | `result` (`ok`, `rejected`) |
 
 use std::sync::Arc;
 
@@ -103,6 +104,11 @@ struct ShedLabels {
     priority: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
 /// Every metric family of the sidecar.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -121,6 +127,7 @@ pub(crate) struct Metrics {
     rate_limited: Family<RateLabels, Counter>,
     shed: Family<ShedLabels, Counter>,
     timeouts: Family<RouteLabel, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 /// A route's metric handles, resolved at config load.
@@ -159,6 +166,7 @@ impl Metrics {
             rate_limited: Family::default(),
             shed: Family::default(),
             timeouts: Family::default(),
+            reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests answered, by route, outcome and status class", m.requests.clone());
@@ -183,6 +191,7 @@ impl Metrics {
         registry.register("rate_limited", "Calls over a local rate limit", m.rate_limited.clone());
         registry.register("shed", "Requests shed by a listener, by priority", m.shed.clone());
         registry.register("timeouts", "Deadlines and attempt timeouts that fired", m.timeouts.clone());
+        registry.register("config_reloads", "Config reloads, by result", m.reloads.clone());
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -225,6 +234,11 @@ impl Metrics {
             let labels = StateLabels { upstream: upstream.to_owned(), state: s.as_str() };
             self.breaker_state.get_or_create(&labels).set(i64::from(s == state));
         }
+    }
+
+    /// Counts a config reload.
+    pub(crate) fn reload(&self, ok: bool) {
+        self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "rejected" } }).inc();
     }
 
     /// An event listener that turns policy events into metrics.

@@ -23,6 +23,7 @@ pub(crate) struct Runtime {
 }
 
 pub(crate) struct ListenerRt {
+    pub(crate) shedder: LoadShedder,
     pub(crate) metrics: ListenerMetrics,
     /// Routes of this listener, longest prefix first.
     pub(crate) routes: Vec<Arc<RouteRt>>,
@@ -37,10 +38,21 @@ pub(crate) struct RouteRt {
 }
 
 impl Runtime {
-    pub(crate) fn build(config: Config, metrics: &Arc<Metrics>) -> Runtime {
+    /// Builds the runtime for `config`. On a reload, `previous` is the runtime being replaced: an upstream whose
+    /// settings did not change is kept as it is (breaker state and window, bulkhead, rate limit, connection
+    /// pool), and so is a route whose settings and upstream did not change (its retry budget), and each listener's
+    /// shedder.
+    pub(crate) fn build(config: Config, metrics: &Arc<Metrics>, previous: Option<&Runtime>) -> Runtime {
         let events = metrics.listener_for_events();
         let listeners_for_events = &events;
-        let upstreams: Vec<_> = config.upstreams.iter().map(|u| UpstreamRt::new(u, listeners_for_events)).collect();
+        let upstreams: Vec<_> = config
+            .upstreams
+            .iter()
+            .map(|u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.spec == *u)) {
+                Some(kept) => kept.clone(),
+                None => UpstreamRt::new(u, listeners_for_events),
+            })
+            .collect();
         for u in &upstreams {
             if let Some(b) = &u.breaker {
                 metrics.breaker_state(&u.spec.name, b.state());
@@ -55,25 +67,44 @@ impl Runtime {
                     Shedding::Fixed(n) => Limit::Fixed(n),
                     Shedding::Adaptive => Limit::Adaptive(Default::default()),
                 };
-                let shedder = LoadShedder::try_new(
-                    l.name.clone(),
-                    limit,
-                    envelope_core::shed::DEFAULT_SHARES,
-                    listeners_for_events.clone(),
-                )
-                .expect("limits validated when the config was loaded");
+                let kept = previous.and_then(|p| {
+                    let same = p.config.listeners.get(i) == Some(l);
+                    same.then(|| p.listeners[i].shedder.clone())
+                });
+                let shedder = kept.unwrap_or_else(|| {
+                    LoadShedder::try_new(
+                        l.name.clone(),
+                        limit,
+                        envelope_core::shed::DEFAULT_SHARES,
+                        listeners_for_events.clone(),
+                    )
+                    .expect("limits validated when the config was loaded")
+                });
                 let mut routes: Vec<Arc<RouteRt>> = config
                     .routes
                     .iter()
                     .filter(|r| r.listener == i)
                     .map(|r| {
                         let upstream = &upstreams[r.upstream];
-                        let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name);
-                        Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics))
+                        let unchanged = previous.and_then(|p| {
+                            p.listeners.get(i)?.routes.iter().find(|old| {
+                                old.spec.name == r.name
+                                    && old.spec == *r
+                                    && Arc::ptr_eq(&old.upstream, upstream)
+                                    && p.config.listeners.get(i) == Some(l)
+                            })
+                        });
+                        match unchanged {
+                            Some(kept) => kept.clone(),
+                            None => {
+                                let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name);
+                                Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics))
+                            }
+                        }
                     })
                     .collect();
                 routes.sort_by_key(|r| std::cmp::Reverse(r.spec.path_prefix.len()));
-                ListenerRt { metrics: metrics.listener(&l.name), routes }
+                ListenerRt { shedder, metrics: metrics.listener(&l.name), routes }
             })
             .collect();
         Runtime { config, listeners, upstreams }

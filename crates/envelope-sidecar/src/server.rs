@@ -1,24 +1,28 @@
-//! Listeners: accept connections within limits, serve HTTP/1.1 and HTTP/2 through [`crate::proxy::handle`], and
-//! drain on shutdown.
+//! Listeners: accept connections within limits, serve HTTP/1.1 and HTTP/2 through [`crate::proxy::handle`],
+//! reload the config without dropping a request, and drain on shutdown.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::runtime::Runtime;
+
+/// How often the config file is checked for changes.
+pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the sidecar could not start or stopped with an error.
 #[derive(Debug)]
@@ -49,8 +53,32 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
+/// Why a reload was refused (the running config keeps serving).
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new config is invalid.
+    Invalid(ConfigError),
+    /// The listeners changed, which needs a restart.
+    ListenersChanged,
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReloadError::Invalid(e) => e.fmt(f),
+            ReloadError::ListenersChanged => {
+                f.write_str("listeners and the admin listener cannot change on reload; restart to change them")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
 /// A running sidecar: its listeners are bound and serving.
 pub struct Sidecar {
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Arc<Metrics>,
     addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
     draining: Arc<AtomicBool>,
@@ -64,35 +92,28 @@ impl fmt::Debug for Sidecar {
     }
 }
 
+fn bind_error(listener: &str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Bind { listener: listener.to_owned(), addr, source }
+}
+
 impl Sidecar {
-    /// Binds every listener of `config` (all or nothing) and starts serving.
+    /// Binds every listener of `config` and the admin listener (all or nothing) and starts serving.
     pub async fn start(config: Config) -> Result<Sidecar, RunError> {
         let metrics = Metrics::new();
-        let rt = Arc::new(Runtime::build(config, &metrics));
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, None)));
+        let rt = runtime.load_full();
         let mut sockets = Vec::new();
         for l in &rt.config.listeners {
-            let socket = TcpListener::bind(l.listen).await.map_err(|source| RunError::Bind {
-                listener: l.name.clone(),
-                addr: l.listen,
-                source,
-            })?;
-            sockets.push(socket);
+            sockets.push(TcpListener::bind(l.listen).await.map_err(bind_error(&l.name, l.listen))?);
         }
-        let admin_socket = TcpListener::bind(rt.config.admin.listen).await.map_err(|source| RunError::Bind {
-            listener: "admin".to_owned(),
-            addr: rt.config.admin.listen,
-            source,
-        })?;
-        let admin_addr = admin_socket.local_addr().map_err(|source| RunError::Bind {
-            listener: "admin".to_owned(),
-            addr: rt.config.admin.listen,
-            source,
-        })?;
+        let admin_listen = rt.config.admin.listen;
+        let admin_socket = TcpListener::bind(admin_listen).await.map_err(bind_error("admin", admin_listen))?;
+        let admin_addr = admin_socket.local_addr().map_err(bind_error("admin", admin_listen))?;
         let addrs = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
         let (shutdown, signal) = watch::channel(false);
         let draining = Arc::new(AtomicBool::new(false));
         let admin = admin::router(admin::AdminState {
-            runtime: rt.clone(),
+            runtime: runtime.clone(),
             metrics: metrics.clone(),
             token: std::env::var(&rt.config.admin.token_env).ok().filter(|t| !t.is_empty()),
             draining: draining.clone(),
@@ -102,14 +123,14 @@ impl Sidecar {
         });
         let mut loops = Vec::new();
         for (i, socket) in sockets.into_iter().enumerate() {
-            loops.push(tokio::spawn(serve_listener(rt.clone(), i, socket, signal.clone())));
+            loops.push(tokio::spawn(serve_listener(runtime.clone(), i, socket, signal.clone())));
         }
         let done = tokio::spawn(async move {
             for l in loops {
                 let _ = l.await;
             }
         });
-        Ok(Sidecar { addrs, admin_addr, draining, shutdown, done })
+        Ok(Sidecar { runtime, metrics, addrs, admin_addr, draining, shutdown, done })
     }
 
     /// The bound addresses of the listeners, in config order.
@@ -122,6 +143,30 @@ impl Sidecar {
         self.admin_addr
     }
 
+    /// Applies `config` atomically: requests in flight finish on the old config, new ones use the new one, and
+    /// unchanged upstreams, routes and listeners keep their state. Refused (and counted) if listeners change.
+    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let old = self.runtime.load_full();
+        if config.listeners != old.config.listeners || config.admin != old.config.admin {
+            self.metrics.reload(false);
+            return Err(ReloadError::ListenersChanged);
+        }
+        self.runtime.store(Arc::new(Runtime::build(config, &self.metrics, Some(&old))));
+        self.metrics.reload(true);
+        Ok(())
+    }
+
+    /// Reads the config at `path` and applies it; an invalid file is refused, counted, and changes nothing.
+    pub fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => {
+                self.metrics.reload(false);
+                Err(ReloadError::Invalid(e))
+            }
+        }
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns. Readiness turns
     /// 503 at once.
     pub async fn shutdown(self) {
@@ -130,35 +175,109 @@ impl Sidecar {
         let _ = self.done.await;
     }
 
-    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> Result<(), RunError> {
-        wait_for_signal().await.map_err(RunError::Signal)?;
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully. With a `config` path, reloads it on SIGHUP and
+    /// whenever the file changes, logging the result on standard error.
+    pub async fn run(self, config: Option<PathBuf>) -> Result<(), RunError> {
+        let signals = Signals::new().map_err(RunError::Signal)?;
+        tokio::pin!(signals);
+        let mut poll = tokio::time::interval(RELOAD_POLL_INTERVAL);
+        let mut seen = config.as_deref().and_then(modified);
+        loop {
+            tokio::select! {
+                signal = signals.as_mut().next() => match signal {
+                    Signal::Stop => break,
+                    Signal::Reload => {
+                        if let Some(path) = &config {
+                            seen = modified(path);
+                            self.report_reload(path, "SIGHUP");
+                        }
+                    }
+                },
+                _ = poll.tick() => {
+                    if let Some(path) = &config {
+                        let now = modified(path);
+                        if now.is_some() && now != seen {
+                            seen = now;
+                            self.report_reload(path, "file change");
+                        }
+                    }
+                }
+            }
+        }
         self.shutdown().await;
         Ok(())
     }
+
+    fn report_reload(&self, path: &Path, why: &str) {
+        match self.reload_from(path) {
+            Ok(()) => eprintln!("envelope: config reloaded ({why})"),
+            Err(e) => eprintln!("envelope: config reload rejected ({why}), the running config stays: {e}"),
+        }
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+enum Signal {
+    Stop,
+    Reload,
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    Ok(())
+
+    async fn next(self: std::pin::Pin<&mut Self>) -> Signal {
+        let this = self.get_mut();
+        tokio::select! {
+            _ = this.term.recv() => Signal::Stop,
+            _ = this.int.recv() => Signal::Stop,
+            _ = this.hup.recv() => Signal::Reload,
+        }
+    }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn next(self: std::pin::Pin<&mut Self>) -> Signal {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
+    }
 }
 
 /// Accepts and serves connections until told to stop; then drains: open connections finish their in-flight
 /// requests (HTTP/1 keep-alive ends, HTTP/2 sends GOAWAY), up to the listener's drain timeout.
-async fn serve_listener(rt: Arc<Runtime>, index: usize, socket: TcpListener, mut stop: watch::Receiver<bool>) {
-    let spec = rt.config.listeners[index].clone();
+async fn serve_listener(
+    runtime: Arc<ArcSwap<Runtime>>,
+    index: usize,
+    socket: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Listener settings cannot change on reload (see `Sidecar::reload`).
+    let spec = runtime.load().config.listeners[index].clone();
     let connections = Arc::new(Semaphore::new(spec.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -181,8 +300,9 @@ async fn serve_listener(rt: Arc<Runtime>, index: usize, socket: TcpListener, mut
         // Over the connection limit: close at once (the client sees a reset, not a hang).
         let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
         let _ = stream.set_nodelay(true);
-        let rt = rt.clone();
-        let service = service_fn(move |req| proxy::handle(rt.clone(), index, remote, req));
+        let runtime = runtime.clone();
+        // Each request runs on the config current when it arrives; a reload never changes a request midway.
+        let service = service_fn(move |req| proxy::handle(runtime.load_full(), index, remote, req));
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let mut stop = stop.clone();
         tokio::spawn(async move {

@@ -46,7 +46,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
                     eprintln!("envelope: listening on {addr}");
                 }
                 eprintln!("envelope: admin on {}", sidecar.admin_addr());
-                sidecar.run_until_signal().await
+                sidecar.run(Some(path)).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

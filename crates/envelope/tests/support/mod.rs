@@ -249,6 +249,20 @@ impl Envelope {
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap()
     }
+
+    /// Replaces the config file (with `{upstream}` replaced), for reload tests.
+    pub fn rewrite_config(&self, config: &str, upstream: SocketAddr) {
+        let path = self._dir.0.join("envelope.toml");
+        let tmp = self._dir.0.join("envelope.toml.tmp");
+        std::fs::write(&tmp, config.replace("{upstream}", &upstream.to_string())).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// Sends a signal to the process (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().to_string();
+        assert!(std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success());
+    }
 }
 
 /// A plain HTTP/1.1 client for the tests.
