@@ -5,13 +5,15 @@
 //! | [`config`] | the config file: parse, validate, locate errors |
 //! | `runtime` | the config as live objects: shedders, route tables, envelopes, upstream clients |
 //! | `proxy` | the request path, top to bottom, in one function |
-//! | [`server`] | listeners, limits, graceful drain |
+//! | [`server`] | listeners, limits, reload, graceful drain |
+//! | [`demo`] | the sidecar in front of a built-in flaky service |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod access_log;
 mod admin;
 pub mod config;
+pub mod demo;
 mod metrics;
 mod proxy;
 mod runtime;

@@ -151,17 +151,19 @@ pub(crate) async fn handle(
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64());
     }
     pending.done = true;
-    access_log::write(&Entry {
-        request_id: id.as_str(),
-        listener: &spec.name,
-        route: route_name.as_deref(),
-        method: &method,
-        status: response.status().as_u16(),
-        upstream_status,
-        attempts,
-        duration: elapsed,
-        outcome,
-    });
+    if spec.access_log {
+        access_log::write(&Entry {
+            request_id: id.as_str(),
+            listener: &spec.name,
+            route: route_name.as_deref(),
+            method: &method,
+            status: response.status().as_u16(),
+            upstream_status,
+            attempts,
+            duration: elapsed,
+            outcome,
+        });
+    }
     Ok(response)
 }
 
@@ -186,6 +188,9 @@ impl Drop for Pending<'_> {
         let elapsed = self.start.elapsed();
         if let Some(route) = &self.route {
             route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64());
+        }
+        if !self.rt.config.listeners[self.listener].access_log {
+            return;
         }
         access_log::write(&Entry {
             request_id: self.id.as_str(),

@@ -24,6 +24,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// See the envelope work: the sidecar in front of a built-in flaky service, under a bounded load (~25 s).
+    Demo,
     /// Validate a config file and print what it resolves to; binds nothing.
     Check {
         /// The config file (TOML).
@@ -35,6 +37,22 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(envelope_sidecar::demo::run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}", summary(&c));

@@ -131,6 +131,8 @@ pub struct Listener {
     pub max_body_bytes: u64,
     /// Time in-flight requests get on shutdown.
     pub drain_timeout: Duration,
+    /// Whether each request writes a JSON access-log line to standard output.
+    pub access_log: bool,
 }
 
 /// An upstream endpoint.
@@ -349,6 +351,7 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
             max_uri_bytes: l.max_uri_bytes.map_or(DEFAULT_MAX_URI_BYTES, |n| n.0) as usize,
             max_body_bytes: l.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             drain_timeout: l.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            access_log: l.access_log.unwrap_or(true),
         });
     }
 

@@ -44,6 +44,7 @@ pub(crate) struct RawListener {
     pub(crate) max_uri_bytes: Option<NonZero>,
     pub(crate) max_body_bytes: Option<u64>,
     pub(crate) drain_timeout: Option<Dur>,
+    pub(crate) access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
