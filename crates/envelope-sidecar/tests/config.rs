@@ -102,3 +102,20 @@ fn a_missing_file_is_a_clear_error() {
     let e = Config::load(std::path::Path::new("/nonexistent/envelope.toml")).unwrap_err();
     assert!(e.to_string().contains("cannot read the config file"), "{e}");
 }
+
+#[test]
+fn environment_overrides_defaults_but_not_the_file() {
+    let env = |name: &str| match name {
+        "ENVELOPE_ROUTE_TIMEOUT" => Some("7s".to_owned()),
+        "ENVELOPE_MAX_CONCURRENT" => Some("64".to_owned()),
+        _ => None,
+    };
+    let c = Config::parse_with_env("envelope.toml", VALID, &env).unwrap();
+    assert_eq!(c.routes[1].timeout, Duration::from_secs(7), "the default came from the environment");
+    assert_eq!(c.routes[0].timeout, Duration::from_secs(2), "the file wins");
+    assert_eq!(c.listeners[0].shedding, Shedding::Fixed(64));
+
+    let bad = |name: &str| (name == "ENVELOPE_REPLAY_LIMIT").then(|| "lots".to_owned());
+    let e = Config::parse_with_env("envelope.toml", VALID, &bad).unwrap_err();
+    assert_eq!((e.file.as_str(), e.field.as_str()), ("environment", "ENVELOPE_REPLAY_LIMIT"));
+}

@@ -268,8 +268,15 @@ impl Config {
         Config::parse(&file, &text)
     }
 
-    /// Validates the config text `text`, naming it `file` in errors.
+    /// Validates the config text `text`, naming it `file` in errors. Defaults may be overridden by the
+    /// environment variables listed in [`ENV_OVERRIDES`].
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(file, text, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::parse`], reading overrides of the defaults through `env`.
+    pub fn parse_with_env(file: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let defaults = Defaults::from_env(env)?;
         let locate = |span: Option<Range<usize>>, field: String, message: String| {
             let (line, column) = span.map_or((0, 0), |s| line_column(text, s.start));
             ConfigError { file: file.to_owned(), line, column, field, message }
@@ -282,7 +289,72 @@ impl Config {
             let inner = e.into_inner();
             locate(inner.span(), if path == "." { String::new() } else { path }, inner.message().to_owned())
         })?;
-        resolve(raw).map_err(|Invalid { span, field, message }| locate(span, field, message))
+        resolve(raw, &defaults).map_err(|Invalid { span, field, message }| locate(span, field, message))
+    }
+}
+
+/// Environment variables that override a default (a value in the config file always wins).
+pub const ENV_OVERRIDES: [(&str, &str); 8] = [
+    ("ENVELOPE_ADMIN_LISTEN", "admin.listen"),
+    ("ENVELOPE_MAX_CONCURRENT", "listener.max_concurrent"),
+    ("ENVELOPE_MAX_BODY_BYTES", "listener.max_body_bytes"),
+    ("ENVELOPE_DRAIN_TIMEOUT", "listener.drain_timeout"),
+    ("ENVELOPE_ACCESS_LOG", "listener.access_log"),
+    ("ENVELOPE_CONNECT_TIMEOUT", "upstream.connect_timeout"),
+    ("ENVELOPE_ROUTE_TIMEOUT", "route.timeout"),
+    ("ENVELOPE_REPLAY_LIMIT", "route.replay_limit"),
+];
+
+/// The defaults in force: the documented constants, or their environment overrides.
+struct Defaults {
+    admin_listen: SocketAddr,
+    max_concurrent: u32,
+    max_body_bytes: u64,
+    drain_timeout: Duration,
+    access_log: bool,
+    connect_timeout: Duration,
+    route_timeout: Duration,
+    replay_limit: usize,
+}
+
+impl Defaults {
+    fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Defaults, ConfigError> {
+        fn get<T>(
+            env: &dyn Fn(&str) -> Option<String>,
+            name: &str,
+            default: T,
+            parse: impl Fn(&str) -> Option<T>,
+        ) -> Result<T, ConfigError> {
+            match env(name) {
+                None => Ok(default),
+                Some(v) => parse(v.trim()).ok_or_else(|| ConfigError {
+                    file: "environment".to_owned(),
+                    line: 0,
+                    column: 0,
+                    field: name.to_owned(),
+                    message: format!("invalid value `{v}`"),
+                }),
+            }
+        }
+        let dur = |v: &str| Dur::parse(v).ok().map(|d| d.0);
+        Ok(Defaults {
+            admin_listen: get(env, "ENVELOPE_ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN.parse().expect("valid"), |v| {
+                v.parse().ok()
+            })?,
+            max_concurrent: get(env, "ENVELOPE_MAX_CONCURRENT", DEFAULT_MAX_CONCURRENT, |v| {
+                v.parse().ok().filter(|n| *n > 0)
+            })?,
+            max_body_bytes: get(env, "ENVELOPE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, |v| v.parse().ok())?,
+            drain_timeout: get(env, "ENVELOPE_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT, dur)?,
+            access_log: get(env, "ENVELOPE_ACCESS_LOG", true, |v| v.parse().ok())?,
+            connect_timeout: get(env, "ENVELOPE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, |v| {
+                dur(v).filter(|d| !d.is_zero())
+            })?,
+            route_timeout: get(env, "ENVELOPE_ROUTE_TIMEOUT", DEFAULT_ROUTE_TIMEOUT, |v| {
+                dur(v).filter(|d| !d.is_zero())
+            })?,
+            replay_limit: get(env, "ENVELOPE_REPLAY_LIMIT", DEFAULT_REPLAY_LIMIT, |v| v.parse().ok())?,
+        })
     }
 }
 
@@ -304,7 +376,7 @@ fn invalid<T>(spanned: &Spanned<T>, field: impl Into<String>, message: impl Into
     Invalid { span: Some(spanned.span()), field: field.into(), message: message.into() }
 }
 
-fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
+fn resolve(raw: RawConfig, defaults: &Defaults) -> Result<Config, Invalid> {
     let admin_listen = match &raw.admin.listen {
         Some(l) => {
             let addr = *l.get_ref();
@@ -319,7 +391,7 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
             }
             addr
         }
-        None => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+        None => defaults.admin_listen,
     };
     let admin = Admin {
         listen: admin_listen,
@@ -338,7 +410,7 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
         let shedding = match (l.adaptive_concurrency, l.max_concurrent) {
             (Some(true), _) => Shedding::Adaptive,
             (_, Some(n)) => Shedding::Fixed(n.0 as usize),
-            _ => Shedding::Fixed(DEFAULT_MAX_CONCURRENT as usize),
+            _ => Shedding::Fixed(defaults.max_concurrent as usize),
         };
         listeners.push(Listener {
             name: l.name.get_ref().clone(),
@@ -349,9 +421,9 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
             max_header_bytes: l.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |n| n.0).max(8192) as usize,
             max_headers: l.max_headers.map_or(DEFAULT_MAX_HEADERS, |n| n.0) as usize,
             max_uri_bytes: l.max_uri_bytes.map_or(DEFAULT_MAX_URI_BYTES, |n| n.0) as usize,
-            max_body_bytes: l.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
-            drain_timeout: l.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
-            access_log: l.access_log.unwrap_or(true),
+            max_body_bytes: l.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            drain_timeout: l.drain_timeout.map_or(defaults.drain_timeout, |d| d.0),
+            access_log: l.access_log.unwrap_or(defaults.access_log),
         });
     }
 
@@ -364,7 +436,7 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
                 format!("duplicate upstream `{}`", u.name.get_ref()),
             ));
         }
-        upstreams.push(resolve_upstream(i, u)?);
+        upstreams.push(resolve_upstream(i, u, defaults)?);
     }
 
     let mut routes = Vec::new();
@@ -376,12 +448,12 @@ fn resolve(raw: RawConfig) -> Result<Config, Invalid> {
                 format!("duplicate route `{}`", r.name.get_ref()),
             ));
         }
-        routes.push(resolve_route(i, r, &listeners, &upstreams)?);
+        routes.push(resolve_route(i, r, &listeners, &upstreams, defaults)?);
     }
     Ok(Config { admin, listeners, upstreams, routes })
 }
 
-fn resolve_upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Invalid> {
+fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Upstream, Invalid> {
     let field = |f: &str| format!("upstream[{i}].{f}");
     if u.endpoints.get_ref().is_empty() {
         return Err(invalid(&u.endpoints, field("endpoints"), "an upstream needs at least one endpoint"));
@@ -404,7 +476,7 @@ fn resolve_upstream(i: usize, u: &RawUpstream) -> Result<Upstream, Invalid> {
     Ok(Upstream {
         name: u.name.get_ref().clone(),
         endpoints,
-        connect_timeout: u.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+        connect_timeout: u.connect_timeout.map_or(defaults.connect_timeout, |d| d.0),
         idle_timeout: u.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
         max_idle_per_endpoint: u.max_idle_per_endpoint.unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
         bulkhead: u.bulkhead.as_ref().map(|b| BulkheadSpec {
@@ -495,7 +567,13 @@ impl BreakerSpec {
     }
 }
 
-fn resolve_route(i: usize, r: &RawRoute, listeners: &[Listener], upstreams: &[Upstream]) -> Result<Route, Invalid> {
+fn resolve_route(
+    i: usize,
+    r: &RawRoute,
+    listeners: &[Listener],
+    upstreams: &[Upstream],
+    defaults: &Defaults,
+) -> Result<Route, Invalid> {
     let field = |f: &str| format!("route[{i}].{f}");
     let listener = match &r.listener {
         Some(name) => listeners
@@ -554,11 +632,11 @@ fn resolve_route(i: usize, r: &RawRoute, listeners: &[Listener], upstreams: &[Up
         methods,
         strip_prefix: r.strip_prefix.unwrap_or(false),
         upstream,
-        timeout: r.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
+        timeout: r.timeout.map_or(defaults.route_timeout, |d| d.0),
         attempt_timeout: r.attempt_timeout.map(|d| d.0),
         retry,
         fail_on_status,
-        replay_limit: r.replay_limit.unwrap_or(DEFAULT_REPLAY_LIMIT),
+        replay_limit: r.replay_limit.unwrap_or(defaults.replay_limit),
     })
 }
 
