@@ -119,3 +119,12 @@ fn environment_overrides_defaults_but_not_the_file() {
     let e = Config::parse_with_env("envelope.toml", VALID, &bad).unwrap_err();
     assert_eq!((e.file.as_str(), e.field.as_str()), ("environment", "ENVELOPE_REPLAY_LIMIT"));
 }
+
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md")).unwrap();
+    let start = doc.find("```toml\n").expect("an example") + "```toml\n".len();
+    let end = start + doc[start..].find("```").unwrap();
+    let c = Config::parse("docs/configuration.md", &doc[start..end]).unwrap();
+    assert_eq!(c.routes[0].name, "payments");
+}
