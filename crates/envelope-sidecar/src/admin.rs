@@ -112,6 +112,7 @@ fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::upstream::Ups
         })),
     });
     if let Some(live) = live {
+        v["endpoints_healthy"] = json!((0..u.endpoints.len()).map(|i| live.healthy(i)).collect::<Vec<_>>());
         if let Some(b) = &live.bulkhead {
             let m = b.metrics();
             v["bulkhead_now"] = json!({ "active": m.active, "queued": m.queued, "rejected": m.rejected });

@@ -121,10 +121,12 @@ pub(crate) async fn handle(
                 count.fetch_add(1, Ordering::Relaxed);
                 route.metrics.attempt();
                 let attempt = upstream_request(&route, &parts, &mut prepared);
-                let client = route.upstream.client.clone();
+                let upstream = &route.upstream;
                 async move {
-                    let req = attempt.ok_or(UpstreamError::BodyGone)?;
-                    client.request(req).await.map_err(UpstreamError::from_client)
+                    let (endpoint, req) = attempt.ok_or(UpstreamError::BodyGone)?;
+                    let result = upstream.client.request(req).await.map_err(UpstreamError::from_client);
+                    upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
+                    result
                 }
             })
             .await;
@@ -213,14 +215,14 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
     (r.map(Either::Right), Outcome::BadRequest)
 }
 
-/// Builds the request for one attempt, or `None` if the body cannot be sent again.
+/// Builds the request for one attempt (and the endpoint it goes to), or `None` if the body cannot be sent again.
 fn upstream_request(
     route: &RouteRt,
     parts: &http::request::Parts,
     body: &mut Prepared<Limited<Incoming>>,
-) -> Option<Request<UpstreamBody>> {
+) -> Option<(usize, Request<UpstreamBody>)> {
     let body = body.attempt()?;
-    let endpoint = route.upstream.pick();
+    let (index, endpoint) = route.upstream.pick();
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let rewritten;
     let path_and_query = if route.spec.strip_prefix {
@@ -243,7 +245,7 @@ fn upstream_request(
             headers.insert(header::HOST, host);
         }
     }
-    req.body(body).ok()
+    req.body(body).ok().map(|r| (index, r))
 }
 
 /// Turns a failed call into the answer for the client. Errors become responses here and nowhere else.

@@ -3,7 +3,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use envelope_core::bulkhead::{Bulkhead, Config as BulkheadConfig};
 use envelope_core::circuit_breaker::{CircuitBreaker, State};
@@ -22,10 +25,25 @@ use crate::config::{BreakerMode, Endpoint, Upstream};
 /// The body the client sends upstream: a replayable buffer, or the client's body streamed once.
 pub(crate) type UpstreamBody = AttemptBody<Limited<Incoming>>;
 
+/// Consecutive connection failures after which an endpoint is taken out of rotation.
+pub(crate) const EJECT_AFTER_FAILURES: u32 = 3;
+/// How long an ejected endpoint stays out of rotation before it is tried again.
+pub(crate) const EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// Passive health of one endpoint: consecutive connection failures, and until when it is out of rotation.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointHealth {
+    failures: AtomicU32,
+    /// Nanoseconds since the upstream's epoch; 0 when in rotation.
+    ejected_until: AtomicU64,
+}
+
 /// An upstream, ready to take requests.
 pub(crate) struct UpstreamRt {
     pub(crate) spec: Upstream,
     next: AtomicUsize,
+    epoch: Instant,
+    pub(crate) health: Vec<EndpointHealth>,
     pub(crate) client: Client<HttpConnector, UpstreamBody>,
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
@@ -61,13 +79,52 @@ impl UpstreamRt {
             config.listeners = listeners.clone();
             RateLimiter::new(spec.name.clone(), config)
         });
-        Arc::new(UpstreamRt { spec: spec.clone(), next: AtomicUsize::new(0), client, breaker, bulkhead, rate_limit })
+        Arc::new(UpstreamRt {
+            spec: spec.clone(),
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            health: spec.endpoints.iter().map(|_| EndpointHealth::default()).collect(),
+            client,
+            breaker,
+            bulkhead,
+            rate_limit,
+        })
     }
 
-    /// The next endpoint, round-robin.
-    pub(crate) fn pick(&self) -> &Endpoint {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.spec.endpoints.len();
-        &self.spec.endpoints[i]
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// The next endpoint in rotation, round-robin, skipping ejected endpoints (unless all are ejected).
+    pub(crate) fn pick(&self) -> (usize, &Endpoint) {
+        let n = self.spec.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = if n > 1 { self.now() } else { 0 };
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| n == 1 || self.health[i].ejected_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n);
+        (i, &self.spec.endpoints[i])
+    }
+
+    /// Records whether a connection to endpoint `i` could be made.
+    pub(crate) fn report(&self, i: usize, connected: bool) {
+        let h = &self.health[i];
+        if connected {
+            if h.failures.load(Ordering::Relaxed) != 0 {
+                h.failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if h.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER_FAILURES {
+            h.failures.store(0, Ordering::Relaxed);
+            h.ejected_until.store(self.now() + EJECT_FOR.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether endpoint `i` is in rotation now.
+    pub(crate) fn healthy(&self, i: usize) -> bool {
+        self.health[i].ejected_until.load(Ordering::Relaxed) <= self.now()
     }
 }
 
