@@ -192,3 +192,16 @@ async fn request_ids_are_kept_or_replaced_and_every_log_line_is_one_json_object(
     assert_eq!(log[0]["request_id"], "client-42");
     assert_eq!(log[5]["status"], 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served_too() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(get(env.addr, "/api/h2"))).await.unwrap().unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-request-id"));
+    assert_eq!(up.count("GET", "/api/h2"), 1);
+}
