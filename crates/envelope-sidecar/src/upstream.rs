@@ -16,6 +16,7 @@ use envelope_core::{HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
 use http_body_util::Limited;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -44,7 +45,7 @@ pub(crate) struct UpstreamRt {
     next: AtomicUsize,
     epoch: Instant,
     pub(crate) health: Vec<EndpointHealth>,
-    pub(crate) client: Client<HttpConnector, UpstreamBody>,
+    pub(crate) client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
     pub(crate) rate_limit: Option<RateLimiter>,
@@ -55,7 +56,12 @@ impl UpstreamRt {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(spec.connect_timeout));
         connector.set_nodelay(true);
-        connector.enforce_http(true);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(&spec.extra_roots))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(spec.idle_timeout)
             .pool_max_idle_per_host(spec.max_idle_per_endpoint)
@@ -126,6 +132,21 @@ impl UpstreamRt {
     pub(crate) fn healthy(&self, i: usize) -> bool {
         self.health[i].ejected_until.load(Ordering::Relaxed) <= self.now()
     }
+}
+
+/// TLS for https endpoints: the Mozilla roots (webpki-roots) plus the upstream's `ca_file`, with ring.
+fn tls_config(extra_roots: &[Vec<u8>]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for der in extra_roots {
+        // Validated when the config was loaded; a certificate rustls cannot use is skipped.
+        let _ = roots.add(rustls_pki_types::CertificateDer::from(der.clone()));
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 impl fmt::Debug for UpstreamRt {

@@ -199,7 +199,8 @@ async fn http2_clients_are_served_too() {
     let env = envelope(CONFIG, up.addr).await;
     let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
-    let resp = tokio::time::timeout(Duration::from_secs(10), h2.request(get(env.addr, "/api/h2"))).await.unwrap().unwrap();
+    let resp =
+        tokio::time::timeout(Duration::from_secs(10), h2.request(get(env.addr, "/api/h2"))).await.unwrap().unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers().contains_key("x-request-id"));

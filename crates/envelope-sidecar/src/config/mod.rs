@@ -204,6 +204,8 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     /// Idle pooled connections kept per endpoint.
     pub max_idle_per_endpoint: usize,
+    /// Extra trusted root certificates (PEM, DER-encoded) for https endpoints, besides the Mozilla roots.
+    pub extra_roots: Vec<Vec<u8>>,
     /// Bulkhead, if any.
     pub bulkhead: Option<BulkheadSpec>,
     /// Circuit breaker, if any.
@@ -473,12 +475,29 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         endpoints.push(Endpoint { scheme, authority });
     }
     let breaker = u.breaker.as_ref().map(|b| resolve_breaker(i, b)).transpose()?;
+    let extra_roots = match &u.ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            use rustls_pki_types::CertificateDer;
+            use rustls_pki_types::pem::PemObject;
+            let bad = |why: String| invalid(path, field("ca_file"), format!("`{}`: {why}", path.get_ref()));
+            let certs = CertificateDer::pem_file_iter(path.get_ref())
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in the file".to_owned()));
+            }
+            certs.into_iter().map(|c| c.to_vec()).collect()
+        }
+    };
     Ok(Upstream {
         name: u.name.get_ref().clone(),
         endpoints,
         connect_timeout: u.connect_timeout.map_or(defaults.connect_timeout, |d| d.0),
         idle_timeout: u.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
         max_idle_per_endpoint: u.max_idle_per_endpoint.unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
+        extra_roots,
         bulkhead: u.bulkhead.as_ref().map(|b| BulkheadSpec {
             max_concurrent: b.max_concurrent.0 as usize,
             queue: b.queue.unwrap_or(0) as usize,

@@ -55,6 +55,7 @@ pub(crate) struct RawUpstream {
     pub(crate) connect_timeout: Option<PositiveDur>,
     pub(crate) idle_timeout: Option<PositiveDur>,
     pub(crate) max_idle_per_endpoint: Option<usize>,
+    pub(crate) ca_file: Option<Spanned<String>>,
     pub(crate) bulkhead: Option<RawBulkhead>,
     pub(crate) breaker: Option<Spanned<RawBreaker>>,
     pub(crate) rate_limit: Option<RawRateLimit>,

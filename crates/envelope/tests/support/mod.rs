@@ -98,6 +98,39 @@ impl FaultUpstream {
         FaultUpstream { addr, state }
     }
 
+    /// Like [`FaultUpstream::start`], over TLS with a fresh self-signed certificate for 127.0.0.1 and localhost;
+    /// returns the certificate (PEM) to trust.
+    pub async fn start_tls() -> (FaultUpstream, String) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let pem = cert.cert.pem();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (state, acceptor) = (shared.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (FaultUpstream { addr, state }, pem)
+    }
+
     /// Scripts `path`: each request takes the next action; the last repeats.
     pub fn script(&self, path: &str, actions: impl IntoIterator<Item = Action>) {
         self.state.lock().unwrap().scripts.insert(path.to_owned(), actions.into_iter().collect());

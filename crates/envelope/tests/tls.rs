@@ -1,0 +1,52 @@
+//! https upstreams: TLS with rustls, trusting the upstream's `ca_file`; an untrusted certificate is a connect error.
+
+mod support;
+
+use http::StatusCode;
+use support::{FaultUpstream, TempDir, envelope, get, send};
+
+fn config(ca_file: Option<&str>) -> String {
+    let ca = ca_file.map(|p| format!("ca_file = \"{p}\"\n")).unwrap_or_default();
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "egress"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "payments-api"
+endpoints = ["https://{{upstream}}"]
+{ca}
+[[route]]
+name = "payments"
+match = {{ path_prefix = "/payments" }}
+strip_prefix = true
+upstream = "payments-api"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_reached_over_tls_with_prefix_stripping() {
+    let (up, pem) = FaultUpstream::start_tls().await;
+    let dir = TempDir::new();
+    let ca = dir.0.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let env = envelope(&config(Some(ca.to_str().unwrap())), up.addr).await;
+    let (status, _, body) = send(get(env.addr, "/payments/v1/charges?limit=2")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(up.count("GET", "/v1/charges"), 1, "the prefix was stripped on the way out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_refused() {
+    let (up, _) = FaultUpstream::start_tls().await;
+    let env = envelope(&config(None), up.addr).await;
+    let (status, _, body) = send(get(env.addr, "/payments/x")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(String::from_utf8_lossy(&body).contains("connect_error"));
+    assert_eq!(up.count("GET", "/x"), 0);
+}
