@@ -10,6 +10,7 @@
 //! | [`body`] | request bodies replayable within a memory cap |
 //! | [`problem`] | local errors as RFC 9457 `problem+json` responses, in one place |
 //! | [`headers`] | hop-by-hop headers, `X-Forwarded-For` |
+//! | [`observe`] | RED metrics and a JSON access log as tower layers |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -17,6 +18,7 @@ pub mod body;
 pub mod classify;
 pub mod headers;
 pub mod idempotency;
+pub mod observe;
 pub mod problem;
 pub mod request_id;
 

@@ -79,6 +79,8 @@ pub fn problem(
     if let Some(id) = request_id {
         headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
+    // Layers further out (access log, metrics) read the true outcome from here rather than guess it from the status.
+    response.extensions_mut().insert(outcome);
     response
 }
 
