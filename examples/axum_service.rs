@@ -49,7 +49,7 @@ impl std::fmt::Display for Unavailable {
 async fn inventory(calls: &AtomicU32) -> Result<u32, Unavailable> {
     let n = calls.fetch_add(1, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(2)).await;
-    if n % 2 == 0 { Err(Unavailable) } else { Ok(42) }
+    if n.is_multiple_of(2) { Err(Unavailable) } else { Ok(42) }
 }
 
 async fn stock(State(app): State<App>, request_id: Option<axum::Extension<RequestId>>) -> Response {
