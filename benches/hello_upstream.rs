@@ -54,7 +54,8 @@ fn main() {
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(body)))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 counts.open.set(counts.open.get() - 1);
             });
         }

@@ -98,15 +98,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// The async runtime: one worker per CPU, or `ENVELOPE_WORKERS`.
+/// The async runtime: one worker per CPU, or `ENVELOPE_WORKERS`. With one worker the sidecar runs on a
+/// current-thread runtime: everything on the thread that serves, no cross-thread wake-ups.
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Ok(v) = std::env::var("ENVELOPE_WORKERS") {
-        let n: usize = v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| format!("ENVELOPE_WORKERS: invalid value `{v}`"))?;
-        builder.worker_threads(n);
-    }
-    builder.build().map_err(|e| format!("cannot start the async runtime: {e}"))
+    let workers = match std::env::var("ENVELOPE_WORKERS") {
+        Ok(v) => Some(
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("ENVELOPE_WORKERS: invalid value `{v}`"))?,
+        ),
+        Err(_) => None,
+    };
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 /// What a config resolves to, for `envelope check`.
