@@ -133,6 +133,7 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
         "name": r.name,
         "listener": c.listeners[r.listener].name,
         "path_prefix": r.path_prefix,
+        "template": r.template.is_some(),
         "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
         "strip_prefix": r.strip_prefix,
         "upstream": c.upstreams[r.upstream].name,

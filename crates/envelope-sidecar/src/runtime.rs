@@ -103,7 +103,8 @@ impl Runtime {
                         }
                     })
                     .collect();
-                routes.sort_by_key(|r| std::cmp::Reverse(r.spec.path_prefix.len()));
+                // Most specific first: templates before prefixes with the same literal start, longer literals first.
+                routes.sort_by_key(|r| std::cmp::Reverse((r.spec.path_prefix.len(), r.spec.template.is_some())));
                 ListenerRt { shedder, metrics: metrics.listener(&l.name), routes }
             })
             .collect();
@@ -158,6 +159,10 @@ impl RouteRt {
 
     /// Whether this route takes a request for `path` and `method`.
     pub(crate) fn matches(&self, path: &str, method: &Method) -> bool {
+        if let Some(template) = &self.spec.template {
+            return crate::config::template_matches(template, path)
+                && self.spec.methods.as_ref().is_none_or(|m| m.contains(method));
+        }
         let prefix = self.spec.path_prefix.as_str();
         let on_boundary = prefix.ends_with('/')
             || path.len() == prefix.len()

@@ -128,3 +128,23 @@ fn the_documented_example_is_valid() {
     let c = Config::parse("docs/configuration.md", &doc[start..end]).unwrap();
     assert_eq!(c.routes[0].name, "payments");
 }
+
+#[test]
+fn path_templates() {
+    use envelope_sidecar::config::{Segment, parse_template, template_matches};
+    let t = parse_template("/users/{id}/orders").unwrap();
+    assert_eq!(t, [Segment::Literal("users".into()), Segment::Any, Segment::Literal("orders".into())]);
+    assert!(template_matches(&t, "/users/42/orders"));
+    assert!(!template_matches(&t, "/users/42/orders/7"));
+    assert!(!template_matches(&t, "/users//orders"));
+    assert!(!template_matches(&t, "/users/42"));
+    let rest = parse_template("/files/{*path}").unwrap();
+    assert!(template_matches(&rest, "/files/a/b/c"));
+    assert!(!template_matches(&rest, "/other/a"));
+    for bad in ["users/{id}", "/a/{*rest}/b", "/a/b{id}", "/a/{}", "/a/{i-d}"] {
+        assert!(parse_template(bad).is_err(), "{bad}");
+    }
+    let e = Config::parse("envelope.toml", &VALID.replace("path_prefix = \"/reports\"", "path = \"/reports/{x\""))
+        .unwrap_err();
+    assert_eq!(e.field, "route[1].match.path");
+}

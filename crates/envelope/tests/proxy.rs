@@ -206,3 +206,65 @@ async fn http2_clients_are_served_too() {
     assert!(resp.headers().contains_key("x-request-id"));
     assert_eq!(up.count("GET", "/api/h2"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_admits_exactly_the_configured_probes() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/probe", [Action::status(500)]);
+    let env = envelope(CONFIG, up.addr).await;
+    for _ in 0..4 {
+        send(get(env.addr, "/api/probe")).await;
+    }
+    assert_eq!(send(get(env.addr, "/api/probe")).await.0, StatusCode::SERVICE_UNAVAILABLE, "open");
+    // Slow, healthy probes: while the 2 admitted probes are out, every other request is rejected at once.
+    up.script("/api/probe", [Action::delayed(200, Duration::from_millis(200))]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = up.count("GET", "/api/probe");
+    let addr = env.addr;
+    let tasks: Vec<_> = (0..8).map(|_| tokio::spawn(async move { send(get(addr, "/api/probe")).await.0 })).collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 2, "exactly half_open_calls = 2 probes admitted: {statuses:?}");
+    assert_eq!(up.count("GET", "/api/probe") - before, 2, "and only they reached the upstream");
+    assert_eq!(send(get(env.addr, "/api/probe")).await.0, StatusCode::OK, "two healthy probes closed the breaker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_path_templates_and_methods() {
+    let up = FaultUpstream::start().await;
+    let config = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "app"
+endpoints = ["http://{upstream}"]
+
+[[route]]
+name = "user-orders"
+match = { path = "/users/{id}/orders", methods = ["GET"] }
+upstream = "app"
+
+[[route]]
+name = "files"
+match = { path = "/files/{*path}" }
+upstream = "app"
+"#;
+    let env = envelope(config, up.addr).await;
+    assert_eq!(send(get(env.addr, "/users/7/orders")).await.0, StatusCode::OK);
+    assert_eq!(send(get(env.addr, "/users/7/profile")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(send(post(env.addr, "/users/7/orders", b"{}", None)).await.0, StatusCode::NOT_FOUND, "GET only");
+    assert_eq!(send(get(env.addr, "/files/a/b/c.txt")).await.0, StatusCode::OK);
+    assert_eq!(up.count("GET", "/users/7/orders"), 1);
+    assert_eq!(up.count("GET", "/files/a/b/c.txt"), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let routes: Vec<_> = env.access_log().iter().map(|l| l["route"].clone()).collect();
+    assert_eq!(routes[0], "user-orders", "the route name, not the raw path, labels the request");
+}

@@ -227,6 +227,61 @@ pub struct RetrySpec {
     pub budget: (f32, u32, Duration),
 }
 
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Exactly this text.
+    Literal(String),
+    /// Any one non-empty segment.
+    Any,
+    /// The rest of the path (last segment only).
+    Rest,
+}
+
+/// Parses a path template such as `/users/{id}/orders` or `/files/{*path}`.
+pub fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
+    let Some(rest) = template.strip_prefix('/') else { return Err("must start with `/`".to_owned()) };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let seg = match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            Some(name) if name.starts_with('*') && i + 1 == parts.len() && name.len() > 1 => Segment::Rest,
+            Some(name) if name.starts_with('*') => return Err("`{*name}` must be the last segment".to_owned()),
+            Some(name) if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                Segment::Any
+            }
+            Some(_) => return Err(format!("`{part}` is not a valid parameter")),
+            None if part.contains('{') || part.contains('}') => {
+                return Err(format!("`{part}`: a parameter must be a whole segment"));
+            }
+            None => Segment::Literal((*part).to_owned()),
+        };
+        out.push(seg);
+    }
+    Ok(out)
+}
+
+/// Whether `path` matches `template`.
+pub fn template_matches(template: &[Segment], path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else { return false };
+    let mut parts = rest.split('/');
+    for seg in template {
+        match seg {
+            Segment::Rest => return true,
+            Segment::Any => match parts.next() {
+                Some(p) if !p.is_empty() => {}
+                _ => return false,
+            },
+            Segment::Literal(l) => {
+                if parts.next() != Some(l.as_str()) {
+                    return false;
+                }
+            }
+        }
+    }
+    parts.next().is_none()
+}
+
 /// A route.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -234,8 +289,11 @@ pub struct Route {
     pub name: String,
     /// Index of its listener.
     pub listener: usize,
-    /// Path prefix matched.
+    /// Path prefix matched (for a template, its literal start).
     pub path_prefix: String,
+    /// Path template matched instead of the prefix: segments, `{name}` for any one segment, a last `{*name}` for
+    /// the rest of the path.
+    pub template: Option<Vec<Segment>>,
     /// Methods matched (`None`: all).
     pub methods: Option<Vec<Method>>,
     /// Whether the prefix is removed before forwarding.
@@ -612,9 +670,22 @@ fn resolve_route(
         invalid(&r.upstream, field("upstream"), format!("no upstream named `{}`", r.upstream.get_ref()))
     })?;
     let m = r.matcher.get_ref();
-    let path_prefix = m.path_prefix.clone().unwrap_or_else(|| "/".to_owned());
+    let (path_prefix, template) = match (&m.path_prefix, &m.path) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(&r.matcher, field("match"), "give `path_prefix` or `path`, not both"));
+        }
+        (_, Some(t)) => {
+            let segments = parse_template(t).map_err(|e| invalid(&r.matcher, field("match.path"), e))?;
+            let literal = t.split('{').next().unwrap_or("/").to_owned();
+            (literal, Some(segments))
+        }
+        (p, None) => (p.clone().unwrap_or_else(|| "/".to_owned()), None),
+    };
     if !path_prefix.starts_with('/') {
         return Err(invalid(&r.matcher, field("match.path_prefix"), "must start with `/`"));
+    }
+    if template.is_some() && r.strip_prefix == Some(true) {
+        return Err(invalid(&r.matcher, field("strip_prefix"), "only a `path_prefix` route can strip its prefix"));
     }
     let methods = match &m.methods {
         None => None,
@@ -648,6 +719,7 @@ fn resolve_route(
         listener,
         tier: r.tier.unwrap_or_else(|| tier_by_path(&path_prefix)),
         path_prefix,
+        template,
         methods,
         strip_prefix: r.strip_prefix.unwrap_or(false),
         upstream,

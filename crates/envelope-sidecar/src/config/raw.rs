@@ -140,6 +140,7 @@ pub(crate) struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMatch {
     pub(crate) path_prefix: Option<String>,
+    pub(crate) path: Option<String>,
     pub(crate) methods: Option<Vec<Spanned<String>>>,
 }
 
