@@ -17,6 +17,7 @@
 //! Nothing here returns an error to hyper: every outcome is a response, so no connection is dropped for a
 //! local failure.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -39,8 +40,53 @@ use crate::access_log::{self, Entry};
 use crate::runtime::{RouteRt, Runtime};
 use crate::upstream::{UpstreamBody, UpstreamError};
 
-/// What the sidecar answers with: the upstream's body, or a local one.
-pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
+pub(crate) type ProxyBody = Either<DeadlineBody<Incoming>, Full<Bytes>>;
+
+pin_project_lite::pin_project! {
+    /// An upstream body that must finish by the route's deadline: the route timeout covers the whole response, not
+    /// only its head. A body that stalls past it is cut off (the client sees the response end early, the upstream
+    /// connection is closed).
+    pub(crate) struct DeadlineBody<B> {
+        #[pin]
+        body: B,
+        #[pin]
+        deadline: tokio::time::Sleep,
+    }
+}
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let std::task::Poll::Ready(frame) = this.body.poll_frame(cx) {
+            return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match this.deadline.poll(cx) {
+            std::task::Poll::Ready(()) => {
+                std::task::Poll::Ready(Some(Err(envelope_core::timeout::Elapsed::new(Duration::ZERO).into())))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// The result of one attempt.
 type Attempt = Result<Response<Incoming>, UpstreamError>;
@@ -138,7 +184,8 @@ pub(crate) async fn handle(
             Ok(mut upstream) => {
                 strip_hop_by_hop(upstream.headers_mut());
                 upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
-                (upstream.map(Either::Left), outcome)
+                let deadline = tokio::time::sleep_until(start + route.spec.timeout);
+                (upstream.map(|body| Either::Left(DeadlineBody { body, deadline })), outcome)
             }
             Err(e) => (answer_error(e, outcome, &id, &route), outcome),
         }

@@ -268,3 +268,19 @@ upstream = "app"
     let routes: Vec<_> = env.access_log().iter().map(|l| l["route"].clone()).collect();
     assert_eq!(routes[0], "user-orders", "the route name, not the raw path, labels the request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_timeout_covers_a_stalled_response_body() {
+    let up = FaultUpstream::start().await;
+    up.script("/slow/body", [Action::StallBody(Duration::from_secs(5))]);
+    let env = envelope(CONFIG, up.addr).await;
+    let started = Instant::now();
+    let resp = support::client().request(get(env.addr, "/slow/body")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the head arrived in time");
+    let body = tokio::time::timeout(Duration::from_secs(3), http_body_util::BodyExt::collect(resp.into_body())).await;
+    assert!(
+        body.expect("cut off well before the upstream's 5 s stall").is_err(),
+        "the body was cut off, not completed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}

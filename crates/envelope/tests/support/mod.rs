@@ -27,7 +27,43 @@ pub enum Action {
     ResetBeforeBody,
     /// Read the body, then close the connection without answering.
     ResetAfterBody,
+    /// Answer 200 with the first part of a body, then stall for this long before the rest.
+    StallBody(Duration),
 }
+
+/// A body that sends a first chunk, stalls, then ends.
+pub struct Stalling {
+    first: Option<Bytes>,
+    stall: std::pin::Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl http_body::Body for Stalling {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.stall.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b" and the rest")))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+type UpBody = http_body_util::Either<Full<Bytes>, Stalling>;
 
 impl Action {
     pub fn status(status: u16) -> Action {
@@ -153,7 +189,7 @@ impl FaultUpstream {
     }
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::io::Error> {
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<UpBody>, std::io::Error> {
     let path = req.uri().path().to_owned();
     let method = req.method().to_string();
     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
@@ -174,13 +210,23 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     state.lock().unwrap().bodies.entry(path.clone()).or_default().push(body.clone());
     match action {
         Action::ResetAfterBody | Action::ResetBeforeBody => Err(std::io::Error::other("reset after body")),
+        Action::StallBody(stall) => {
+            let body = Stalling {
+                first: Some(Bytes::from_static(b"first part")),
+                stall: Box::pin(tokio::time::sleep(stall)),
+                done: false,
+            };
+            Ok(Response::new(http_body_util::Either::Right(body)))
+        }
         Action::Respond { status, delay, headers } => {
             let mut guard = CancelGuard { state: state.clone(), done: false };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             guard.done = true;
-            let mut r = Response::new(Full::new(Bytes::from(format!("{status} from upstream {path}"))));
+            let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(format!(
+                "{status} from upstream {path}"
+            )))));
             *r.status_mut() = StatusCode::from_u16(status).unwrap();
             for (name, value) in headers {
                 r.headers_mut().insert(name, value.parse().unwrap());
