@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The end-to-end tests signal the sidecar with kill(1) (procps); install it on a machine without it.
+if ! command -v /usr/bin/kill >/dev/null 2>&1 && ! command -v /bin/kill >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq procps
+fi
+
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace
 
