@@ -164,6 +164,8 @@ async fn request_ids_are_kept_or_replaced_and_every_log_line_is_one_json_object(
     let env = envelope(CONFIG, up.addr).await;
     let mut req = get(env.addr, "/api/ids");
     req.headers_mut().insert("x-request-id", "client-42".parse().unwrap());
+    req.headers_mut().insert("authorization", "Bearer top-secret-token".parse().unwrap());
+    req.headers_mut().insert("cookie", "session=secret-session-cookie".parse().unwrap());
     let (_, headers, _) = send(req).await;
     assert_eq!(headers["x-request-id"], "client-42");
 
@@ -190,6 +192,8 @@ async fn request_ids_are_kept_or_replaced_and_every_log_line_is_one_json_object(
         assert!(line["request_id"].as_str().unwrap().len() <= 128);
     }
     assert_eq!(log[0]["request_id"], "client-42");
+    let raw = env.log.lock().unwrap().join("\n");
+    assert!(!raw.contains("top-secret-token") && !raw.contains("secret-session-cookie"), "secrets never logged");
     assert_eq!(log[5]["status"], 404);
 }
 
