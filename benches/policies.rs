@@ -348,8 +348,8 @@ fn scaling() -> Vec<(String, Vec<f64>)> {
     let mut ratios: Vec<(String, Vec<f64>)> = makers.iter().map(|(n, _)| (n.clone(), Vec::new())).collect();
     for _ in 0..7 {
         for (i, (_, make)) in makers.iter().enumerate() {
-            let one = breaker_throughput(make.as_ref(), 1, 2_000_000);
-            let two = breaker_throughput(make.as_ref(), 2, 2_000_000);
+            let one = breaker_throughput(make.as_ref(), 1, 20_000_000);
+            let two = breaker_throughput(make.as_ref(), 2, 20_000_000);
             ratios[i].1.push(two / one);
         }
     }
