@@ -65,12 +65,13 @@ async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let content_type = if openmetrics {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    if openmetrics {
+        let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        ([(header::CONTENT_TYPE, content_type)], s.metrics.encode_openmetrics()).into_response()
     } else {
-        "text/plain; version=0.0.4; charset=utf-8"
-    };
-    ([(header::CONTENT_TYPE, content_type)], s.metrics.encode()).into_response()
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode_prometheus())
+            .into_response()
+    }
 }
 
 async fn config(State(s): State<AdminState>) -> axum::Json<Value> {

@@ -296,11 +296,52 @@ impl Metrics {
         }
     }
 
-    /// The exposition text (OpenMetrics, which Prometheus reads too).
-    pub(crate) fn encode(&self) -> String {
+    /// The OpenMetrics text exposition.
+    pub(crate) fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub(crate) fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites an OpenMetrics exposition as Prometheus text 0.0.4: a counter family is named with its `_total` suffix
+/// in `HELP` and `TYPE` (as its samples are), and the OpenMetrics-only `UNIT` and `EOF` lines are dropped.
+pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_prometheus;
+
+    #[test]
+    fn counters_are_named_with_total_and_openmetrics_lines_dropped() {
+        let om = "# HELP envelope_requests Requests.\n# TYPE envelope_requests counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n# UNIT envelope_x seconds\n# EOF\n";
+        let text = openmetrics_to_prometheus(om);
+        assert_eq!(
+            text,
+            "# HELP envelope_requests_total Requests.\n# TYPE envelope_requests_total counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n"
+        );
     }
 }
 

@@ -62,6 +62,8 @@ async fn outcome_counters_add_up_to_the_requests_sent() {
     assert_eq!(sum(&text, "envelope_upstream_attempts_total", ""), up.count("GET", "/api/mixed") as f64);
     assert_eq!(sum(&text, "envelope_requests_in_flight", ""), 0.0);
     assert_eq!(sum(&text, "envelope_breaker_state", "state=\"closed\""), 1.0);
+    assert!(text.contains("# TYPE envelope_requests_total counter"), "Prometheus text names counters with _total");
+    assert!(!text.contains("# EOF"));
     // OpenMetrics on request.
     let mut req = get(env.admin, "/metrics");
     req.headers_mut().insert("accept", "application/openmetrics-text; version=1.0.0".parse().unwrap());
