@@ -330,21 +330,6 @@ pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::openmetrics_to_prometheus;
-
-    #[test]
-    fn counters_are_named_with_total_and_openmetrics_lines_dropped() {
-        let om = "# HELP envelope_requests Requests.\n# TYPE envelope_requests counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n# UNIT envelope_x seconds\n# EOF\n";
-        let text = openmetrics_to_prometheus(om);
-        assert_eq!(
-            text,
-            "# HELP envelope_requests_total Requests.\n# TYPE envelope_requests_total counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n"
-        );
-    }
-}
-
 impl RouteMetrics {
     /// Counts one answered request.
     pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64) {
@@ -357,5 +342,20 @@ impl RouteMetrics {
     /// Counts one attempt sent upstream.
     pub(crate) fn attempt(&self) {
         self.attempts.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_prometheus;
+
+    #[test]
+    fn counters_are_named_with_total_and_openmetrics_lines_dropped() {
+        let om = "# HELP envelope_requests Requests.\n# TYPE envelope_requests counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n# UNIT envelope_x seconds\n# EOF\n";
+        let text = openmetrics_to_prometheus(om);
+        assert_eq!(
+            text,
+            "# HELP envelope_requests_total Requests.\n# TYPE envelope_requests_total counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n"
+        );
     }
 }
