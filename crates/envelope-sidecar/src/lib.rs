@@ -18,6 +18,7 @@ mod metrics;
 mod proxy;
 mod runtime;
 pub mod server;
+mod slow_client;
 mod upstream;
 
 pub use envelope_http;

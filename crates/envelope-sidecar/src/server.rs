@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::runtime::Runtime;
+use crate::slow_client::SlowClientGuard;
 
 /// How often the config file is checked for changes.
 pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -303,6 +304,7 @@ async fn serve_listener(
         let runtime = runtime.clone();
         // Each request runs on the config current when it arrives; a reload never changes a request midway.
         let service = service_fn(move |req| proxy::handle(runtime.load_full(), index, remote, req));
+        let stream = SlowClientGuard::new(stream, spec.header_read_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let mut stop = stop.clone();
         tokio::spawn(async move {
