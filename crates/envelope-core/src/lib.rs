@@ -19,6 +19,7 @@
 //! | [`fallback`] | degraded answer on chosen outcomes | Polly fallback |
 //! | [`fault`] | injected failures and latency | Polly chaos, Envoy fault filter |
 //! | [`compose`] | all of the above, in order | |
+//! | [`slo`] | good/total events in rolling windows, error budgets, burn-rate alerts | Google SRE workbook |
 //! | [`event`] | what policies did, for metrics and logs | resilience4j events |
 //!
 //! # Time
@@ -58,6 +59,7 @@ pub mod outcome;
 pub mod rate_limit;
 pub mod retry;
 pub mod shed;
+pub mod slo;
 mod sync;
 pub mod timeout;
 
