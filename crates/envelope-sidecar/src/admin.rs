@@ -10,6 +10,7 @@
 //! | `/api/v1/routes` | GET | routes and their policies |
 //! | `/api/v1/upstreams` | GET | upstreams, endpoints, bulkhead and rate-limit state |
 //! | `/api/v1/breakers` | GET | every breaker's state and window |
+//! | `/api/v1/slo` | GET | per route: objective, availability, error budget left, burn rates, alerts |
 //! | `/api/v1/breakers/{upstream}/force-open` | POST | force the breaker open |
 //! | `/api/v1/breakers/{upstream}/force-close` | POST | force the breaker closed |
 //! | `/api/v1/breakers/{upstream}/reset` | POST | back to closed with an empty window |
@@ -48,6 +49,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/upstreams", get(upstreams))
         .route("/api/v1/breakers", get(breakers))
+        .route("/api/v1/slo", get(slo))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
         .with_state(state)
 }
@@ -60,7 +62,52 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
 }
 
+async fn slo(State(s): State<AdminState>) -> axum::Json<Value> {
+    let rt = s.runtime.load();
+    let names = ["5m", "30m", "1h", "6h", "3d", "30d"];
+    let all: Vec<Value> = rt
+        .listeners
+        .iter()
+        .flat_map(|l| l.routes.iter())
+        .map(|r| {
+            let o = r.slo.objective();
+            let rep = r.slo.report();
+            let per_window = |values: &[f64; 6]| -> Value {
+                names
+                    .iter()
+                    .zip(values)
+                    .map(|(n, v)| ((*n).to_owned(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            };
+            json!({
+                "route": r.spec.name,
+                "tier": format!("{:?}", r.spec.tier),
+                "objective": {
+                    "availability": o.availability,
+                    "latency_threshold_ms": o.latency_threshold.as_millis() as u64,
+                    "latency_percentile": o.latency_percentile,
+                },
+                "events": names.iter().zip(rep.windows).map(|(n, c)| ((*n).to_owned(), json!({
+                    "total": c.total, "errors": c.errors, "slow": c.slow,
+                }))).collect::<serde_json::Map<_, _>>(),
+                "availability": rep.availability,
+                "error_budget_remaining": rep.budget_remaining,
+                "burn_rates": per_window(&rep.burn_rates),
+                "alert": format!("{:?}", rep.alert).to_lowercase(),
+                "latency_budget_remaining": rep.latency_budget_remaining,
+                "latency_burn_rates": per_window(&rep.latency_burn_rates),
+                "latency_alert": format!("{:?}", rep.latency_alert).to_lowercase(),
+            })
+        })
+        .collect();
+    axum::Json(json!(all))
+}
+
 async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    for route in s.runtime.load().listeners.iter().flat_map(|l| l.routes.iter()) {
+        s.metrics.slo(&route.spec.name, &route.slo.report());
+    }
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

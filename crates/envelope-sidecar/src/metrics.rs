@@ -22,6 +22,8 @@
 //! | `envelope_shed_total` | counter | `listener`, `priority` |
 //! | `envelope_timeouts_total` | counter | `route` |
 //! | `envelope_config_reloads_total` | counter | `result` (`ok`, `rejected`) |
+//! | `envelope_slo_error_budget_remaining` | gauge | `route` |
+//! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 
 use std::sync::Arc;
 
@@ -105,6 +107,12 @@ struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BurnLabels {
+    route: String,
+    window: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -128,6 +136,8 @@ pub(crate) struct Metrics {
     shed: Family<ShedLabels, Counter>,
     timeouts: Family<RouteLabel, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    slo_budget: Family<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    slo_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// A route's metric handles, resolved at config load.
@@ -167,6 +177,8 @@ impl Metrics {
             shed: Family::default(),
             timeouts: Family::default(),
             reloads: Family::default(),
+            slo_budget: Family::default(),
+            slo_burn: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests answered, by route, outcome and status class", m.requests.clone());
@@ -192,6 +204,12 @@ impl Metrics {
         registry.register("shed", "Requests shed by a listener, by priority", m.shed.clone());
         registry.register("timeouts", "Deadlines and attempt timeouts that fired", m.timeouts.clone());
         registry.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        registry.register(
+            "slo_error_budget_remaining",
+            "Share of the availability error budget left over 30 days",
+            m.slo_budget.clone(),
+        );
+        registry.register("slo_burn_rate", "Availability burn rate per window", m.slo_burn.clone());
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -233,6 +251,14 @@ impl Metrics {
         for s in State::ALL {
             let labels = StateLabels { upstream: upstream.to_owned(), state: s.as_str() };
             self.breaker_state.get_or_create(&labels).set(i64::from(s == state));
+        }
+    }
+
+    /// Publishes a route's SLO state (called on each scrape).
+    pub(crate) fn slo(&self, route: &str, report: &envelope_core::slo::Report) {
+        self.slo_budget.get_or_create(&RouteLabel { route: route.to_owned() }).set(report.budget_remaining);
+        for (window, rate) in ["5m", "30m", "1h", "6h", "3d", "30d"].into_iter().zip(report.burn_rates) {
+            self.slo_burn.get_or_create(&BurnLabels { route: route.to_owned(), window }).set(rate);
         }
     }
 

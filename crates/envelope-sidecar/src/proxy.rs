@@ -198,6 +198,7 @@ pub(crate) async fn handle(
     let elapsed = start.elapsed();
     if let Some(route) = &pending.route {
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64());
+        route.slo.record(counts_against_availability(outcome), elapsed);
     }
     pending.done = true;
     if spec.access_log {
@@ -253,6 +254,12 @@ impl Drop for Pending<'_> {
             outcome: Outcome::ClientCancelled,
         });
     }
+}
+
+/// Whether a request's outcome spends availability budget: anything the client could not get served, except its
+/// own mistakes (4xx, no route) and its own cancellation.
+fn counts_against_availability(outcome: Outcome) -> bool {
+    !matches!(outcome, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
 }
 
 /// A local answer that is not a policy outcome (404, 413, 414): status and a problem document.

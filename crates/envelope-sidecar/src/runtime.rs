@@ -14,6 +14,7 @@ use http::Method;
 use crate::config::{Config, Route, Shedding, Tier};
 use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::upstream::UpstreamRt;
+use envelope_core::slo::{Objective, Slo};
 
 /// Everything a request needs, built once per config (and again on reload).
 pub(crate) struct Runtime {
@@ -35,6 +36,8 @@ pub(crate) struct RouteRt {
     pub(crate) classifier: StatusClassifier,
     pub(crate) upstream: Arc<UpstreamRt>,
     pub(crate) metrics: RouteMetrics,
+    /// The route's SLO, from its tier. Kept across reloads while the route keeps its name and tier.
+    pub(crate) slo: Arc<Slo>,
 }
 
 impl Runtime {
@@ -98,7 +101,15 @@ impl Runtime {
                             Some(kept) => kept.clone(),
                             None => {
                                 let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name);
-                                Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics))
+                                // The SLO history survives a change of the route's other settings.
+                                let slo = previous
+                                    .and_then(|p| p.route_named(&r.name))
+                                    .filter(|old| old.spec.tier == r.tier)
+                                    .map(|old| old.slo.clone())
+                                    .unwrap_or_else(|| {
+                                        Arc::new(Slo::new(objective(r.tier)).expect("tier objectives are valid"))
+                                    });
+                                Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics, slo))
                             }
                         }
                     })
@@ -119,6 +130,7 @@ impl RouteRt {
         upstream: &Arc<UpstreamRt>,
         events: &Listeners,
         metrics: RouteMetrics,
+        slo: Arc<Slo>,
     ) -> RouteRt {
         let mut b = Envelope::builder()
             .name(spec.name.clone())
@@ -154,6 +166,7 @@ impl RouteRt {
             classifier: StatusClassifier::new().fail_on(spec.fail_on_status.iter().copied()),
             upstream: upstream.clone(),
             metrics,
+            slo,
         }
     }
 
@@ -169,6 +182,23 @@ impl RouteRt {
             || path.as_bytes().get(prefix.len()) == Some(&b'/')
             || path.as_bytes().get(prefix.len()) == Some(&b'?');
         path.starts_with(prefix) && on_boundary && self.spec.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+/// The SLO of a tier (ARCHITECTURE.md: critical 99.99 % / p95 100 ms, default 99.9 % / 200 ms, non-critical 99 % /
+/// 500 ms).
+pub(crate) fn objective(tier: Tier) -> Objective {
+    match tier {
+        Tier::Critical => Objective::CRITICAL,
+        Tier::Default => Objective::DEFAULT,
+        Tier::NonCritical => Objective::NON_CRITICAL,
+    }
+}
+
+impl Runtime {
+    /// The route named `name`, on any listener.
+    pub(crate) fn route_named(&self, name: &str) -> Option<&Arc<RouteRt>> {
+        self.listeners.iter().flat_map(|l| l.routes.iter()).find(|r| r.spec.name == name)
     }
 }
 

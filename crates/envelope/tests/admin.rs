@@ -120,3 +120,34 @@ async fn health_config_and_routes_are_served() {
     let ups: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(ups[0]["breaker_state"], "closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slo_state_is_served_per_route() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/slo", [Action::status(200), Action::status(200), Action::status(200), Action::status(503)]);
+    let env = envelope_with_env(
+        &CONFIG.replace("retry = { max_attempts = 2, base = \"1ms\", max_delay = \"10ms\" }", ""),
+        up.addr,
+        &[],
+    )
+    .await;
+    for _ in 0..4 {
+        send(get(env.addr, "/api/slo")).await;
+    }
+    let (_, _, body) = send(get(env.admin, "/api/v1/slo")).await;
+    let slo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let api = &slo[0];
+    assert_eq!(api["route"], "api");
+    assert_eq!(api["objective"]["availability"], 0.999, "the default tier");
+    assert_eq!(api["events"]["30d"]["total"], 4);
+    assert_eq!(api["events"]["30d"]["errors"], 1, "one 503 of four");
+    // 25 % errors against a 0.1 % allowance: a burn rate of 250, a page, and the budget overspent.
+    let burn = api["burn_rates"]["5m"].as_f64().unwrap();
+    assert!((burn - 250.0).abs() < 1e-6, "{burn}");
+    assert_eq!(api["alert"], "page");
+    assert!(api["error_budget_remaining"].as_f64().unwrap() < 0.0);
+    let (_, _, body) = send(get(env.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&body);
+    let exported = sum(&text, "envelope_slo_burn_rate", "window=\"5m\"");
+    assert!((exported - 250.0).abs() < 1e-6, "{exported}");
+}
