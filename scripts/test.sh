@@ -8,6 +8,11 @@ if ! command -v /usr/bin/kill >/dev/null 2>&1 && ! command -v /bin/kill >/dev/nu
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq procps
 fi
 
+# The generated Prometheus rules are checked with Debian's promtool (package prometheus).
+if ! command -v promtool >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
+fi
+
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace
 

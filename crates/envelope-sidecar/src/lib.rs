@@ -7,6 +7,7 @@
 //! | `proxy` | the request path, top to bottom, in one function |
 //! | [`server`] | listeners, limits, reload, graceful drain |
 //! | [`demo`] | the sidecar in front of a built-in flaky service |
+//! | [`generate`] | Prometheus SLO rules from the config |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -14,6 +15,7 @@ mod access_log;
 mod admin;
 pub mod config;
 pub mod demo;
+pub mod generate;
 mod metrics;
 mod proxy;
 mod runtime;

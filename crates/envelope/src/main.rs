@@ -26,6 +26,14 @@ enum Command {
     },
     /// See the envelope work: the sidecar in front of a built-in flaky service, under a bounded load (~25 s).
     Demo,
+    /// Generate operator artifacts from a config file.
+    Generate {
+        /// What to generate: `rules` (Prometheus recording and alerting rules for every route's SLO).
+        what: String,
+        /// The config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a config file and print what it resolves to; binds nothing.
     Check {
         /// The config file (TOML).
@@ -50,6 +58,25 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Generate { what, config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match what.as_str() {
+                "rules" => {
+                    print!("{}", envelope_sidecar::generate::prometheus_rules(&config));
+                    ExitCode::SUCCESS
+                }
+                other => {
+                    eprintln!("error: cannot generate `{other}`; try `rules`");
+                    ExitCode::from(2)
                 }
             }
         }
