@@ -1,4 +1,5 @@
-//! Operator artifacts generated from the config: Prometheus recording and alerting rules for every route's SLO.
+//! Operator artifacts generated from the config: Prometheus recording and alerting rules for every route's SLO, and
+//! a Grafana dashboard.
 //!
 //! Names follow Sloth's conventions: `slo:sli_error:ratio_rate<window>` recording rules, `slo:objective:ratio` and
 //! `slo:error_budget:ratio`, labelled with the route (`envelope_route`) and the SLO (`envelope_slo`). Alerts are the
@@ -79,4 +80,162 @@ pub fn prometheus_rules(config: &Config) -> String {
 /// Route names are free text in the config; keep them safe inside double-quoted YAML and PromQL strings.
 fn yaml_escape(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')).collect()
+}
+
+/// A Grafana dashboard (JSON model) over the sidecar's metrics: request rate, latency percentiles, errors by outcome,
+/// in-flight and shed, circuit state per upstream, retries and budget, and error budget left per SLO. It uses a
+/// `datasource` template variable, so it imports into any Grafana with a Prometheus data source.
+pub fn grafana_dashboard(config: &Config) -> String {
+    let routes: Vec<String> = config.routes.iter().map(|r| yaml_escape(&r.name)).collect();
+    let route_regex = routes.join("|");
+    let panel = |id: u32, title: &str, kind: &str, unit: &str, exprs: &[(&str, &str)], x: u32, y: u32| {
+        let targets: Vec<serde_json::Value> = exprs
+            .iter()
+            .enumerate()
+            .map(|(i, (expr, legend))| {
+                serde_json::json!({
+                    "refId": ((b'A' + i as u8) as char).to_string(),
+                    "expr": expr,
+                    "legendFormat": legend,
+                    "datasource": { "type": "prometheus", "uid": "${datasource}" },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "id": id,
+            "type": kind,
+            "title": title,
+            "datasource": { "type": "prometheus", "uid": "${datasource}" },
+            "gridPos": { "h": 8, "w": 12, "x": x, "y": y },
+            "fieldConfig": { "defaults": { "unit": unit }, "overrides": [] },
+            "targets": targets,
+        })
+    };
+    let sel = format!("route=~\"{route_regex}\"");
+    let panels = vec![
+        panel(
+            1,
+            "Request rate by route",
+            "timeseries",
+            "reqps",
+            &[(&format!("sum by (route) (rate(envelope_requests_total{{{sel}}}[5m]))"), "{{route}}")],
+            0,
+            0,
+        ),
+        panel(
+            2,
+            "Latency percentiles",
+            "timeseries",
+            "s",
+            &[
+                (
+                    &format!(
+                        "histogram_quantile(0.5, sum by (le, route) (rate(envelope_request_duration_seconds_bucket{{{sel}}}[5m])))"
+                    ),
+                    "p50 {{route}}",
+                ),
+                (
+                    &format!(
+                        "histogram_quantile(0.95, sum by (le, route) (rate(envelope_request_duration_seconds_bucket{{{sel}}}[5m])))"
+                    ),
+                    "p95 {{route}}",
+                ),
+                (
+                    &format!(
+                        "histogram_quantile(0.99, sum by (le, route) (rate(envelope_request_duration_seconds_bucket{{{sel}}}[5m])))"
+                    ),
+                    "p99 {{route}}",
+                ),
+            ],
+            12,
+            0,
+        ),
+        panel(
+            3,
+            "Errors by outcome",
+            "timeseries",
+            "reqps",
+            &[(
+                &format!("sum by (outcome) (rate(envelope_requests_total{{{sel},outcome!~\"{NOT_ERRORS}\"}}[5m]))"),
+                "{{outcome}}",
+            )],
+            0,
+            8,
+        ),
+        panel(
+            4,
+            "In flight and shed",
+            "timeseries",
+            "short",
+            &[
+                ("sum by (listener) (envelope_requests_in_flight)", "in flight {{listener}}"),
+                ("sum by (listener, priority) (rate(envelope_shed_total[5m]))", "shed/s {{listener}} {{priority}}"),
+            ],
+            12,
+            8,
+        ),
+        panel(
+            5,
+            "Circuit state per upstream",
+            "state-timeline",
+            "short",
+            &[("max by (upstream, state) (envelope_breaker_state) > 0", "{{upstream}} {{state}}")],
+            0,
+            16,
+        ),
+        panel(
+            6,
+            "Retries and retry budget",
+            "timeseries",
+            "short",
+            &[
+                ("sum by (route) (rate(envelope_retries_total[5m]))", "retries/s {{route}}"),
+                (
+                    "sum by (route, reason) (rate(envelope_retries_given_up_total[5m]))",
+                    "gave up/s {{route}} {{reason}}",
+                ),
+                (
+                    "sum by (route) (rate(envelope_upstream_attempts_total[5m])) / sum by (route) (rate(envelope_requests_total[5m]))",
+                    "attempts per request {{route}}",
+                ),
+            ],
+            12,
+            16,
+        ),
+        panel(
+            7,
+            "Error budget remaining (30 days)",
+            "bargauge",
+            "percentunit",
+            &[(&format!("envelope_slo_error_budget_remaining{{{sel}}}"), "{{route}}")],
+            0,
+            24,
+        ),
+        panel(
+            8,
+            "Burn rate (1h and 5m)",
+            "timeseries",
+            "short",
+            &[
+                (&format!("envelope_slo_burn_rate{{{sel},window=\"1h\"}}"), "1h {{route}}"),
+                (&format!("envelope_slo_burn_rate{{{sel},window=\"5m\"}}"), "5m {{route}}"),
+            ],
+            12,
+            24,
+        ),
+    ];
+    let dashboard = serde_json::json!({
+        "title": "Envelope",
+        "uid": "envelope",
+        "tags": ["envelope", "slo"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "refresh": "30s",
+        "time": { "from": "now-6h", "to": "now" },
+        "templating": { "list": [{
+            "name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus",
+        }] },
+        "panels": panels,
+    });
+    serde_json::to_string_pretty(&dashboard).unwrap_or_default() + "\n"
 }

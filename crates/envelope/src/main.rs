@@ -28,7 +28,8 @@ enum Command {
     Demo,
     /// Generate operator artifacts from a config file.
     Generate {
-        /// What to generate: `rules` (Prometheus recording and alerting rules for every route's SLO).
+        /// What to generate: `rules` (Prometheus recording and alerting rules for every route's SLO) or
+        /// `dashboard` (a Grafana dashboard).
         what: String,
         /// The config file (TOML).
         #[arg(long, short)]
@@ -74,8 +75,12 @@ fn main() -> ExitCode {
                     print!("{}", envelope_sidecar::generate::prometheus_rules(&config));
                     ExitCode::SUCCESS
                 }
+                "dashboard" => {
+                    print!("{}", envelope_sidecar::generate::grafana_dashboard(&config));
+                    ExitCode::SUCCESS
+                }
                 other => {
-                    eprintln!("error: cannot generate `{other}`; try `rules`");
+                    eprintln!("error: cannot generate `{other}`; try `rules` or `dashboard`");
                     ExitCode::from(2)
                 }
             }

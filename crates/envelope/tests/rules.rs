@@ -100,3 +100,47 @@ fn generated_rules_pass_promtool_check_and_unit_tests() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_generated_dashboard_has_the_panels_and_every_query_parses() {
+    let dir = std::env::temp_dir().join(format!("envelope-dashboard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("envelope.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_envelope"))
+        .args(["generate", "dashboard", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dashboard: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels.iter().map(|p| p["title"].as_str().unwrap()).collect();
+    for wanted in [
+        "Request rate",
+        "Latency percentiles",
+        "Errors by outcome",
+        "In flight and shed",
+        "Circuit state",
+        "Retries and retry budget",
+        "Error budget remaining",
+    ] {
+        assert!(titles.iter().any(|t| t.starts_with(wanted)), "{wanted} in {titles:?}");
+    }
+    // promtool has no offline query checker, but it parses every expression of a rules file: wrap each query in one.
+    let mut rules = String::from("groups:\n- name: dashboard-queries\n  rules:\n");
+    for (i, p) in panels.iter().enumerate() {
+        for (j, t) in p["targets"].as_array().unwrap().iter().enumerate() {
+            let expr = t["expr"].as_str().unwrap();
+            rules += &format!("  - record: dashboard:q{i}_{j}\n    expr: {}\n", serde_json::to_string(expr).unwrap());
+        }
+    }
+    std::fs::write(dir.join("queries.yaml"), rules).unwrap();
+    let check = Command::new("promtool").args(["check", "rules", "queries.yaml"]).current_dir(&dir).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
