@@ -1,4 +1,4 @@
-//! Listeners: accept connections within limits, serve HTTP/1.1 and HTTP/2 through [`crate::proxy::handle`],
+//! Listeners: accept connections within limits, serve HTTP/1.1 and HTTP/2 through `proxy::handle`,
 //! reload the config without dropping a request, and drain on shutdown.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! Configuration in two stages: the file as written ([`raw`]) and the validated config the sidecar runs on
+//! Configuration in two stages: the file as written (`raw`) and the validated config the sidecar runs on
 //! ([`Config`]). Every error names the file, line, column and field path, and nothing is bound or started
 //! before the whole config is valid.
 
