@@ -114,7 +114,6 @@ pub(crate) async fn handle(
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
-    let mut route_name = None;
     let (mut response, outcome) = 'answer: {
         // 2. Input limits.
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
@@ -133,7 +132,6 @@ pub(crate) async fn handle(
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
         };
         pending.route = Some(route.clone());
-        route_name = Some(route.spec.name.clone());
 
         // 4. Header hygiene.
         let (mut parts, body) = req.into_parts();
@@ -148,10 +146,8 @@ pub(crate) async fn handle(
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
             }
-            Err(_) => {
-                let r = problem(Outcome::ClientCancelled, "the client went away", Some(&id), None);
-                break 'answer (r.map(Either::Right), Outcome::ClientCancelled);
-            }
+            // A body that cannot be read is malformed (or its client is gone, and the answer goes nowhere).
+            Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", &id),
         };
 
         // 6 + 7. The envelope around the call.
@@ -205,7 +201,7 @@ pub(crate) async fn handle(
         access_log::write(&Entry {
             request_id: id.as_str(),
             listener: &spec.name,
-            route: route_name.as_deref(),
+            route: pending.route.as_ref().map(|r| r.spec.name.as_str()),
             method: &method,
             status: response.status().as_u16(),
             upstream_status,
