@@ -66,7 +66,7 @@ async fn prometheus_scrapes_the_sidecar_and_records_the_slo() {
 
     // Within a bounded wait: the scrape sees the request counter and the rule records the SLI.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let query = "slo:sli_error:ratio_rate5m{envelope_route=\"api\"}";
+    let query = "slo:sli_error:ratio_rate5m{envelope_route=\"api\",envelope_slo=\"availability\"}";
     let mut answer = serde_json::Value::Null;
     while Instant::now() < deadline {
         let url = format!(

@@ -45,6 +45,23 @@ tests:
             exp_annotations:
               summary: "Route api is burning its error budget fast"
               runbook_url: "docs/runbook.md#envelopeerrorbudgetburnpage"
+  # Every call answers at once, but 40 % take 300 ms against the default tier's 200 ms p95: the latency page fires.
+  - interval: 1m
+    input_series:
+      - series: 'envelope_request_duration_seconds_bucket{route="api",le="0.2"}'
+        values: '0+60x90'
+      - series: 'envelope_request_duration_seconds_count{route="api"}'
+        values: '0+100x90'
+      - series: 'envelope_requests_total{listener="in",route="api",outcome="ok",code="2xx"}'
+        values: '0+100x90'
+    alert_rule_test:
+      - eval_time: 80m
+        alertname: EnvelopeErrorBudgetBurnPage
+        exp_alerts:
+          - exp_labels: { severity: page, envelope_route: api, envelope_slo: latency }
+            exp_annotations:
+              summary: "Route api is burning its latency budget fast"
+              runbook_url: "docs/runbook.md#envelopeerrorbudgetburnpage"
   # 4xx answers alone never spend the budget.
   - interval: 1m
     input_series:
