@@ -221,7 +221,7 @@ async fn half_open_admits_exactly_the_configured_probes() {
     }
     assert_eq!(send(get(env.addr, "/api/probe")).await.0, StatusCode::SERVICE_UNAVAILABLE, "open");
     // Slow, healthy probes: while the 2 admitted probes are out, every other request is rejected at once.
-    up.script("/api/probe", [Action::delayed(200, Duration::from_millis(200))]);
+    up.script("/api/probe", [Action::delayed(200, Duration::from_millis(250))]);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let before = up.count("GET", "/api/probe");
     let addr = env.addr;
