@@ -11,6 +11,7 @@
 //! | [`problem`] | local errors as RFC 9457 `problem+json` responses, in one place |
 //! | [`headers`] | hop-by-hop headers, `X-Forwarded-For` |
 //! | [`observe`] | RED metrics and a JSON access log as tower layers |
+//! | [`trace`] | W3C `traceparent`: continue or start a trace, pass it on |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -21,5 +22,6 @@ pub mod idempotency;
 pub mod observe;
 pub mod problem;
 pub mod request_id;
+pub mod trace;
 
 pub use envelope_core;

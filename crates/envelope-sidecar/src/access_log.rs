@@ -1,6 +1,6 @@
 //! One JSON line per request, on standard output.
 //!
-//! Fields: `ts_ms`, `request_id`, `listener`, `route`, `method`, `status`, `upstream_status`, `attempts`,
+//! Fields: `ts_ms`, `request_id`, `trace_id` (W3C), `listener`, `route`, `method`, `status`, `upstream_status`, `attempts`,
 //! `duration_ms`, `outcome`. Header values are never logged (so `Authorization` and `Cookie` cannot leak), and the
 //! request id is logged only after validation (`envelope_http::request_id`), so every line is exactly one JSON
 //! object whatever the client sends.
@@ -16,6 +16,7 @@ use serde_json::json;
 #[derive(Debug)]
 pub(crate) struct Entry<'a> {
     pub(crate) request_id: &'a str,
+    pub(crate) trace_id: &'a str,
     pub(crate) listener: &'a str,
     pub(crate) route: Option<&'a str>,
     pub(crate) method: &'a Method,
@@ -32,6 +33,7 @@ pub(crate) fn write(entry: &Entry<'_>) {
     let line = json!({
         "ts_ms": ts_ms,
         "request_id": entry.request_id,
+        "trace_id": entry.trace_id,
         "listener": entry.listener,
         "route": entry.route,
         "method": entry.method.as_str(),

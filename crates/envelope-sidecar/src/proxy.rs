@@ -31,6 +31,7 @@ use envelope_http::headers::{append_forwarded_for, strip_hop_by_hop};
 use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::problem;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
+use envelope_http::trace::{TRACEPARENT, TraceContext};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
@@ -103,13 +104,17 @@ pub(crate) async fn handle(
     let listener_metrics = &rt.listeners[listener].metrics;
     let method = req.method().clone();
 
-    // 1. Request id.
+    // 1. Request id, and the trace (kept or started; this hop's span becomes the upstream's parent).
     let (id, kept) = RequestId::from_headers(req.headers());
     if !kept {
         req.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
+    let trace = TraceContext::continue_or_start(req.headers());
+    req.headers_mut().insert(TRACEPARENT.clone(), trace.header_value());
     // Counts the request in flight; if the client goes away first, records it as cancelled.
-    let mut pending = Pending { rt: &rt, listener, id: &id, method: &method, start, route: None, done: false };
+    let trace_id = trace.trace_id_hex();
+    let mut pending =
+        Pending { rt: &rt, listener, id: &id, trace_id: &trace_id, method: &method, start, route: None, done: false };
     listener_metrics.in_flight.inc();
 
     let mut attempts = 0u32;
@@ -200,6 +205,7 @@ pub(crate) async fn handle(
     if spec.access_log {
         access_log::write(&Entry {
             request_id: id.as_str(),
+            trace_id: &trace_id,
             listener: &spec.name,
             route: pending.route.as_ref().map(|r| r.spec.name.as_str()),
             method: &method,
@@ -219,6 +225,7 @@ struct Pending<'a> {
     rt: &'a Runtime,
     listener: usize,
     id: &'a RequestId,
+    trace_id: &'a str,
     method: &'a http::Method,
     start: Instant,
     route: Option<Arc<RouteRt>>,
@@ -240,6 +247,7 @@ impl Drop for Pending<'_> {
         }
         access_log::write(&Entry {
             request_id: self.id.as_str(),
+            trace_id: self.trace_id,
             listener: &self.rt.config.listeners[self.listener].name,
             route: self.route.as_ref().map(|r| r.spec.name.as_str()),
             method: self.method,

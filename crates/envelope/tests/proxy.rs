@@ -288,3 +288,21 @@ async fn the_route_timeout_covers_a_stalled_response_body() {
     );
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_continued_or_started_and_logged() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    let mut req = get(env.addr, "/api/traced");
+    req.headers_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+    send(req).await;
+    send(get(env.addr, "/api/traced")).await;
+    let seen = up.traceparents("/api/traced");
+    assert!(seen[0].starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "same trace: {seen:?}");
+    assert!(!seen[0].contains("00f067aa0ba902b7"), "the sidecar's own span is the upstream's parent");
+    assert_eq!(seen[1].len(), 55, "a trace is started when none came in: {seen:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = env.access_log();
+    assert_eq!(log[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(log[1]["trace_id"].as_str().unwrap(), &seen[1][3..35]);
+}

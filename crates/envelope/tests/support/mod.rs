@@ -89,6 +89,8 @@ struct State {
     bodies: HashMap<String, Vec<Bytes>>,
     /// Request ids seen per path, in order.
     request_ids: HashMap<String, Vec<String>>,
+    /// `traceparent` headers seen per path, in order.
+    traceparents: HashMap<String, Vec<String>>,
     /// Requests whose handling was cancelled (the proxy closed the connection before the answer).
     cancelled: usize,
 }
@@ -184,6 +186,10 @@ impl FaultUpstream {
         self.state.lock().unwrap().request_ids.get(path).cloned().unwrap_or_default()
     }
 
+    pub fn traceparents(&self, path: &str) -> Vec<String> {
+        self.state.lock().unwrap().traceparents.get(path).cloned().unwrap_or_default()
+    }
+
     pub fn cancelled(&self) -> usize {
         self.state.lock().unwrap().cancelled
     }
@@ -193,10 +199,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
     let path = req.uri().path().to_owned();
     let method = req.method().to_string();
     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let action = {
         let mut s = state.lock().unwrap();
         *s.counts.entry((method, path.clone())).or_default() += 1;
         s.request_ids.entry(path.clone()).or_default().push(id);
+        s.traceparents.entry(path.clone()).or_default().push(traceparent);
         match s.scripts.get_mut(&path) {
             Some(q) if q.len() > 1 => q.pop_front().unwrap(),
             Some(q) => q.front().cloned().unwrap_or(Action::status(200)),

@@ -1,0 +1,125 @@
+//! W3C Trace Context (`traceparent`): keep a valid incoming trace, or start one, and pass it on.
+//!
+//! `traceparent: 00-<trace-id: 32 hex>-<parent-id: 16 hex>-<flags: 2 hex>`. A hop keeps the trace id and sends its
+//! own span id as the parent id, so the upstream's spans hang under this hop. An invalid header (wrong length,
+//! not lowercase hex, all-zero ids, version `ff`) is treated as absent: a new trace starts.
+
+use std::fmt::Write;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The `traceparent` header.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// A position in a trace: the trace, this hop's span, and the trace flags (bit 0: sampled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The trace id.
+    pub trace_id: u128,
+    /// This hop's span id.
+    pub span_id: u64,
+    /// The trace flags.
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Continues the trace of `headers` with a new span of this hop, or starts a new, sampled trace.
+    pub fn continue_or_start(headers: &HeaderMap) -> TraceContext {
+        match headers.get(&TRACEPARENT).and_then(parse) {
+            Some((trace_id, _parent, flags)) => TraceContext { trace_id, span_id: span_id(), flags },
+            None => TraceContext { trace_id: trace_id(), span_id: span_id(), flags: 1 },
+        }
+    }
+
+    /// The trace id as 32 lowercase hex digits (for logs and exemplars).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` value that makes this hop's span the parent of the next one.
+    pub fn header_value(&self) -> HeaderValue {
+        let mut s = String::with_capacity(55);
+        let _ = write!(s, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags);
+        HeaderValue::from_str(&s).expect("hex digits and dashes are a valid header value")
+    }
+}
+
+fn trace_id() -> u128 {
+    loop {
+        let id = fastrand::u128(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn span_id() -> u64 {
+    loop {
+        let id = fastrand::u64(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// `(trace_id, parent_id, flags)` of a valid `traceparent`.
+fn parse(value: &HeaderValue) -> Option<(u128, u64, u8)> {
+    let s = value.to_str().ok()?;
+    let mut parts = s.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex =
+        |p: &str, len: usize| p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(parent, 16) || !hex(flags, 2) {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may append more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let trace_id = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
+    let parent_id = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+    Some((trace_id, parent_id, u8::from_str_radix(flags, 16).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT.clone(), HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn a_valid_trace_is_continued_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::continue_or_start(&headers(incoming));
+        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(t.span_id, 0x00f0_67aa_0ba9_02b7, "this hop's own span");
+        assert_eq!(t.flags, 1);
+        let out = t.header_value();
+        let s = out.to_str().unwrap();
+        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && s.ends_with("-01") && s.len() == 55, "{s}");
+        assert!(parse(&out).is_some());
+    }
+
+    #[test]
+    fn invalid_traces_start_a_new_one() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            let t = TraceContext::continue_or_start(&headers(bad));
+            assert_ne!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert!(parse(&t.header_value()).is_some(), "a valid new trace for {bad}");
+        }
+        let t = TraceContext::continue_or_start(&HeaderMap::new());
+        assert_eq!(t.flags, 1, "new traces are sampled");
+    }
+}
