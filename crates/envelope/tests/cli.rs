@@ -40,3 +40,22 @@ fn errors_are_located_and_exit_non_zero_without_binding() {
     assert_eq!(code, 2);
     assert!(err.contains("envelope.toml:4:1: `listener[0].max_conections`: unknown field"), "{err}");
 }
+
+/// README command one: the demo runs to completion by itself, and shows the breaker open during the incidents and
+/// traffic recovering afterwards.
+#[test]
+fn the_demo_runs_to_completion_and_shows_the_envelope_at_work() {
+    let out = Command::new(env!("CARGO_BIN_EXE_envelope")).arg("demo").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let second =
+        |token: &str| token.strip_suffix('s').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let rows: Vec<&str> = text.lines().filter(|l| l.split_whitespace().next().is_some_and(second)).collect();
+    assert_eq!(rows.len(), 25, "one line per second: {text}");
+    assert!(
+        rows.iter().any(|r| r.contains("outage") && r.ends_with("open")),
+        "the breaker is open in the outage: {text}"
+    );
+    assert!(rows.last().unwrap().ends_with("closed"), "and closed again at the end: {text}");
+    assert!(text.contains("What the envelope did, per phase:"));
+}
