@@ -124,10 +124,7 @@ async fn run() {
         .max_attempts(3)
         .backoff(Backoff::exponential(Duration::from_millis(50), Duration::from_millis(400)).unwrap())
         .budget(RetryBudget::new(Duration::from_secs(5), 5, 0.2).unwrap())
-        .listener({
-            let l = listeners.clone();
-            move |e: &Event<'_>| l.emit(*e)
-        })
+        .listeners(listeners.clone())
         .build()
         .unwrap();
     let mut bulkhead = BulkheadConfig::new(10).queue(10, Duration::from_millis(50));

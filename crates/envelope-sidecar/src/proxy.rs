@@ -112,9 +112,7 @@ pub(crate) async fn handle(
     let trace = TraceContext::continue_or_start(req.headers());
     req.headers_mut().insert(TRACEPARENT.clone(), trace.header_value());
     // Counts the request in flight; if the client goes away first, records it as cancelled.
-    let trace_id = trace.trace_id_hex();
-    let mut pending =
-        Pending { rt: &rt, listener, id: &id, trace_id: &trace_id, method: &method, start, route: None, done: false };
+    let mut pending = Pending { rt: &rt, listener, id: &id, trace, method: &method, start, route: None, done: false };
     listener_metrics.in_flight.inc();
 
     let mut attempts = 0u32;
@@ -205,7 +203,7 @@ pub(crate) async fn handle(
     if spec.access_log {
         access_log::write(&Entry {
             request_id: id.as_str(),
-            trace_id: &trace_id,
+            trace_id: &trace.trace_id_hex(),
             listener: &spec.name,
             route: pending.route.as_ref().map(|r| r.spec.name.as_str()),
             method: &method,
@@ -225,7 +223,7 @@ struct Pending<'a> {
     rt: &'a Runtime,
     listener: usize,
     id: &'a RequestId,
-    trace_id: &'a str,
+    trace: TraceContext,
     method: &'a http::Method,
     start: Instant,
     route: Option<Arc<RouteRt>>,
@@ -247,7 +245,7 @@ impl Drop for Pending<'_> {
         }
         access_log::write(&Entry {
             request_id: self.id.as_str(),
-            trace_id: self.trace_id,
+            trace_id: &self.trace.trace_id_hex(),
             listener: &self.rt.config.listeners[self.listener].name,
             route: self.route.as_ref().map(|r| r.spec.name.as_str()),
             method: self.method,

@@ -91,8 +91,7 @@ impl Runtime {
                         let upstream = &upstreams[r.upstream];
                         let unchanged = previous.and_then(|p| {
                             p.listeners.get(i)?.routes.iter().find(|old| {
-                                old.spec.name == r.name
-                                    && old.spec == *r
+                                old.spec == *r
                                     && Arc::ptr_eq(&old.upstream, upstream)
                                     && p.config.listeners.get(i) == Some(l)
                             })
@@ -139,13 +138,12 @@ impl RouteRt {
             .listeners(events.clone());
         if let Some(r) = &spec.retry {
             let budget = RetryBudget::new(r.budget.2, r.budget.1, r.budget.0).expect("validated when loaded");
-            let mut config = RetryConfig::builder()
+            let config = RetryConfig::builder()
                 .max_attempts(r.max_attempts)
                 .backoff(r.backoff)
                 .retry_on(r.retry_on)
-                .budget(budget);
-            let events = events.clone();
-            config = config.listener(move |e: &envelope_core::event::Event<'_>| events.emit(*e));
+                .budget(budget)
+                .listeners(events.clone());
             b = b.retry(Retry::new(spec.name.clone(), config.build().expect("validated when loaded")));
         }
         if let Some(breaker) = &upstream.breaker {

@@ -177,6 +177,11 @@ impl Builder {
         self.config.listeners = self.config.listeners.with(listener);
         self
     }
+    /// Use exactly these listeners.
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
+        self.config.listeners = listeners;
+        self
+    }
     /// Validates the configuration.
     pub fn build(self) -> Result<Config, ConfigError> {
         let c = self.config;
