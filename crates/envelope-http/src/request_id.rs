@@ -186,13 +186,12 @@ mod tests {
         /// Whatever a client sends, the id we keep is safe to put in a JSON log line and a header.
         #[test]
         fn kept_ids_need_no_escaping(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
-                if let Some(id) = RequestId::parse(&value) {
+            if let Ok(value) = HeaderValue::from_bytes(&bytes)
+                && let Some(id) = RequestId::parse(&value) {
                     let json = serde_json::to_string(id.as_str()).unwrap();
                     prop_assert_eq!(json.len(), id.as_str().len() + 2, "no escaping needed");
                     prop_assert!(id.as_str().len() <= MAX_LEN);
                 }
-            }
         }
     }
 }

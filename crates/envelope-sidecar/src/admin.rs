@@ -11,6 +11,7 @@
 //! | `/api/v1/upstreams` | GET | upstreams, endpoints, bulkhead and rate-limit state |
 //! | `/api/v1/breakers` | GET | every breaker's state and window |
 //! | `/api/v1/slo` | GET | per route: objective, availability, error budget left, burn rates, alerts |
+//! | `/api/v1/history` | GET | per-minute history of one `route`, `upstream` or `counter` over `minutes`, `hours` or `days` (default 1 day), summed by `step` (`minute`, `hour`, `day`; default: minute up to a day, else hour) |
 //! | `/api/v1/breakers/{upstream}/force-open` | POST | force the breaker open |
 //! | `/api/v1/breakers/{upstream}/force-close` | POST | force the breaker closed |
 //! | `/api/v1/breakers/{upstream}/reset` | POST | back to closed with an empty window |
@@ -23,12 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use crate::history::{History, Subject};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
@@ -38,6 +40,7 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) token: Option<String>,
     pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) history: Arc<History>,
 }
 
 pub(crate) fn router(state: AdminState) -> Router {
@@ -50,6 +53,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/upstreams", get(upstreams))
         .route("/api/v1/breakers", get(breakers))
         .route("/api/v1/slo", get(slo))
+        .route("/api/v1/history", get(history))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
         .with_state(state)
 }
@@ -180,9 +184,9 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
     json!({
         "name": r.name,
         "listener": c.listeners[r.listener].name,
-        "path_prefix": r.path_prefix,
-        "template": r.template.is_some(),
-        "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
+        "path_prefix": r.matcher.path_prefix,
+        "template": r.matcher.template.is_some(),
+        "methods": r.matcher.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
         "strip_prefix": r.strip_prefix,
         "upstream": c.upstreams[r.upstream].name,
         "tier": format!("{:?}", r.tier),
@@ -196,6 +200,43 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
         "fail_on_status": r.fail_on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>(),
         "replay_limit": r.replay_limit,
     })
+}
+
+async fn history(State(s): State<AdminState>, Query(q): Query<std::collections::HashMap<String, String>>) -> Response {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+    let subject = match (q.get("route"), q.get("upstream"), q.get("counter")) {
+        (Some(r), None, None) => Subject::Route(r.clone()),
+        (None, Some(u), None) => Subject::Upstream(u.clone()),
+        (None, None, Some(c)) => Subject::Counter(c.clone()),
+        _ => return bad("give exactly one of `route`, `upstream`, `counter`".to_owned()),
+    };
+    let mut span = None;
+    for (key, unit) in [("minutes", 60u64), ("hours", 3600), ("days", 86_400)] {
+        if let Some(v) = q.get(key) {
+            match v.parse::<u64>() {
+                Ok(n) if (1..=366 * 86_400 / unit).contains(&n) && span.is_none() => {
+                    span = Some(std::time::Duration::from_secs(n * unit));
+                }
+                _ => return bad(format!("`{key}` must be a whole number of at most a year (and alone)")),
+            }
+        }
+    }
+    let span = span.unwrap_or(std::time::Duration::from_secs(86_400));
+    let step = match q.get("step").map(String::as_str) {
+        None if span <= std::time::Duration::from_secs(86_400) => 60,
+        None | Some("hour") => 3600,
+        Some("minute") => 60,
+        Some("day") => 86_400,
+        Some(other) => return bad(format!("unknown step `{other}`: minute, hour or day")),
+    };
+    let step = std::time::Duration::from_secs(step);
+    let history = s.history.clone();
+    match tokio::task::spawn_blocking(move || history.query(&subject, span, step)).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e }))).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": "history query panicked" })))
+            .into_response(),
+    }
 }
 
 async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {

@@ -69,6 +69,10 @@ upstream = "flaky"
 timeout = "1s"
 attempt_timeout = "300ms"
 retry = { max_attempts = 3, base = "20ms", max_delay = "200ms", budget = { ratio = 0.2, min_per_second = 5 } }
+
+[history]
+path = ":memory:"
+flush_interval = "1s"
 "#;
 
 /// Runs the demo to completion (about 25 seconds), printing as it goes.
@@ -182,13 +186,12 @@ async fn one_request(client: &Client<HttpConnector, Full<Bytes>>, proxy: SocketA
     if status.is_success() {
         return "ok".into();
     }
-    if problem {
-        if let Some(outcome) = serde_json::from_slice::<serde_json::Value>(&body)
+    if problem
+        && let Some(outcome) = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["outcome"].as_str().map(str::to_owned))
-        {
-            return outcome;
-        }
+    {
+        return outcome;
     }
     if status.is_server_error() { "upstream_5xx".into() } else { format!("status_{}", status.as_u16()) }
 }

@@ -5,6 +5,7 @@
 //! | [`config`] | the config file: parse, validate, locate errors |
 //! | `runtime` | the config as live objects: shedders, route tables, envelopes, upstream clients |
 //! | `proxy` | the request path, top to bottom, in one function |
+//! | `history` | per-minute rollups in embedded SQLite, written by one background task |
 //! | [`server`] | listeners, limits, reload, graceful drain |
 //! | [`demo`] | the sidecar in front of a built-in flaky service |
 //! | [`generate`] | Prometheus SLO rules from the config |
@@ -16,6 +17,7 @@ mod admin;
 pub mod config;
 pub mod demo;
 pub mod generate;
+mod history;
 mod metrics;
 mod proxy;
 mod runtime;

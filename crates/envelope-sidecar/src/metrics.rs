@@ -24,6 +24,9 @@
 //! | `envelope_config_reloads_total` | counter | `result` (`ok`, `rejected`) |
 //! | `envelope_slo_error_budget_remaining` | gauge | `route` |
 //! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
+//! | `envelope_business_events_total` | counter | `counter` (the `[[counter]]` name) |
+//!
+//! The same events also go to the history's tallies (`crate::history`), which keep per-minute rollups.
 
 use std::sync::Arc;
 
@@ -38,6 +41,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use envelope_http::observe::DURATION_BUCKETS;
+
+use crate::history::tally::{RouteTally, Tallies, UpstreamEvent, UpstreamTally};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -112,6 +117,11 @@ struct BurnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabel {
+    counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -137,6 +147,9 @@ pub(crate) struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     slo_budget: Family<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     slo_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    business: Family<CounterLabel, Counter>,
+    /// What the history will roll up at its next flush.
+    pub(crate) tallies: Arc<Tallies>,
 }
 
 /// A route's metric handles, resolved at config load.
@@ -146,6 +159,22 @@ pub(crate) struct RouteMetrics {
     requests: Vec<[Counter; 6]>,
     duration: Histogram,
     attempts: Counter,
+    tally: Arc<RouteTally>,
+    upstream: Arc<UpstreamTally>,
+}
+
+/// A business counter's handles.
+#[derive(Debug, Clone)]
+pub(crate) struct BusinessMetrics {
+    counter: Counter,
+    tally: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BusinessMetrics {
+    pub(crate) fn inc(&self) {
+        self.counter.inc();
+        self.tally.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A listener's metric handles.
@@ -178,6 +207,8 @@ impl Metrics {
             reloads: Family::default(),
             slo_budget: Family::default(),
             slo_burn: Family::default(),
+            business: Family::default(),
+            tallies: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests answered, by route, outcome and status class", m.requests.clone());
@@ -209,6 +240,7 @@ impl Metrics {
             m.slo_budget.clone(),
         );
         registry.register("slo_burn_rate", "Availability burn rate per window", m.slo_burn.clone());
+        registry.register("business_events", "Requests counted by a business counter", m.business.clone());
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -234,6 +266,15 @@ impl Metrics {
                 .attempts
                 .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
                 .clone(),
+            tally: self.tallies.route(route),
+            upstream: self.tallies.upstream(upstream),
+        }
+    }
+
+    pub(crate) fn business(&self, name: &str) -> BusinessMetrics {
+        BusinessMetrics {
+            counter: self.business.get_or_create(&CounterLabel { counter: name.to_owned() }).clone(),
+            tally: self.tallies.counter(name),
         }
     }
 
@@ -282,9 +323,19 @@ impl Metrics {
                 let labels = TransitionLabels { upstream: name.to_owned(), from: from.as_str(), to: to.as_str() };
                 self.breaker_transitions.get_or_create(&labels).inc();
                 self.breaker_state(name, to);
+                let event = match to {
+                    State::Open | State::ForcedOpen => Some(UpstreamEvent::Opened),
+                    State::HalfOpen => Some(UpstreamEvent::HalfOpened),
+                    State::Closed => Some(UpstreamEvent::Closed),
+                    _ => None,
+                };
+                if let Some(event) = event {
+                    self.tallies.upstream(name).count(event);
+                }
             }
             Event::CallNotPermitted { name, .. } => {
                 self.breaker_rejections.get_or_create(&UpstreamLabel { upstream: name.to_owned() }).inc();
+                self.tallies.upstream(name).count(UpstreamEvent::BreakerRejection);
             }
             Event::RetryScheduled { name, .. } => {
                 self.retries.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
@@ -305,10 +356,14 @@ impl Metrics {
                 let labels =
                     BulkheadLabels { upstream: name.to_owned(), waited: if waited { "true" } else { "false" } };
                 self.bulkhead_rejections.get_or_create(&labels).inc();
+                self.tallies.upstream(name).count(UpstreamEvent::BulkheadRejection);
             }
             Event::RateLimited { name, shadow } => {
                 let labels = RateLabels { upstream: name.to_owned(), shadow: if shadow { "true" } else { "false" } };
                 self.rate_limited.get_or_create(&labels).inc();
+                if !shadow {
+                    self.tallies.upstream(name).count(UpstreamEvent::RateLimited);
+                }
             }
             Event::Shed { name, priority, .. } => {
                 let labels = ShedLabels { listener: name.to_owned(), priority: priority.as_str() };
@@ -362,11 +417,13 @@ impl RouteMetrics {
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
         self.requests[outcome as usize][class].inc();
         self.duration.observe(seconds);
+        self.tally.record(outcome, seconds);
     }
 
     /// Counts one attempt sent upstream.
     pub(crate) fn attempt(&self) {
         self.attempts.inc();
+        self.upstream.count(UpstreamEvent::Attempt);
     }
 }
 

@@ -115,6 +115,7 @@ pub(crate) async fn handle(
     let mut pending = Pending { rt: &rt, listener, id: &id, trace, method: &method, start, route: None, done: false };
     listener_metrics.in_flight.inc();
 
+    let path = req.uri().path().to_owned();
     let mut attempts = 0u32;
     let mut upstream_status = None;
     let (mut response, outcome) = 'answer: {
@@ -129,7 +130,6 @@ pub(crate) async fn handle(
         }
 
         // 3. Route.
-        let path = req.uri().path().to_owned();
         let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(&path, &method)).cloned() else {
             listener_metrics.unmatched.inc();
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
@@ -199,6 +199,12 @@ pub(crate) async fn handle(
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64());
         route.slo.record(counts_against_availability(outcome), elapsed);
     }
+    let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
+    for (counter, metrics) in &rt.counters {
+        if counter.counts(route_name, &path, &method, response.status().as_u16()) {
+            metrics.inc();
+        }
+    }
     pending.done = true;
     if spec.access_log {
         access_log::write(&Entry {
@@ -260,7 +266,7 @@ impl Drop for Pending<'_> {
 
 /// Whether a request's outcome spends availability budget: anything the client could not get served, except its
 /// own mistakes (4xx, no route) and its own cancellation.
-fn counts_against_availability(outcome: Outcome) -> bool {
+pub(crate) fn counts_against_availability(outcome: Outcome) -> bool {
     !matches!(outcome, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
 }
 
@@ -282,7 +288,8 @@ fn upstream_request(
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let rewritten;
     let path_and_query = if route.spec.strip_prefix {
-        let rest = path_and_query.strip_prefix(route.spec.path_prefix.trim_end_matches('/')).unwrap_or(path_and_query);
+        let rest =
+            path_and_query.strip_prefix(route.spec.matcher.path_prefix.trim_end_matches('/')).unwrap_or(path_and_query);
         rewritten = if rest.starts_with('/') { rest.to_owned() } else { format!("/{rest}") };
         rewritten.as_str()
     } else {

@@ -11,8 +11,8 @@ use envelope_core::shed::{Limit, LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
 
-use crate::config::{Config, Route, Shedding, Tier};
-use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
+use crate::config::{BusinessCounter, Config, Route, Shedding, Tier};
+use crate::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
 use crate::upstream::UpstreamRt;
 use envelope_core::slo::{Objective, Slo};
 
@@ -21,6 +21,8 @@ pub(crate) struct Runtime {
     pub(crate) config: Config,
     pub(crate) listeners: Vec<ListenerRt>,
     pub(crate) upstreams: Vec<Arc<UpstreamRt>>,
+    /// Business counters and their metrics, in config order.
+    pub(crate) counters: Vec<(BusinessCounter, BusinessMetrics)>,
 }
 
 pub(crate) struct ListenerRt {
@@ -114,11 +116,14 @@ impl Runtime {
                     })
                     .collect();
                 // Most specific first: templates before prefixes with the same literal start, longer literals first.
-                routes.sort_by_key(|r| std::cmp::Reverse((r.spec.path_prefix.len(), r.spec.template.is_some())));
+                routes.sort_by_key(|r| {
+                    std::cmp::Reverse((r.spec.matcher.path_prefix.len(), r.spec.matcher.template.is_some()))
+                });
                 ListenerRt { shedder, metrics: metrics.listener(&l.name), routes }
             })
             .collect();
-        Runtime { config, listeners, upstreams }
+        let counters = config.counters.iter().map(|c| (c.clone(), metrics.business(&c.name))).collect();
+        Runtime { config, listeners, upstreams, counters }
     }
 }
 
@@ -170,16 +175,7 @@ impl RouteRt {
 
     /// Whether this route takes a request for `path` and `method`.
     pub(crate) fn matches(&self, path: &str, method: &Method) -> bool {
-        if let Some(template) = &self.spec.template {
-            return crate::config::template_matches(template, path)
-                && self.spec.methods.as_ref().is_none_or(|m| m.contains(method));
-        }
-        let prefix = self.spec.path_prefix.as_str();
-        let on_boundary = prefix.ends_with('/')
-            || path.len() == prefix.len()
-            || path.as_bytes().get(prefix.len()) == Some(&b'/')
-            || path.as_bytes().get(prefix.len()) == Some(&b'?');
-        path.starts_with(prefix) && on_boundary && self.spec.methods.as_ref().is_none_or(|m| m.contains(method))
+        self.spec.matcher.matches(path, method)
     }
 }
 

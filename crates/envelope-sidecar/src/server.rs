@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::admin;
 use crate::config::{Config, ConfigError};
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::runtime::Runtime;
@@ -85,6 +86,8 @@ pub struct Sidecar {
     draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
+    history: Arc<History>,
+    history_task: tokio::task::JoinHandle<()>,
 }
 
 impl fmt::Debug for Sidecar {
@@ -113,11 +116,15 @@ impl Sidecar {
         let addrs = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
         let (shutdown, signal) = watch::channel(false);
         let draining = Arc::new(AtomicBool::new(false));
+        let settings = &rt.config.history;
+        let history = History::open(settings.path.as_deref(), settings.retention, metrics.tallies.clone());
+        let history_task = tokio::spawn(history.clone().run(settings.flush_interval, signal.clone()));
         let admin = admin::router(admin::AdminState {
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             token: std::env::var(&rt.config.admin.token_env).ok().filter(|t| !t.is_empty()),
             draining: draining.clone(),
+            history: history.clone(),
         });
         tokio::spawn(async move {
             let _ = axum::serve(admin_socket, admin).await;
@@ -131,7 +138,7 @@ impl Sidecar {
                 let _ = l.await;
             }
         });
-        Ok(Sidecar { runtime, metrics, addrs, admin_addr, draining, shutdown, done })
+        Ok(Sidecar { runtime, metrics, addrs, admin_addr, draining, shutdown, done, history, history_task })
     }
 
     /// The bound addresses of the listeners, in config order.
@@ -152,6 +159,7 @@ impl Sidecar {
             self.metrics.reload(false);
             return Err(ReloadError::ListenersChanged);
         }
+        self.history.set_retention(config.history.retention);
         self.runtime.store(Arc::new(Runtime::build(config, &self.metrics, Some(&old))));
         self.metrics.reload(true);
         Ok(())
@@ -174,6 +182,8 @@ impl Sidecar {
         self.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
+        // The history's last flush (it saw the shutdown too).
+        let _ = self.history_task.await;
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully. With a `config` path, reloads it on SIGHUP and

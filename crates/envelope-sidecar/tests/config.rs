@@ -40,7 +40,7 @@ fn a_valid_config_resolves_with_defaults() {
     assert_eq!(c.routes[1].tier, Tier::NonCritical);
     assert_eq!(c.routes[1].timeout, Duration::from_secs(15), "documented default route timeout");
     assert_eq!(c.routes[0].retry.as_ref().unwrap().max_attempts, 4);
-    assert_eq!(c.routes[0].methods.as_ref().unwrap().len(), 2);
+    assert_eq!(c.routes[0].matcher.methods.as_ref().unwrap().len(), 2);
     assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().queue, 5);
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
 }
@@ -147,4 +147,36 @@ fn path_templates() {
     let e = Config::parse("envelope.toml", &VALID.replace("path_prefix = \"/reports\"", "path = \"/reports/{x\""))
         .unwrap_err();
     assert_eq!(e.field, "route[1].match.path");
+}
+
+#[test]
+fn history_and_counters_resolve_and_their_errors_are_located() {
+    let c = Config::parse("/etc/envelope/envelope.toml", VALID).unwrap();
+    assert_eq!(c.history.path.as_deref(), Some(std::path::Path::new("/etc/envelope/envelope-history.db")));
+    assert_eq!(c.history.retention, Duration::from_secs(30 * 86_400));
+    assert_eq!(c.history.flush_interval, Duration::from_secs(10));
+
+    let text = format!(
+        "{VALID}\n[history]\npath = \":memory:\"\nretention = \"7d\"\n\n[[counter]]\nname = \"orders\"\nroute = \"payments\"\nmatch = {{ path = \"/payments/{{id}}\", methods = [\"post\"] }}\nstatus = [\"2xx\", \"409\"]\n"
+    );
+    let c = Config::parse("envelope.toml", &text).unwrap();
+    assert_eq!(c.history.path, None);
+    assert_eq!(c.history.retention, Duration::from_secs(7 * 86_400));
+    let orders = &c.counters[0];
+    assert_eq!(orders.statuses, [(200, 299), (409, 409)]);
+    let post = http::Method::POST;
+    assert!(orders.counts(Some("payments"), "/payments/42", &post, 201));
+    assert!(orders.counts(Some("payments"), "/payments/42", &post, 409));
+    assert!(!orders.counts(Some("payments"), "/payments/42", &post, 500), "status");
+    assert!(!orders.counts(Some("payments"), "/payments/42", &http::Method::GET, 200), "method");
+    assert!(!orders.counts(Some("reports"), "/payments/42", &post, 200), "route");
+    assert!(!orders.counts(Some("payments"), "/payments/42/x", &post, 200), "template");
+
+    let e = error(&format!("{VALID}\n[[counter]]\nname = \"x\"\nstatus = [\"2xx\", \"600\"]\n"));
+    assert_eq!((e.field.as_str(), e.line), ("counter[0].status[1]", VALID.lines().count() + 4), "{e}");
+    let e = error(&format!("{VALID}\n[[counter]]\nname = \"x\"\nroute = \"nope\"\n"));
+    assert_eq!(e.field, "counter[0].route", "{e}");
+    assert!(e.message.contains("nope"));
+    let e = error(&format!("{VALID}\n[history]\nretention = \"0s\"\n"));
+    assert_eq!(e.field, "history.retention", "{e}");
 }

@@ -185,7 +185,7 @@ fn summary(c: &Config) -> String {
         out += &format!(
             "route {} {}{} -> {} (tier {:?}, timeout {:?}, retry {})\n",
             r.name,
-            r.path_prefix,
+            r.matcher.path_prefix,
             if r.strip_prefix { " (stripped)" } else { "" },
             c.upstreams[r.upstream].name,
             r.tier,

@@ -261,10 +261,10 @@ impl Future for Wait<'_> {
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            if self.semaphore.dequeue(&slot) {
-                self.semaphore.release();
-            }
+        if let Some(slot) = self.slot.take()
+            && self.semaphore.dequeue(&slot)
+        {
+            self.semaphore.release();
         }
     }
 }

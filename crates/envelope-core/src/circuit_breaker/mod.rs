@@ -424,10 +424,10 @@ impl Shared {
     fn transition(&self, expected: Option<Word>, to: State, now: Instant) {
         let mut t = lock(&self.transitions);
         let current = Word::unpack(self.word.load(Ordering::Acquire));
-        if let Some(expected) = expected {
-            if current.generation != expected.generation || current.state != expected.state {
-                return;
-            }
+        if let Some(expected) = expected
+            && (current.generation != expected.generation || current.state != expected.state)
+        {
+            return;
         }
         let from = self.enter(&mut t, current, to, now);
         drop(t);

@@ -251,10 +251,11 @@ impl Envelope {
             permit.record(outcome);
         }
         // (4) Fallback once everything else has been tried.
-        if let (Some(policy), Some(fallback)) = (&p.fallback, fallback) {
-            if !outcome.is_ok() && policy.applies(outcome) {
-                return (Ok(fallback(outcome)), outcome);
-            }
+        if let (Some(policy), Some(fallback)) = (&p.fallback, fallback)
+            && !outcome.is_ok()
+            && policy.applies(outcome)
+        {
+            return (Ok(fallback(outcome)), outcome);
         }
         (result, outcome)
     }
@@ -395,10 +396,10 @@ impl Envelope {
             },
             None => None,
         };
-        if let Some(limiter) = &p.rate_limit {
-            if let Err(e) = limiter.try_acquire() {
-                return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after()))));
-            }
+        if let Some(limiter) = &p.rate_limit
+            && let Err(e) = limiter.try_acquire()
+        {
+            return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after()))));
         }
         Ok(permit)
     }

@@ -79,15 +79,15 @@ impl Backoff {
         if max_delay < base {
             return Err(InvalidBackoff("max_delay must be at least base"));
         }
-        if let Growth::Exponential { multiplier } = growth {
-            if !(multiplier >= 1.0 && multiplier.is_finite()) {
-                return Err(InvalidBackoff("multiplier must be a finite number >= 1"));
-            }
+        if let Growth::Exponential { multiplier } = growth
+            && !(multiplier >= 1.0 && multiplier.is_finite())
+        {
+            return Err(InvalidBackoff("multiplier must be a finite number >= 1"));
         }
-        if let Jitter::Ratio(f) = jitter {
-            if !(0.0..=1.0).contains(&f) {
-                return Err(InvalidBackoff("jitter ratio must be in [0, 1]"));
-            }
+        if let Jitter::Ratio(f) = jitter
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(InvalidBackoff("jitter ratio must be in [0, 1]"));
         }
         if matches!(jitter, Jitter::Decorrelated) && base.is_zero() {
             return Err(InvalidBackoff("decorrelated jitter needs a base above zero"));

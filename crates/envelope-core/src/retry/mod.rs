@@ -300,10 +300,10 @@ impl Retry {
                 return give_up(GiveUpReason::DeadlineTooClose);
             }
         }
-        if let Some(b) = &c.budget {
-            if !b.withdraw() {
-                return give_up(GiveUpReason::BudgetExhausted);
-            }
+        if let Some(b) = &c.budget
+            && !b.withdraw()
+        {
+            return give_up(GiveUpReason::BudgetExhausted);
         }
         st.previous_delay = delay;
         c.listeners.emit(Event::RetryScheduled { name: &self.name, attempt: st.made, outcome, delay });

@@ -250,12 +250,13 @@ impl Permit {
     /// Frees the slot and, for an adaptive limit, reports the call's latency. Timeouts count as drops (a strong
     /// overload signal); local rejections and cancellations carry no latency information and are not sampled.
     pub fn record(mut self, outcome: Outcome) {
-        if let Some(start) = self.start.take() {
-            if !outcome.is_local_rejection() && outcome != Outcome::ClientCancelled {
-                let now = clock::now();
-                let dropped = outcome == Outcome::Timeout;
-                self.shared.sample(now.saturating_duration_since(start), self.in_flight, dropped, now);
-            }
+        if let Some(start) = self.start.take()
+            && !outcome.is_local_rejection()
+            && outcome != Outcome::ClientCancelled
+        {
+            let now = clock::now();
+            let dropped = outcome == Outcome::Timeout;
+            self.shared.sample(now.saturating_duration_since(start), self.in_flight, dropped, now);
         }
     }
 }

@@ -88,6 +88,78 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Routes, in file order (matched longest prefix first).
     pub routes: Vec<Route>,
+    /// The metrics history.
+    pub history: History,
+    /// Business counters, in file order.
+    pub counters: Vec<BusinessCounter>,
+}
+
+/// Default file of the metrics history, next to the config file.
+pub const DEFAULT_HISTORY_PATH: &str = "envelope-history.db";
+/// Default retention of the metrics history.
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Default interval between two writes of the metrics history.
+pub const DEFAULT_HISTORY_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The metrics history (`[history]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// The SQLite file; `None` keeps the history in memory (`path = ":memory:"`).
+    pub path: Option<std::path::PathBuf>,
+    /// How long rows are kept.
+    pub retention: Duration,
+    /// How often counts are written (a crash loses at most this much).
+    pub flush_interval: Duration,
+}
+
+/// A business counter (`[[counter]]`): requests with given attributes, e.g. "orders" = `POST /orders` answered 2xx.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusinessCounter {
+    /// Its name (the `counter` label, and the history's key).
+    pub name: String,
+    /// Only requests of the route of this name.
+    pub route: Option<String>,
+    /// Request path and methods; `None` matches every request.
+    pub matcher: Option<PathMatch>,
+    /// Inclusive status ranges of the answer that count (default: 200–299).
+    pub statuses: Vec<(u16, u16)>,
+}
+
+/// A path prefix or template, and methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathMatch {
+    /// The path prefix (for a template: its literal start).
+    pub path_prefix: String,
+    /// The path template, if the match is by template.
+    pub template: Option<Vec<Segment>>,
+    /// Methods matched (`None`: all).
+    pub methods: Option<Vec<Method>>,
+}
+
+impl PathMatch {
+    /// Whether a request for `path` with `method` matches: a template matches whole segments, a prefix matches
+    /// at a segment boundary (`/api` takes `/api` and `/api/x`, not `/apix`).
+    pub fn matches(&self, path: &str, method: &Method) -> bool {
+        let path_ok = match &self.template {
+            Some(template) => template_matches(template, path),
+            None => {
+                let prefix = self.path_prefix.as_str();
+                let next = path.as_bytes().get(prefix.len());
+                path.starts_with(prefix)
+                    && (prefix.ends_with('/') || next.is_none() || next == Some(&b'/') || next == Some(&b'?'))
+            }
+        };
+        path_ok && self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+impl BusinessCounter {
+    /// Whether an answered request counts.
+    pub fn counts(&self, route: Option<&str>, path: &str, method: &Method, status: u16) -> bool {
+        self.route.as_deref().is_none_or(|r| route == Some(r))
+            && self.matcher.as_ref().is_none_or(|m| m.matches(path, method))
+            && self.statuses.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    }
 }
 
 /// The admin listener.
@@ -289,13 +361,9 @@ pub struct Route {
     pub name: String,
     /// Index of its listener.
     pub listener: usize,
-    /// Path prefix matched (for a template, its literal start).
-    pub path_prefix: String,
-    /// Path template matched instead of the prefix: segments, `{name}` for any one segment, a last `{*name}` for
-    /// the rest of the path.
-    pub template: Option<Vec<Segment>>,
-    /// Methods matched (`None`: all).
-    pub methods: Option<Vec<Method>>,
+    /// Path prefix or template (segments, `{name}` for any one segment, a last `{*name}` for the rest of the
+    /// path), and methods.
+    pub matcher: PathMatch,
     /// Whether the prefix is removed before forwarding.
     pub strip_prefix: bool,
     /// Index of its upstream.
@@ -349,7 +417,8 @@ impl Config {
             let inner = e.into_inner();
             locate(inner.span(), if path == "." { String::new() } else { path }, inner.message().to_owned())
         })?;
-        resolve(raw, &defaults).map_err(|Invalid { span, field, message }| locate(span, field, message))
+        resolve(raw, &defaults, Path::new(file).parent().unwrap_or(Path::new("")))
+            .map_err(|Invalid { span, field, message }| locate(span, field, message))
     }
 }
 
@@ -436,7 +505,7 @@ fn invalid<T>(spanned: &Spanned<T>, field: impl Into<String>, message: impl Into
     Invalid { span: Some(spanned.span()), field: field.into(), message: message.into() }
 }
 
-fn resolve(raw: RawConfig, defaults: &Defaults) -> Result<Config, Invalid> {
+fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Config, Invalid> {
     let admin_listen = match &raw.admin.listen {
         Some(l) => {
             let addr = *l.get_ref();
@@ -510,7 +579,96 @@ fn resolve(raw: RawConfig, defaults: &Defaults) -> Result<Config, Invalid> {
         }
         routes.push(resolve_route(i, r, &listeners, &upstreams, defaults)?);
     }
-    Ok(Config { admin, listeners, upstreams, routes })
+
+    let history = History {
+        path: match raw.history.path.as_deref() {
+            Some(":memory:") => None,
+            Some(p) => Some(base_dir.join(p)),
+            None => Some(base_dir.join(DEFAULT_HISTORY_PATH)),
+        },
+        retention: raw.history.retention.map_or(DEFAULT_HISTORY_RETENTION, |d| d.0),
+        flush_interval: raw.history.flush_interval.map_or(DEFAULT_HISTORY_FLUSH_INTERVAL, |d| d.0),
+    };
+    let mut counters = Vec::new();
+    for (i, c) in raw.counters.iter().enumerate() {
+        if raw.counters[..i].iter().any(|o| o.name.get_ref() == c.name.get_ref()) {
+            return Err(invalid(
+                &c.name,
+                format!("counter[{i}].name"),
+                format!("duplicate counter `{}`", c.name.get_ref()),
+            ));
+        }
+        counters.push(resolve_counter(i, c, &routes)?);
+    }
+    Ok(Config { admin, listeners, upstreams, routes, history, counters })
+}
+
+fn resolve_counter(i: usize, c: &raw::RawCounter, routes: &[Route]) -> Result<BusinessCounter, Invalid> {
+    let route = match &c.route {
+        None => None,
+        Some(name) if routes.iter().any(|r| &r.name == name.get_ref()) => Some(name.get_ref().clone()),
+        Some(name) => {
+            return Err(invalid(name, format!("counter[{i}].route"), format!("no route named `{}`", name.get_ref())));
+        }
+    };
+    let matcher = c.matcher.as_ref().map(|m| resolve_match(&format!("counter[{i}]"), m)).transpose()?;
+    let statuses = match &c.status {
+        None => vec![(200, 299)],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                parse_status_range(s.get_ref()).ok_or_else(|| {
+                    invalid(s, format!("counter[{i}].status[{j}]"), "expected a status (`409`) or a class (`2xx`)")
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(BusinessCounter { name: c.name.get_ref().clone(), route, matcher, statuses })
+}
+
+/// `"409"` → 409–409, `"2xx"` → 200–299.
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let s = s.trim();
+    if let Some(class) = s.strip_suffix("xx").or_else(|| s.strip_suffix("XX")) {
+        let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
+        return Some((c * 100, c * 100 + 99));
+    }
+    let code: u16 = s.parse().ok().filter(|c| (100..600).contains(c))?;
+    Some((code, code))
+}
+
+/// A `match` table: path prefix or template, and methods. `field` names its owner in errors.
+fn resolve_match(field: &str, matcher: &Spanned<raw::RawMatch>) -> Result<PathMatch, Invalid> {
+    let m = matcher.get_ref();
+    let (path_prefix, template) = match (&m.path_prefix, &m.path) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(matcher, format!("{field}.match"), "give `path_prefix` or `path`, not both"));
+        }
+        (_, Some(t)) => {
+            let segments = parse_template(t).map_err(|e| invalid(matcher, format!("{field}.match.path"), e))?;
+            let literal = t.split('{').next().unwrap_or("/").to_owned();
+            (literal, Some(segments))
+        }
+        (p, None) => (p.clone().unwrap_or_else(|| "/".to_owned()), None),
+    };
+    if !path_prefix.starts_with('/') {
+        return Err(invalid(matcher, format!("{field}.match.path_prefix"), "must start with `/`"));
+    }
+    let methods = match &m.methods {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(j, name)| {
+                    let upper = name.get_ref().to_ascii_uppercase();
+                    Method::from_bytes(upper.as_bytes())
+                        .map_err(|_| invalid(name, format!("{field}.match.methods[{j}]"), "not an HTTP method"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(PathMatch { path_prefix, template, methods })
 }
 
 fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Upstream, Invalid> {
@@ -669,37 +827,10 @@ fn resolve_route(
     let upstream = upstreams.iter().position(|u| &u.name == r.upstream.get_ref()).ok_or_else(|| {
         invalid(&r.upstream, field("upstream"), format!("no upstream named `{}`", r.upstream.get_ref()))
     })?;
-    let m = r.matcher.get_ref();
-    let (path_prefix, template) = match (&m.path_prefix, &m.path) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(&r.matcher, field("match"), "give `path_prefix` or `path`, not both"));
-        }
-        (_, Some(t)) => {
-            let segments = parse_template(t).map_err(|e| invalid(&r.matcher, field("match.path"), e))?;
-            let literal = t.split('{').next().unwrap_or("/").to_owned();
-            (literal, Some(segments))
-        }
-        (p, None) => (p.clone().unwrap_or_else(|| "/".to_owned()), None),
-    };
-    if !path_prefix.starts_with('/') {
-        return Err(invalid(&r.matcher, field("match.path_prefix"), "must start with `/`"));
-    }
-    if template.is_some() && r.strip_prefix == Some(true) {
+    let matcher = resolve_match(&format!("route[{i}]"), &r.matcher)?;
+    if matcher.template.is_some() && r.strip_prefix == Some(true) {
         return Err(invalid(&r.matcher, field("strip_prefix"), "only a `path_prefix` route can strip its prefix"));
     }
-    let methods = match &m.methods {
-        None => None,
-        Some(list) => Some(
-            list.iter()
-                .enumerate()
-                .map(|(j, name)| {
-                    let upper = name.get_ref().to_ascii_uppercase();
-                    Method::from_bytes(upper.as_bytes())
-                        .map_err(|_| invalid(name, format!("route[{i}].match.methods[{j}]"), "not an HTTP method"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
     let mut fail_on_status = Vec::new();
     for (j, s) in r.fail_on_status.iter().enumerate() {
         match StatusCode::from_u16(*s.get_ref()) {
@@ -717,10 +848,8 @@ fn resolve_route(
     Ok(Route {
         name: r.name.get_ref().clone(),
         listener,
-        tier: r.tier.unwrap_or_else(|| tier_by_path(&path_prefix)),
-        path_prefix,
-        template,
-        methods,
+        tier: r.tier.unwrap_or_else(|| tier_by_path(&matcher.path_prefix)),
+        matcher,
         strip_prefix: r.strip_prefix.unwrap_or(false),
         upstream,
         timeout: r.timeout.map_or(defaults.route_timeout, |d| d.0),

@@ -20,6 +20,28 @@ pub(crate) struct RawConfig {
     pub(crate) upstreams: Vec<RawUpstream>,
     #[serde(default, rename = "route")]
     pub(crate) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(crate) history: RawHistory,
+    #[serde(default, rename = "counter")]
+    pub(crate) counters: Vec<RawCounter>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHistory {
+    pub(crate) path: Option<String>,
+    pub(crate) retention: Option<PositiveDur>,
+    pub(crate) flush_interval: Option<PositiveDur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCounter {
+    pub(crate) name: Spanned<String>,
+    pub(crate) route: Option<Spanned<String>>,
+    #[serde(rename = "match")]
+    pub(crate) matcher: Option<Spanned<RawMatch>>,
+    pub(crate) status: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

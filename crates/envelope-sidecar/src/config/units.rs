@@ -23,7 +23,8 @@ impl Dur {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(format!("invalid duration `{text}`: the unit must be one of us, ms, s, m, h")),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(format!("invalid duration `{text}`: the unit must be one of us, ms, s, m, h, d")),
         };
         Ok(Dur(d))
     }
@@ -34,7 +35,7 @@ impl fmt::Display for Dur {
         let d = self.0;
         if d.subsec_nanos() == 0 && d.as_secs() > 0 {
             write!(f, "{}s", d.as_secs())
-        } else if d.subsec_nanos() % 1_000_000 == 0 {
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}ms", d.as_millis())
         } else {
             write!(f, "{}us", d.as_micros())
@@ -101,8 +102,9 @@ mod tests {
         assert_eq!(Dur::parse("5s").unwrap().0, Duration::from_secs(5));
         assert_eq!(Dur::parse("2m").unwrap().0, Duration::from_secs(120));
         assert_eq!(Dur::parse("1h").unwrap().0, Duration::from_secs(3600));
+        assert_eq!(Dur::parse("30d").unwrap().0, Duration::from_secs(30 * 86_400));
         assert_eq!(Dur::parse("0s").unwrap().0, Duration::ZERO);
-        for bad in ["", "5", "s", "5 s", "-1s", "1.5s", "5sec", "5d"] {
+        for bad in ["", "5", "s", "5 s", "-1s", "1.5s", "5sec", "5w"] {
             assert!(Dur::parse(bad).is_err(), "{bad:?}");
         }
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");

@@ -250,6 +250,8 @@ pub struct Envelope {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Standard error lines after the start-up lines.
+    pub errors: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
 
@@ -285,8 +287,13 @@ pub async fn envelope(config: &str, upstream: SocketAddr) -> Envelope {
 /// Like [`envelope`], with extra environment variables.
 pub async fn envelope_with_env(config: &str, upstream: SocketAddr, env: &[(&str, &str)]) -> Envelope {
     let dir = TempDir::new();
+    std::fs::write(dir.0.join("envelope.toml"), config.replace("{upstream}", &upstream.to_string())).unwrap();
+    spawn_in(dir, env).await
+}
+
+/// Starts the binary on `dir/envelope.toml`.
+async fn spawn_in(dir: TempDir, env: &[(&str, &str)]) -> Envelope {
     let path = dir.0.join("envelope.toml");
-    std::fs::write(&path, config.replace("{upstream}", &upstream.to_string())).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_envelope"))
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -296,9 +303,12 @@ pub async fn envelope_with_env(config: &str, upstream: SocketAddr, env: &[(&str,
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let early = errors.clone();
     let (addr, admin) = tokio::time::timeout(Duration::from_secs(20), async {
         let mut addr = None;
         while let Some(line) = stderr.next_line().await.unwrap() {
+            early.lock().unwrap().push(line.clone());
             if let Some(a) = line.strip_prefix("envelope: listening on ") {
                 addr = Some(a.parse::<SocketAddr>().unwrap());
             }
@@ -318,8 +328,13 @@ pub async fn envelope_with_env(config: &str, upstream: SocketAddr, env: &[(&str,
             sink.lock().unwrap().push(line);
         }
     });
-    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-    Envelope { child, addr, admin, log, _dir: dir }
+    let late = errors.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            late.lock().unwrap().push(line);
+        }
+    });
+    Envelope { child, addr, admin, log, errors, _dir: dir }
 }
 
 impl Envelope {
@@ -331,6 +346,28 @@ impl Envelope {
             .iter()
             .map(|l| serde_json::from_str(l).expect("every line is one JSON object"))
             .collect()
+    }
+
+    /// The directory holding the config (and the default history file).
+    pub fn dir(&self) -> &std::path::Path {
+        &self._dir.0
+    }
+
+    /// Stops the process gracefully (SIGTERM, waits up to 30 s for exit 0) and starts it again on the same
+    /// directory and config.
+    pub async fn restart(mut self) -> Envelope {
+        self.signal("TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{status}");
+        let dir = std::mem::replace(&mut self._dir, TempDir(std::path::PathBuf::new()));
+        spawn_in(dir, &[]).await
+    }
+
+    /// Kills the process (SIGKILL: no chance to flush anything) and starts it again on the same directory.
+    pub async fn crash_and_restart(mut self) -> Envelope {
+        self.child.kill().await.unwrap();
+        let dir = std::mem::replace(&mut self._dir, TempDir(std::path::PathBuf::new()));
+        spawn_in(dir, &[]).await
     }
 
     pub fn pid(&self) -> u32 {

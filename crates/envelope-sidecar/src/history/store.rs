@@ -1,0 +1,268 @@
+//! The SQLite side of the history: one row per minute and name in three tables, written by adding to the row of
+//! the minute (a flush every few seconds adds to the same row), read back summed over steps.
+
+use std::path::{Path, PathBuf};
+
+use envelope_core::Outcome;
+use rusqlite::{Connection, params_from_iter};
+
+use super::tally::{BUCKETS, RouteCounts, Taken, UPSTREAM_COLUMNS};
+
+/// Version of the schema below, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Where the history is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+pub(crate) struct Store {
+    conn: Connection,
+    location: Location,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("location", &self.location).finish_non_exhaustive()
+    }
+}
+
+fn route_columns() -> Vec<String> {
+    let outcomes = Outcome::ALL.iter().map(|o| format!("o_{}", o.as_str()));
+    let buckets = (0..BUCKETS).map(|i| format!("b{i}"));
+    outcomes.chain(buckets).chain(["duration_us".to_owned()]).collect()
+}
+
+fn schema() -> String {
+    let ints = |cols: &[String]| cols.iter().map(|c| format!("{c} INTEGER NOT NULL DEFAULT 0")).collect::<Vec<_>>();
+    let upstream: Vec<String> = UPSTREAM_COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS route_minute (minute INTEGER NOT NULL, name TEXT NOT NULL, {}, \
+           PRIMARY KEY (minute, name)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS upstream_minute (minute INTEGER NOT NULL, name TEXT NOT NULL, {}, \
+           PRIMARY KEY (minute, name)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS counter_minute (minute INTEGER NOT NULL, name TEXT NOT NULL, \
+           count INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (minute, name)) WITHOUT ROWID;
+         PRAGMA user_version = {SCHEMA_VERSION};",
+        ints(&route_columns()).join(", "),
+        ints(&upstream).join(", "),
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` that adds `columns` to the row of (minute, name).
+fn upsert(table: &str, columns: &[String]) -> String {
+    let names = columns.join(", ");
+    let values = (3..3 + columns.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let adds = columns.iter().map(|c| format!("{c} = {c} + excluded.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "INSERT INTO {table} (minute, name, {names}) VALUES (?1, ?2, {values}) \
+         ON CONFLICT (minute, name) DO UPDATE SET {adds}"
+    )
+}
+
+fn init(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the file was written by a newer envelope (schema {version}, this one knows {SCHEMA_VERSION})"
+        )));
+    }
+    conn.execute_batch(&schema())
+}
+
+impl Store {
+    /// Opens (or creates) the history at `location`. A file that cannot be used is replaced by memory, and the
+    /// reason is returned for the log.
+    pub(crate) fn open(location: &Location) -> (Store, Option<String>) {
+        if let Location::File(path) = location {
+            match Store::open_file(path) {
+                Ok(store) => return (store, None),
+                Err(e) => {
+                    let reason = format!("cannot use {}: {e}", path.display());
+                    return (Store::memory(), Some(reason));
+                }
+            }
+        }
+        (Store::memory(), None)
+    }
+
+    fn open_file(path: &Path) -> rusqlite::Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        // WAL: readers (the admin API) never wait for the writer; NORMAL: a power cut may lose the last flush,
+        // never the file.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        init(&conn)?;
+        Ok(Store { conn, location: Location::File(path.to_owned()) })
+    }
+
+    /// An in-memory history (always works).
+    pub(crate) fn memory() -> Store {
+        let conn = Connection::open_in_memory().expect("SQLite can always open an in-memory database");
+        init(&conn).expect("the schema is valid");
+        Store { conn, location: Location::Memory }
+    }
+
+    pub(crate) fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Adds `taken` to the rows of `minute` and deletes rows older than `keep_from` (a minute), in one
+    /// transaction.
+    pub(crate) fn write(&mut self, minute: i64, taken: &Taken, keep_from: i64) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut route = tx.prepare_cached(&upsert("route_minute", &route_columns()))?;
+            for (name, c) in &taken.routes {
+                let values = c.outcomes.iter().chain(&c.buckets).chain([&c.duration_us]).map(|v| *v as i64);
+                let head = [rusqlite::types::Value::Integer(minute), rusqlite::types::Value::Text(name.clone())];
+                route.execute(params_from_iter(head.into_iter().chain(values.map(rusqlite::types::Value::Integer))))?;
+            }
+            let columns: Vec<String> = UPSTREAM_COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+            let mut upstream = tx.prepare_cached(&upsert("upstream_minute", &columns))?;
+            for (name, v) in &taken.upstreams {
+                let head = [rusqlite::types::Value::Integer(minute), rusqlite::types::Value::Text(name.clone())];
+                let values = v.iter().map(|x| rusqlite::types::Value::Integer(*x as i64));
+                upstream.execute(params_from_iter(head.into_iter().chain(values)))?;
+            }
+            let mut counter = tx.prepare_cached(&upsert("counter_minute", &["count".to_owned()]))?;
+            for (name, v) in &taken.counters {
+                counter.execute(rusqlite::params![minute, name, *v as i64])?;
+            }
+            for table in ["route_minute", "upstream_minute", "counter_minute"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE minute < ?1"), [keep_from])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// A route's counts from minute `from` on, summed over steps of `step` minutes: (first minute of the step,
+    /// counts), oldest first.
+    pub(crate) fn route(&self, name: &str, from: i64, step: i64) -> rusqlite::Result<Vec<(i64, RouteCounts)>> {
+        let columns = route_columns();
+        let sums = columns.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT (minute / ?3) * ?3 AS t, {sums} FROM route_minute WHERE name = ?1 AND minute >= ?2 \
+             GROUP BY t ORDER BY t"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params![name, from, step], |r| {
+            let mut c = RouteCounts::default();
+            let n = Outcome::ALL.len();
+            for i in 0..n {
+                c.outcomes[i] = r.get::<_, i64>(1 + i)? as u64;
+            }
+            for i in 0..BUCKETS {
+                c.buckets[i] = r.get::<_, i64>(1 + n + i)? as u64;
+            }
+            c.duration_us = r.get::<_, i64>(1 + n + BUCKETS)? as u64;
+            Ok((r.get(0)?, c))
+        })?;
+        rows.collect()
+    }
+
+    /// An upstream's counts ([`UPSTREAM_COLUMNS`]) from minute `from` on, summed over steps of `step` minutes.
+    pub(crate) fn upstream(
+        &self,
+        name: &str,
+        from: i64,
+        step: i64,
+    ) -> rusqlite::Result<Vec<(i64, [u64; UPSTREAM_COLUMNS.len()])>> {
+        let sums = UPSTREAM_COLUMNS.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT (minute / ?3) * ?3 AS t, {sums} FROM upstream_minute WHERE name = ?1 AND minute >= ?2 \
+             GROUP BY t ORDER BY t"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params![name, from, step], |r| {
+            let mut v = [0u64; UPSTREAM_COLUMNS.len()];
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = r.get::<_, i64>(1 + i)? as u64;
+            }
+            Ok((r.get(0)?, v))
+        })?;
+        rows.collect()
+    }
+
+    /// A business counter from minute `from` on, summed over steps of `step` minutes.
+    pub(crate) fn counter(&self, name: &str, from: i64, step: i64) -> rusqlite::Result<Vec<(i64, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT (minute / ?3) * ?3 AS t, SUM(count) FROM counter_minute WHERE name = ?1 AND minute >= ?2 \
+             GROUP BY t ORDER BY t",
+        )?;
+        let rows =
+            stmt.query_map(rusqlite::params![name, from, step], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tally::Tallies;
+    use super::*;
+
+    fn taken(requests: u64) -> Taken {
+        let t = Tallies::default();
+        let api = t.route("api");
+        for _ in 0..requests {
+            api.record(Outcome::Ok, 0.002);
+        }
+        api.record(Outcome::Timeout, 2.0);
+        t.counter("orders").fetch_add(requests, std::sync::atomic::Ordering::Relaxed);
+        t.upstream("db").count(super::super::tally::UpstreamEvent::Attempt);
+        t.take()
+    }
+
+    #[test]
+    fn flushes_add_to_the_minute_and_steps_sum_minutes() {
+        let mut s = Store::memory();
+        s.write(100, &taken(3), 0).unwrap();
+        s.write(100, &taken(4), 0).unwrap();
+        s.write(101, &taken(1), 0).unwrap();
+        s.write(160, &taken(1), 0).unwrap();
+        let minutes = s.route("api", 0, 1).unwrap();
+        assert_eq!(minutes.iter().map(|(t, c)| (*t, c.requests())).collect::<Vec<_>>(), [(100, 9), (101, 2), (160, 2)]);
+        assert_eq!(minutes[0].1.outcomes[Outcome::Timeout as usize], 2);
+        assert_eq!(minutes[0].1.duration_us, 7 * 2_000 + 2 * 2_000_000);
+        let hours = s.route("api", 0, 60).unwrap();
+        assert_eq!(hours.iter().map(|(t, c)| (*t, c.requests())).collect::<Vec<_>>(), [(60, 11), (120, 2)]);
+        assert_eq!(s.counter("orders", 0, 60).unwrap(), [(60, 8), (120, 1)]);
+        assert_eq!(s.upstream("db", 101, 1).unwrap().len(), 2, "`from` leaves out older minutes");
+        assert!(s.route("other", 0, 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn retention_deletes_older_minutes() {
+        let mut s = Store::memory();
+        s.write(10, &taken(1), 0).unwrap();
+        s.write(20, &taken(1), 15).unwrap();
+        assert_eq!(s.route("api", 0, 1).unwrap().iter().map(|(t, _)| *t).collect::<Vec<_>>(), [20]);
+        assert_eq!(s.counter("orders", 0, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_file_survives_reopening_and_garbage_degrades_to_memory() {
+        let dir = std::env::temp_dir().join(format!("envelope-store-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.db");
+        let (mut s, problem) = Store::open(&Location::File(path.clone()));
+        assert_eq!(problem, None);
+        s.write(5, &taken(2), 0).unwrap();
+        drop(s);
+        let (s, problem) = Store::open(&Location::File(path.clone()));
+        assert_eq!(problem, None);
+        assert_eq!(s.route("api", 0, 1).unwrap()[0].1.requests(), 3);
+
+        let bad = dir.join("bad.db");
+        std::fs::write(&bad, vec![0x5a; 8192]).unwrap();
+        let (mut s, problem) = Store::open(&Location::File(bad.clone()));
+        assert_eq!(s.location(), &Location::Memory);
+        assert!(problem.unwrap().contains("bad.db"));
+        s.write(1, &taken(1), 0).unwrap();
+        assert_eq!(std::fs::read(&bad).unwrap(), vec![0x5a; 8192], "a file that is not ours is left alone");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
