@@ -15,6 +15,10 @@
 //! | `/api/v1/breakers/{upstream}/force-open` | POST | force the breaker open |
 //! | `/api/v1/breakers/{upstream}/force-close` | POST | force the breaker closed |
 //! | `/api/v1/breakers/{upstream}/reset` | POST | back to closed with an empty window |
+//! | `/api/v1/scenarios` | GET | each quality scenario's response measures, judged on live traffic over its window |
+//! | `/api/v1/faults` | GET | faults being injected, per upstream |
+//! | `/api/v1/faults/{upstream}` | POST | inject a fault into the upstream's attempts (JSON: `abort_status`, `abort_percent`, `delay_ms`, `delay_percent`, `duration_ms` ≤ 1 h) |
+//! | `/api/v1/faults/{upstream}` | DELETE | stop injecting |
 //!
 //! State-changing calls need `Authorization: Bearer <token>`, the token being read from the environment variable
 //! named by `admin.token_env` (default `ENVELOPE_ADMIN_TOKEN`); with no token set they are refused. Other methods
@@ -28,11 +32,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::history::{History, Subject};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
+use crate::upstream::FaultSpec;
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
@@ -55,6 +61,9 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/history", get(history))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
+        .route("/api/v1/scenarios", get(scenarios))
+        .route("/api/v1/faults", get(faults))
+        .route("/api/v1/faults/{upstream}", post(inject_fault).delete(clear_fault))
         .with_state(state)
 }
 
@@ -239,6 +248,28 @@ async fn history(State(s): State<AdminState>, Query(q): Query<std::collections::
     }
 }
 
+async fn scenarios(State(s): State<AdminState>) -> Response {
+    let rt = s.runtime.load_full();
+    let history = s.history.clone();
+    let judged = tokio::task::spawn_blocking(move || {
+        rt.config
+            .scenarios
+            .iter()
+            .map(|sc| {
+                let m = history.measure(sc)?;
+                Ok(crate::quality::scenario_json(sc, &m, &crate::quality::judge(&sc.expect, &m)))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await;
+    match judged {
+        Ok(Ok(all)) => axum::Json(json!(all)).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e }))).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": "scenario evaluation panicked" })))
+            .into_response(),
+    }
+}
+
 async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
     let rt = s.runtime.load();
     let c = &rt.config;
@@ -275,23 +306,32 @@ async fn breakers(State(s): State<AdminState>) -> axum::Json<Value> {
     axum::Json(json!(all))
 }
 
+/// Checks the bearer token of a state-changing call: the refusal to answer with (403 without a configured token,
+/// 401 without a matching one), or `None` to go ahead.
+fn refusal(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
+    let Some(expected) = s.token.as_deref() else {
+        return Some(
+            (StatusCode::FORBIDDEN, "no admin token is configured; state changes are disabled\n").into_response(),
+        );
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        return Some(
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "a valid bearer token is required\n")
+                .into_response(),
+        );
+    }
+    None
+}
+
 async fn breaker_action(
     State(s): State<AdminState>,
     Path((upstream, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(expected) = s.token.as_deref() else {
-        return (StatusCode::FORBIDDEN, "no admin token is configured; state changes are disabled\n").into_response();
-    };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "a valid bearer token is required\n",
-        )
-            .into_response();
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
     }
     let rt = s.runtime.load();
     let Some(breaker) = rt.upstreams.iter().find(|u| u.spec.name == upstream).and_then(|u| u.breaker.as_ref()) else {
@@ -304,6 +344,83 @@ async fn breaker_action(
         _ => return (StatusCode::NOT_FOUND, "actions: force-open, force-close, reset\n").into_response(),
     }
     axum::Json(json!({ "upstream": upstream, "state": breaker.state().as_str() })).into_response()
+}
+
+/// A fault as the admin API takes it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    abort_status: Option<u16>,
+    #[serde(default)]
+    abort_percent: Option<f64>,
+    delay_ms: Option<u64>,
+    delay_percent: Option<f64>,
+    duration_ms: u64,
+}
+
+impl FaultRequest {
+    fn spec(&self) -> FaultSpec {
+        FaultSpec {
+            abort_status: self.abort_status,
+            abort_percent: self.abort_percent.unwrap_or(if self.abort_status.is_some() { 100.0 } else { 0.0 }),
+            delay: self.delay_ms.map(std::time::Duration::from_millis),
+            delay_percent: self.delay_percent.unwrap_or(if self.delay_ms.is_some() { 100.0 } else { 0.0 }),
+            duration: std::time::Duration::from_millis(self.duration_ms),
+        }
+    }
+}
+
+fn fault_json(u: &crate::upstream::UpstreamRt) -> Option<Value> {
+    let f = u.faults.current()?;
+    let remaining = u.faults.until().map(|t| t.saturating_duration_since(tokio::time::Instant::now()));
+    Some(json!({
+        "upstream": u.spec.name,
+        "abort_status": f.abort.map(|_| u.fault_status.load(Ordering::Relaxed)),
+        "abort_percent": f.abort_percent,
+        "delay_ms": f.delay.map(|d| d.as_millis() as u64),
+        "delay_percent": f.delay_percent,
+        "remaining_ms": remaining.map(|d| d.as_millis() as u64),
+    }))
+}
+
+async fn faults(State(s): State<AdminState>) -> axum::Json<Value> {
+    axum::Json(json!(s.runtime.load().upstreams.iter().filter_map(|u| fault_json(u)).collect::<Vec<_>>()))
+}
+
+async fn inject_fault(
+    State(s): State<AdminState>,
+    Path(upstream): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+    let request: FaultRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid fault: {e}")),
+    };
+    let rt = s.runtime.load();
+    let Some(u) = rt.upstreams.iter().find(|u| u.spec.name == upstream) else {
+        return (StatusCode::NOT_FOUND, format!("no upstream `{upstream}`\n")).into_response();
+    };
+    match u.inject(&request.spec()) {
+        Ok(()) => axum::Json(fault_json(u).unwrap_or(Value::Null)).into_response(),
+        Err(e) => bad(e),
+    }
+}
+
+async fn clear_fault(State(s): State<AdminState>, Path(upstream): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let rt = s.runtime.load();
+    let Some(u) = rt.upstreams.iter().find(|u| u.spec.name == upstream) else {
+        return (StatusCode::NOT_FOUND, format!("no upstream `{upstream}`\n")).into_response();
+    };
+    u.faults.clear();
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Compares secrets without an early exit on the first differing byte.

@@ -14,16 +14,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::server::Sidecar;
+use crate::verify::Probe;
 
 /// One scripted phase of the flaky service.
 #[derive(Debug, Clone, Copy)]
@@ -92,11 +91,11 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "t", "phase", "sent", "ok", "5xx", "timeout", "open", "shed", "svc hits", "retries"
     );
 
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let probe = Probe::new();
     let tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut totals: Vec<(Phase, BTreeMap<String, u64>, usize, u64)> = Vec::new();
     let mut second = 0u64;
-    let mut last_retries = metric(&client, admin, "envelope_retries_total").await;
+    let mut last_retries = probe.metric(admin, "envelope_retries_total", "").await;
     for (i, p) in SCRIPT.iter().enumerate() {
         phase.store(i, Ordering::Relaxed);
         let hits_before = hits.load(Ordering::Relaxed);
@@ -108,9 +107,13 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let mut pending = Vec::new();
             for _ in 0..RATE {
                 tick.tick().await;
-                let (client, tally) = (client.clone(), tally.clone());
+                let (probe, tally) = (probe.clone(), tally.clone());
                 pending.push(tokio::spawn(async move {
-                    let outcome = one_request(&client, proxy).await;
+                    let req = Request::get(format!("http://{proxy}/price")).body(Full::new(Bytes::new()));
+                    let outcome = match req {
+                        Ok(req) => probe.send(req).await.outcome,
+                        Err(_) => "error".to_owned(),
+                    };
                     *tally.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome).or_default() += 1;
                 }));
             }
@@ -122,8 +125,8 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             for (k, v) in &this {
                 *phase_tally.entry(k.clone()).or_default() += v;
             }
-            let retries = metric(&client, admin, "envelope_retries_total").await;
-            let state = breaker_state(&client, admin).await;
+            let retries = probe.metric(admin, "envelope_retries_total", "").await;
+            let state = breaker_state(&probe, admin).await;
             let n = |k: &str| this.get(k).copied().unwrap_or(0);
             println!(
                 "{:>3}s  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8}  {}",
@@ -172,54 +175,8 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
-/// Sends one request and names how it ended: `ok`, or the outcome of the sidecar's problem document, or the
-/// status class of a forwarded error.
-async fn one_request(client: &Client<HttpConnector, Full<Bytes>>, proxy: SocketAddr) -> String {
-    let req = Request::get(format!("http://{proxy}/price")).body(Full::new(Bytes::new()));
-    let Ok(req) = req else { return "error".into() };
-    let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await else {
-        return "error".into();
-    };
-    let status = resp.status();
-    let problem = resp.headers().get("content-type").is_some_and(|v| v == "application/problem+json");
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    if status.is_success() {
-        return "ok".into();
-    }
-    if problem
-        && let Some(outcome) = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["outcome"].as_str().map(str::to_owned))
-    {
-        return outcome;
-    }
-    if status.is_server_error() { "upstream_5xx".into() } else { format!("status_{}", status.as_u16()) }
-}
-
-async fn admin_get(client: &Client<HttpConnector, Full<Bytes>>, admin: SocketAddr, path: &str) -> String {
-    let Ok(req) = Request::get(format!("http://{admin}{path}")).body(Full::new(Bytes::new())) else {
-        return String::new();
-    };
-    match client.request(req).await {
-        Ok(resp) => {
-            String::from_utf8_lossy(&resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default())
-                .into_owned()
-        }
-        Err(_) => String::new(),
-    }
-}
-
-async fn metric(client: &Client<HttpConnector, Full<Bytes>>, admin: SocketAddr, family: &str) -> f64 {
-    admin_get(client, admin, "/metrics")
-        .await
-        .lines()
-        .filter(|l| l.starts_with(family))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn breaker_state(client: &Client<HttpConnector, Full<Bytes>>, admin: SocketAddr) -> String {
-    let text = admin_get(client, admin, "/api/v1/breakers").await;
+async fn breaker_state(probe: &Probe, admin: SocketAddr) -> String {
+    let text = probe.get(admin, "/api/v1/breakers").await.map(|(_, t)| t).unwrap_or_default();
     serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v[0]["state"].as_str().map(str::to_owned))

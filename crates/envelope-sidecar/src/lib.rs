@@ -9,6 +9,8 @@
 //! | [`server`] | listeners, limits, reload, graceful drain |
 //! | [`demo`] | the sidecar in front of a built-in flaky service |
 //! | [`generate`] | Prometheus SLO rules from the config |
+//! | [`quality`] | quality scenarios: response measures judged against what was measured |
+//! | [`verify`] | `envelope verify`: drive each scenario's load and fault against a running sidecar |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -20,10 +22,12 @@ pub mod generate;
 mod history;
 mod metrics;
 mod proxy;
+pub mod quality;
 mod runtime;
 pub mod server;
 mod slow_client;
 mod upstream;
+pub mod verify;
 
 pub use envelope_http;
 pub use server::{ReloadError, RunError, Sidecar};

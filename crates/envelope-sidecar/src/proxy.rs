@@ -327,6 +327,12 @@ fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route
             (format!("upstream `{}`: rate limit reached", route.upstream.spec.name), Some(r.retry_after()))
         }
         Error::Shed(_) => ("the service is overloaded".to_owned(), None),
+        Error::Injected(_) => {
+            let mut r = problem(outcome, "injected fault", Some(id), None);
+            let status = route.upstream.fault_status.load(std::sync::atomic::Ordering::Relaxed);
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return r.map(Either::Right);
+        }
         other => (format!("route `{name}`: {other}"), None),
     };
     problem(outcome, &detail, Some(id), retry_after).map(Either::Right)

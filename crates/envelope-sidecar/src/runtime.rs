@@ -163,6 +163,7 @@ impl RouteRt {
         if let Some(t) = spec.attempt_timeout {
             b = b.attempt_timeout(t);
         }
+        b = b.fault(upstream.faults.clone());
         RouteRt {
             spec: spec.clone(),
             envelope: b.build(),

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use envelope_core::bulkhead::{Bulkhead, Config as BulkheadConfig};
 use envelope_core::circuit_breaker::{CircuitBreaker, State};
 use envelope_core::event::Listeners;
+use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::{HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
@@ -49,6 +50,55 @@ pub(crate) struct UpstreamRt {
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
     pub(crate) rate_limit: Option<RateLimiter>,
+    /// Faults injected into every attempt to this upstream (set through the admin API, always with an expiry).
+    pub(crate) faults: FaultInjector,
+    /// The status an injected abort answers with (the fault's outcome stands for it inside the envelope).
+    pub(crate) fault_status: AtomicU16,
+}
+
+/// A fault to inject into an upstream's attempts, as the admin API and quality scenarios give it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FaultSpec {
+    /// Answer this status (400–599) instead of calling the upstream, for `abort_percent` of attempts.
+    pub(crate) abort_status: Option<u16>,
+    pub(crate) abort_percent: f64,
+    /// Add this latency before `delay_percent` of attempts.
+    pub(crate) delay: Option<Duration>,
+    pub(crate) delay_percent: f64,
+    /// How long the fault lasts (it always ends by itself).
+    pub(crate) duration: Duration,
+}
+
+/// The longest a fault may last.
+pub(crate) const MAX_FAULT_DURATION: Duration = Duration::from_secs(3600);
+
+impl FaultSpec {
+    /// Checks the ranges, naming the field at fault.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if let Some(s) = self.abort_status
+            && !(400..=599).contains(&s)
+        {
+            return Err(format!("abort_status {s} must be in 400..=599"));
+        }
+        for (name, p) in [("abort_percent", self.abort_percent), ("delay_percent", self.delay_percent)] {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(format!("{name} {p} must be in [0, 100]"));
+            }
+        }
+        if self.duration.is_zero() || self.duration > MAX_FAULT_DURATION {
+            return Err(format!("duration must be more than 0 and at most {}s", MAX_FAULT_DURATION.as_secs()));
+        }
+        Ok(())
+    }
+
+    /// The outcome an aborted attempt stands for: what the policies would see from a real answer of that status.
+    fn outcome(status: u16) -> Outcome {
+        match status {
+            429 => Outcome::RateLimited,
+            500..=599 => Outcome::Upstream5xx,
+            _ => Outcome::Upstream4xx,
+        }
+    }
 }
 
 impl UpstreamRt {
@@ -94,7 +144,25 @@ impl UpstreamRt {
             breaker,
             bulkhead,
             rate_limit,
+            faults: FaultInjector::with_listeners(spec.name.clone(), listeners.clone()),
+            fault_status: AtomicU16::new(503),
         })
+    }
+
+    /// Injects `fault` into every attempt from now until its duration has passed.
+    pub(crate) fn inject(&self, fault: &FaultSpec) -> Result<(), String> {
+        fault.validate()?;
+        let mut f = match fault.abort_status {
+            Some(status) => {
+                self.fault_status.store(status, Ordering::Relaxed);
+                Fault::abort(FaultSpec::outcome(status), fault.abort_percent)
+            }
+            None => Fault::delay(Duration::ZERO, 0.0),
+        };
+        if let Some(delay) = fault.delay {
+            f = f.with_delay(delay, fault.delay_percent);
+        }
+        self.faults.set(f, Some(Instant::now() + fault.duration)).map_err(|e| e.to_string())
     }
 
     fn now(&self) -> u64 {

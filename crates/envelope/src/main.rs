@@ -35,6 +35,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the config's quality scenarios against a running sidecar (inject each fault, drive a bounded load,
+    /// measure) and print a PASS/FAIL table; exits 1 if any measure fails.
+    Verify {
+        /// The config file (TOML) the sidecar runs.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The sidecar listener to send load to, when not the config's address (e.g. 127.0.0.1:8080).
+        #[arg(long)]
+        target: Option<std::net::SocketAddr>,
+        /// The sidecar's admin listener, when not the config's `admin.listen`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Run only the scenario of this name.
+        #[arg(long)]
+        scenario: Option<String>,
+    },
     /// Validate a config file and print what it resolves to; binds nothing.
     Check {
         /// The config file (TOML).
@@ -82,6 +98,40 @@ fn main() -> ExitCode {
                 other => {
                     eprintln!("error: cannot generate `{other}`; try `rules` or `dashboard`");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Verify { config, target, admin, scenario } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let token = std::env::var(&config.admin.token_env).ok().filter(|t| !t.is_empty());
+            let target = envelope_sidecar::verify::Target { proxy: target, admin, token };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(envelope_sidecar::verify::run(&config, &target, scenario.as_deref())) {
+                Ok(reports) => {
+                    print!("{}", envelope_sidecar::verify::table(&reports));
+                    if reports.iter().all(|r| r.passed()) {
+                        println!("PASS: every scenario holds");
+                        ExitCode::SUCCESS
+                    } else {
+                        println!("FAIL: some measures do not hold");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(3)
                 }
             }
         }

@@ -168,11 +168,22 @@ impl FaultInjector {
             return None;
         }
         let now = clock::now();
-        let current = lock(&self.shared.current);
+        let mut current = lock(&self.shared.current);
         match *current {
             Some((fault, until)) if until.is_none_or(|u| now < u) => Some(fault),
-            _ => None,
+            _ => {
+                // Expired: back to the one-load fast path.
+                *current = None;
+                self.shared.active.store(false, Ordering::Release);
+                None
+            }
         }
+    }
+
+    /// When the fault in force ends by itself, if it does.
+    pub fn until(&self) -> Option<Instant> {
+        self.current()?;
+        lock(&self.shared.current).and_then(|(_, until)| until)
     }
 
     /// Decides what to do to the next call.

@@ -92,6 +92,69 @@ pub struct Config {
     pub history: History,
     /// Business counters, in file order.
     pub counters: Vec<BusinessCounter>,
+    /// Quality scenarios, in file order.
+    pub scenarios: Vec<Scenario>,
+}
+
+/// Default load of a scenario: requests per second.
+pub const DEFAULT_SCENARIO_RATE: u32 = 20;
+/// Default load of a scenario: how long.
+pub const DEFAULT_SCENARIO_DURATION: Duration = Duration::from_secs(10);
+/// Default window over which live traffic is evaluated against a scenario's response measures.
+pub const DEFAULT_SCENARIO_WINDOW: Duration = Duration::from_secs(300);
+
+/// A quality scenario (`[[scenario]]`): a stimulus and the response measures the envelope promises under it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// The route the load goes to (by name).
+    pub route: String,
+    /// Method of the requests `envelope verify` sends.
+    pub method: Method,
+    /// Path (and query) of those requests.
+    pub path: String,
+    /// Requests per second `envelope verify` sends.
+    pub rate: u32,
+    /// For how long.
+    pub duration: Duration,
+    /// At most this many requests in flight (the load is bounded).
+    pub concurrency: u32,
+    /// The stimulus: a fault injected into an upstream for the duration of the load.
+    pub fault: Option<ScenarioFault>,
+    /// The response measures.
+    pub expect: Expect,
+    /// Live traffic is evaluated over this window.
+    pub window: Duration,
+}
+
+/// A scenario's fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScenarioFault {
+    /// The upstream whose attempts are faulted.
+    pub upstream: String,
+    /// Abort with this status.
+    pub abort_status: Option<u16>,
+    /// Share of attempts aborted, percent.
+    pub abort_percent: f64,
+    /// Added latency.
+    pub delay: Option<Duration>,
+    /// Share of attempts delayed, percent.
+    pub delay_percent: f64,
+}
+
+/// Response measures: every one given must hold.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Expect {
+    /// At least this share of requests served (not 5xx, not 429), percent.
+    pub success_rate: Option<f64>,
+    /// The 99th percentile of all latencies below this.
+    pub p99: Option<Duration>,
+    /// The 99th percentile of locally rejected requests (open breaker, full bulkhead, shed, rate limited) below
+    /// this.
+    pub fast_fail_p99: Option<Duration>,
+    /// Business counters that must not grow by more than this during the scenario.
+    pub counters: Vec<(String, u64)>,
 }
 
 /// Default file of the metrics history, next to the config file.
@@ -600,7 +663,101 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
         }
         counters.push(resolve_counter(i, c, &routes)?);
     }
-    Ok(Config { admin, listeners, upstreams, routes, history, counters })
+    let mut scenarios = Vec::new();
+    for (i, sc) in raw.scenarios.iter().enumerate() {
+        if raw.scenarios[..i].iter().any(|o| o.name.get_ref() == sc.name.get_ref()) {
+            return Err(invalid(
+                &sc.name,
+                format!("scenario[{i}].name"),
+                format!("duplicate scenario `{}`", sc.name.get_ref()),
+            ));
+        }
+        scenarios.push(resolve_scenario(i, sc, &routes, &upstreams, &counters)?);
+    }
+    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios })
+}
+
+fn resolve_scenario(
+    i: usize,
+    sc: &raw::RawScenario,
+    routes: &[Route],
+    upstreams: &[Upstream],
+    counters: &[BusinessCounter],
+) -> Result<Scenario, Invalid> {
+    let field = |f: &str| format!("scenario[{i}].{f}");
+    let route = routes
+        .iter()
+        .find(|r| &r.name == sc.route.get_ref())
+        .ok_or_else(|| invalid(&sc.route, field("route"), format!("no route named `{}`", sc.route.get_ref())))?;
+    let request = sc.request.as_ref();
+    let method = match request.and_then(|r| r.method.as_ref()) {
+        None => Method::GET,
+        Some(m) => Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes())
+            .map_err(|_| invalid(m, field("request.method"), "not an HTTP method"))?,
+    };
+    let path = match request.and_then(|r| r.path.as_ref()) {
+        Some(p) if p.get_ref().starts_with('/') && p.get_ref().parse::<Uri>().is_ok() => p.get_ref().clone(),
+        Some(p) => return Err(invalid(p, field("request.path"), "must be a path starting with `/`")),
+        None => route.matcher.path_prefix.clone(),
+    };
+    let fault = match &sc.fault {
+        None => None,
+        Some(f) => {
+            if !upstreams.iter().any(|u| &u.name == f.upstream.get_ref()) {
+                return Err(invalid(
+                    &f.upstream,
+                    field("fault.upstream"),
+                    format!("no upstream named `{}`", f.upstream.get_ref()),
+                ));
+            }
+            if let Some(s) = &f.abort_status
+                && !(400..=599).contains(s.get_ref())
+            {
+                return Err(invalid(s, field("fault.abort_status"), "must be a 4xx or 5xx status"));
+            }
+            let abort_status = f.abort_status.as_ref().map(|s| *s.get_ref());
+            Some(ScenarioFault {
+                upstream: f.upstream.get_ref().clone(),
+                abort_status,
+                abort_percent: f
+                    .abort_percent
+                    .map_or(if abort_status.is_some() { 100.0 } else { 0.0 }, |p| f64::from(p.0)),
+                delay: f.delay.map(|d| d.0),
+                delay_percent: f.delay_percent.map_or(if f.delay.is_some() { 100.0 } else { 0.0 }, |p| f64::from(p.0)),
+            })
+        }
+    };
+    let e = sc.expect.get_ref();
+    let mut expect_counters = Vec::new();
+    for (name, max) in &e.counters {
+        if !counters.iter().any(|c| &c.name == name) {
+            return Err(invalid(&sc.expect, field("expect.counters"), format!("no counter named `{name}`")));
+        }
+        expect_counters.push((name.clone(), *max));
+    }
+    let expect = Expect {
+        // Percentages are written with at most a few decimals: round away f32's noise.
+        success_rate: e.success_rate.map(|p| (f64::from(p.0) * 1e4).round() / 1e4),
+        p99: e.p99.map(|d| d.0),
+        fast_fail_p99: e.fast_fail_p99.map(|d| d.0),
+        counters: expect_counters,
+    };
+    if expect == Expect::default() {
+        return Err(invalid(&sc.expect, field("expect"), "give at least one response measure"));
+    }
+    let load = sc.load.as_ref();
+    Ok(Scenario {
+        name: sc.name.get_ref().clone(),
+        route: route.name.clone(),
+        method,
+        path,
+        rate: load.map_or(DEFAULT_SCENARIO_RATE, |l| l.rate.0),
+        duration: load.map_or(DEFAULT_SCENARIO_DURATION, |l| l.duration.0),
+        concurrency: load.and_then(|l| l.concurrency).map_or(64, |c| c.0),
+        fault,
+        expect,
+        window: sc.window.map_or(DEFAULT_SCENARIO_WINDOW, |d| d.0),
+    })
 }
 
 fn resolve_counter(i: usize, c: &raw::RawCounter, routes: &[Route]) -> Result<BusinessCounter, Invalid> {

@@ -24,6 +24,55 @@ pub(crate) struct RawConfig {
     pub(crate) history: RawHistory,
     #[serde(default, rename = "counter")]
     pub(crate) counters: Vec<RawCounter>,
+    #[serde(default, rename = "scenario")]
+    pub(crate) scenarios: Vec<RawScenario>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScenario {
+    pub(crate) name: Spanned<String>,
+    pub(crate) route: Spanned<String>,
+    pub(crate) request: Option<RawScenarioRequest>,
+    pub(crate) load: Option<RawLoad>,
+    pub(crate) fault: Option<RawScenarioFault>,
+    pub(crate) expect: Spanned<RawExpect>,
+    pub(crate) window: Option<PositiveDur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScenarioRequest {
+    pub(crate) method: Option<Spanned<String>>,
+    pub(crate) path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLoad {
+    pub(crate) rate: NonZero,
+    pub(crate) duration: PositiveDur,
+    pub(crate) concurrency: Option<NonZero>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScenarioFault {
+    pub(crate) upstream: Spanned<String>,
+    pub(crate) abort_status: Option<Spanned<u16>>,
+    pub(crate) abort_percent: Option<Percent>,
+    pub(crate) delay: Option<PositiveDur>,
+    pub(crate) delay_percent: Option<Percent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExpect {
+    pub(crate) success_rate: Option<Percent>,
+    pub(crate) p99: Option<PositiveDur>,
+    pub(crate) fast_fail_p99: Option<PositiveDur>,
+    #[serde(default)]
+    pub(crate) counters: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

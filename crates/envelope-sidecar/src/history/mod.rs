@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use self::store::{Location, Store};
-use self::tally::{RouteCounts, Tallies, UPSTREAM_COLUMNS};
+use self::tally::{RouteCounts, Tallies, UPSTREAM_COLUMNS, quantile};
 
 /// The history of one sidecar.
 #[derive(Debug)]
@@ -144,6 +144,40 @@ impl History {
     }
 }
 
+impl History {
+    /// What live traffic did on a scenario's route over its window, from the rollups (which trail by at most one
+    /// flush interval).
+    pub(crate) fn measure(&self, s: &crate::config::Scenario) -> Result<crate::quality::Measured, String> {
+        let now = minute_of(SystemTime::now());
+        let from = now - (s.window.as_secs() / 60).max(1) as i64 + 1;
+        let store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        let fail = |e: rusqlite::Error| format!("history query failed: {e}");
+        let mut c = RouteCounts::default();
+        for (_, minute) in store.route(&s.route, from, 1).map_err(fail)? {
+            c.add(&minute);
+        }
+        let mut counters = std::collections::BTreeMap::new();
+        for (name, _) in &s.expect.counters {
+            let grew = store.counter(name, from, 1).map_err(fail)?.iter().map(|(_, n)| n).sum();
+            counters.insert(name.clone(), grew);
+        }
+        let errors: u64 = Outcome::ALL
+            .iter()
+            .filter(|o| crate::proxy::counts_against_availability(**o))
+            .map(|o| c.outcomes[*o as usize])
+            .sum();
+        let requests = c.requests();
+        Ok(crate::quality::Measured {
+            requests,
+            served: requests - errors,
+            p99: quantile(&c.buckets, 0.99).map(Duration::from_secs_f64),
+            fast_failed: c.rejected.iter().sum(),
+            fast_fail_p99: quantile(&c.rejected, 0.99).map(Duration::from_secs_f64),
+            counters,
+        })
+    }
+}
+
 /// What a history query is about.
 #[derive(Debug, Clone)]
 pub(crate) enum Subject {
@@ -169,9 +203,10 @@ fn route_point(minute: i64, c: &RouteCounts) -> Value {
         "outcomes": outcomes,
         "latency_ms": {
             "mean": (requests > 0).then(|| (c.duration_us as f64 / requests as f64).round() / 1e3),
-            "p50": ms(c.quantile(0.5)),
-            "p95": ms(c.quantile(0.95)),
-            "p99": ms(c.quantile(0.99)),
+            "p50": ms(quantile(&c.buckets, 0.5)),
+            "p95": ms(quantile(&c.buckets, 0.95)),
+            "p99": ms(quantile(&c.buckets, 0.99)),
+            "fast_fail_p99": ms(quantile(&c.rejected, 0.99)),
         },
     })
 }

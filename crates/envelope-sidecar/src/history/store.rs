@@ -32,7 +32,8 @@ impl std::fmt::Debug for Store {
 fn route_columns() -> Vec<String> {
     let outcomes = Outcome::ALL.iter().map(|o| format!("o_{}", o.as_str()));
     let buckets = (0..BUCKETS).map(|i| format!("b{i}"));
-    outcomes.chain(buckets).chain(["duration_us".to_owned()]).collect()
+    let rejected = (0..BUCKETS).map(|i| format!("r{i}"));
+    outcomes.chain(buckets).chain(rejected).chain(["duration_us".to_owned()]).collect()
 }
 
 fn schema() -> String {
@@ -117,7 +118,8 @@ impl Store {
         {
             let mut route = tx.prepare_cached(&upsert("route_minute", &route_columns()))?;
             for (name, c) in &taken.routes {
-                let values = c.outcomes.iter().chain(&c.buckets).chain([&c.duration_us]).map(|v| *v as i64);
+                let values =
+                    c.outcomes.iter().chain(&c.buckets).chain(&c.rejected).chain([&c.duration_us]).map(|v| *v as i64);
                 let head = [rusqlite::types::Value::Integer(minute), rusqlite::types::Value::Text(name.clone())];
                 route.execute(params_from_iter(head.into_iter().chain(values.map(rusqlite::types::Value::Integer))))?;
             }
@@ -157,8 +159,9 @@ impl Store {
             }
             for i in 0..BUCKETS {
                 c.buckets[i] = r.get::<_, i64>(1 + n + i)? as u64;
+                c.rejected[i] = r.get::<_, i64>(1 + n + BUCKETS + i)? as u64;
             }
-            c.duration_us = r.get::<_, i64>(1 + n + BUCKETS)? as u64;
+            c.duration_us = r.get::<_, i64>(1 + n + 2 * BUCKETS)? as u64;
             Ok((r.get(0)?, c))
         })?;
         rows.collect()

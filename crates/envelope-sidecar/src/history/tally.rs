@@ -17,6 +17,7 @@ pub(crate) const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
 pub(crate) struct RouteTally {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     buckets: [AtomicU64; BUCKETS],
+    rejected: [AtomicU64; BUCKETS],
     duration_us: AtomicU64,
 }
 
@@ -27,6 +28,9 @@ pub(crate) struct RouteCounts {
     pub(crate) outcomes: [u64; Outcome::ALL.len()],
     /// Requests by latency bucket (non-cumulative), the last one above every bound.
     pub(crate) buckets: [u64; BUCKETS],
+    /// Locally rejected requests (open breaker, full bulkhead, shed, rate limited) by latency bucket: how fast
+    /// the envelope fails fast.
+    pub(crate) rejected: [u64; BUCKETS],
     /// Sum of the request durations, in microseconds.
     pub(crate) duration_us: u64,
 }
@@ -36,6 +40,9 @@ impl RouteTally {
         self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
         let bucket = DURATION_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS - 1);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        if is_fast_fail(outcome) {
+            self.rejected[bucket].fetch_add(1, Ordering::Relaxed);
+        }
         self.duration_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
@@ -43,6 +50,7 @@ impl RouteTally {
         RouteCounts {
             outcomes: std::array::from_fn(|i| self.outcomes[i].swap(0, Ordering::Relaxed)),
             buckets: std::array::from_fn(|i| self.buckets[i].swap(0, Ordering::Relaxed)),
+            rejected: std::array::from_fn(|i| self.rejected[i].swap(0, Ordering::Relaxed)),
             duration_us: self.duration_us.swap(0, Ordering::Relaxed),
         }
     }
@@ -53,26 +61,39 @@ impl RouteCounts {
         self.outcomes.iter().sum()
     }
 
-    /// The latency below which a share `q` of the requests finished, in seconds, interpolated inside its bucket
-    /// as Prometheus' `histogram_quantile` does (the open last bucket answers its lower bound). `None` without
-    /// requests.
-    pub(crate) fn quantile(&self, q: f64) -> Option<f64> {
-        let total = self.buckets.iter().sum::<u64>();
-        if total == 0 {
-            return None;
-        }
-        let rank = q.clamp(0.0, 1.0) * total as f64;
-        let mut below = 0u64;
-        for (i, &n) in self.buckets.iter().enumerate() {
-            if n > 0 && (below + n) as f64 >= rank {
-                let lower = if i == 0 { 0.0 } else { DURATION_BUCKETS[i - 1] };
-                let Some(&upper) = DURATION_BUCKETS.get(i) else { return Some(lower) };
-                return Some(lower + (upper - lower) * ((rank - below as f64) / n as f64).clamp(0.0, 1.0));
-            }
-            below += n;
-        }
-        DURATION_BUCKETS.last().copied()
+    /// Adds `other` into `self`.
+    pub(crate) fn add(&mut self, other: &RouteCounts) {
+        self.outcomes.iter_mut().zip(other.outcomes).for_each(|(a, b)| *a += b);
+        self.buckets.iter_mut().zip(other.buckets).for_each(|(a, b)| *a += b);
+        self.rejected.iter_mut().zip(other.rejected).for_each(|(a, b)| *a += b);
+        self.duration_us += other.duration_us;
     }
+}
+
+/// Whether an outcome is a local rejection, answered without calling the upstream.
+pub(crate) fn is_fast_fail(outcome: Outcome) -> bool {
+    matches!(outcome, Outcome::CircuitOpen | Outcome::BulkheadFull | Outcome::Shed | Outcome::LocalRateLimited)
+}
+
+/// The latency below which a share `q` of the counted requests finished, in seconds, interpolated inside its
+/// bucket as Prometheus' `histogram_quantile` does (the open last bucket answers its lower bound). `None` without
+/// requests.
+pub(crate) fn quantile(buckets: &[u64; BUCKETS], q: f64) -> Option<f64> {
+    let total = buckets.iter().sum::<u64>();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in buckets.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { DURATION_BUCKETS[i - 1] };
+            let Some(&upper) = DURATION_BUCKETS.get(i) else { return Some(lower) };
+            return Some(lower + (upper - lower) * ((rank - below as f64) / n as f64).clamp(0.0, 1.0));
+        }
+        below += n;
+    }
+    DURATION_BUCKETS.last().copied()
 }
 
 /// What an upstream's policies did.
@@ -181,6 +202,9 @@ impl Tallies {
             for (i, n) in c.buckets.iter().enumerate() {
                 t.buckets[i].fetch_add(*n, Ordering::Relaxed);
             }
+            for (i, n) in c.rejected.iter().enumerate() {
+                t.rejected[i].fetch_add(*n, Ordering::Relaxed);
+            }
             t.duration_us.fetch_add(c.duration_us, Ordering::Relaxed);
         }
         for (name, v) in &taken.upstreams {
@@ -207,18 +231,21 @@ mod tests {
         api.record(Outcome::Ok, 0.003);
         api.record(Outcome::Upstream5xx, 0.3);
         api.record(Outcome::Timeout, 60.0);
+        api.record(Outcome::CircuitOpen, 0.001);
         t.counter("orders").fetch_add(2, Ordering::Relaxed);
         t.upstream("db").count(UpstreamEvent::Opened);
         let taken = t.take();
         assert_eq!(taken.routes.len(), 1);
         let (name, c) = &taken.routes[0];
         assert_eq!(name, "api");
-        assert_eq!(c.requests(), 3);
+        assert_eq!(c.requests(), 4);
+        assert_eq!(c.rejected.iter().sum::<u64>(), 1, "only the open-breaker rejection is a fast fail");
+        assert_eq!(c.rejected[0], 1);
         assert_eq!(c.outcomes[Outcome::Upstream5xx as usize], 1);
-        assert_eq!(c.buckets[0], 1, "3 ms is in the 5 ms bucket");
+        assert_eq!(c.buckets[0], 2, "3 ms and 1 ms are in the 5 ms bucket");
         assert_eq!(c.buckets[7], 1, "300 ms is in the 500 ms bucket");
         assert_eq!(c.buckets[BUCKETS - 1], 1, "60 s is above every bound");
-        assert_eq!(c.duration_us, 60_303_000);
+        assert_eq!(c.duration_us, 60_304_000);
         assert_eq!(taken.counters, vec![("orders".to_owned(), 2)]);
         assert_eq!(taken.upstreams[0].1[UpstreamEvent::Opened as usize], 1);
         let again = t.take();
@@ -230,16 +257,16 @@ mod tests {
     #[test]
     fn quantiles_interpolate_inside_buckets() {
         let mut c = RouteCounts::default();
-        assert_eq!(c.quantile(0.5), None);
+        assert_eq!(quantile(&c.buckets, 0.5), None);
         // 100 requests: 50 in (0, 5 ms], 50 in (5 ms, 10 ms].
         c.buckets[0] = 50;
         c.buckets[1] = 50;
-        assert!((c.quantile(0.5).unwrap() - 0.005).abs() < 1e-12);
-        assert!((c.quantile(0.75).unwrap() - 0.0075).abs() < 1e-12);
-        assert!((c.quantile(1.0).unwrap() - 0.010).abs() < 1e-12);
+        assert!((quantile(&c.buckets, 0.5).unwrap() - 0.005).abs() < 1e-12);
+        assert!((quantile(&c.buckets, 0.75).unwrap() - 0.0075).abs() < 1e-12);
+        assert!((quantile(&c.buckets, 1.0).unwrap() - 0.010).abs() < 1e-12);
         // Everything above the last bound answers that bound.
         let mut slow = RouteCounts::default();
         slow.buckets[BUCKETS - 1] = 3;
-        assert_eq!(slow.quantile(0.99), Some(10.0));
+        assert_eq!(quantile(&slow.buckets, 0.99), Some(10.0));
     }
 }
