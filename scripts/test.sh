@@ -3,14 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The end-to-end tests signal the sidecar with kill(1) (procps); install it on a machine without it.
-if ! command -v /usr/bin/kill >/dev/null 2>&1 && ! command -v /bin/kill >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq procps
-fi
-
-# The generated Prometheus rules are checked with Debian's promtool (package prometheus).
-if ! command -v promtool >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
+# Debian packages the tests talk to, installed (one apt run) on a machine without them:
+# - procps: the end-to-end tests signal the sidecar with kill(1);
+# - prometheus: the generated rules are checked with promtool, and a real Prometheus scrapes the sidecar;
+# - chromium, chromium-driver: the dashboard page is driven in headless Chromium through WebDriver.
+missing=()
+command -v /usr/bin/kill >/dev/null 2>&1 || command -v /bin/kill >/dev/null 2>&1 || missing+=(procps)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).

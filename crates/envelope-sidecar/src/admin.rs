@@ -3,6 +3,7 @@
 //!
 //! | path | method | what |
 //! |---|---|---|
+//! | `/`, `/dashboard` | GET | the dashboard page: health, RED charts from the history, SLOs, breakers, scenarios |
 //! | `/healthz` | GET | 200 while the process runs |
 //! | `/readyz` | GET | 200 while serving, 503 once shutdown has begun |
 //! | `/metrics` | GET | Prometheus / OpenMetrics text |
@@ -51,6 +52,8 @@ pub(crate) struct AdminState {
 
 pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/dashboard", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -65,6 +68,15 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/faults", get(faults))
         .route("/api/v1/faults/{upstream}", post(inject_fault).delete(clear_fault))
         .with_state(state)
+}
+
+/// The dashboard: one self-contained page (no build step, no external resource) that polls the JSON API.
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
