@@ -8,7 +8,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `envelope_requests_total` | counter | `listener`, `route`, `outcome`, `code` (status class) |
-//! | `envelope_request_duration_seconds` | histogram (5 ms … 10 s) | `route` |
+//! | `envelope_request_duration_seconds` | histogram (5 ms … 10 s), with `trace_id` exemplars in OpenMetrics | `route` |
 //! | `envelope_requests_in_flight` | gauge | `listener` |
 //! | `envelope_unmatched_requests_total` | counter | `listener` |
 //! | `envelope_upstream_attempts_total` | counter | `route`, `upstream` |
@@ -37,10 +37,11 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::registry::Registry;
 
 use envelope_http::observe::DURATION_BUCKETS;
+use envelope_http::trace::TraceContext;
 
 use crate::history::tally::{RouteTally, Tallies, UpstreamEvent, UpstreamTally};
 
@@ -116,6 +117,12 @@ struct BurnLabels {
     window: &'static str,
 }
 
+/// The exemplar of a duration observation: the trace it belongs to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TraceLabel {
+    trace_id: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
     counter: String,
@@ -131,7 +138,7 @@ struct ReloadLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    duration: Family<RouteLabel, Histogram>,
+    duration: Family<RouteLabel, HistogramWithExemplars<TraceLabel>>,
     in_flight: Family<ListenerLabel, Gauge>,
     unmatched: Family<ListenerLabel, Counter>,
     attempts: Family<AttemptLabels, Counter>,
@@ -157,7 +164,7 @@ pub(crate) struct Metrics {
 pub(crate) struct RouteMetrics {
     /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx).
     requests: Vec<[Counter; 6]>,
-    duration: Histogram,
+    duration: HistogramWithExemplars<TraceLabel>,
     attempts: Counter,
     tally: Arc<RouteTally>,
     upstream: Arc<UpstreamTally>,
@@ -191,7 +198,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("envelope");
         let m = Metrics {
             requests: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            duration: Family::new_with_constructor(|| HistogramWithExemplars::new(DURATION_BUCKETS.into_iter())),
             in_flight: Family::default(),
             unmatched: Family::default(),
             attempts: Family::default(),
@@ -390,7 +397,8 @@ impl Metrics {
 }
 
 /// Rewrites an OpenMetrics exposition as Prometheus text 0.0.4: a counter family is named with its `_total` suffix
-/// in `HELP` and `TYPE` (as its samples are), and the OpenMetrics-only `UNIT` and `EOF` lines are dropped.
+/// in `HELP` and `TYPE` (as its samples are), and the OpenMetrics-only `UNIT` and `EOF` lines and exemplars are
+/// dropped.
 pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     let counters: std::collections::HashSet<&str> =
         text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
@@ -404,19 +412,27 @@ pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
             let (name, tail) = rest.split_once(' ')?;
             counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
         });
-        out.push_str(renamed.as_deref().unwrap_or(line));
+        let line = renamed.as_deref().unwrap_or(line);
+        // An exemplar follows a sample after ` # ` (label values cannot hold it unescaped: `#` is fine, but the
+        // exposition puts exemplars after the value, so the last ` # {` starts one).
+        let line = match line.rfind(" # {") {
+            Some(i) if !line.starts_with('#') => &line[..i],
+            _ => line,
+        };
+        out.push_str(line);
         out.push('\n');
     }
     out
 }
 
 impl RouteMetrics {
-    /// Counts one answered request.
-    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64) {
+    /// Counts one answered request; a sampled trace becomes the exemplar of its duration bucket.
+    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64, trace: &TraceContext) {
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
         self.requests[outcome as usize][class].inc();
-        self.duration.observe(seconds);
+        let exemplar = (trace.flags & 1 == 1).then(|| TraceLabel { trace_id: trace.trace_id_hex() });
+        self.duration.observe(seconds, exemplar, None);
         self.tally.record(outcome, seconds);
     }
 
@@ -433,11 +449,11 @@ mod tests {
 
     #[test]
     fn counters_are_named_with_total_and_openmetrics_lines_dropped() {
-        let om = "# HELP envelope_requests Requests.\n# TYPE envelope_requests counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n# UNIT envelope_x seconds\n# EOF\n";
+        let om = "# HELP envelope_requests Requests.\n# TYPE envelope_requests counter\nenvelope_requests_total{route=\"a\"} 3\nenvelope_d_bucket{le=\"0.005\"} 1 # {trace_id=\"ab\"} 0.001\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n# UNIT envelope_x seconds\n# EOF\n";
         let text = openmetrics_to_prometheus(om);
         assert_eq!(
             text,
-            "# HELP envelope_requests_total Requests.\n# TYPE envelope_requests_total counter\nenvelope_requests_total{route=\"a\"} 3\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n"
+            "# HELP envelope_requests_total Requests.\n# TYPE envelope_requests_total counter\nenvelope_requests_total{route=\"a\"} 3\nenvelope_d_bucket{le=\"0.005\"} 1\n# HELP envelope_in_flight In flight.\n# TYPE envelope_in_flight gauge\nenvelope_in_flight 1\n"
         );
     }
 }

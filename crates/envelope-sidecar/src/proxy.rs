@@ -196,7 +196,7 @@ pub(crate) async fn handle(
     // 9. Metrics and access log.
     let elapsed = start.elapsed();
     if let Some(route) = &pending.route {
-        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64());
+        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), &trace);
         route.slo.record(counts_against_availability(outcome), elapsed);
     }
     let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
@@ -244,7 +244,7 @@ impl Drop for Pending<'_> {
         }
         let elapsed = self.start.elapsed();
         if let Some(route) = &self.route {
-            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64());
+            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64(), &self.trace);
         }
         if !self.rt.config.listeners[self.listener].access_log {
             return;

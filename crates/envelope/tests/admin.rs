@@ -73,6 +73,30 @@ async fn outcome_counters_add_up_to_the_requests_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_buckets_carry_trace_ids_as_openmetrics_exemplars() {
+    let up = FaultUpstream::start().await;
+    let env = envelope_with_env(CONFIG, up.addr, &[]).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = get(env.addr, "/api/traced");
+    req.headers_mut().insert("traceparent", format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap());
+    assert_eq!(send(req).await.0, StatusCode::OK);
+
+    let mut req = get(env.admin, "/metrics");
+    req.headers_mut().insert("accept", "application/openmetrics-text; version=1.0.0".parse().unwrap());
+    let text = String::from_utf8(send(req).await.2.to_vec()).unwrap();
+    let exemplar = text
+        .lines()
+        .filter(|l| l.starts_with("envelope_request_duration_seconds_bucket{") && l.contains("route=\"api\""))
+        .find(|l| l.contains(" # {"))
+        .unwrap_or_else(|| panic!("no exemplar on the api route's buckets:\n{text}"));
+    assert!(exemplar.contains(&format!("# {{trace_id=\"{trace}\"}}")), "{exemplar}");
+    // Exemplars are OpenMetrics only: the Prometheus text exposition leaves them out.
+    let plain = String::from_utf8(send(get(env.admin, "/metrics")).await.2.to_vec()).unwrap();
+    assert!(plain.contains("envelope_request_duration_seconds_bucket{"), "{plain}");
+    assert!(!plain.contains(trace), "{plain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_control_needs_post_and_the_token() {
     let up = FaultUpstream::start().await;
     let env = envelope_with_env(CONFIG, up.addr, &[("ENVELOPE_ADMIN_TOKEN", "s3cret")]).await;
