@@ -18,6 +18,8 @@ pub struct TraceContext {
     pub trace_id: u128,
     /// This hop's span id.
     pub span_id: u64,
+    /// The span this one continues (from the incoming `traceparent`), if any.
+    pub parent_id: Option<u64>,
     /// The trace flags.
     pub flags: u8,
 }
@@ -26,9 +28,16 @@ impl TraceContext {
     /// Continues the trace of `headers` with a new span of this hop, or starts a new, sampled trace.
     pub fn continue_or_start(headers: &HeaderMap) -> TraceContext {
         match headers.get(&TRACEPARENT).and_then(parse) {
-            Some((trace_id, _parent, flags)) => TraceContext { trace_id, span_id: span_id(), flags },
-            None => TraceContext { trace_id: trace_id(), span_id: span_id(), flags: 1 },
+            Some((trace_id, parent, flags)) => {
+                TraceContext { trace_id, span_id: span_id(), parent_id: Some(parent), flags }
+            }
+            None => TraceContext { trace_id: trace_id(), span_id: span_id(), parent_id: None, flags: 1 },
         }
+    }
+
+    /// A new span in the same trace, under this one (e.g. one attempt of a request).
+    pub fn child(&self) -> TraceContext {
+        TraceContext { trace_id: self.trace_id, span_id: span_id(), parent_id: Some(self.span_id), flags: self.flags }
     }
 
     /// The trace id as 32 lowercase hex digits (for logs and exemplars).
@@ -97,6 +106,10 @@ mod tests {
         let t = TraceContext::continue_or_start(&headers(incoming));
         assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(t.span_id, 0x00f0_67aa_0ba9_02b7, "this hop's own span");
+        assert_eq!(t.parent_id, Some(0x00f0_67aa_0ba9_02b7), "under the caller's");
+        let attempt = t.child();
+        assert_eq!((attempt.trace_id, attempt.parent_id, attempt.flags), (t.trace_id, Some(t.span_id), t.flags));
+        assert_ne!(attempt.span_id, t.span_id);
         assert_eq!(t.flags, 1);
         let out = t.header_value();
         let s = out.to_str().unwrap();

@@ -5,6 +5,7 @@
 //! | [`config`] | the config file: parse, validate, locate errors |
 //! | `runtime` | the config as live objects: shedders, route tables, envelopes, upstream clients |
 //! | `proxy` | the request path, top to bottom, in one function |
+//! | `telemetry` | request and attempt spans, exported over OTLP |
 //! | `history` | per-minute rollups in embedded SQLite, written by one background task |
 //! | [`server`] | listeners, limits, reload, graceful drain |
 //! | [`demo`] | the sidecar in front of a built-in flaky service |
@@ -26,6 +27,7 @@ pub mod quality;
 mod runtime;
 pub mod server;
 mod slow_client;
+mod telemetry;
 mod upstream;
 pub mod verify;
 

@@ -35,9 +35,9 @@ use envelope_core::circuit_breaker::State;
 use envelope_core::event::{Event, GiveUpReason, Listeners};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::registry::Registry;
 
 use envelope_http::observe::DURATION_BUCKETS;

@@ -19,9 +19,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use envelope_core::{Classify, Error, Outcome};
@@ -39,7 +39,8 @@ use tokio::time::Instant;
 
 use crate::access_log::{self, Entry};
 use crate::runtime::{RouteRt, Runtime};
-use crate::upstream::{UpstreamBody, UpstreamError};
+use crate::telemetry::{AttemptSpan, RequestSpan};
+use crate::upstream::{UpstreamBody, UpstreamError, UpstreamRt};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
 pub(crate) type ProxyBody = Either<DeadlineBody<Incoming>, Full<Bytes>>;
@@ -111,11 +112,26 @@ pub(crate) async fn handle(
     }
     let trace = TraceContext::continue_or_start(req.headers());
     req.headers_mut().insert(TRACEPARENT.clone(), trace.header_value());
+    let path = req.uri().path().to_owned();
+    // With span export on: the wall-clock start, and each attempt's span as it ends.
+    let spans = rt.spans.as_deref();
+    let wall_start = spans.map(|_| SystemTime::now());
+    let attempt_spans: Option<Mutex<Vec<AttemptSpan>>> = spans.map(|_| Mutex::new(Vec::new()));
     // Counts the request in flight; if the client goes away first, records it as cancelled.
-    let mut pending = Pending { rt: &rt, listener, id: &id, trace, method: &method, start, route: None, done: false };
+    let mut pending = Pending {
+        rt: &rt,
+        listener,
+        id: &id,
+        trace,
+        method: &method,
+        path: &path,
+        start,
+        wall_start,
+        route: None,
+        done: false,
+    };
     listener_metrics.in_flight.inc();
 
-    let path = req.uri().path().to_owned();
     let mut attempts = 0u32;
     let mut upstream_status = None;
     let (mut response, outcome) = 'answer: {
@@ -165,12 +181,17 @@ pub(crate) async fn handle(
             .call_classified(&classifier, || {
                 count.fetch_add(1, Ordering::Relaxed);
                 route.metrics.attempt();
-                let attempt = upstream_request(&route, &parts, &mut prepared);
-                let upstream = &route.upstream;
+                let span = attempt_spans.as_ref().map(|log| (log, trace.child()));
+                let attempt = upstream_request(&route, &parts, &mut prepared, span.as_ref().map(|(_, t)| t));
+                let (upstream, classifier) = (&route.upstream, &route.classifier);
                 async move {
                     let (endpoint, req) = attempt.ok_or(UpstreamError::BodyGone)?;
+                    let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
                     let result = upstream.client.request(req).await.map_err(UpstreamError::from_client);
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
+                    if let Some(span) = &mut span {
+                        span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));
+                    }
                     result
                 }
             })
@@ -206,6 +227,21 @@ pub(crate) async fn handle(
         }
     }
     pending.done = true;
+    if let (Some(spans), Some(wall_start), Some(attempt_spans)) = (spans, wall_start, attempt_spans) {
+        let request = RequestSpan {
+            trace: &trace,
+            start: wall_start,
+            end: wall_start + elapsed,
+            method: &method,
+            path: &path,
+            route: route_name,
+            request_id: id.as_str(),
+            status: response.status().as_u16(),
+            outcome,
+            attempts,
+        };
+        spans.request(&request, &attempt_spans.into_inner().unwrap_or_else(PoisonError::into_inner));
+    }
     if spec.access_log {
         access_log::write(&Entry {
             request_id: id.as_str(),
@@ -231,9 +267,45 @@ struct Pending<'a> {
     id: &'a RequestId,
     trace: TraceContext,
     method: &'a http::Method,
+    path: &'a str,
     start: Instant,
+    wall_start: Option<SystemTime>,
     route: Option<Arc<RouteRt>>,
     done: bool,
+}
+
+/// Records one attempt's span when the attempt ends — or is dropped unfinished (cut off by the attempt timeout
+/// or the deadline, recorded as a timeout).
+struct AttemptGuard<'a> {
+    log: &'a Mutex<Vec<AttemptSpan>>,
+    span: AttemptSpan,
+}
+
+impl<'a> AttemptGuard<'a> {
+    fn new(log: &'a Mutex<Vec<AttemptSpan>>, span: TraceContext, upstream: &UpstreamRt, endpoint: usize) -> Self {
+        let now = SystemTime::now();
+        let span = AttemptSpan {
+            span,
+            start: now,
+            end: now,
+            endpoint: upstream.spec.endpoints[endpoint].authority.to_string(),
+            status: None,
+            outcome: Outcome::Timeout,
+        };
+        AttemptGuard { log, span }
+    }
+
+    fn finish(&mut self, status: Option<u16>, outcome: Outcome) {
+        self.span.status = status;
+        self.span.outcome = outcome;
+    }
+}
+
+impl Drop for AttemptGuard<'_> {
+    fn drop(&mut self) {
+        self.span.end = SystemTime::now();
+        self.log.lock().unwrap_or_else(PoisonError::into_inner).push(self.span.clone());
+    }
 }
 
 impl Drop for Pending<'_> {
@@ -245,6 +317,21 @@ impl Drop for Pending<'_> {
         let elapsed = self.start.elapsed();
         if let Some(route) = &self.route {
             route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64(), &self.trace);
+        }
+        if let (Some(spans), Some(start)) = (self.rt.spans.as_deref(), self.wall_start) {
+            let request = RequestSpan {
+                trace: &self.trace,
+                start,
+                end: start + elapsed,
+                method: self.method,
+                path: self.path,
+                route: self.route.as_ref().map(|r| r.spec.name.as_str()),
+                request_id: self.id.as_str(),
+                status: 499,
+                outcome: Outcome::ClientCancelled,
+                attempts: 0,
+            };
+            spans.request(&request, &[]);
         }
         if !self.rt.config.listeners[self.listener].access_log {
             return;
@@ -282,6 +369,7 @@ fn upstream_request(
     route: &RouteRt,
     parts: &http::request::Parts,
     body: &mut Prepared<Limited<Incoming>>,
+    span: Option<&TraceContext>,
 ) -> Option<(usize, Request<UpstreamBody>)> {
     let body = body.attempt()?;
     let (index, endpoint) = route.upstream.pick();
@@ -306,6 +394,10 @@ fn upstream_request(
         *headers = parts.headers.clone();
         if let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str()) {
             headers.insert(header::HOST, host);
+        }
+        // With spans exported, the upstream's span hangs under this attempt's.
+        if let Some(span) = span {
+            headers.insert(TRACEPARENT.clone(), span.header_value());
         }
     }
     req.body(body).ok().map(|r| (index, r))

@@ -13,6 +13,7 @@ use http::Method;
 
 use crate::config::{BusinessCounter, Config, Route, Shedding, Tier};
 use crate::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
+use crate::telemetry::Spans;
 use crate::upstream::UpstreamRt;
 use envelope_core::slo::{Objective, Slo};
 
@@ -23,6 +24,8 @@ pub(crate) struct Runtime {
     pub(crate) upstreams: Vec<Arc<UpstreamRt>>,
     /// Business counters and their metrics, in config order.
     pub(crate) counters: Vec<(BusinessCounter, BusinessMetrics)>,
+    /// The span exporter, when tracing is configured (set up at start, kept across reloads).
+    pub(crate) spans: Option<Arc<Spans>>,
 }
 
 pub(crate) struct ListenerRt {
@@ -47,7 +50,12 @@ impl Runtime {
     /// settings did not change is kept as it is (breaker state and window, bulkhead, rate limit, connection
     /// pool), and so is a route whose settings and upstream did not change (its retry budget), and each listener's
     /// shedder.
-    pub(crate) fn build(config: Config, metrics: &Arc<Metrics>, previous: Option<&Runtime>) -> Runtime {
+    pub(crate) fn build(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        spans: Option<Arc<Spans>>,
+        previous: Option<&Runtime>,
+    ) -> Runtime {
         let events = metrics.listener_for_events();
         let listeners_for_events = &events;
         let upstreams: Vec<_> = config
@@ -123,7 +131,7 @@ impl Runtime {
             })
             .collect();
         let counters = config.counters.iter().map(|c| (c.clone(), metrics.business(&c.name))).collect();
-        Runtime { config, listeners, upstreams, counters }
+        Runtime { config, listeners, upstreams, counters, spans }
     }
 }
 

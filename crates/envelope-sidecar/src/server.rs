@@ -40,6 +40,8 @@ pub enum RunError {
     },
     /// Waiting for signals failed.
     Signal(std::io::Error),
+    /// The span exporter could not be set up.
+    Tracing(String),
 }
 
 impl fmt::Display for RunError {
@@ -49,6 +51,7 @@ impl fmt::Display for RunError {
                 write!(f, "listener `{listener}` cannot bind {addr}: {source}")
             }
             RunError::Signal(e) => write!(f, "cannot wait for signals: {e}"),
+            RunError::Tracing(e) => f.write_str(e),
         }
     }
 }
@@ -104,7 +107,9 @@ impl Sidecar {
     /// Binds every listener of `config` and the admin listener (all or nothing) and starts serving.
     pub async fn start(config: Config) -> Result<Sidecar, RunError> {
         let metrics = Metrics::new();
-        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, None)));
+        let spans =
+            config.tracing.as_ref().map(crate::telemetry::Spans::start).transpose().map_err(RunError::Tracing)?;
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, spans, None)));
         let rt = runtime.load_full();
         let mut sockets = Vec::new();
         for l in &rt.config.listeners {
@@ -160,7 +165,7 @@ impl Sidecar {
             return Err(ReloadError::ListenersChanged);
         }
         self.history.set_retention(config.history.retention);
-        self.runtime.store(Arc::new(Runtime::build(config, &self.metrics, Some(&old))));
+        self.runtime.store(Arc::new(Runtime::build(config, &self.metrics, old.spans.clone(), Some(&old))));
         self.metrics.reload(true);
         Ok(())
     }
@@ -182,8 +187,11 @@ impl Sidecar {
         self.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
-        // The history's last flush (it saw the shutdown too).
+        // The history's last flush (it saw the shutdown too), and the last span export.
         let _ = self.history_task.await;
+        if let Some(spans) = self.runtime.load().spans.clone() {
+            let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
+        }
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully. With a `config` path, reloads it on SIGHUP and

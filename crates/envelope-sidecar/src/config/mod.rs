@@ -94,6 +94,24 @@ pub struct Config {
     pub counters: Vec<BusinessCounter>,
     /// Quality scenarios, in file order.
     pub scenarios: Vec<Scenario>,
+    /// Span export, if configured.
+    pub tracing: Option<Tracing>,
+}
+
+/// Default `service.name` of exported spans.
+pub const DEFAULT_SERVICE_NAME: &str = "envelope";
+/// Default interval between two span exports.
+pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Span export over OTLP/HTTP (`[tracing]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// How often batches are exported.
+    pub export_interval: Duration,
 }
 
 /// Default load of a scenario: requests per second.
@@ -674,7 +692,24 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
         }
         scenarios.push(resolve_scenario(i, sc, &routes, &upstreams, &counters)?);
     }
-    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios })
+    let tracing = match &raw.tracing {
+        None => None,
+        Some(t) => {
+            let url = t.otlp_endpoint.get_ref();
+            let ok = url
+                .parse::<Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some());
+            if !ok {
+                return Err(invalid(&t.otlp_endpoint, "tracing.otlp_endpoint", "must be an http:// or https:// URL"));
+            }
+            Some(Tracing {
+                otlp_endpoint: url.clone(),
+                service_name: t.service_name.clone().unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned()),
+                export_interval: t.export_interval.map_or(DEFAULT_EXPORT_INTERVAL, |d| d.0),
+            })
+        }
+    };
+    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing })
 }
 
 fn resolve_scenario(

@@ -26,6 +26,15 @@ pub(crate) struct RawConfig {
     pub(crate) counters: Vec<RawCounter>,
     #[serde(default, rename = "scenario")]
     pub(crate) scenarios: Vec<RawScenario>,
+    pub(crate) tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTracing {
+    pub(crate) otlp_endpoint: Spanned<String>,
+    pub(crate) service_name: Option<String>,
+    pub(crate) export_interval: Option<PositiveDur>,
 }
 
 #[derive(Debug, Deserialize)]
