@@ -210,3 +210,43 @@ fn route_point(minute: i64, c: &RouteCounts) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_moves_the_history_to_memory_and_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("envelope-full-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tallies = Arc::new(Tallies::default());
+        let history = History::open(Some(&dir.join("h.db")), Duration::from_secs(86_400), tallies.clone());
+        let api = tallies.route("api");
+        api.record(Outcome::Ok, 0.001);
+        history.flush(1000);
+        // The disk fills up: SQLite answers SQLITE_FULL to the next write.
+        {
+            let store = history.store.lock().unwrap();
+            let pages: u32 = store.page_count();
+            store.cap_pages(pages);
+        }
+        for minute in 1001..1100 {
+            for _ in 0..10 {
+                api.record(Outcome::Ok, 0.001);
+            }
+            tallies.counter(&format!("c{minute}")).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            history.flush(minute);
+        }
+        let store = history.store.lock().unwrap();
+        assert_eq!(store.location(), &Location::Memory, "the history moved to memory");
+        let in_memory: u64 = store.route("api", 0, 1).unwrap().iter().map(|(_, c)| c.requests()).sum();
+        drop(store);
+        // Nothing was lost: what the file took before it filled up, plus what memory took from the failed flush
+        // on, is every request counted.
+        let (file, _) = Store::open(&Location::File(dir.join("h.db")));
+        let in_file: u64 = file.route("api", 0, 1).unwrap().iter().map(|(_, c)| c.requests()).sum();
+        assert!(in_memory > 0 && in_file > 1, "both hold some: {in_file} + {in_memory}");
+        assert_eq!(in_file + in_memory, 991);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

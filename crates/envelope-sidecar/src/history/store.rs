@@ -107,6 +107,17 @@ impl Store {
         Store { conn, location: Location::Memory }
     }
 
+    #[cfg(test)]
+    pub(crate) fn page_count(&self) -> u32 {
+        self.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Caps the file at `pages` pages, so that the next writes fail as on a full disk (`SQLITE_FULL`).
+    #[cfg(test)]
+    pub(crate) fn cap_pages(&self, pages: u32) {
+        self.conn.pragma_update(None, "max_page_count", pages).unwrap();
+    }
+
     pub(crate) fn location(&self) -> &Location {
         &self.location
     }
