@@ -72,6 +72,12 @@ retry = { max_attempts = 3, base = "20ms", max_delay = "200ms", budget = { ratio
 [history]
 path = ":memory:"
 flush_interval = "1s"
+
+[[scenario]]
+name = "prices stay available and fail fast"
+route = "prices"
+expect = { success_rate = 95, fast_fail_p99 = "50ms" }
+window = "1m"
 "#;
 
 /// Runs the demo to completion (about 25 seconds), printing as it goes.
@@ -85,6 +91,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let admin = sidecar.admin_addr();
     println!("envelope demo: sidecar on {proxy} (admin {admin}) in front of a flaky service on {upstream}");
     println!("{RATE} requests/s; the service goes through: {}", SCRIPT.map(|p| p.name).join(" -> "));
+    println!("dashboard while it runs: http://{admin}/");
     println!();
     println!(
         "{:>4}  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8}  breaker",
@@ -151,6 +158,10 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             (last_retries - retries_before) as u64,
         ));
     }
+    // The quality scenario, judged by the sidecar on the last minute of traffic (after one more history flush).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let scenarios = probe.get(admin, "/api/v1/scenarios").await.map(|(_, t)| t).unwrap_or_default();
+    let scenarios: serde_json::Value = serde_json::from_str(&scenarios).unwrap_or_default();
     sidecar.shutdown().await;
 
     println!();
@@ -172,6 +183,24 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!();
     println!("During the outage the breaker kept the dead service from being called (fast 503s with Retry-After);");
     println!("half-open probes found it healthy again and traffic recovered without a flood of retries.");
+    println!();
+    for s in scenarios.as_array().into_iter().flatten() {
+        println!(
+            "Quality scenario \"{}\" over the last minute: {}",
+            s["name"].as_str().unwrap_or(""),
+            s["verdict"].as_str().unwrap_or("")
+        );
+        for m in s["measures"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<14} {:<12} measured {:<18} {}",
+                m["measure"].as_str().unwrap_or(""),
+                m["target"].as_str().unwrap_or(""),
+                m["measured"].as_str().unwrap_or(""),
+                m["verdict"].as_str().unwrap_or("")
+            );
+        }
+        println!("  (the dashboard shows such promises live; `envelope verify` checks them in CI)");
+    }
     Ok(())
 }
 
