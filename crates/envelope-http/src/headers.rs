@@ -42,7 +42,8 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let existing: Vec<&str> =
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).collect();
     let value = if existing.is_empty() { client.to_string() } else { format!("{}, {client}", existing.join(", ")) };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // The formatted string becomes the value's buffer (no second copy).
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
 }

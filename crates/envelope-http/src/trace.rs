@@ -49,7 +49,7 @@ impl TraceContext {
     pub fn header_value(&self) -> HeaderValue {
         let mut s = String::with_capacity(55);
         let _ = write!(s, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags);
-        HeaderValue::from_str(&s).expect("hex digits and dashes are a valid header value")
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).expect("hex digits and dashes are a valid header value")
     }
 }
 

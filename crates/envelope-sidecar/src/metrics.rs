@@ -120,8 +120,23 @@ struct BurnLabels {
 /// The exemplar of a duration observation: the trace it belongs to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TraceLabel {
-    trace_id: String,
+    trace_id: TraceId,
 }
+
+/// A trace id, written as 32 lowercase hex digits only when the exposition is encoded (no string per request).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct TraceId(u128);
+
+impl prometheus_client::encoding::EncodeLabelValue for TraceId {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        write!(encoder, "{:032x}", self.0)
+    }
+}
+
+/// A bucket's exemplar is replaced at most this often: scrapes are seconds apart, so a newer one per request would
+/// only cost.
+const EXEMPLAR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabel {
@@ -165,6 +180,10 @@ pub(crate) struct RouteMetrics {
     /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx).
     requests: Vec<[Counter; 6]>,
     duration: HistogramWithExemplars<TraceLabel>,
+    /// Per duration bucket (and one above them), when its exemplar may next be replaced: milliseconds since
+    /// `epoch`.
+    exemplar_due: Arc<[std::sync::atomic::AtomicU64; DURATION_BUCKETS.len() + 1]>,
+    epoch: tokio::time::Instant,
     attempts: Counter,
     tally: Arc<RouteTally>,
     upstream: Arc<UpstreamTally>,
@@ -269,6 +288,8 @@ impl Metrics {
         RouteMetrics {
             requests,
             duration: self.duration.get_or_create(&RouteLabel { route: route.to_owned() }).clone(),
+            exemplar_due: Arc::default(),
+            epoch: tokio::time::Instant::now(),
             attempts: self
                 .attempts
                 .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
@@ -431,9 +452,20 @@ impl RouteMetrics {
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
         self.requests[outcome as usize][class].inc();
-        let exemplar = (trace.flags & 1 == 1).then(|| TraceLabel { trace_id: trace.trace_id_hex() });
+        let exemplar = (trace.flags & 1 == 1 && self.exemplar_due(seconds))
+            .then_some(TraceLabel { trace_id: TraceId(trace.trace_id) });
         self.duration.observe(seconds, exemplar, None);
         self.tally.record(outcome, seconds);
+    }
+
+    /// Whether the bucket of `seconds` should take a new exemplar now (and if so, not again for a while).
+    fn exemplar_due(&self, seconds: f64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bucket = DURATION_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(DURATION_BUCKETS.len());
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let due = &self.exemplar_due[bucket];
+        let at = due.load(Relaxed);
+        now >= at && due.compare_exchange(at, now + EXEMPLAR_EVERY.as_millis() as u64, Relaxed, Relaxed).is_ok()
     }
 
     /// Counts one attempt sent upstream.
@@ -446,6 +478,17 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::openmetrics_to_prometheus;
+
+    #[test]
+    fn a_bucket_takes_a_new_exemplar_at_most_once_a_second() {
+        let m = super::Metrics::new();
+        let r = m.route("l", "r", "u");
+        assert!(r.exemplar_due(0.001), "the first observation of a bucket");
+        assert!(!r.exemplar_due(0.002), "same bucket, same second");
+        assert!(r.exemplar_due(0.3), "another bucket");
+        assert!(r.exemplar_due(60.0), "above every bound");
+        assert!(!r.exemplar_due(60.0));
+    }
 
     #[test]
     fn counters_are_named_with_total_and_openmetrics_lines_dropped() {

@@ -32,7 +32,7 @@ use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::problem;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::{TRACEPARENT, TraceContext};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -112,7 +112,9 @@ pub(crate) async fn handle(
     }
     let trace = TraceContext::continue_or_start(req.headers());
     req.headers_mut().insert(TRACEPARENT.clone(), trace.header_value());
-    let path = req.uri().path().to_owned();
+    // A clone of the URI shares its bytes: the path stays at hand after the request is taken apart.
+    let uri = req.uri().clone();
+    let path = uri.path();
     // With span export on: the wall-clock start, and each attempt's span as it ends.
     let spans = rt.spans.as_deref();
     let wall_start = spans.map(|_| SystemTime::now());
@@ -124,7 +126,7 @@ pub(crate) async fn handle(
         id: &id,
         trace,
         method: &method,
-        path: &path,
+        path,
         start,
         wall_start,
         route: None,
@@ -146,7 +148,7 @@ pub(crate) async fn handle(
         }
 
         // 3. Route.
-        let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(&path, &method)).cloned() else {
+        let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(path, &method)).cloned() else {
             listener_metrics.unmatched.inc();
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
         };
@@ -222,7 +224,7 @@ pub(crate) async fn handle(
     }
     let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
     for (counter, metrics) in &rt.counters {
-        if counter.counts(route_name, &path, &method, response.status().as_u16()) {
+        if counter.counts(route_name, path, &method, response.status().as_u16()) {
             metrics.inc();
         }
     }
@@ -233,7 +235,7 @@ pub(crate) async fn handle(
             start: wall_start,
             end: wall_start + elapsed,
             method: &method,
-            path: &path,
+            path,
             route: route_name,
             request_id: id.as_str(),
             status: response.status().as_u16(),
@@ -392,9 +394,7 @@ fn upstream_request(
     let mut req = Request::builder().method(parts.method.clone()).uri(uri).version(http::Version::HTTP_11);
     if let Some(headers) = req.headers_mut() {
         *headers = parts.headers.clone();
-        if let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str()) {
-            headers.insert(header::HOST, host);
-        }
+        headers.insert(header::HOST, endpoint.host.clone());
         // With spans exported, the upstream's span hangs under this attempt's.
         if let Some(span) = span {
             headers.insert(TRACEPARENT.clone(), span.header_value());

@@ -295,6 +295,8 @@ pub struct Endpoint {
     pub scheme: http::uri::Scheme,
     /// Host and port.
     pub authority: http::uri::Authority,
+    /// The `Host` header sent to it (the authority, made once).
+    pub host: http::HeaderValue,
 }
 
 /// Bulkhead settings of an upstream.
@@ -880,7 +882,8 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         if uri.path() != "/" && !uri.path().is_empty() {
             return Err(bad("must not have a path (use a route's strip_prefix to rewrite paths)"));
         }
-        endpoints.push(Endpoint { scheme, authority });
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| bad("not a valid host"))?;
+        endpoints.push(Endpoint { scheme, authority, host });
     }
     let breaker = u.breaker.as_ref().map(|b| resolve_breaker(i, b)).transpose()?;
     let extra_roots = match &u.ca_file {
