@@ -243,5 +243,28 @@ fn summary(c: &Config) -> String {
             r.retry.as_ref().map_or("off".to_owned(), |x| format!("{} attempts", x.max_attempts)),
         );
     }
+    let h = &c.history;
+    out += &format!(
+        "history {} (retention {:?}, flush every {:?})\n",
+        h.path.as_ref().map_or("in memory".to_owned(), |p| p.display().to_string()),
+        h.retention,
+        h.flush_interval
+    );
+    for k in &c.counters {
+        out += &format!("counter {} (route {})\n", k.name, k.route.as_deref().unwrap_or("any"));
+    }
+    for s in &c.scenarios {
+        out += &format!(
+            "scenario {} on route {} ({} req/s for {:?}{})\n",
+            s.name,
+            s.route,
+            s.rate,
+            s.duration,
+            s.fault.as_ref().map_or(String::new(), |f| format!(", fault on {}", f.upstream))
+        );
+    }
+    if let Some(t) = &c.tracing {
+        out += &format!("tracing: spans to {} as {}\n", t.otlp_endpoint, t.service_name);
+    }
     out
 }

@@ -28,6 +28,7 @@ fn a_valid_config_is_summarised() {
     assert_eq!(code, 0);
     assert!(out.contains("config OK: 1 listener(s), 1 upstream(s), 1 route(s)"), "{out}");
     assert!(out.contains("route all / -> app"), "{out}");
+    assert!(out.contains("envelope-history.db (retention 2592000s, flush every 10s)"), "{out}");
 }
 
 #[test]
