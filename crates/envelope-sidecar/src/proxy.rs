@@ -2,16 +2,18 @@
 //!
 //! ```text
 //! socket ─► hyper (head limits: 431, 408) ─► handle:
-//!   1. request id          keep a valid X-Request-ID or make one; echoed on every response, logged once
+//!   1. request id, trace   keep a valid X-Request-ID or make one; echoed on every response, logged once;
+//!                          W3C traceparent kept or started
 //!   2. input limits        414 URI too long, 413 body too large (by Content-Length, and while reading)
 //!   3. route               longest path prefix + method; 404 otherwise
 //!   4. header hygiene      hop-by-hop headers stripped, X-Forwarded-For appended, Host = upstream
 //!   5. body                buffered for replay up to the route's cap, else streamed once (never retried)
 //!   6. the envelope        shed → deadline → retry → breaker → rate limit → bulkhead → attempt timeout
 //!                          (envelope-core's Envelope, composed in that order; see docs/architecture.md)
-//!   7. the call            pooled keep-alive HTTP/1.1 to an endpoint picked round-robin
+//!   7. the call            pooled keep-alive HTTP/1.1 to an endpoint picked round-robin (faults injected here,
+//!                          inside the envelope; with spans on, each attempt carries its own span id upstream)
 //!   8. the answer          the upstream's response, or a problem+json for a local outcome (one place)
-//!   9. access log          one JSON line
+//!   9. accounting          metrics (+ exemplar), SLO, history tallies, business counters, spans, one access-log line
 //! ```
 //!
 //! Nothing here returns an error to hyper: every outcome is a response, so no connection is dropped for a
@@ -216,7 +218,7 @@ pub(crate) async fn handle(
     if !response.headers().contains_key(&X_REQUEST_ID) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
-    // 9. Metrics and access log.
+    // 9. Accounting: metrics, SLO, business counters, spans, access log.
     let elapsed = start.elapsed();
     if let Some(route) = &pending.route {
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), &trace);
