@@ -217,3 +217,25 @@ async fn spans_still_queued_are_exported_on_shutdown() {
     let spans = collector.wait_for(2).await;
     assert!(spans.iter().any(|s| s.attributes.get("envelope.request_id").map(String::as_str) == Some("last-words")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_leaves_a_client_cancelled_span() {
+    let collector = Collector::start().await;
+    let up = FaultUpstream::start().await;
+    up.script("/api/slow", [Action::delayed(200, Duration::from_secs(5))]);
+    let env = envelope(&config(collector.addr, "100ms"), up.addr).await;
+    let req = Request::get(format!("http://{}/api/slow", env.addr))
+        .header("x-request-id", "gone-early")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // The client gives up after 200 ms, long before the upstream answers.
+    let _ = tokio::time::timeout(Duration::from_millis(200), support::client().request(req)).await;
+    let spans = collector.wait_for(1).await;
+    let request = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap_or_else(|| panic!("a server span: {spans:#?}"));
+    assert_eq!(request.attributes["envelope.request_id"], "gone-early");
+    assert_eq!(request.attributes["envelope.outcome"], "client_cancelled");
+    assert_eq!(request.attributes["http.response.status_code"], "499");
+}
