@@ -16,6 +16,7 @@
 //! | `/api/v1/breakers/{upstream}/force-open` | POST | force the breaker open |
 //! | `/api/v1/breakers/{upstream}/force-close` | POST | force the breaker closed |
 //! | `/api/v1/breakers/{upstream}/reset` | POST | back to closed with an empty window |
+//! | `/api/v1/events` | GET | the latest circuit-breaker transitions (up to 256), newest first |
 //! | `/api/v1/scenarios` | GET | each quality scenario's response measures, judged on live traffic over its window |
 //! | `/api/v1/faults` | GET | faults being injected, per upstream |
 //! | `/api/v1/faults/{upstream}` | POST | inject a fault into the upstream's attempts (JSON: `abort_status`, `abort_percent`, `delay_ms`, `delay_percent`, `duration_ms` ≤ 1 h) |
@@ -64,6 +65,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/history", get(history))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/scenarios", get(scenarios))
         .route("/api/v1/faults", get(faults))
         .route("/api/v1/faults/{upstream}", post(inject_fault).delete(clear_fault))
@@ -258,6 +260,21 @@ async fn history(State(s): State<AdminState>, Query(q): Query<std::collections::
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": "history query panicked" })))
             .into_response(),
     }
+}
+
+async fn events(State(s): State<AdminState>) -> axum::Json<Value> {
+    let all: Vec<Value> = s
+        .metrics
+        .recent_transitions()
+        .iter()
+        .rev()
+        .map(|t| {
+            let ms = t.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            json!({ "at_ms": ms, "upstream": t.upstream, "kind": "breaker_transition",
+                    "from": t.from.as_str(), "to": t.to.as_str() })
+        })
+        .collect();
+    axum::Json(json!(all))
 }
 
 async fn scenarios(State(s): State<AdminState>) -> Response {

@@ -172,6 +172,20 @@ pub(crate) struct Metrics {
     business: Family<CounterLabel, Counter>,
     /// What the history will roll up at its next flush.
     pub(crate) tallies: Arc<Tallies>,
+    /// The latest breaker transitions, newest last (at most [`RECENT_EVENTS`]).
+    recent: std::sync::Mutex<std::collections::VecDeque<Transition>>,
+}
+
+/// How many breaker transitions `/api/v1/events` remembers.
+pub(crate) const RECENT_EVENTS: usize = 256;
+
+/// A breaker transition, as `/api/v1/events` lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct Transition {
+    pub(crate) at: std::time::SystemTime,
+    pub(crate) upstream: String,
+    pub(crate) from: State,
+    pub(crate) to: State,
 }
 
 /// A route's metric handles, resolved at config load.
@@ -235,6 +249,7 @@ impl Metrics {
             slo_burn: Family::default(),
             business: Family::default(),
             tallies: Arc::default(),
+            recent: Default::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests answered, by route, outcome and status class", m.requests.clone());
@@ -330,6 +345,11 @@ impl Metrics {
         }
     }
 
+    /// The latest breaker transitions, oldest first.
+    pub(crate) fn recent_transitions(&self) -> Vec<Transition> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+    }
+
     /// Counts a config reload.
     pub(crate) fn reload(&self, ok: bool) {
         self.reloads.get_or_create(&ReloadLabels { result: if ok { "ok" } else { "rejected" } }).inc();
@@ -360,6 +380,12 @@ impl Metrics {
                 if let Some(event) = event {
                     self.tallies.upstream(name).count(event);
                 }
+                let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if recent.len() == RECENT_EVENTS {
+                    recent.pop_front();
+                }
+                let at = std::time::SystemTime::now();
+                recent.push_back(Transition { at, upstream: name.to_owned(), from, to });
             }
             Event::CallNotPermitted { name, .. } => {
                 self.breaker_rejections.get_or_create(&UpstreamLabel { upstream: name.to_owned() }).inc();

@@ -175,3 +175,28 @@ async fn slo_state_is_served_per_route() {
     let exported = sum(&text, "envelope_slo_burn_rate", "window=\"5m\"");
     assert!((exported - 250.0).abs() < 1e-6, "{exported}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_transitions_are_listed_newest_first() {
+    let up = FaultUpstream::start().await;
+    let env = envelope_with_env(CONFIG, up.addr, &[("ENVELOPE_ADMIN_TOKEN", "s3cret")]).await;
+    let events = |v: serde_json::Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["from"].as_str().unwrap().to_owned(), e["to"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let (_, _, body) = send(get(env.admin, "/api/v1/events")).await;
+    assert!(events(serde_json::from_slice(&body).unwrap()).is_empty());
+    send(post(env.admin, "/api/v1/breakers/app/force-open", Some("s3cret"))).await;
+    send(post(env.admin, "/api/v1/breakers/app/reset", Some("s3cret"))).await;
+    let (_, _, body) = send(get(env.admin, "/api/v1/events")).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        events(v.clone()),
+        [("forced_open".to_owned(), "closed".to_owned()), ("closed".to_owned(), "forced_open".to_owned())]
+    );
+    assert_eq!(v[0]["upstream"], "app");
+    assert!(v[0]["at_ms"].as_u64().unwrap() >= v[1]["at_ms"].as_u64().unwrap());
+}

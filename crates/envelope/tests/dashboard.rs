@@ -284,6 +284,12 @@ async fn the_dashboard_shows_what_the_api_says_in_a_real_browser() {
         assert_eq!(state, b["state"], "{upstream}");
     }
     assert_eq!(breakers[1]["state"], "forced_open");
+    // The transition is listed, as /api/v1/events has it.
+    let events = api(env.admin, "/api/v1/events").await;
+    let shown = browser
+        .eval("return [...document.querySelectorAll('[data-testid=event-row]')].map(r => [...r.cells].slice(1).map(c => c.textContent).join(' '))")
+        .await;
+    assert_eq!(shown, json!(["payments closed forced_open"]), "{events}");
 
     // Scenario verdicts against /api/v1/scenarios.
     let scenarios = api(env.admin, "/api/v1/scenarios").await;

@@ -231,10 +231,8 @@ async fn a_client_that_goes_away_leaves_a_client_cancelled_span() {
     // The client gives up after 200 ms, long before the upstream answers.
     let _ = tokio::time::timeout(Duration::from_millis(200), support::client().request(req)).await;
     let spans = collector.wait_for(1).await;
-    let request = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap_or_else(|| panic!("a server span: {spans:#?}"));
+    let request =
+        spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap_or_else(|| panic!("a server span: {spans:#?}"));
     assert_eq!(request.attributes["envelope.request_id"], "gone-early");
     assert_eq!(request.attributes["envelope.outcome"], "client_cancelled");
     assert_eq!(request.attributes["http.response.status_code"], "499");
