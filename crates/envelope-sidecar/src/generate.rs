@@ -262,6 +262,15 @@ pub fn grafana_dashboard(config: &Config) -> String {
             12,
             24,
         ),
+        panel(
+            9,
+            "Business events (per second)",
+            "timeseries",
+            "reqps",
+            &[("sum by (counter) (rate(envelope_business_events_total[5m]))", "{{counter}}")],
+            0,
+            32,
+        ),
     ];
     let dashboard = serde_json::json!({
         "title": "Envelope",

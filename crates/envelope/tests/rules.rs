@@ -140,6 +140,7 @@ fn the_generated_dashboard_has_the_panels_and_every_query_parses() {
         "Circuit state",
         "Retries and retry budget",
         "Error budget remaining",
+        "Business events",
     ] {
         assert!(titles.iter().any(|t| t.starts_with(wanted)), "{wanted} in {titles:?}");
     }
