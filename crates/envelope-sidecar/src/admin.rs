@@ -226,7 +226,7 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
 }
 
 async fn history(State(s): State<AdminState>, Query(q): Query<std::collections::HashMap<String, String>>) -> Response {
-    let bad = |msg: String| (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+    let bad = |msg: String| json_error(StatusCode::BAD_REQUEST, msg);
     let subject = match (q.get("route"), q.get("upstream"), q.get("counter")) {
         (Some(r), None, None) => Subject::Route(r.clone()),
         (None, Some(u), None) => Subject::Upstream(u.clone()),
@@ -254,12 +254,26 @@ async fn history(State(s): State<AdminState>, Query(q): Query<std::collections::
     };
     let step = std::time::Duration::from_secs(step);
     let history = s.history.clone();
-    match tokio::task::spawn_blocking(move || history.query(&subject, span, step)).await {
+    from_history(move || history.query(&subject, span, step)).await
+}
+
+/// A JSON error answer: `{"error": message}`.
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Runs a read of the history (blocking: SQLite) off the runtime's workers and answers with its JSON.
+async fn from_history(read: impl FnOnce() -> Result<Value, String> + Send + 'static) -> Response {
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e }))).into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": "history query panicked" })))
-            .into_response(),
+        Ok(Err(e)) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "the history read panicked"),
     }
+}
+
+/// The answer for an upstream name that is not in the config.
+fn no_upstream(name: &str) -> Response {
+    (StatusCode::NOT_FOUND, format!("no upstream `{name}`\n")).into_response()
 }
 
 async fn events(State(s): State<AdminState>) -> axum::Json<Value> {
@@ -280,23 +294,14 @@ async fn events(State(s): State<AdminState>) -> axum::Json<Value> {
 async fn scenarios(State(s): State<AdminState>) -> Response {
     let rt = s.runtime.load_full();
     let history = s.history.clone();
-    let judged = tokio::task::spawn_blocking(move || {
-        rt.config
-            .scenarios
-            .iter()
-            .map(|sc| {
-                let m = history.measure(sc)?;
-                Ok(crate::quality::scenario_json(sc, &m, &crate::quality::judge(&sc.expect, &m)))
-            })
-            .collect::<Result<Vec<_>, String>>()
+    from_history(move || {
+        let judged = rt.config.scenarios.iter().map(|sc| {
+            let m = history.measure(sc)?;
+            Ok(crate::quality::scenario_json(sc, &m, &crate::quality::judge(&sc.expect, &m)))
+        });
+        Ok(Value::Array(judged.collect::<Result<_, String>>()?))
     })
-    .await;
-    match judged {
-        Ok(Ok(all)) => axum::Json(json!(all)).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e }))).into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": "scenario evaluation panicked" })))
-            .into_response(),
-    }
+    .await
 }
 
 async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
@@ -363,7 +368,7 @@ async fn breaker_action(
         return refused;
     }
     let rt = s.runtime.load();
-    let Some(breaker) = rt.upstreams.iter().find(|u| u.spec.name == upstream).and_then(|u| u.breaker.as_ref()) else {
+    let Some(breaker) = rt.upstream_named(&upstream).and_then(|u| u.breaker.as_ref()) else {
         return (StatusCode::NOT_FOUND, format!("no breaker for upstream `{upstream}`\n")).into_response();
     };
     match action.as_str() {
@@ -425,15 +430,13 @@ async fn inject_fault(
     if let Some(refused) = refusal(&s, &headers) {
         return refused;
     }
-    let bad = |msg: String| (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+    let bad = |msg: String| json_error(StatusCode::BAD_REQUEST, msg);
     let request: FaultRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad(format!("invalid fault: {e}")),
     };
     let rt = s.runtime.load();
-    let Some(u) = rt.upstreams.iter().find(|u| u.spec.name == upstream) else {
-        return (StatusCode::NOT_FOUND, format!("no upstream `{upstream}`\n")).into_response();
-    };
+    let Some(u) = rt.upstream_named(&upstream) else { return no_upstream(&upstream) };
     match u.inject(&request.spec()) {
         Ok(()) => axum::Json(fault_json(u).unwrap_or(Value::Null)).into_response(),
         Err(e) => bad(e),
@@ -445,9 +448,7 @@ async fn clear_fault(State(s): State<AdminState>, Path(upstream): Path<String>, 
         return refused;
     }
     let rt = s.runtime.load();
-    let Some(u) = rt.upstreams.iter().find(|u| u.spec.name == upstream) else {
-        return (StatusCode::NOT_FOUND, format!("no upstream `{upstream}`\n")).into_response();
-    };
+    let Some(u) = rt.upstream_named(&upstream) else { return no_upstream(&upstream) };
     u.faults.clear();
     StatusCode::NO_CONTENT.into_response()
 }

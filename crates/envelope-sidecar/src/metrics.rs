@@ -42,8 +42,9 @@ use prometheus_client::registry::Registry;
 
 use envelope_http::observe::DURATION_BUCKETS;
 use envelope_http::trace::TraceContext;
+use tokio::time::Instant;
 
-use crate::history::tally::{RouteTally, Tallies, UpstreamEvent, UpstreamTally};
+use crate::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent, UpstreamTally, bucket_of};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -196,8 +197,8 @@ pub(crate) struct RouteMetrics {
     duration: HistogramWithExemplars<TraceLabel>,
     /// Per duration bucket (and one above them), when its exemplar may next be replaced: milliseconds since
     /// `epoch`.
-    exemplar_due: Arc<[std::sync::atomic::AtomicU64; DURATION_BUCKETS.len() + 1]>,
-    epoch: tokio::time::Instant,
+    exemplar_due: Arc<[std::sync::atomic::AtomicU64; BUCKETS]>,
+    epoch: Instant,
     attempts: Counter,
     tally: Arc<RouteTally>,
     upstream: Arc<UpstreamTally>,
@@ -304,7 +305,7 @@ impl Metrics {
             requests,
             duration: self.duration.get_or_create(&RouteLabel { route: route.to_owned() }).clone(),
             exemplar_due: Arc::default(),
-            epoch: tokio::time::Instant::now(),
+            epoch: Instant::now(),
             attempts: self
                 .attempts
                 .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
@@ -474,22 +475,22 @@ pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
 
 impl RouteMetrics {
     /// Counts one answered request; a sampled trace becomes the exemplar of its duration bucket.
-    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64, trace: &TraceContext) {
+    /// `now` is when the request ended (the clock is read once per request, by the caller).
+    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64, now: Instant, trace: &TraceContext) {
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
         self.requests[outcome as usize][class].inc();
-        let exemplar = (trace.flags & 1 == 1 && self.exemplar_due(seconds))
+        let exemplar = (trace.flags & 1 == 1 && self.exemplar_due(seconds, now))
             .then_some(TraceLabel { trace_id: TraceId(trace.trace_id) });
         self.duration.observe(seconds, exemplar, None);
         self.tally.record(outcome, seconds);
     }
 
-    /// Whether the bucket of `seconds` should take a new exemplar now (and if so, not again for a while).
-    fn exemplar_due(&self, seconds: f64) -> bool {
+    /// Whether the bucket of `seconds` should take a new exemplar at `now` (and if so, not again for a while).
+    fn exemplar_due(&self, seconds: f64, now: Instant) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let bucket = DURATION_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(DURATION_BUCKETS.len());
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let due = &self.exemplar_due[bucket];
+        let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let due = &self.exemplar_due[bucket_of(seconds)];
         let at = due.load(Relaxed);
         now >= at && due.compare_exchange(at, now + EXEMPLAR_EVERY.as_millis() as u64, Relaxed, Relaxed).is_ok()
     }
@@ -509,11 +510,13 @@ mod tests {
     fn a_bucket_takes_a_new_exemplar_at_most_once_a_second() {
         let m = super::Metrics::new();
         let r = m.route("l", "r", "u");
-        assert!(r.exemplar_due(0.001), "the first observation of a bucket");
-        assert!(!r.exemplar_due(0.002), "same bucket, same second");
-        assert!(r.exemplar_due(0.3), "another bucket");
-        assert!(r.exemplar_due(60.0), "above every bound");
-        assert!(!r.exemplar_due(60.0));
+        let now = tokio::time::Instant::now();
+        assert!(r.exemplar_due(0.001, now), "the first observation of a bucket");
+        assert!(!r.exemplar_due(0.002, now), "same bucket, same second");
+        assert!(r.exemplar_due(0.3, now), "another bucket");
+        assert!(r.exemplar_due(60.0, now), "above every bound");
+        assert!(!r.exemplar_due(60.0, now));
+        assert!(r.exemplar_due(0.002, now + super::EXEMPLAR_EVERY), "a second later");
     }
 
     #[test]

@@ -219,9 +219,10 @@ pub(crate) async fn handle(
         response.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
     }
     // 9. Accounting: metrics, SLO, business counters, spans, access log.
-    let elapsed = start.elapsed();
+    let now = Instant::now();
+    let elapsed = now - start;
     if let Some(route) = &pending.route {
-        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), &trace);
+        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), now, &trace);
         route.slo.record(counts_against_availability(outcome), elapsed);
     }
     let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
@@ -292,7 +293,7 @@ impl<'a> AttemptGuard<'a> {
             span,
             start: now,
             end: now,
-            endpoint: upstream.spec.endpoints[endpoint].authority.to_string(),
+            endpoint: upstream.spec.endpoints[endpoint].authority.clone(),
             status: None,
             outcome: Outcome::Timeout,
         };
@@ -318,9 +319,10 @@ impl Drop for Pending<'_> {
         if self.done {
             return;
         }
-        let elapsed = self.start.elapsed();
+        let now = Instant::now();
+        let elapsed = now - self.start;
         if let Some(route) = &self.route {
-            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64(), &self.trace);
+            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64(), now, &self.trace);
         }
         if let (Some(spans), Some(start)) = (self.rt.spans.as_deref(), self.wall_start) {
             let request = RequestSpan {

@@ -7,7 +7,15 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use envelope_core::Outcome;
+
 use crate::config::{Expect, Scenario};
+
+/// Whether an outcome is a fast fail: a local rejection answered without calling the upstream (what
+/// `fast_fail_p99` measures, on both sides).
+pub(crate) fn is_fast_fail(outcome: Outcome) -> bool {
+    matches!(outcome, Outcome::CircuitOpen | Outcome::BulkheadFull | Outcome::Shed | Outcome::LocalRateLimited)
+}
 
 /// What was measured for one scenario.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -199,6 +199,11 @@ pub(crate) fn objective(tier: Tier) -> Objective {
 }
 
 impl Runtime {
+    /// The upstream named `name`.
+    pub(crate) fn upstream_named(&self, name: &str) -> Option<&Arc<UpstreamRt>> {
+        self.upstreams.iter().find(|u| u.spec.name == name)
+    }
+
     /// The route named `name`, on any listener.
     pub(crate) fn route_named(&self, name: &str) -> Option<&Arc<RouteRt>> {
         self.listeners.iter().flat_map(|l| l.routes.iter()).find(|r| r.spec.name == name)

@@ -47,7 +47,7 @@ pub(crate) struct AttemptSpan {
     pub(crate) span: TraceContext,
     pub(crate) start: SystemTime,
     pub(crate) end: SystemTime,
-    pub(crate) endpoint: String,
+    pub(crate) endpoint: http::uri::Authority,
     pub(crate) status: Option<u16>,
     pub(crate) outcome: Outcome,
 }
@@ -135,7 +135,7 @@ impl Spans {
         for (i, a) in attempts.iter().enumerate() {
             let mut attributes = vec![
                 KeyValue::new("http.request.method", r.method.as_str().to_owned()),
-                KeyValue::new("server.address", a.endpoint.clone()),
+                KeyValue::new("server.address", a.endpoint.to_string()),
                 KeyValue::new("envelope.request_id", r.request_id.to_owned()),
                 KeyValue::new("envelope.attempt", i as i64 + 1),
                 KeyValue::new("envelope.outcome", a.outcome.as_str()),

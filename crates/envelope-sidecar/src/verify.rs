@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use envelope_core::Outcome;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -19,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{Config, Scenario};
-use crate::quality::{Judged, Measured, Verdict, judge};
+use crate::quality::{Judged, Measured, Verdict, is_fast_fail, judge};
 
 /// The longest `envelope verify` waits for one answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -276,8 +277,7 @@ fn p99(mut latencies: Vec<Duration>) -> Option<Duration> {
 
 fn measure(answers: &[Answer], counters: BTreeMap<String, u64>) -> Measured {
     let served = |a: &Answer| a.status.is_some_and(|s| s < 500 && s != 429);
-    let fast_fail =
-        |a: &Answer| matches!(a.outcome.as_str(), "circuit_open" | "bulkhead_full" | "shed" | "local_rate_limited");
+    let fast_fail = |a: &Answer| Outcome::from_name(&a.outcome).is_some_and(is_fast_fail);
     Measured {
         requests: answers.len() as u64,
         served: answers.iter().filter(|a| served(a)).count() as u64,

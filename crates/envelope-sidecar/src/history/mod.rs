@@ -161,15 +161,10 @@ impl History {
             let grew = store.counter(name, from, 1).map_err(fail)?.iter().map(|(_, n)| n).sum();
             counters.insert(name.clone(), grew);
         }
-        let errors: u64 = Outcome::ALL
-            .iter()
-            .filter(|o| crate::proxy::counts_against_availability(**o))
-            .map(|o| c.outcomes[*o as usize])
-            .sum();
         let requests = c.requests();
         Ok(crate::quality::Measured {
             requests,
-            served: requests - errors,
+            served: requests - c.errors(),
             p99: quantile(&c.buckets, 0.99).map(Duration::from_secs_f64),
             fast_failed: c.rejected.iter().sum(),
             fast_fail_p99: quantile(&c.rejected, 0.99).map(Duration::from_secs_f64),
@@ -188,8 +183,7 @@ pub(crate) enum Subject {
 
 fn route_point(minute: i64, c: &RouteCounts) -> Value {
     let count = |o: Outcome| c.outcomes[o as usize];
-    let errors: u64 =
-        Outcome::ALL.iter().filter(|o| crate::proxy::counts_against_availability(**o)).map(|o| count(*o)).sum();
+    let errors = c.errors();
     let outcomes: Map<String, Value> =
         Outcome::ALL.iter().filter(|o| count(**o) > 0).map(|o| (o.as_str().to_owned(), json!(count(*o)))).collect();
     let requests = c.requests();

@@ -29,6 +29,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The counted columns of `route_minute`, in the order of [`RouteCounts::values`].
 fn route_columns() -> Vec<String> {
     let outcomes = Outcome::ALL.iter().map(|o| format!("o_{}", o.as_str()));
     let buckets = (0..BUCKETS).map(|i| format!("b{i}"));
@@ -36,9 +37,19 @@ fn route_columns() -> Vec<String> {
     outcomes.chain(buckets).chain(rejected).chain(["duration_us".to_owned()]).collect()
 }
 
+/// The counted columns of `upstream_minute`.
+fn upstream_columns() -> Vec<String> {
+    UPSTREAM_COLUMNS.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// The counted column of `counter_minute`.
+fn counter_columns() -> Vec<String> {
+    vec!["count".to_owned()]
+}
+
 fn schema() -> String {
     let ints = |cols: &[String]| cols.iter().map(|c| format!("{c} INTEGER NOT NULL DEFAULT 0")).collect::<Vec<_>>();
-    let upstream: Vec<String> = UPSTREAM_COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+    let upstream = upstream_columns();
     format!(
         "CREATE TABLE IF NOT EXISTS route_minute (minute INTEGER NOT NULL, name TEXT NOT NULL, {}, \
            PRIMARY KEY (minute, name)) WITHOUT ROWID;
@@ -126,28 +137,18 @@ impl Store {
     /// transaction.
     pub(crate) fn write(&mut self, minute: i64, taken: &Taken, keep_from: i64) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        {
-            let mut route = tx.prepare_cached(&upsert("route_minute", &route_columns()))?;
-            for (name, c) in &taken.routes {
-                let values =
-                    c.outcomes.iter().chain(&c.buckets).chain(&c.rejected).chain([&c.duration_us]).map(|v| *v as i64);
-                let head = [rusqlite::types::Value::Integer(minute), rusqlite::types::Value::Text(name.clone())];
-                route.execute(params_from_iter(head.into_iter().chain(values.map(rusqlite::types::Value::Integer))))?;
-            }
-            let columns: Vec<String> = UPSTREAM_COLUMNS.iter().map(|c| (*c).to_owned()).collect();
-            let mut upstream = tx.prepare_cached(&upsert("upstream_minute", &columns))?;
-            for (name, v) in &taken.upstreams {
-                let head = [rusqlite::types::Value::Integer(minute), rusqlite::types::Value::Text(name.clone())];
-                let values = v.iter().map(|x| rusqlite::types::Value::Integer(*x as i64));
-                upstream.execute(params_from_iter(head.into_iter().chain(values)))?;
-            }
-            let mut counter = tx.prepare_cached(&upsert("counter_minute", &["count".to_owned()]))?;
-            for (name, v) in &taken.counters {
-                counter.execute(rusqlite::params![minute, name, *v as i64])?;
-            }
-            for table in ["route_minute", "upstream_minute", "counter_minute"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE minute < ?1"), [keep_from])?;
-            }
+        let routes = taken.routes.iter().map(|(name, c)| (name, c.values().collect::<Vec<_>>()));
+        add_rows(&tx, "route_minute", &route_columns(), minute, routes)?;
+        add_rows(
+            &tx,
+            "upstream_minute",
+            &upstream_columns(),
+            minute,
+            taken.upstreams.iter().map(|(n, v)| (n, v.to_vec())),
+        )?;
+        add_rows(&tx, "counter_minute", &counter_columns(), minute, taken.counters.iter().map(|(n, v)| (n, vec![*v])))?;
+        for table in ["route_minute", "upstream_minute", "counter_minute"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE minute < ?1"), [keep_from])?;
         }
         tx.commit()
     }
@@ -155,27 +156,8 @@ impl Store {
     /// A route's counts from minute `from` on, summed over steps of `step` minutes: (first minute of the step,
     /// counts), oldest first.
     pub(crate) fn route(&self, name: &str, from: i64, step: i64) -> rusqlite::Result<Vec<(i64, RouteCounts)>> {
-        let columns = route_columns();
-        let sums = columns.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT (minute / ?3) * ?3 AS t, {sums} FROM route_minute WHERE name = ?1 AND minute >= ?2 \
-             GROUP BY t ORDER BY t"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(rusqlite::params![name, from, step], |r| {
-            let mut c = RouteCounts::default();
-            let n = Outcome::ALL.len();
-            for i in 0..n {
-                c.outcomes[i] = r.get::<_, i64>(1 + i)? as u64;
-            }
-            for i in 0..BUCKETS {
-                c.buckets[i] = r.get::<_, i64>(1 + n + i)? as u64;
-                c.rejected[i] = r.get::<_, i64>(1 + n + BUCKETS + i)? as u64;
-            }
-            c.duration_us = r.get::<_, i64>(1 + n + 2 * BUCKETS)? as u64;
-            Ok((r.get(0)?, c))
-        })?;
-        rows.collect()
+        let rows = self.sums("route_minute", &route_columns(), name, from, step)?;
+        Ok(rows.into_iter().map(|(t, v)| (t, RouteCounts::from_values(&v))).collect())
     }
 
     /// An upstream's counts ([`UPSTREAM_COLUMNS`]) from minute `from` on, summed over steps of `step` minutes.
@@ -185,32 +167,56 @@ impl Store {
         from: i64,
         step: i64,
     ) -> rusqlite::Result<Vec<(i64, [u64; UPSTREAM_COLUMNS.len()])>> {
-        let sums = UPSTREAM_COLUMNS.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT (minute / ?3) * ?3 AS t, {sums} FROM upstream_minute WHERE name = ?1 AND minute >= ?2 \
-             GROUP BY t ORDER BY t"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(rusqlite::params![name, from, step], |r| {
-            let mut v = [0u64; UPSTREAM_COLUMNS.len()];
-            for (i, x) in v.iter_mut().enumerate() {
-                *x = r.get::<_, i64>(1 + i)? as u64;
-            }
-            Ok((r.get(0)?, v))
-        })?;
-        rows.collect()
+        let rows = self.sums("upstream_minute", &upstream_columns(), name, from, step)?;
+        Ok(rows.into_iter().map(|(t, v)| (t, std::array::from_fn(|i| v[i]))).collect())
     }
 
     /// A business counter from minute `from` on, summed over steps of `step` minutes.
     pub(crate) fn counter(&self, name: &str, from: i64, step: i64) -> rusqlite::Result<Vec<(i64, u64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT (minute / ?3) * ?3 AS t, SUM(count) FROM counter_minute WHERE name = ?1 AND minute >= ?2 \
-             GROUP BY t ORDER BY t",
-        )?;
-        let rows =
-            stmt.query_map(rusqlite::params![name, from, step], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        let rows = self.sums("counter_minute", &counter_columns(), name, from, step)?;
+        Ok(rows.into_iter().map(|(t, v)| (t, v[0])).collect())
+    }
+
+    /// The rows of `name` in `table` from minute `from` on, each of `columns` summed over steps of `step`
+    /// minutes: (first minute of the step, sums in column order), oldest first.
+    fn sums(
+        &self,
+        table: &str,
+        columns: &[String],
+        name: &str,
+        from: i64,
+        step: i64,
+    ) -> rusqlite::Result<Vec<(i64, Vec<u64>)>> {
+        let sums = columns.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT (minute / ?3) * ?3 AS t, {sums} FROM {table} WHERE name = ?1 AND minute >= ?2 \
+             GROUP BY t ORDER BY t"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params![name, from, step], |r| {
+            let values =
+                (0..columns.len()).map(|i| Ok(r.get::<_, i64>(1 + i)? as u64)).collect::<rusqlite::Result<_>>()?;
+            Ok((r.get(0)?, values))
+        })?;
         rows.collect()
     }
+}
+
+/// Adds each (name, values in `columns` order) to its row of `minute` in `table`.
+fn add_rows<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    columns: &[String],
+    minute: i64,
+    rows: impl Iterator<Item = (&'a String, Vec<u64>)>,
+) -> rusqlite::Result<()> {
+    use rusqlite::types::Value;
+    let mut stmt = tx.prepare_cached(&upsert(table, columns))?;
+    for (name, values) in rows {
+        let head = [Value::Integer(minute), Value::Text(name.clone())];
+        stmt.execute(params_from_iter(head.into_iter().chain(values.into_iter().map(|v| Value::Integer(v as i64)))))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,8 +9,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use envelope_core::Outcome;
 use envelope_http::observe::DURATION_BUCKETS;
 
+use crate::quality::is_fast_fail;
+
 /// Latency buckets of a rollup: the upper bounds of [`DURATION_BUCKETS`] and one for everything slower.
 pub(crate) const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
+
+/// The latency bucket of a duration: the first bound it does not exceed, or the last bucket.
+pub(crate) fn bucket_of(seconds: f64) -> usize {
+    DURATION_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS - 1)
+}
 
 /// Requests answered on one route.
 #[derive(Debug, Default)]
@@ -38,7 +45,7 @@ pub(crate) struct RouteCounts {
 impl RouteTally {
     pub(crate) fn record(&self, outcome: Outcome, seconds: f64) {
         self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        let bucket = DURATION_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(BUCKETS - 1);
+        let bucket = bucket_of(seconds);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         if is_fast_fail(outcome) {
             self.rejected[bucket].fetch_add(1, Ordering::Relaxed);
@@ -61,6 +68,32 @@ impl RouteCounts {
         self.outcomes.iter().sum()
     }
 
+    /// Every count, in storage order: outcomes, latency buckets, fast-fail buckets, duration sum.
+    pub(crate) fn values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.outcomes.iter().chain(&self.buckets).chain(&self.rejected).chain([&self.duration_us]).copied()
+    }
+
+    /// The counts of [`RouteCounts::values`] order (missing values count 0).
+    pub(crate) fn from_values(values: &[u64]) -> RouteCounts {
+        let at = |i: usize| values.get(i).copied().unwrap_or(0);
+        let n = Outcome::ALL.len();
+        RouteCounts {
+            outcomes: std::array::from_fn(at),
+            buckets: std::array::from_fn(|i| at(n + i)),
+            rejected: std::array::from_fn(|i| at(n + BUCKETS + i)),
+            duration_us: at(n + 2 * BUCKETS),
+        }
+    }
+
+    /// Requests that spent availability budget (the SLO's notion of an error).
+    pub(crate) fn errors(&self) -> u64 {
+        Outcome::ALL
+            .iter()
+            .filter(|o| crate::proxy::counts_against_availability(**o))
+            .map(|o| self.outcomes[*o as usize])
+            .sum()
+    }
+
     /// Adds `other` into `self`.
     pub(crate) fn add(&mut self, other: &RouteCounts) {
         self.outcomes.iter_mut().zip(other.outcomes).for_each(|(a, b)| *a += b);
@@ -68,11 +101,6 @@ impl RouteCounts {
         self.rejected.iter_mut().zip(other.rejected).for_each(|(a, b)| *a += b);
         self.duration_us += other.duration_us;
     }
-}
-
-/// Whether an outcome is a local rejection, answered without calling the upstream.
-pub(crate) fn is_fast_fail(outcome: Outcome) -> bool {
-    matches!(outcome, Outcome::CircuitOpen | Outcome::BulkheadFull | Outcome::Shed | Outcome::LocalRateLimited)
 }
 
 /// The latency below which a share `q` of the counted requests finished, in seconds, interpolated inside its
