@@ -153,12 +153,13 @@ pub struct ScenarioFault {
     pub upstream: String,
     /// Abort with this status.
     pub abort_status: Option<u16>,
-    /// Share of attempts aborted, percent.
-    pub abort_percent: f64,
+    /// Share of attempts aborted, percent (`None`: all of them, when `abort_status` is given; the sidecar's fault
+    /// API applies that default).
+    pub abort_percent: Option<f64>,
     /// Added latency.
     pub delay: Option<Duration>,
-    /// Share of attempts delayed, percent.
-    pub delay_percent: f64,
+    /// Share of attempts delayed, percent (`None`: all of them, when `delay` is given).
+    pub delay_percent: Option<f64>,
 }
 
 /// Response measures: every one given must hold.
@@ -756,11 +757,9 @@ fn resolve_scenario(
             Some(ScenarioFault {
                 upstream: f.upstream.get_ref().clone(),
                 abort_status,
-                abort_percent: f
-                    .abort_percent
-                    .map_or(if abort_status.is_some() { 100.0 } else { 0.0 }, |p| f64::from(p.0)),
+                abort_percent: f.abort_percent.map(|p| f64::from(p.0)),
                 delay: f.delay.map(|d| d.0),
-                delay_percent: f.delay_percent.map_or(if f.delay.is_some() { 100.0 } else { 0.0 }, |p| f64::from(p.0)),
+                delay_percent: f.delay_percent.map(|p| f64::from(p.0)),
             })
         }
     };
