@@ -20,6 +20,7 @@ mod admin;
 pub mod config;
 pub mod demo;
 pub mod generate;
+mod h1;
 mod history;
 mod metrics;
 mod proxy;

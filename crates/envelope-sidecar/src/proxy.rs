@@ -40,6 +40,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access_log::{self, Entry};
+use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
 use crate::upstream::{UpstreamBody, UpstreamError, UpstreamRt};
@@ -100,8 +101,8 @@ pub(crate) async fn handle(
     rt: Arc<Runtime>,
     listener: usize,
     client: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    mut req: Request<InBody>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let spec = &rt.config.listeners[listener];
     let listener_metrics = &rt.listeners[listener].metrics;
@@ -261,7 +262,7 @@ pub(crate) async fn handle(
             outcome,
         });
     }
-    Ok(response)
+    response
 }
 
 /// A request being handled. Dropped before it is done means the client went away: the request is still counted
@@ -374,7 +375,7 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
 fn upstream_request(
     route: &RouteRt,
     parts: &http::request::Parts,
-    body: &mut Prepared<Limited<Incoming>>,
+    body: &mut Prepared<Limited<InBody>>,
     span: Option<&TraceContext>,
 ) -> Option<(usize, Request<UpstreamBody>)> {
     let body = body.attempt()?;

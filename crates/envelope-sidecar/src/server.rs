@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,6 +18,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::admin;
 use crate::config::{Config, ConfigError};
+use crate::h1;
 use crate::history::History;
 use crate::metrics::Metrics;
 use crate::proxy;
@@ -306,6 +308,8 @@ async fn serve_listener(
         .max_buf_size(spec.max_header_bytes)
         .max_headers(spec.max_headers);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(spec.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    let limits = h1::Limits { max_header_bytes: spec.max_header_bytes, max_headers: spec.max_headers };
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
@@ -319,21 +323,9 @@ async fn serve_listener(
         // Over the connection limit: close at once (the client sees a reset, not a hang).
         let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
         let _ = stream.set_nodelay(true);
-        let runtime = runtime.clone();
-        // Each request runs on the config current when it arrives; a reload never changes a request midway.
-        let service = service_fn(move |req| proxy::handle(runtime.load_full(), index, remote, req));
-        let stream = SlowClientGuard::new(stream, spec.header_read_timeout);
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let mut stop = stop.clone();
+        let (runtime, builder, mut stop) = (runtime.clone(), builder.clone(), stop.clone());
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            serve_connection(runtime, index, stream, remote, &builder, limits, &mut stop).await;
             drop(permit);
         });
     }
@@ -341,4 +333,38 @@ async fn serve_listener(
     // Every connection holds a permit until it is done: all permits back means drained.
     let all = u32::try_from(spec.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(spec.drain_timeout, connections.acquire_many(all)).await;
+}
+
+/// Serves one client connection: HTTP/1.1's common case in `h1`, the rest (HTTP/2, slow or unusual requests) in
+/// hyper, which takes over with the bytes already read. Each request runs on the config current when it arrives;
+/// a reload never changes a request midway.
+async fn serve_connection(
+    runtime: Arc<ArcSwap<Runtime>>,
+    index: usize,
+    mut stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    limits: h1::Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let handle = |req| proxy::handle(runtime.load_full(), index, remote, req);
+    let prefix = match h1::serve(&mut stream, limits, stop, handle).await {
+        h1::Next::Closed => return,
+        h1::Next::HandOver(prefix) => prefix,
+    };
+    let timeout = runtime.load().config.listeners[index].header_read_timeout;
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let response = proxy::handle(runtime.load_full(), index, remote, req.map(Either::Left));
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let stream = SlowClientGuard::new(h1::Rewind::new(prefix, stream), timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

@@ -11,21 +11,22 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::h1::Rewind;
 
 const RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// A client socket that answers 408 if it is dropped in the middle of a request head past the timeout.
 pub(crate) struct SlowClientGuard {
-    stream: TcpStream,
+    stream: Rewind,
     timeout: Duration,
     /// When the first byte of a not-yet-answered request arrived.
     waiting_since: Option<Instant>,
 }
 
 impl SlowClientGuard {
-    pub(crate) fn new(stream: TcpStream, timeout: Duration) -> Self {
+    pub(crate) fn new(stream: Rewind, timeout: Duration) -> Self {
         SlowClientGuard { stream, timeout, waiting_since: None }
     }
 }
@@ -73,7 +74,7 @@ impl AsyncWrite for SlowClientGuard {
 impl Drop for SlowClientGuard {
     fn drop(&mut self) {
         if self.waiting_since.is_some_and(|since| since.elapsed() >= self.timeout) {
-            let _ = self.stream.try_write(RESPONSE);
+            let _ = self.stream.stream().try_write(RESPONSE);
         }
     }
 }

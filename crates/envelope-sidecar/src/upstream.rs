@@ -16,16 +16,16 @@ use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::{HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{BreakerMode, Endpoint, Upstream};
+use crate::h1::InBody;
 
 /// The body the client sends upstream: a replayable buffer, or the client's body streamed once.
-pub(crate) type UpstreamBody = AttemptBody<Limited<Incoming>>;
+pub(crate) type UpstreamBody = AttemptBody<Limited<InBody>>;
 
 /// Consecutive connection failures after which an endpoint is taken out of rotation.
 pub(crate) const EJECT_AFTER_FAILURES: u32 = 3;

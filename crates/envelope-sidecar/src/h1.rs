@@ -1,0 +1,457 @@
+//! HTTP/1.1 from clients, the common case, without hyper's connection machinery.
+//!
+//! A proxy spends most of its time moving small requests and responses; hyper's server dispatcher (its body
+//! channel, its buffered codec, its per-message state machine) costs more than the whole envelope around it (see
+//! BENCHMARKS.md: a hand-written HTTP/1 loop used about a third of the CPU per request of hyper's). So the listener
+//! serves the common case here, and everything else stays with hyper:
+//!
+//! - served here: HTTP/1.1 requests whose head arrives whole, within the listener's head limits, without
+//!   `Transfer-Encoding`, `Expect` or `Upgrade`, with no body or a `Content-Length` body of at most
+//!   [`MAX_FAST_BODY`] that has arrived with the head;
+//! - handed to hyper, with the bytes already read, for the rest of the connection: anything else — HTTP/2's
+//!   preface, HTTP/1.0, a head that arrives in pieces (slow clients meet hyper's header-read timeout and the 408
+//!   as before), heads over the limits (hyper's 431), malformed heads (hyper's 400), chunked or large bodies.
+//!
+//! Requests served here go through the same [`crate::proxy::handle`] as hyper's, as `Request<InBody>`. While a
+//! request is handled the client's socket is watched: a client that goes away cancels its request, as with hyper.
+//! Responses are written with their own framing: the upstream's `Content-Length`, else the body's exact size,
+//! else chunked; a body that fails midway (the deadline, the upstream reset) ends the connection, so the client
+//! sees a truncated response, never a wrong one.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io::{self, Write as _};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// A request body: hyper's, or the buffered body of a request served here.
+pub(crate) type InBody = Either<Incoming, Full<Bytes>>;
+
+/// The largest request body served here (larger ones go to hyper, which streams them).
+pub(crate) const MAX_FAST_BODY: usize = envelope_http::body::DEFAULT_REPLAY_LIMIT;
+
+/// Most headers looked at here; a request with more goes to hyper (which applies the listener's limit).
+const MAX_FAST_HEADERS: usize = 64;
+
+/// The read buffer's initial size; it grows only for pipelined requests and bodies.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Once this much is buffered while a request is in flight (a client pipelining), the socket is left alone.
+const MAX_BUFFERED: usize = 2 * MAX_FAST_BODY;
+
+/// The listener's limits on a request head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+}
+
+/// How a connection left this loop.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// It is finished (closed by either side, or drained on shutdown).
+    Closed,
+    /// Hyper takes over, starting with these bytes already read from the socket.
+    HandOver(Bytes),
+}
+
+/// Serves requests on `stream` until it closes, the listener stops, or a request needs hyper.
+pub(crate) async fn serve<S, F>(
+    stream: &mut TcpStream,
+    limits: Limits,
+    stop: &mut watch::Receiver<bool>,
+    mut service: S,
+) -> Next
+where
+    S: FnMut(Request<InBody>) -> F,
+    F: Future<Output = Response<crate::proxy::ProxyBody>>,
+{
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        if buf.is_empty() {
+            // Idle between requests: wait for the next one, or for the listener to stop.
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Next::Closed,
+                ready = stream.readable() => if ready.is_err() { return Next::Closed },
+            }
+            buf.reserve(READ_BUFFER);
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return Next::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Next::Closed,
+            }
+        }
+        let head = match parse(&mut buf, limits) {
+            Ok(head) => head,
+            Err(Refused::HandOver) => return Next::HandOver(buf.freeze()),
+            Err(Refused::BadRequest) => {
+                let _ = write_all(stream, BAD_REQUEST).await;
+                return Next::Closed;
+            }
+        };
+        let (request, close, is_head) = head;
+
+        // Handle it, watching the client: if it goes away, the request is cancelled (dropped).
+        let response = {
+            let mut call = pin!(service(request));
+            let mut watching = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    response = &mut call => break response,
+                    ready = stream.ready(Interest::READABLE), if watching => match ready {
+                        Ok(r) if r.is_read_closed() => return Next::Closed,
+                        Ok(_) => match stream.try_read_buf(&mut buf) {
+                            Ok(0) => return Next::Closed,
+                            Ok(_) => watching = buf.len() < MAX_BUFFERED,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(_) => return Next::Closed,
+                        },
+                        Err(_) => return Next::Closed,
+                    },
+                }
+            }
+        };
+        let close = close || stop.has_changed().unwrap_or(true);
+        match write_response(stream, &mut out, response, is_head, close).await {
+            Ok(true) if !close => {}
+            _ => {
+                let _ = poll_fn(|cx| Pin::new(&mut *stream).poll_shutdown(cx)).await;
+                return Next::Closed;
+            }
+        }
+    }
+}
+
+/// A request head read whole: the request, whether the client asked to close, whether it is a HEAD.
+type Head = (Request<InBody>, bool, bool);
+
+/// Why a request is not served here.
+enum Refused {
+    /// hyper serves it (and the rest of the connection).
+    HandOver,
+    /// Its target or a header value cannot be represented: 400, and the connection ends.
+    BadRequest,
+}
+
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Takes one request (head and body) off the front of `buf`, or says why it cannot be served here.
+fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Err(Refused::HandOver),
+    };
+    if head_len > limits.max_header_bytes || req.headers.len() > limits.max_headers || req.version != Some(1) {
+        return Err(Refused::HandOver);
+    }
+    let Some(method) = req.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()) else {
+        return Err(Refused::HandOver);
+    };
+    if method == Method::CONNECT {
+        return Err(Refused::HandOver);
+    }
+    let base = buf.as_ptr() as usize;
+    let Some(path) = req.path else { return Err(Refused::HandOver) };
+    let path_at = path.as_ptr() as usize - base..path.as_ptr() as usize - base + path.len();
+    let mut names = Vec::with_capacity(req.headers.len());
+    let mut content_length: Option<usize> = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else { return Err(Refused::HandOver) };
+        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+            return Err(Refused::HandOver);
+        }
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
+            match (content_length, n) {
+                (None, Some(n)) if n <= MAX_FAST_BODY => content_length = Some(n),
+                _ => return Err(Refused::HandOver),
+            }
+        }
+        if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Err(Refused::HandOver);
+                }
+            }
+        }
+        let at = h.value.as_ptr() as usize - base;
+        names.push((name, at..at + h.value.len()));
+    }
+    let body_len = content_length.unwrap_or(0);
+    if buf.len() < head_len + body_len {
+        // The body is still on its way: hyper reads it.
+        return Err(Refused::HandOver);
+    }
+    let head = buf.split_to(head_len).freeze();
+    let body = buf.split_to(body_len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
+    let mut headers = HeaderMap::with_capacity(names.len());
+    for (name, at) in names {
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else { return Err(Refused::BadRequest) };
+        headers.append(name, value);
+    }
+    let is_head = method == Method::HEAD;
+    let mut request = Request::new(Either::Right(Full::new(body)));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok((request, close, is_head))
+}
+
+/// Writes `response`; `Ok(true)` if the connection can carry another request.
+async fn write_response(
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    response: Response<crate::proxy::ProxyBody>,
+    is_head: bool,
+    close: bool,
+) -> io::Result<bool> {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let bodiless =
+        is_head || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let mut body = pin!(body);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut declared: Option<u64> = None;
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            if declared.is_some() {
+                continue;
+            }
+            declared = Some(value.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX));
+        }
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        DATE.with(|d| header_line(out, b"date", d.borrow_mut().now()));
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if bodiless {
+        out.extend_from_slice(b"\r\n");
+        write_all(stream, out).await?;
+        return Ok(true);
+    }
+    // The framing: the declared length, else the body's exact size, else chunked.
+    let chunked = match declared {
+        Some(_) => false,
+        None => match body.size_hint().exact() {
+            Some(n) => {
+                let mut digits = itoa::Buffer::new();
+                header_line(out, b"content-length", digits.format(n).as_bytes());
+                declared = Some(n);
+                false
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                true
+            }
+        },
+    };
+    out.extend_from_slice(b"\r\n");
+    let mut remaining = declared.unwrap_or(u64::MAX);
+    // The head goes out with the first piece of the body when that is ready at once (one write for a small
+    // response); otherwise at once, so that a slow body does not hold the head back.
+    let mut first = true;
+    loop {
+        let frame = if first {
+            first = false;
+            match poll_fn(|cx| Poll::Ready(poll_now(body.as_mut(), cx))).await {
+                Some(frame) => frame,
+                None => {
+                    write_all(stream, out).await?;
+                    out.clear();
+                    poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                }
+            }
+        } else {
+            poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+        };
+        match frame {
+            None => break,
+            Some(Err(_)) => {
+                // Cut off (deadline, upstream reset): what was sent stands, the connection ends.
+                write_all(stream, out).await?;
+                return Ok(false);
+            }
+            Some(Ok(frame)) => {
+                let Ok(mut data) = frame.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let _ = write!(out, "{:x}\r\n", data.len());
+                    put(out, &mut data);
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    let len = data.len() as u64;
+                    if len > remaining {
+                        // More than declared: never send it; end the connection.
+                        data.truncate(remaining as usize);
+                        put(out, &mut data);
+                        write_all(stream, out).await?;
+                        return Ok(false);
+                    }
+                    remaining -= len;
+                    put(out, &mut data);
+                }
+                if out.len() >= READ_BUFFER {
+                    write_all(stream, out).await?;
+                    out.clear();
+                }
+            }
+        }
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    write_all(stream, out).await?;
+    // A body shorter than declared leaves the client waiting for bytes that never come: end the connection.
+    Ok(chunked || remaining == 0 || declared.is_none())
+}
+
+/// What polling a body for its next frame gives.
+type Frame<B> = Option<Result<http_body::Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
+/// One poll of `body`: `Some` if it had an answer at once.
+fn poll_now<B: Body + ?Sized>(body: Pin<&mut B>, cx: &mut Context<'_>) -> Option<Frame<B>> {
+    match body.poll_frame(cx) {
+        Poll::Ready(frame) => Some(frame),
+        Poll::Pending => None,
+    }
+}
+
+fn put(out: &mut Vec<u8>, data: &mut Bytes) {
+    out.extend_from_slice(data.chunk());
+    data.advance(data.len());
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes all of `data`, waiting for the socket when it is full.
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The `Date` header, formatted once a second.
+struct CachedDate {
+    second: u64,
+    text: [u8; 29],
+}
+
+impl CachedDate {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            self.second = second;
+            self.text.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
+        }
+        &self.text
+    }
+}
+
+thread_local! {
+    static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: 0, text: [0; 29] }) };
+}
+
+/// A socket with bytes already read from it in front: how a connection is handed to hyper.
+pub(crate) struct Rewind {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl Rewind {
+    pub(crate) fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        Rewind { prefix, stream }
+    }
+
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
