@@ -17,6 +17,7 @@
 
 mod access_log;
 mod admin;
+mod client;
 pub mod config;
 pub mod demo;
 pub mod generate;

@@ -36,17 +36,16 @@ use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::{TRACEPARENT, TraceContext};
 use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Full, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access_log::{self, Entry};
 use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
-use crate::upstream::{UpstreamBody, UpstreamError, UpstreamRt};
+use crate::upstream::{ResponseBody, UpstreamBody, UpstreamError, UpstreamRt};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
-pub(crate) type ProxyBody = Either<DeadlineBody<Incoming>, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
 
 pin_project_lite::pin_project! {
     /// An upstream body that must finish by the route's deadline: the route timeout covers the whole response, not
@@ -94,7 +93,7 @@ where
 }
 
 /// The result of one attempt.
-type Attempt = Result<Response<Incoming>, UpstreamError>;
+type Attempt = Result<Response<ResponseBody>, UpstreamError>;
 
 /// Handles one request on listener `listener` from `client`.
 pub(crate) async fn handle(
@@ -192,7 +191,7 @@ pub(crate) async fn handle(
                 async move {
                     let (endpoint, req) = attempt.ok_or(UpstreamError::BodyGone)?;
                     let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
-                    let result = upstream.client.request(req).await.map_err(UpstreamError::from_client);
+                    let result = upstream.send(endpoint, req).await;
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
                         span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));
@@ -444,7 +443,7 @@ struct RouteClassifier<'a> {
     replayable_body: bool,
 }
 
-impl Classify<Response<Incoming>, UpstreamError> for RouteClassifier<'_> {
+impl Classify<Response<ResponseBody>, UpstreamError> for RouteClassifier<'_> {
     fn classify(&self, result: &Attempt) -> Outcome {
         self.status.classify(result)
     }

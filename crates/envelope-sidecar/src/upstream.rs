@@ -15,17 +15,23 @@ use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::{HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
-use http_body_util::Limited;
+use http::Request;
+use http_body_util::{Either, Limited};
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::client;
 use crate::config::{BreakerMode, Endpoint, Upstream};
 use crate::h1::InBody;
 
 /// The body the client sends upstream: a replayable buffer, or the client's body streamed once.
 pub(crate) type UpstreamBody = AttemptBody<Limited<InBody>>;
+
+/// An upstream's response body: from the sidecar's own HTTP/1.1 client, or from hyper-util's.
+pub(crate) type ResponseBody = Either<Incoming, client::Body>;
 
 /// Consecutive connection failures after which an endpoint is taken out of rotation.
 pub(crate) const EJECT_AFTER_FAILURES: u32 = 3;
@@ -46,7 +52,10 @@ pub(crate) struct UpstreamRt {
     next: AtomicUsize,
     epoch: Instant,
     pub(crate) health: Vec<EndpointHealth>,
-    pub(crate) client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// Plain-http endpoints, for requests whose body is buffered: the sidecar's own pooled HTTP/1.1 client.
+    pool: Arc<client::Pool>,
+    /// Everything else (https, streamed bodies): hyper-util's pooled client.
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
     pub(crate) rate_limit: Option<RateLimiter>,
@@ -140,6 +149,12 @@ impl UpstreamRt {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             health: spec.endpoints.iter().map(|_| EndpointHealth::default()).collect(),
+            pool: client::Pool::new(
+                spec.endpoints.iter().map(|e| e.authority.clone()).collect(),
+                spec.connect_timeout,
+                Some(spec.idle_timeout),
+                spec.max_idle_per_endpoint,
+            ),
             client,
             breaker,
             bulkhead,
@@ -147,6 +162,27 @@ impl UpstreamRt {
             faults: FaultInjector::with_listeners(spec.name.clone(), listeners.clone()),
             fault_status: AtomicU16::new(503),
         })
+    }
+
+    /// Sends one attempt to endpoint `i`: plain http with a buffered body through the sidecar's own client, the
+    /// rest through hyper-util's.
+    pub(crate) async fn send(
+        &self,
+        i: usize,
+        req: Request<UpstreamBody>,
+    ) -> Result<http::Response<ResponseBody>, UpstreamError> {
+        if self.spec.endpoints[i].scheme == http::uri::Scheme::HTTP
+            && let AttemptBody::Full { data, trailers: None } = req.body()
+        {
+            let data = data.clone().unwrap_or_default();
+            let (parts, _) = req.into_parts();
+            return match self.pool.send(i, &parts, &data).await {
+                Ok(r) => Ok(r.map(Either::Right)),
+                Err(client::SendError::Connect(e)) => Err(UpstreamError::Connect(e.into())),
+                Err(client::SendError::Exchange(e)) => Err(UpstreamError::Exchange(e.into())),
+            };
+        }
+        self.client.request(req).await.map(|r| r.map(Either::Left)).map_err(UpstreamError::from_client)
     }
 
     /// Injects `fault` into every attempt from now until its duration has passed.
@@ -227,16 +263,16 @@ impl fmt::Debug for UpstreamRt {
 #[derive(Debug)]
 pub(crate) enum UpstreamError {
     /// The connection could not be made: not a byte of the request was sent.
-    Connect(hyper_util::client::legacy::Error),
+    Connect(client::BoxError),
     /// The exchange failed after the request (or part of it) was sent.
-    Exchange(hyper_util::client::legacy::Error),
+    Exchange(client::BoxError),
     /// The request body was streamed by an earlier attempt and cannot be sent again.
     BodyGone,
 }
 
 impl UpstreamError {
     pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
-        if e.is_connect() { UpstreamError::Connect(e) } else { UpstreamError::Exchange(e) }
+        if e.is_connect() { UpstreamError::Connect(e.into()) } else { UpstreamError::Exchange(e.into()) }
     }
 
     /// Whether the request provably never left.

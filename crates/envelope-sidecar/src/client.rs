@@ -1,0 +1,683 @@
+//! HTTP/1.1 to plain-http endpoints, the common case, on pooled keep-alive connections driven by the request's
+//! own task.
+//!
+//! hyper-util's pooled client runs each connection in a task of its own and talks to it through channels: a
+//! request is handed over, written by the connection task, and its response handed back, which costs task
+//! wake-ups, allocations and locks per request, and is most of the sidecar's own CPU per request after the
+//! listener (BENCHMARKS.md). Here an attempt takes an idle connection (or connects), writes the request, and reads
+//! the response head itself; the response body reads from the same connection and puts it back in the pool when
+//! it ends cleanly. A body dropped early (the client went away, the deadline) closes the connection, so the
+//! upstream sees the cancel.
+//!
+//! Served here: requests with a buffered body (or none) and no trailers, to `http` endpoints. Streamed bodies
+//! (larger than the replay buffer) and `https` endpoints go through hyper-util's client.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Write as _};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Errors of this client (boxed into [`crate::upstream::UpstreamError`]).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted (as hyper's default).
+const MAX_HEADERS: usize = 100;
+/// The read buffer's initial size.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Idle keep-alive connections per endpoint.
+pub(crate) struct Pool {
+    endpoints: Vec<Mutex<VecDeque<Idle>>>,
+    authorities: Vec<Authority>,
+    connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_idle: usize,
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("endpoints", &self.authorities).finish_non_exhaustive()
+    }
+}
+
+/// A failure to connect: nothing was sent.
+#[derive(Debug)]
+pub(crate) struct ConnectError(io::Error);
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// What went wrong in an exchange.
+#[derive(Debug)]
+pub(crate) enum ExchangeError {
+    Io(io::Error),
+    /// The upstream closed the connection before a whole response head.
+    Closed,
+    /// The response head is malformed or too large.
+    BadResponse(&'static str),
+}
+
+impl fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExchangeError::Io(e) => e.fmt(f),
+            ExchangeError::Closed => f.write_str("the upstream closed the connection before answering"),
+            ExchangeError::BadResponse(why) => write!(f, "invalid response from the upstream: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ExchangeError {}
+
+/// Why an attempt failed: before anything was sent (connect) or after.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    Connect(ConnectError),
+    Exchange(ExchangeError),
+}
+
+impl Pool {
+    pub(crate) fn new(
+        authorities: Vec<Authority>,
+        connect_timeout: Duration,
+        idle_timeout: Option<Duration>,
+        max_idle: usize,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            endpoints: authorities.iter().map(|_| Mutex::new(VecDeque::new())).collect(),
+            authorities,
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+        })
+    }
+
+    /// An idle connection to endpoint `i` that is still open, or a new one.
+    async fn checkout(&self, i: usize) -> Result<TcpStream, ConnectError> {
+        loop {
+            let idle = self.endpoints[i].lock().unwrap_or_else(PoisonError::into_inner).pop_back();
+            let Some(idle) = idle else { break };
+            if self.idle_timeout.is_some_and(|t| idle.since.elapsed() >= t) {
+                continue;
+            }
+            // A connection the upstream closed (or wrote to unasked) is readable: not reusable.
+            let mut probe = [0u8; 1];
+            match idle.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(idle.stream),
+                _ => continue,
+            }
+        }
+        let connect = async {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "the endpoint's name resolves to no address");
+            for addr in tokio::net::lookup_host(self.authorities[i].as_str()).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError(e)),
+            Err(_) => return Err(ConnectError(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn checkin(&self, i: usize, stream: TcpStream) {
+        let mut idle = self.endpoints[i].lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push_back(Idle { stream, since: Instant::now() });
+        }
+    }
+
+    /// Sends `parts` with `body` (the whole request body) to endpoint `i` and reads the response head.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        i: usize,
+        parts: &http::request::Parts,
+        body: &Bytes,
+    ) -> Result<Response<Body>, SendError> {
+        let mut out = Vec::with_capacity(256 + body.len());
+        write_head(&mut out, parts, body.len());
+        out.extend_from_slice(body);
+        let stream = self.checkout(i).await.map_err(SendError::Connect)?;
+        let exchange = async {
+            write_all(&stream, &out).await?;
+            read_head(stream, parts.method == Method::HEAD).await
+        };
+        let (response, (stream, buf, framing)) = exchange.await.map_err(SendError::Exchange)?;
+        let mut body = Body { conn: Some(Conn { stream, buf }), framing, pool: self.clone(), endpoint: i };
+        if body.is_end_stream() {
+            // No body (HEAD, 204, 304, length 0): the connection is free now.
+            body.finish();
+        }
+        Ok(response.map(|()| body))
+    }
+}
+
+/// The request head: the method, target and headers as given (`Host` included), framed by the body's length.
+fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            continue;
+        }
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if body_len > 0 || parts.headers.contains_key(header::CONTENT_LENGTH) {
+        let _ = write!(out, "content-length: {body_len}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> Result<(), ExchangeError> {
+    while !data.is_empty() {
+        stream.writable().await.map_err(ExchangeError::Io)?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ExchangeError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` holds more bytes; `false` at the end of the stream.
+async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<bool, ExchangeError> {
+    loop {
+        stream.readable().await.map_err(ExchangeError::Io)?;
+        buf.reserve(READ_BUFFER);
+        match stream.try_read_buf(buf) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ExchangeError::Io(e)),
+        }
+    }
+}
+
+/// What [`read_head`] hands to the body: the connection, the bytes after the head, and the framing.
+type Rest = (TcpStream, BytesMut, Framing);
+
+/// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
+async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    loop {
+        if !fill(&stream, &mut buf).await? {
+            return Err(ExchangeError::Closed);
+        }
+        loop {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut r = httparse::Response::new(&mut slots);
+            let len = match r.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
+                Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
+                Err(_) => return Err(ExchangeError::BadResponse("malformed head")),
+            };
+            let Some(status) = r.code.and_then(|c| StatusCode::from_u16(c).ok()) else {
+                return Err(ExchangeError::BadResponse("status"));
+            };
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(ExchangeError::BadResponse("unexpected protocol switch"));
+                }
+                let _ = buf.split_to(len);
+                if buf.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            let base = buf.as_ptr() as usize;
+            let mut names = Vec::with_capacity(r.headers.len());
+            let mut framing = Framing::Close;
+            let mut close = r.version == Some(0);
+            for h in r.headers.iter() {
+                let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+                    return Err(ExchangeError::BadResponse("header name"));
+                };
+                if name == header::TRANSFER_ENCODING {
+                    let chunked = h
+                        .value
+                        .rsplit(|&b| b == b',')
+                        .next()
+                        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    framing = if chunked { Framing::Chunked(Chunk::Size) } else { Framing::Close };
+                } else if name == header::CONTENT_LENGTH && !matches!(framing, Framing::Chunked(_)) {
+                    let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                    match (n, &framing) {
+                        (Some(n), Framing::Close) => framing = Framing::Length(n),
+                        (Some(n), Framing::Length(m)) if n == *m => {}
+                        _ => return Err(ExchangeError::BadResponse("content-length")),
+                    }
+                } else if name == header::CONNECTION {
+                    close |= h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                }
+                let at = h.value.as_ptr() as usize - base;
+                names.push((name, at..at + h.value.len()));
+            }
+            if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+                framing = Framing::Length(0);
+            }
+            if matches!(framing, Framing::Close) {
+                close = true;
+            }
+            let head = buf.split_to(len).freeze();
+            let mut headers = HeaderMap::with_capacity(names.len());
+            for (name, at) in names {
+                let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else {
+                    return Err(ExchangeError::BadResponse("header value"));
+                };
+                headers.append(name, value);
+            }
+            let mut response = Response::new(());
+            *response.status_mut() = status;
+            *response.version_mut() = Version::HTTP_11;
+            *response.headers_mut() = headers;
+            let framing = if close { Framing::until_close(framing) } else { framing };
+            return Ok((response, (stream, buf, framing)));
+        }
+    }
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// This many bytes remain; the connection is reusable after them.
+    Length(u64),
+    /// Chunked; reusable after the last chunk.
+    Chunked(Chunk),
+    /// Until the upstream closes (or a length/chunked body on a connection that closes after it).
+    Close,
+    /// A length or chunked body on a connection the upstream will close: not reusable.
+    LengthThenClose(u64),
+    ChunkedThenClose(Chunk),
+    Done,
+}
+
+impl Framing {
+    fn until_close(self) -> Framing {
+        match self {
+            Framing::Length(n) => Framing::LengthThenClose(n),
+            Framing::Chunked(c) => Framing::ChunkedThenClose(c),
+            other => other,
+        }
+    }
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// A response body read from its pooled connection.
+pub(crate) struct Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    pool: Arc<Pool>,
+    endpoint: usize,
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body").field("framing", &self.framing).finish_non_exhaustive()
+    }
+}
+
+/// What the decoder can do with the buffered bytes.
+enum Step {
+    Data(Bytes),
+    More,
+    End,
+}
+
+impl Body {
+    /// Decodes what the buffer holds.
+    fn step(&mut self) -> Result<Step, ExchangeError> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(Step::End) };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.framing {
+                Framing::Done => return Ok(Step::End),
+                Framing::Length(0) | Framing::LengthThenClose(0) => return Ok(Step::End),
+                Framing::Length(n) | Framing::LengthThenClose(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = buf.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+                    *n -= take as u64;
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Framing::Chunked(c) | Framing::ChunkedThenClose(c) => match *c {
+                    Chunk::Size => {
+                        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                            if buf.len() > 4096 {
+                                return Err(ExchangeError::BadResponse("chunk size line too long"));
+                            }
+                            return Ok(Step::More);
+                        };
+                        let line = &buf[..end];
+                        let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                        let size = std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|d| u64::from_str_radix(d, 16).ok())
+                            .ok_or(ExchangeError::BadResponse("chunk size"))?;
+                        let _ = buf.split_to(end + 2);
+                        *c = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                    }
+                    Chunk::Data(n) => {
+                        if buf.is_empty() {
+                            return Ok(Step::More);
+                        }
+                        let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                        let left = n - take as u64;
+                        *c = if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) };
+                        return Ok(Step::Data(buf.split_to(take).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Step::More);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(ExchangeError::BadResponse("chunk end"));
+                        }
+                        let _ = buf.split_to(2);
+                        *c = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                            if buf.len() > MAX_HEAD {
+                                return Err(ExchangeError::BadResponse("trailers too large"));
+                            }
+                            return Ok(Step::More);
+                        };
+                        let _ = buf.split_to(end + 2);
+                        if end == 0 {
+                            return Ok(Step::End);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// The body ended: a connection that can carry another request goes back to the pool.
+    fn finish(&mut self) {
+        let reusable = matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take()
+            && reusable
+            && conn.buf.is_empty()
+        {
+            self.pool.checkin(self.endpoint, conn.stream);
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = &mut *self;
+        loop {
+            match this.step() {
+                Ok(Step::Data(data)) => {
+                    if this.step_ends() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            if let Err(e) = ready!(conn.stream.poll_read_ready(cx)) {
+                this.conn = None;
+                this.framing = Framing::Done;
+                return Poll::Ready(Some(Err(ExchangeError::Io(e))));
+            }
+            conn.buf.reserve(READ_BUFFER);
+            match conn.stream.try_read_buf(&mut conn.buf) {
+                Ok(0) => {
+                    let whole = matches!(this.framing, Framing::Close);
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    if whole {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(ExchangeError::Closed)));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(ExchangeError::Io(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0) | Framing::LengthThenClose(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Body {
+    /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
+    fn step_ends(&self) -> bool {
+        matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Reads a whole body (tests).
+    async fn collect(mut body: Body) -> Result<Vec<u8>, ExchangeError> {
+        let mut out = Vec::new();
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if let Ok(data) = frame?.into_data() {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An upstream that answers each connection's requests with the given raw responses, in order.
+    async fn upstream(responses: Vec<&'static str>) -> (std::net::SocketAddr, tokio::task::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut accepted = 0;
+            let mut responses = responses.into_iter();
+            while let Some(first) = responses.next() {
+                let (mut s, _) = listener.accept().await.unwrap();
+                accepted += 1;
+                let mut pending = Some(first);
+                while let Some(r) = pending.take() {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(r.as_bytes()).await.unwrap();
+                    if r.contains("connection: close") {
+                        break;
+                    }
+                    pending = responses.next();
+                }
+            }
+            accepted
+        });
+        (addr, task)
+    }
+
+    fn request() -> http::request::Parts {
+        Request::get("/x").header("host", "up").body(()).unwrap().into_parts().0
+    }
+
+    async fn exchange(pool: &Arc<Pool>) -> (StatusCode, Vec<u8>) {
+        let r = match pool.send(0, &request(), &Bytes::new()).await {
+            Ok(r) => r,
+            Err(e) => panic!("send failed: {e:?}"),
+        };
+        let status = r.status();
+        (status, collect(r.into_body()).await.unwrap())
+    }
+
+    fn pool(addr: std::net::SocketAddr) -> Arc<Pool> {
+        Pool::new(vec![addr.to_string().parse().unwrap()], Duration::from_secs(1), None, 8)
+    }
+
+    #[tokio::test]
+    async fn length_and_chunked_bodies_reuse_one_connection() {
+        let (addr, task) = upstream(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            "HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\ntrailer: x\r\n\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+        ])
+        .await;
+        let pool = pool(addr);
+        assert_eq!(exchange(&pool).await, (StatusCode::OK, b"hello".to_vec()));
+        assert_eq!(exchange(&pool).await, (StatusCode::CREATED, b"abcde".to_vec()));
+        assert_eq!(exchange(&pool).await, (StatusCode::NO_CONTENT, Vec::new()));
+        assert_eq!(exchange(&pool).await, (StatusCode::OK, b"ok".to_vec()));
+        assert_eq!(task.await.unwrap(), 1, "every exchange on one kept-alive connection");
+        assert!(pool.endpoints[0].lock().unwrap().is_empty(), "a connection the upstream closes is not pooled");
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_whole_and_its_connection_dropped() {
+        let (addr, task) = upstream(vec!["HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it"]).await;
+        let pool = pool(addr);
+        assert_eq!(exchange(&pool).await, (StatusCode::OK, b"all of it".to_vec()));
+        assert_eq!(task.await.unwrap(), 1);
+        assert!(pool.endpoints[0].lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_idle_connection_is_not_reused() {
+        // Two connections, one answer each: the first closes after answering (without saying so).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let _ = s.read(&mut [0u8; 4096]).await.unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                drop(s);
+            }
+        });
+        let pool = pool(addr);
+        assert_eq!(exchange(&pool).await.0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(exchange(&pool).await.0, StatusCode::OK, "the closed connection was skipped");
+    }
+
+    #[tokio::test]
+    async fn a_short_body_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.read(&mut [0u8; 4096]).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await.unwrap();
+        });
+        let pool = pool(addr);
+        let r = pool.send(0, &request(), &Bytes::new()).await.unwrap();
+        assert!(matches!(collect(r.into_body()).await, Err(ExchangeError::Closed)));
+        assert!(pool.endpoints[0].lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let pool = pool(addr);
+        assert!(matches!(pool.send(0, &request(), &Bytes::new()).await, Err(SendError::Connect(_))));
+    }
+
+    #[test]
+    fn the_head_carries_the_body_length_and_no_hop_by_hop_framing() {
+        let mut parts = request();
+        parts.method = Method::POST;
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut out = Vec::new();
+        write_head(&mut out, &parts, 3);
+        assert_eq!(String::from_utf8(out).unwrap(), "POST /x HTTP/1.1\r\nhost: up\r\ncontent-length: 3\r\n\r\n");
+    }
+}
