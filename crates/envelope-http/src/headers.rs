@@ -22,6 +22,10 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -39,10 +43,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends `client` to `X-Forwarded-For` (creating it if absent; several incoming values are joined).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    append_forwarded_value(headers, &forwarded_value(client));
+}
+
+/// `client` as an `X-Forwarded-For` value: made once per connection, appended to each of its requests with
+/// [`append_forwarded_value`].
+pub fn forwarded_value(client: IpAddr) -> HeaderValue {
+    // The formatted string becomes the value's buffer (no second copy).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(client.to_string())).expect("an IP address is a valid value")
+}
+
+/// Appends `client` (from [`forwarded_value`]) to `X-Forwarded-For`.
+pub fn append_forwarded_value(headers: &mut HeaderMap, client: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
+    }
     let existing: Vec<&str> =
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).collect();
-    let value = if existing.is_empty() { client.to_string() } else { format!("{}, {client}", existing.join(", ")) };
-    // The formatted string becomes the value's buffer (no second copy).
+    let client = client.to_str().unwrap_or_default();
+    let value = format!("{}, {client}", existing.join(", "));
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }

@@ -156,16 +156,17 @@ impl Pool {
         }
     }
 
-    /// Sends `parts` with `body` (the whole request body) to endpoint `i` and reads the response head.
+    /// Sends `head` with `body` (the whole request body) to endpoint `i` and reads the response head.
     pub(crate) async fn send(
         self: &Arc<Self>,
         i: usize,
-        parts: &http::request::Parts,
-        body: &Bytes,
+        head: &Head<'_>,
+        body: &[u8],
     ) -> Result<Response<Body>, SendError> {
-        let mut out = Vec::with_capacity(256 + body.len());
-        write_head(&mut out, parts, body.len());
+        let mut out = Vec::with_capacity(512 + body.len());
+        write_head(&mut out, head, body.len());
         out.extend_from_slice(body);
+        let parts = head.parts;
         let stream = self.checkout(i).await.map_err(SendError::Connect)?;
         let exchange = async {
             write_all(&stream, &out).await?;
@@ -181,17 +182,36 @@ impl Pool {
     }
 }
 
-/// The request head: the method, target and headers as given (`Host` included), framed by the body's length.
-fn write_head(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: usize) {
+/// A request head to send: the client's request (its headers cleaned of hop-by-hop ones), the target upstream,
+/// and what the attempt sets: `Host`, and with spans on, its own `traceparent`.
+pub(crate) struct Head<'a> {
+    pub(crate) parts: &'a http::request::Parts,
+    pub(crate) target: &'a str,
+    pub(crate) host: &'a HeaderValue,
+    pub(crate) traceparent: Option<&'a HeaderValue>,
+}
+
+/// Writes the request head, framed by the body's length.
+fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
+    let parts = head.parts;
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    header_line(out, b"host", head.host.as_bytes());
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || name == header::HOST
+            || (head.traceparent.is_some() && name == envelope_http::trace::TRACEPARENT)
+        {
             continue;
         }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(traceparent) = head.traceparent {
+        header_line(out, b"traceparent", traceparent.as_bytes());
     }
     if body_len > 0 || parts.headers.contains_key(header::CONTENT_LENGTH) {
         let _ = write!(out, "content-length: {body_len}\r\n");
@@ -298,7 +318,8 @@ async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Re
                 close = true;
             }
             let head = buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(names.len());
+            // Room for the request id the proxy adds.
+            let mut headers = HeaderMap::with_capacity(names.len() + 2);
             for (name, at) in names {
                 let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else {
                     return Err(ExchangeError::BadResponse("header value"));
@@ -589,8 +610,14 @@ mod tests {
         Request::get("/x").header("host", "up").body(()).unwrap().into_parts().0
     }
 
+    fn head(parts: &http::request::Parts) -> Head<'_> {
+        static HOST: HeaderValue = HeaderValue::from_static("up");
+        Head { parts, target: "/x", host: &HOST, traceparent: None }
+    }
+
     async fn exchange(pool: &Arc<Pool>) -> (StatusCode, Vec<u8>) {
-        let r = match pool.send(0, &request(), &Bytes::new()).await {
+        let parts = request();
+        let r = match pool.send(0, &head(&parts), b"").await {
             Ok(r) => r,
             Err(e) => panic!("send failed: {e:?}"),
         };
@@ -658,7 +685,8 @@ mod tests {
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await.unwrap();
         });
         let pool = pool(addr);
-        let r = pool.send(0, &request(), &Bytes::new()).await.unwrap();
+        let parts = request();
+        let r = pool.send(0, &head(&parts), b"").await.unwrap();
         assert!(matches!(collect(r.into_body()).await, Err(ExchangeError::Closed)));
         assert!(pool.endpoints[0].lock().unwrap().is_empty());
     }
@@ -667,7 +695,8 @@ mod tests {
     async fn a_refused_connection_is_a_connect_error() {
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let pool = pool(addr);
-        assert!(matches!(pool.send(0, &request(), &Bytes::new()).await, Err(SendError::Connect(_))));
+        let parts = request();
+        assert!(matches!(pool.send(0, &head(&parts), b"").await, Err(SendError::Connect(_))));
     }
 
     #[test]
@@ -676,8 +705,13 @@ mod tests {
         parts.method = Method::POST;
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        parts.headers.insert("traceparent", HeaderValue::from_static("client's"));
         let mut out = Vec::new();
-        write_head(&mut out, &parts, 3);
-        assert_eq!(String::from_utf8(out).unwrap(), "POST /x HTTP/1.1\r\nhost: up\r\ncontent-length: 3\r\n\r\n");
+        let ours = HeaderValue::from_static("attempt's");
+        write_head(&mut out, &Head { traceparent: Some(&ours), ..head(&parts) }, 3);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /x HTTP/1.1\r\nhost: up\r\ntraceparent: attempt's\r\ncontent-length: 3\r\n\r\n"
+        );
     }
 }

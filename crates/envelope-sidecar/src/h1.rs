@@ -79,12 +79,14 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut out = Vec::with_capacity(1024);
+    // One wait for the stop signal for the connection's life (not one per request).
+    let mut stopped = pin!(stop.changed());
     loop {
         if buf.is_empty() {
             // Idle between requests: wait for the next one, or for the listener to stop.
             tokio::select! {
                 biased;
-                _ = stop.changed() => return Next::Closed,
+                _ = &mut stopped => return Next::Closed,
                 ready = stream.readable() => if ready.is_err() { return Next::Closed },
             }
             buf.reserve(READ_BUFFER);
@@ -126,7 +128,8 @@ where
                 }
             }
         };
-        let close = close || stop.has_changed().unwrap_or(true);
+        // The listener stopping while the request was in flight: this answer is the connection's last.
+        let close = close || poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx).is_ready())).await;
         match write_response(stream, &mut out, response, is_head, close).await {
             Ok(true) if !close => {}
             _ => {
@@ -206,7 +209,8 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
-    let mut headers = HeaderMap::with_capacity(names.len());
+    // Room for what the proxy adds (request id, traceparent, X-Forwarded-For) without growing.
+    let mut headers = HeaderMap::with_capacity(names.len() + 4);
     for (name, at) in names {
         let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else { return Err(Refused::BadRequest) };
         headers.append(name, value);

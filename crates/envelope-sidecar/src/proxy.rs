@@ -27,14 +27,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use envelope_core::{Classify, Error, Outcome};
-use envelope_http::body::{Prepared, prepare};
+use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
-use envelope_http::headers::{append_forwarded_for, strip_hop_by_hop};
+use envelope_http::headers::{append_forwarded_value, strip_hop_by_hop};
 use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::problem;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::{TRACEPARENT, TraceContext};
-use http::{Request, Response, StatusCode, Uri, header};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
@@ -42,7 +42,7 @@ use crate::access_log::{self, Entry};
 use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
-use crate::upstream::{ResponseBody, UpstreamBody, UpstreamError, UpstreamRt};
+use crate::upstream::{ResponseBody, UpstreamError, UpstreamRt};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
 pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
@@ -95,11 +95,22 @@ where
 /// The result of one attempt.
 type Attempt = Result<Response<ResponseBody>, UpstreamError>;
 
+/// The client of a connection: the `X-Forwarded-For` value for its address (made once per connection).
+pub(crate) struct Client {
+    pub(crate) forwarded: http::HeaderValue,
+}
+
+impl Client {
+    pub(crate) fn new(addr: SocketAddr) -> Client {
+        Client { forwarded: envelope_http::headers::forwarded_value(addr.ip()) }
+    }
+}
+
 /// Handles one request on listener `listener` from `client`.
 pub(crate) async fn handle(
     rt: Arc<Runtime>,
     listener: usize,
-    client: SocketAddr,
+    client: &Client,
     mut req: Request<InBody>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -159,7 +170,7 @@ pub(crate) async fn handle(
         // 4. Header hygiene.
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded_for(&mut parts.headers, client.ip());
+        append_forwarded_value(&mut parts.headers, &client.forwarded);
 
         // 5. Body: replayable within the cap, else streamed once.
         let replay = replay_safety(&parts.method, &parts.headers);
@@ -173,7 +184,8 @@ pub(crate) async fn handle(
             Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", &id),
         };
 
-        // 6 + 7. The envelope around the call.
+        // 6 + 7. The envelope around the call, to the route's target on the upstream.
+        let target = upstream_target(&route, &parts);
         let classifier = RouteClassifier {
             status: &route.classifier,
             replay_safe: replay == Replay::Safe && prepared.is_replayable(),
@@ -186,12 +198,14 @@ pub(crate) async fn handle(
                 count.fetch_add(1, Ordering::Relaxed);
                 route.metrics.attempt();
                 let span = attempt_spans.as_ref().map(|log| (log, trace.child()));
-                let attempt = upstream_request(&route, &parts, &mut prepared, span.as_ref().map(|(_, t)| t));
-                let (upstream, classifier) = (&route.upstream, &route.classifier);
+                let body = prepared.attempt();
+                let (endpoint, _) = route.upstream.pick();
+                let (upstream, classifier, parts, target) = (&route.upstream, &route.classifier, &parts, &target);
                 async move {
-                    let (endpoint, req) = attempt.ok_or(UpstreamError::BodyGone)?;
+                    let body = body.ok_or(UpstreamError::BodyGone)?;
                     let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
-                    let result = upstream.send(endpoint, req).await;
+                    let traceparent = span.as_ref().map(|s| s.span.span.header_value());
+                    let result = upstream.send(endpoint, parts, target, body, traceparent).await;
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
                         span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));
@@ -370,41 +384,15 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
     (r.map(Either::Right), Outcome::BadRequest)
 }
 
-/// Builds the request for one attempt (and the endpoint it goes to), or `None` if the body cannot be sent again.
-fn upstream_request(
-    route: &RouteRt,
-    parts: &http::request::Parts,
-    body: &mut Prepared<Limited<InBody>>,
-    span: Option<&TraceContext>,
-) -> Option<(usize, Request<UpstreamBody>)> {
-    let body = body.attempt()?;
-    let (index, endpoint) = route.upstream.pick();
+/// The request target upstream: the client's path and query, without the route's prefix if it strips it.
+fn upstream_target<'a>(route: &RouteRt, parts: &'a http::request::Parts) -> std::borrow::Cow<'a, str> {
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let rewritten;
-    let path_and_query = if route.spec.strip_prefix {
-        let rest =
-            path_and_query.strip_prefix(route.spec.matcher.path_prefix.trim_end_matches('/')).unwrap_or(path_and_query);
-        rewritten = if rest.starts_with('/') { rest.to_owned() } else { format!("/{rest}") };
-        rewritten.as_str()
-    } else {
-        path_and_query
-    };
-    let uri = Uri::builder()
-        .scheme(endpoint.scheme.clone())
-        .authority(endpoint.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .ok()?;
-    let mut req = Request::builder().method(parts.method.clone()).uri(uri).version(http::Version::HTTP_11);
-    if let Some(headers) = req.headers_mut() {
-        *headers = parts.headers.clone();
-        headers.insert(header::HOST, endpoint.host.clone());
-        // With spans exported, the upstream's span hangs under this attempt's.
-        if let Some(span) = span {
-            headers.insert(TRACEPARENT.clone(), span.header_value());
-        }
+    if !route.spec.strip_prefix {
+        return path_and_query.into();
     }
-    req.body(body).ok().map(|r| (index, r))
+    let rest =
+        path_and_query.strip_prefix(route.spec.matcher.path_prefix.trim_end_matches('/')).unwrap_or(path_and_query);
+    if rest.starts_with('/') { rest.into() } else { format!("/{rest}").into() }
 }
 
 /// Turns a failed call into the answer for the client. Errors become responses here and nowhere else.

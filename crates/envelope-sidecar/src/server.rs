@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http_body_util::Either;
@@ -237,8 +237,14 @@ impl Sidecar {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What the config file holds now, as a hash of its bytes: a rewrite is seen even when it keeps the
+/// modification time (file times are as coarse as the kernel's clock tick) or the length.
+fn modified(path: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
 }
 
 enum Signal {
@@ -347,15 +353,16 @@ async fn serve_connection(
     limits: h1::Limits,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let handle = |req| proxy::handle(runtime.load_full(), index, remote, req);
+    let client = Arc::new(proxy::Client::new(remote));
+    let handle = |req| proxy::handle(runtime.load_full(), index, &client, req);
     let prefix = match h1::serve(&mut stream, limits, stop, handle).await {
         h1::Next::Closed => return,
         h1::Next::HandOver(prefix) => prefix,
     };
     let timeout = runtime.load().config.listeners[index].header_read_timeout;
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let response = proxy::handle(runtime.load_full(), index, remote, req.map(Either::Left));
-        async move { Ok::<_, std::convert::Infallible>(response.await) }
+        let (runtime, client) = (runtime.load_full(), client.clone());
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(runtime, index, &client, req.map(Either::Left)).await) }
     });
     let stream = SlowClientGuard::new(h1::Rewind::new(prefix, stream), timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);

@@ -15,7 +15,7 @@ use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::{HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
-use http::Request;
+use http::{HeaderValue, Request};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -164,23 +164,42 @@ impl UpstreamRt {
         })
     }
 
-    /// Sends one attempt to endpoint `i`: plain http with a buffered body through the sidecar's own client, the
+    /// Sends one attempt to endpoint `i`: the client's request `parts` (headers already cleaned) to `target`,
+    /// with `Host` set to the endpoint and, with spans on, the attempt's own `traceparent`. Plain http with a
+    /// buffered body goes through the sidecar's own client (which writes the head straight from `parts`); the
     /// rest through hyper-util's.
     pub(crate) async fn send(
         &self,
         i: usize,
-        req: Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        target: &str,
+        body: UpstreamBody,
+        traceparent: Option<HeaderValue>,
     ) -> Result<http::Response<ResponseBody>, UpstreamError> {
-        if self.spec.endpoints[i].scheme == http::uri::Scheme::HTTP
-            && let AttemptBody::Full { data, trailers: None } = req.body()
+        let endpoint = &self.spec.endpoints[i];
+        if endpoint.scheme == http::uri::Scheme::HTTP
+            && let AttemptBody::Full { data, trailers: None } = &body
         {
-            let data = data.clone().unwrap_or_default();
-            let (parts, _) = req.into_parts();
-            return match self.pool.send(i, &parts, &data).await {
+            let head = client::Head { parts, target, host: &endpoint.host, traceparent: traceparent.as_ref() };
+            return match self.pool.send(i, &head, data.as_deref().unwrap_or_default()).await {
                 Ok(r) => Ok(r.map(Either::Right)),
                 Err(client::SendError::Connect(e)) => Err(UpstreamError::Connect(e.into())),
                 Err(client::SendError::Exchange(e)) => Err(UpstreamError::Exchange(e.into())),
             };
+        }
+        let uri = http::Uri::builder()
+            .scheme(endpoint.scheme.clone())
+            .authority(endpoint.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|e| UpstreamError::Exchange(e.into()))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers.clone();
+        req.headers_mut().insert(http::header::HOST, endpoint.host.clone());
+        if let Some(traceparent) = traceparent {
+            req.headers_mut().insert(envelope_http::trace::TRACEPARENT.clone(), traceparent);
         }
         self.client.request(req).await.map(|r| r.map(Either::Left)).map_err(UpstreamError::from_client)
     }
