@@ -4,8 +4,6 @@
 //! own span id as the parent id, so the upstream's spans hang under this hop. An invalid header (wrong length,
 //! not lowercase hex, all-zero ids, version `ff`) is treated as absent: a new trace starts.
 
-use std::fmt::Write;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The `traceparent` header.
@@ -42,14 +40,32 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits (for logs and exemplars).
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        let mut hex = [0u8; 32];
+        lower_hex(&mut hex, self.trace_id);
+        hex.iter().map(|&b| char::from(b)).collect()
     }
 
     /// The `traceparent` value that makes this hop's span the parent of the next one.
     pub fn header_value(&self) -> HeaderValue {
-        let mut s = String::with_capacity(55);
-        let _ = write!(s, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags);
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).expect("hex digits and dashes are a valid header value")
+        // Written by hand: one per request, and `format!` of a u128 in hex costs more than the rest of it.
+        let mut v = [0u8; 55];
+        v[..3].copy_from_slice(b"00-");
+        lower_hex(&mut v[3..35], self.trace_id);
+        v[35] = b'-';
+        lower_hex(&mut v[36..52], u128::from(self.span_id));
+        v[52] = b'-';
+        lower_hex(&mut v[53..55], u128::from(self.flags));
+        HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&v))
+            .expect("hex digits and dashes are a valid header value")
+    }
+}
+
+/// Fills `out` with the low `2 * out.len()` hex digits of `value`, zero-padded, lower case.
+fn lower_hex(out: &mut [u8], mut value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +29,8 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::wire::{READ_BUFFER, forget_readiness, header_line, read_some, write_all};
+
 /// Errors of this client (boxed into [`crate::upstream::UpstreamError`]).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,8 +38,6 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most response headers accepted (as hyper's default).
 const MAX_HEADERS: usize = 100;
-/// The read buffer's initial size.
-const READ_BUFFER: usize = 8 * 1024;
 
 /// Idle keep-alive connections per endpoint.
 pub(crate) struct Pool {
@@ -123,7 +124,12 @@ impl Pool {
             if self.idle_timeout.is_some_and(|t| idle.since.elapsed() >= t) {
                 continue;
             }
-            // A connection the upstream closed (or wrote to unasked) is readable: not reusable.
+            // A connection the upstream closed (or wrote to unasked) is readable: not reusable. Pooled connections
+            // were left with no readiness (see `wire`), so an open one answers without a system call.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if idle.stream.poll_read_ready(&mut cx).is_pending() {
+                return Ok(idle.stream);
+            }
             let mut probe = [0u8; 1];
             match idle.stream.try_read(&mut probe) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(idle.stream),
@@ -169,11 +175,11 @@ impl Pool {
         let parts = head.parts;
         let stream = self.checkout(i).await.map_err(SendError::Connect)?;
         let exchange = async {
-            write_all(&stream, &out).await?;
+            write_all(&stream, &out).await.map_err(ExchangeError::Io)?;
             read_head(stream, parts.method == Method::HEAD).await
         };
-        let (response, (stream, buf, framing)) = exchange.await.map_err(SendError::Exchange)?;
-        let mut body = Body { conn: Some(Conn { stream, buf }), framing, pool: self.clone(), endpoint: i };
+        let (response, (conn, framing)) = exchange.await.map_err(SendError::Exchange)?;
+        let mut body = Body { conn: Some(conn), framing, pool: self.clone(), endpoint: i };
         if body.is_end_stream() {
             // No body (HEAD, 204, 304, length 0): the connection is free now.
             body.finish();
@@ -219,48 +225,27 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> Result<(), ExchangeError> {
-    while !data.is_empty() {
-        stream.writable().await.map_err(ExchangeError::Io)?;
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ExchangeError::Io(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Reads until `buf` holds more bytes; `false` at the end of the stream.
-async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<bool, ExchangeError> {
+/// Reads until `buf` holds more bytes: `None` at the end of the stream, else whether the read drained the socket.
+async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<Option<bool>, ExchangeError> {
     loop {
-        stream.readable().await.map_err(ExchangeError::Io)?;
-        buf.reserve(READ_BUFFER);
-        match stream.try_read_buf(buf) {
-            Ok(n) => return Ok(n > 0),
+        poll_fn(|cx| stream.poll_read_ready(cx)).await.map_err(ExchangeError::Io)?;
+        match read_some(stream, buf) {
+            Ok((0, _)) => return Ok(None),
+            Ok((_, drained)) => return Ok(Some(drained)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(ExchangeError::Io(e)),
         }
     }
 }
 
-/// What [`read_head`] hands to the body: the connection, the bytes after the head, and the framing.
-type Rest = (TcpStream, BytesMut, Framing);
+/// What [`read_head`] hands to the body: the connection (with the bytes after the head) and the framing.
+type Rest = (Conn, Framing);
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
 async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     loop {
-        if !fill(&stream, &mut buf).await? {
-            return Err(ExchangeError::Closed);
-        }
+        let Some(drained) = fill(&stream, &mut buf).await? else { return Err(ExchangeError::Closed) };
         loop {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut slots);
@@ -331,7 +316,7 @@ async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Re
             *response.version_mut() = Version::HTTP_11;
             *response.headers_mut() = headers;
             let framing = if close { Framing::until_close(framing) } else { framing };
-            return Ok((response, (stream, buf, framing)));
+            return Ok((response, (Conn { stream, buf, drained }, framing)));
         }
     }
 }
@@ -373,6 +358,8 @@ enum Chunk {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Whether the last read emptied the socket.
+    drained: bool,
 }
 
 /// A response body read from its pooled connection.
@@ -479,7 +466,10 @@ impl Body {
         if let Some(conn) = self.conn.take()
             && reusable
             && conn.buf.is_empty()
+            && conn.drained
         {
+            // Idle, and known empty: its next checkout asks tokio, not the socket, whether it was closed meanwhile.
+            forget_readiness(&conn.stream);
             self.pool.checkin(self.endpoint, conn.stream);
         }
     }
@@ -516,9 +506,8 @@ impl http_body::Body for Body {
                 this.framing = Framing::Done;
                 return Poll::Ready(Some(Err(ExchangeError::Io(e))));
             }
-            conn.buf.reserve(READ_BUFFER);
-            match conn.stream.try_read_buf(&mut conn.buf) {
-                Ok(0) => {
+            match read_some(&conn.stream, &mut conn.buf) {
+                Ok((0, _)) => {
                     let whole = matches!(this.framing, Framing::Close);
                     this.conn = None;
                     this.framing = Framing::Done;
@@ -527,7 +516,7 @@ impl http_body::Body for Body {
                     }
                     return Poll::Ready(Some(Err(ExchangeError::Closed)));
                 }
-                Ok(_) => {}
+                Ok((_, drained)) => conn.drained = drained,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     this.conn = None;
@@ -562,7 +551,6 @@ impl Body {
 mod tests {
     use super::*;
     use http::Request;
-    use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

@@ -31,9 +31,11 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+
+use crate::wire::{READ_BUFFER, forget_readiness, header_line, read_some, write_all};
 
 /// A request body: hyper's, or the buffered body of a request served here.
 pub(crate) type InBody = Either<Incoming, Full<Bytes>>;
@@ -43,9 +45,6 @@ pub(crate) const MAX_FAST_BODY: usize = envelope_http::body::DEFAULT_REPLAY_LIMI
 
 /// Most headers looked at here; a request with more goes to hyper (which applies the listener's limit).
 const MAX_FAST_HEADERS: usize = 64;
-
-/// The read buffer's initial size; it grows only for pipelined requests and bodies.
-const READ_BUFFER: usize = 8 * 1024;
 
 /// Once this much is buffered while a request is in flight (a client pipelining), the socket is left alone.
 const MAX_BUFFERED: usize = 2 * MAX_FAST_BODY;
@@ -79,20 +78,34 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut out = Vec::with_capacity(1024);
-    // One wait for the stop signal for the connection's life (not one per request).
+    // The stop signal: `stopping` asks for it with an atomic read; `stopped` is polled once so that the signal
+    // wakes an idle connection (a task's waker stays the same, so once is enough).
+    let stopping = stop.clone();
     let mut stopped = pin!(stop.changed());
+    let mut registered = false;
+    // Whether the last read emptied the socket.
+    let mut drained = false;
     loop {
         if buf.is_empty() {
             // Idle between requests: wait for the next one, or for the listener to stop.
-            tokio::select! {
-                biased;
-                _ = &mut stopped => return Next::Closed,
-                ready = stream.readable() => if ready.is_err() { return Next::Closed },
+            let idle = poll_fn(|cx| {
+                if stopping.has_changed().unwrap_or(true) {
+                    return Poll::Ready(Err(()));
+                }
+                if !registered {
+                    registered = true;
+                    if stopped.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(()));
+                    }
+                }
+                stream.poll_read_ready(cx).map(|r| r.map_err(|_| ()))
+            });
+            if idle.await.is_err() {
+                return Next::Closed;
             }
-            buf.reserve(READ_BUFFER);
-            match stream.try_read_buf(&mut buf) {
-                Ok(0) => return Next::Closed,
-                Ok(_) => {}
+            match read_some(stream, &mut buf) {
+                Ok((0, _)) => return Next::Closed,
+                Ok((_, all)) => drained = all,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return Next::Closed,
             }
@@ -106,30 +119,42 @@ where
             }
         };
         let (request, close, is_head) = head;
+        if buf.is_empty() && drained {
+            // Nothing more to read: the watch below waits for the next event instead of asking the socket.
+            forget_readiness(stream);
+        }
 
-        // Handle it, watching the client: if it goes away, the request is cancelled (dropped).
+        // Handle it, watching the client: if it goes away (end of stream, error), the request is cancelled
+        // (dropped). Bytes that arrive meanwhile (a pipelined request) are kept for later.
         let response = {
             let mut call = pin!(service(request));
             let mut watching = true;
             loop {
-                tokio::select! {
-                    biased;
-                    response = &mut call => break response,
-                    ready = stream.ready(Interest::READABLE), if watching => match ready {
-                        Ok(r) if r.is_read_closed() => return Next::Closed,
-                        Ok(_) => match stream.try_read_buf(&mut buf) {
-                            Ok(0) => return Next::Closed,
-                            Ok(_) => watching = buf.len() < MAX_BUFFERED,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(_) => return Next::Closed,
-                        },
-                        Err(_) => return Next::Closed,
-                    },
+                let step = poll_fn(|cx| {
+                    if let Poll::Ready(response) = call.as_mut().poll(cx) {
+                        return Poll::Ready(Some(response));
+                    }
+                    if watching && stream.poll_read_ready(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                });
+                if let Some(response) = step.await {
+                    break response;
+                }
+                match read_some(stream, &mut buf) {
+                    Ok((0, _)) => return Next::Closed,
+                    Ok((_, all)) => {
+                        drained = all;
+                        watching = buf.len() < MAX_BUFFERED;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Next::Closed,
                 }
             }
         };
         // The listener stopping while the request was in flight: this answer is the connection's last.
-        let close = close || poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx).is_ready())).await;
+        let close = close || stopping.has_changed().unwrap_or(true);
         match write_response(stream, &mut out, response, is_head, close).await {
             Ok(true) if !close => {}
             _ => {
@@ -362,26 +387,6 @@ fn poll_now<B: Body + ?Sized>(body: Pin<&mut B>, cx: &mut Context<'_>) -> Option
 fn put(out: &mut Vec<u8>, data: &mut Bytes) {
     out.extend_from_slice(data.chunk());
     data.advance(data.len());
-}
-
-fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes all of `data`, waiting for the socket when it is full.
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The `Date` header, formatted once a second.

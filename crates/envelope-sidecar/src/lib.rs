@@ -32,6 +32,7 @@ mod slow_client;
 mod telemetry;
 mod upstream;
 pub mod verify;
+mod wire;
 
 pub use envelope_http;
 pub use server::{ReloadError, RunError, Sidecar};

@@ -1,0 +1,51 @@
+//! Socket helpers shared by the listener's HTTP/1.1 loop (`h1`) and the upstream client (`client`).
+//!
+//! Tokio remembers a socket as readable until a read returns `WouldBlock`, so finding out that a socket is empty
+//! costs a system call that returns nothing — two per proxied request (the client's socket while its request is
+//! handled, the upstream's when its connection is reused). A read that returned less than the room it had drained
+//! the socket at that moment; [`forget_readiness`] then tells tokio so without a system call. Edge-triggered epoll
+//! reports every later arrival (and a close is never forgotten: tokio keeps the closed bit), so nothing is missed.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// What a read adds to the buffer at least room for.
+pub(crate) const READ_BUFFER: usize = 8 * 1024;
+
+/// Reads what the socket holds into `buf`: the byte count (0 at the end of the stream), and whether the read
+/// drained the socket (it returned less than the room it had).
+pub(crate) fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<(usize, bool)> {
+    buf.reserve(READ_BUFFER);
+    let room = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    Ok((n, n < room))
+}
+
+/// Records that the socket has nothing to read (after a read that drained it), without a system call.
+pub(crate) fn forget_readiness(stream: &TcpStream) {
+    let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+}
+
+/// Writes all of `data`, waiting for the socket when it is full.
+pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => poll_fn(|cx| stream.poll_write_ready(cx)).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Appends `name: value\r\n`.
+pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
