@@ -21,8 +21,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -47,39 +49,37 @@ use crate::upstream::{ResponseBody, UpstreamError, UpstreamRt};
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
 pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
 
-pin_project_lite::pin_project! {
-    /// An upstream body that must finish by the route's deadline: the route timeout covers the whole response, not
-    /// only its head. A body that stalls past it is cut off (the client sees the response end early, the upstream
-    /// connection is closed).
-    pub(crate) struct DeadlineBody<B> {
-        #[pin]
-        body: B,
-        #[pin]
-        deadline: tokio::time::Sleep,
-    }
+/// An upstream body that must finish by the route's deadline: the route timeout covers the whole response, not
+/// only its head. A body that stalls past it is cut off (the client sees the response end early, the upstream
+/// connection is closed). The timer is armed only if the body makes the proxy wait: most bodies are in hand with
+/// their head and never need one.
+pub(crate) struct DeadlineBody<B> {
+    body: B,
+    deadline: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> http_body::Body for DeadlineBody<B>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        if let std::task::Poll::Ready(frame) = this.body.poll_frame(cx) {
-            return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match this.deadline.poll(cx) {
-            std::task::Poll::Ready(()) => {
-                std::task::Poll::Ready(Some(Err(envelope_core::timeout::Elapsed::new(Duration::ZERO).into())))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
+        let deadline = this.deadline;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(envelope_core::timeout::Elapsed::new(Duration::ZERO).into()))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -222,8 +222,8 @@ pub(crate) async fn handle(
             Ok(mut upstream) => {
                 strip_hop_by_hop(upstream.headers_mut());
                 upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
-                let deadline = tokio::time::sleep_until(start + route.spec.timeout);
-                (upstream.map(|body| Either::Left(DeadlineBody { body, deadline })), outcome)
+                let deadline = start + route.spec.timeout;
+                (upstream.map(|body| Either::Left(DeadlineBody { body, deadline, timer: None })), outcome)
             }
             Err(e) => (answer_error(e, outcome, &id, &route), outcome),
         }
