@@ -29,13 +29,15 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::wire::{READ_BUFFER, forget_readiness, header_line, read_some, write_all};
+use crate::wire::{forget_readiness, header_line, read_some, write_all};
 
 /// Errors of this client (boxed into [`crate::upstream::UpstreamError`]).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
+/// Buffers up to this size stay with a pooled connection.
+const KEPT_BUFFER: usize = 64 * 1024;
 /// Most response headers accepted (as hyper's default).
 const MAX_HEADERS: usize = 100;
 
@@ -49,7 +51,7 @@ pub(crate) struct Pool {
 }
 
 struct Idle {
-    stream: TcpStream,
+    conn: Conn,
     since: Instant,
 }
 
@@ -117,7 +119,7 @@ impl Pool {
     }
 
     /// An idle connection to endpoint `i` that is still open, or a new one.
-    async fn checkout(&self, i: usize) -> Result<TcpStream, ConnectError> {
+    async fn checkout(&self, i: usize) -> Result<Conn, ConnectError> {
         loop {
             let idle = self.endpoints[i].lock().unwrap_or_else(PoisonError::into_inner).pop_back();
             let Some(idle) = idle else { break };
@@ -127,12 +129,12 @@ impl Pool {
             // A connection the upstream closed (or wrote to unasked) is readable: not reusable. Pooled connections
             // were left with no readiness (see `wire`), so an open one answers without a system call.
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            if idle.stream.poll_read_ready(&mut cx).is_pending() {
-                return Ok(idle.stream);
+            if idle.conn.stream.poll_read_ready(&mut cx).is_pending() {
+                return Ok(idle.conn);
             }
             let mut probe = [0u8; 1];
-            match idle.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(idle.stream),
+            match idle.conn.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(idle.conn),
                 _ => continue,
             }
         }
@@ -152,13 +154,20 @@ impl Pool {
             Err(_) => return Err(ConnectError(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
         };
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok(Conn { stream, buf: BytesMut::new(), out: Vec::new(), drained: false })
     }
 
-    fn checkin(&self, i: usize, stream: TcpStream) {
+    fn checkin(&self, i: usize, mut conn: Conn) {
+        // The buffers stay with the connection (no allocation per request), unless a large exchange grew them.
+        if conn.out.capacity() > KEPT_BUFFER {
+            conn.out = Vec::new();
+        }
+        if conn.buf.capacity() > KEPT_BUFFER {
+            conn.buf = BytesMut::new();
+        }
         let mut idle = self.endpoints[i].lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.max_idle {
-            idle.push_back(Idle { stream, since: Instant::now() });
+            idle.push_back(Idle { conn, since: Instant::now() });
         }
     }
 
@@ -169,14 +178,13 @@ impl Pool {
         head: &Head<'_>,
         body: &[u8],
     ) -> Result<Response<Body>, SendError> {
-        let mut out = Vec::with_capacity(512 + body.len());
-        write_head(&mut out, head, body.len());
-        out.extend_from_slice(body);
-        let parts = head.parts;
-        let stream = self.checkout(i).await.map_err(SendError::Connect)?;
+        let mut conn = self.checkout(i).await.map_err(SendError::Connect)?;
+        conn.out.clear();
+        write_head(&mut conn.out, head, body.len());
+        conn.out.extend_from_slice(body);
         let exchange = async {
-            write_all(&stream, &out).await.map_err(ExchangeError::Io)?;
-            read_head(stream, parts.method == Method::HEAD).await
+            write_all(&conn.stream, &conn.out).await.map_err(ExchangeError::Io)?;
+            read_head(conn, head.parts.method == Method::HEAD).await
         };
         let (response, (conn, framing)) = exchange.await.map_err(SendError::Exchange)?;
         let mut body = Body { conn: Some(conn), framing, pool: self.clone(), endpoint: i };
@@ -242,14 +250,16 @@ async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<Option<bool>, Ex
 type Rest = (Conn, Framing);
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
-async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
-    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+async fn read_head(mut conn: Conn, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
+    let buf = &mut conn.buf;
+    buf.clear();
     loop {
-        let Some(drained) = fill(&stream, &mut buf).await? else { return Err(ExchangeError::Closed) };
+        let Some(drained) = fill(&conn.stream, buf).await? else { return Err(ExchangeError::Closed) };
+        conn.drained = drained;
         loop {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut slots);
-            let len = match r.parse(&buf) {
+            let len = match r.parse(buf) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
                 Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
@@ -316,7 +326,7 @@ async fn read_head(stream: TcpStream, is_head: bool) -> Result<(Response<()>, Re
             *response.version_mut() = Version::HTTP_11;
             *response.headers_mut() = headers;
             let framing = if close { Framing::until_close(framing) } else { framing };
-            return Ok((response, (Conn { stream, buf, drained }, framing)));
+            return Ok((response, (conn, framing)));
         }
     }
 }
@@ -357,7 +367,10 @@ enum Chunk {
 
 struct Conn {
     stream: TcpStream,
+    /// What was read and not yet handed out.
     buf: BytesMut,
+    /// The request being written.
+    out: Vec<u8>,
     /// Whether the last read emptied the socket.
     drained: bool,
 }
@@ -470,7 +483,7 @@ impl Body {
         {
             // Idle, and known empty: its next checkout asks tokio, not the socket, whether it was closed meanwhile.
             forget_readiness(&conn.stream);
-            self.pool.checkin(self.endpoint, conn.stream);
+            self.pool.checkin(self.endpoint, conn);
         }
     }
 }
