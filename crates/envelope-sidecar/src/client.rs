@@ -51,7 +51,7 @@ pub(crate) struct Pool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -119,7 +119,7 @@ impl Pool {
     }
 
     /// An idle connection to endpoint `i` that is still open, or a new one.
-    async fn checkout(&self, i: usize) -> Result<Conn, ConnectError> {
+    async fn checkout(&self, i: usize) -> Result<Box<Conn>, ConnectError> {
         loop {
             let idle = self.endpoints[i].lock().unwrap_or_else(PoisonError::into_inner).pop_back();
             let Some(idle) = idle else { break };
@@ -154,10 +154,11 @@ impl Pool {
             Err(_) => return Err(ConnectError(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
         };
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, buf: BytesMut::new(), out: Vec::new(), drained: false })
+        // Boxed once for the connection's life: the response body that carries it is moved through every layer.
+        Ok(Box::new(Conn { stream, buf: BytesMut::new(), out: Vec::new(), drained: false }))
     }
 
-    fn checkin(&self, i: usize, mut conn: Conn) {
+    fn checkin(&self, i: usize, mut conn: Box<Conn>) {
         // The buffers stay with the connection (no allocation per request), unless a large exchange grew them.
         if conn.out.capacity() > KEPT_BUFFER {
             conn.out = Vec::new();
@@ -247,10 +248,10 @@ async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<Option<bool>, Ex
 }
 
 /// What [`read_head`] hands to the body: the connection (with the bytes after the head) and the framing.
-type Rest = (Conn, Framing);
+type Rest = (Box<Conn>, Framing);
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
-async fn read_head(mut conn: Conn, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
+async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
     let buf = &mut conn.buf;
     buf.clear();
     loop {
@@ -377,7 +378,7 @@ struct Conn {
 
 /// A response body read from its pooled connection.
 pub(crate) struct Body {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Framing,
     pool: Arc<Pool>,
     endpoint: usize,

@@ -198,22 +198,25 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let base = buf.as_ptr() as usize;
     let Some(path) = req.path else { return Err(Refused::HandOver) };
     let path_at = path.as_ptr() as usize - base..path.as_ptr() as usize - base + path.len();
-    let mut names = Vec::with_capacity(req.headers.len());
+    // Where each header's name and value are in the head (kept on the stack: the head is frozen afterwards).
+    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_FAST_HEADERS];
+    let count = req.headers.len();
     let mut content_length: Option<usize> = None;
     let mut close = false;
-    for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else { return Err(Refused::HandOver) };
-        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+    for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
+        let name = h.name.as_bytes();
+        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+        if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) || is(&header::UPGRADE) {
             return Err(Refused::HandOver);
         }
-        if name == header::CONTENT_LENGTH {
+        if is(&header::CONTENT_LENGTH) {
             let n = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
             match (content_length, n) {
                 (None, Some(n)) if n <= MAX_FAST_BODY => content_length = Some(n),
                 _ => return Err(Refused::HandOver),
             }
         }
-        if name == header::CONNECTION {
+        if is(&header::CONNECTION) {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -223,8 +226,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
                 }
             }
         }
-        let at = h.value.as_ptr() as usize - base;
-        names.push((name, at..at + h.value.len()));
+        *slot = (name.as_ptr() as usize - base, name.len(), h.value.as_ptr() as usize - base, h.value.len());
     }
     let body_len = content_length.unwrap_or(0);
     if buf.len() < head_len + body_len {
@@ -235,9 +237,14 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let body = buf.split_to(body_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
     // Room for what the proxy adds (request id, traceparent, X-Forwarded-For) without growing.
-    let mut headers = HeaderMap::with_capacity(names.len() + 4);
-    for (name, at) in names {
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else { return Err(Refused::BadRequest) };
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    for &(name_at, name_len, value_at, value_len) in &at[..count] {
+        let Ok(name) = HeaderName::from_bytes(&head[name_at..name_at + name_len]) else {
+            return Err(Refused::BadRequest);
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len)) else {
+            return Err(Refused::BadRequest);
+        };
         headers.append(name, value);
     }
     let is_head = method == Method::HEAD;
