@@ -109,13 +109,38 @@ impl Pool {
         idle_timeout: Option<Duration>,
         max_idle: usize,
     ) -> Arc<Pool> {
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             endpoints: authorities.iter().map(|_| Mutex::new(VecDeque::new())).collect(),
             authorities,
             connect_timeout,
             idle_timeout,
             max_idle,
-        })
+        });
+        // Connections idle past the timeout are closed even when no request comes to find them (as Envoy's
+        // idle_timeout does): a task per pool, which ends with the pool.
+        if let (Some(timeout), Ok(runtime)) = (idle_timeout, tokio::runtime::Handle::try_current()) {
+            let weak = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(timeout / 2);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else { break };
+                    pool.close_expired(timeout);
+                }
+            });
+        }
+        pool
+    }
+
+    /// Closes the idle connections that have waited `timeout` or more (the oldest are at the front).
+    fn close_expired(&self, timeout: Duration) {
+        for idle in &self.endpoints {
+            let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            while idle.front().is_some_and(|c| c.since.elapsed() >= timeout) {
+                idle.pop_front();
+            }
+        }
     }
 
     /// An idle connection to endpoint `i` that is still open, or a new one.
@@ -699,6 +724,28 @@ mod tests {
         let pool = pool(addr);
         let parts = request();
         assert!(matches!(pool.send(0, &head(&parts), b"").await, Err(SendError::Connect(_))));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
+        // One answer, then the upstream waits for its connection to end.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.read(&mut [0u8; 4096]).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+            let answered = Instant::now();
+            assert_eq!(s.read(&mut [0u8; 16]).await.unwrap(), 0, "no other request comes");
+            answered.elapsed()
+        });
+        let timeout = Duration::from_millis(100);
+        let pool = Pool::new(vec![addr.to_string().parse().unwrap()], Duration::from_secs(1), Some(timeout), 8);
+        assert_eq!(exchange(&pool).await.0, StatusCode::OK);
+        assert_eq!(pool.endpoints[0].lock().unwrap().len(), 1, "kept alive after the exchange");
+        let after = tokio::time::timeout(Duration::from_secs(5), closed).await.unwrap().unwrap();
+        assert!(after >= timeout, "closed after {after:?}, not before the idle timeout");
+        assert!(pool.endpoints[0].lock().unwrap().is_empty());
     }
 
     #[test]
