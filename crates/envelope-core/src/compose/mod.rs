@@ -25,6 +25,7 @@
 //! on threads without a runtime, and [`EnvelopeLayer`] for tower services.
 
 mod blocking;
+mod cover;
 mod layer;
 
 use std::fmt;
@@ -239,10 +240,10 @@ impl Envelope {
         // (3) The deadline covers every attempt and every wait.
         let (result, outcome) = match p.deadline {
             Some(limit) => {
-                let deadline = clock::now() + limit;
-                match crate::timeout::lazy(limit, self.attempts(classifier, f, Some(deadline))).await {
+                let cover = cover::Cover::new(clock::now() + limit);
+                match cover::Deadline::new(self.attempts(classifier, f, Some(&cover)), &cover).await {
                     Ok(done) => done,
-                    Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout),
+                    Err(()) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
             }
             None => self.attempts(classifier, f, None).await,
@@ -260,12 +261,13 @@ impl Envelope {
         (result, outcome)
     }
 
-    /// (5) The retry loop around (6) hedged or single attempts. The clock is read only when a deadline needs it.
+    /// (5) The retry loop around (6) hedged or single attempts, under the call's deadline (`cover`) if it has one.
+    /// The clock is read only when a deadline needs it.
     async fn attempts<T, E, F, Fut, C>(
         &self,
         classifier: &C,
         mut f: F,
-        deadline: Option<Instant>,
+        cover: Option<&cover::Cover>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -273,9 +275,11 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
+        let deadline = cover.map(cover::Cover::deadline);
         let Some(retry) = &p.retry else {
             let began = deadline.map(|_| clock::now());
-            let (result, outcome, _) = self.hedged(classifier, &mut f, self.attempt_limit(began, deadline)).await;
+            let (result, outcome, _) =
+                self.hedged(classifier, &mut f, self.attempt_limit(began, deadline), cover).await;
             return (result, outcome);
         };
         let deadline = match retry.config().deadline() {
@@ -291,7 +295,7 @@ impl Envelope {
             let began = deadline.map(|_| clock::now());
             st.made += 1;
             let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
-            let (result, outcome, hint) = self.hedged(classifier, &mut f, limit).await;
+            let (result, outcome, hint) = self.hedged(classifier, &mut f, limit, cover).await;
             if outcome.is_ok() {
                 return (result, outcome);
             }
@@ -315,14 +319,20 @@ impl Envelope {
     }
 
     /// (6) One attempt, or a hedged group of attempts.
-    async fn hedged<T, E, F, Fut, C>(&self, classifier: &C, f: &mut F, limit: Option<Duration>) -> Attempt<T, E>
+    async fn hedged<T, E, F, Fut, C>(
+        &self,
+        classifier: &C,
+        f: &mut F,
+        limit: Option<Duration>,
+        cover: Option<&cover::Cover>,
+    ) -> Attempt<T, E>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
         match &self.inner.hedge {
-            None => self.attempt(classifier, f, limit).await,
+            None => self.attempt(classifier, f, limit, cover).await,
             Some(hedge) => {
                 // Hedged attempts run concurrently, each creating its call only once admitted.
                 let shared = std::sync::Mutex::new(f);
@@ -330,14 +340,20 @@ impl Envelope {
                     let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
                     (*f)()
                 };
-                hedge.race(|| self.attempt(classifier, make, limit)).await
+                hedge.race(|| self.attempt(classifier, make, limit, cover)).await
             }
         }
     }
 
     /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout. The
     /// call's future is created (`make`) only once the attempt is admitted.
-    async fn attempt<T, E, M, Fut, C>(&self, classifier: &C, make: M, limit: Option<Duration>) -> Attempt<T, E>
+    async fn attempt<T, E, M, Fut, C>(
+        &self,
+        classifier: &C,
+        make: M,
+        limit: Option<Duration>,
+        cover: Option<&cover::Cover>,
+    ) -> Attempt<T, E>
     where
         M: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -370,7 +386,7 @@ impl Envelope {
             classified(classifier, make().await)
         };
         let done = match limit {
-            Some(limit) => match crate::timeout::lazy(limit, run).await {
+            Some(limit) => match cover::Covering::new(crate::timeout::lazy(limit, run), cover).await {
                 Ok(done) => done,
                 Err(_) => (Err(self.timed_out(limit)), Outcome::Timeout, Hint::NONE),
             },

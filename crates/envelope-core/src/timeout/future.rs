@@ -25,6 +25,13 @@ pin_project! {
     }
 }
 
+impl<F> LazyTimeout<F> {
+    /// When the timer ends, once armed.
+    pub(crate) fn armed_until(&self) -> Option<tokio::time::Instant> {
+        self.sleep.as_ref().map(Sleep::deadline)
+    }
+}
+
 /// Runs `future` for at most `limit` (armed lazily, see [`LazyTimeout`]).
 pub(crate) fn lazy<F: Future>(limit: Duration, future: F) -> LazyTimeout<F> {
     LazyTimeout { future, sleep: None, limit }
