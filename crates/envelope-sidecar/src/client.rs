@@ -401,6 +401,79 @@ struct Conn {
     drained: bool,
 }
 
+/// Decodes what `buf` holds of a body framed by `framing`, advancing both.
+fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeError> {
+    loop {
+        match framing {
+            Framing::Done => return Ok(Step::End),
+            Framing::Length(0) | Framing::LengthThenClose(0) => return Ok(Step::End),
+            Framing::Length(n) | Framing::LengthThenClose(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = buf.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+                *n -= take as u64;
+                return Ok(Step::Data(buf.split_to(take).freeze()));
+            }
+            Framing::Close => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                return Ok(Step::Data(buf.split().freeze()));
+            }
+            Framing::Chunked(c) | Framing::ChunkedThenClose(c) => match *c {
+                Chunk::Size => {
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > 4096 {
+                            return Err(ExchangeError::BadResponse("chunk size line too long"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    let line = &buf[..end];
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                    let size = std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| u64::from_str_radix(d, 16).ok())
+                        .ok_or(ExchangeError::BadResponse("chunk size"))?;
+                    let _ = buf.split_to(end + 2);
+                    *c = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                }
+                Chunk::Data(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    let left = n - take as u64;
+                    *c = if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) };
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(ExchangeError::BadResponse("chunk end"));
+                    }
+                    let _ = buf.split_to(2);
+                    *c = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > MAX_HEAD {
+                            return Err(ExchangeError::BadResponse("trailers too large"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    let _ = buf.split_to(end + 2);
+                    if end == 0 {
+                        return Ok(Step::End);
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// A response body read from its pooled connection.
 pub(crate) struct Body {
     conn: Option<Box<Conn>>,
@@ -423,79 +496,15 @@ enum Step {
 }
 
 impl Body {
+    /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
+    fn step_ends(&self) -> bool {
+        matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0))
+    }
+
     /// Decodes what the buffer holds.
     fn step(&mut self) -> Result<Step, ExchangeError> {
         let Some(conn) = self.conn.as_mut() else { return Ok(Step::End) };
-        let buf = &mut conn.buf;
-        loop {
-            match &mut self.framing {
-                Framing::Done => return Ok(Step::End),
-                Framing::Length(0) | Framing::LengthThenClose(0) => return Ok(Step::End),
-                Framing::Length(n) | Framing::LengthThenClose(n) => {
-                    if buf.is_empty() {
-                        return Ok(Step::More);
-                    }
-                    let take = buf.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
-                    *n -= take as u64;
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
-                }
-                Framing::Close => {
-                    if buf.is_empty() {
-                        return Ok(Step::More);
-                    }
-                    return Ok(Step::Data(buf.split().freeze()));
-                }
-                Framing::Chunked(c) | Framing::ChunkedThenClose(c) => match *c {
-                    Chunk::Size => {
-                        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                            if buf.len() > 4096 {
-                                return Err(ExchangeError::BadResponse("chunk size line too long"));
-                            }
-                            return Ok(Step::More);
-                        };
-                        let line = &buf[..end];
-                        let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                        let size = std::str::from_utf8(digits)
-                            .ok()
-                            .and_then(|d| u64::from_str_radix(d, 16).ok())
-                            .ok_or(ExchangeError::BadResponse("chunk size"))?;
-                        let _ = buf.split_to(end + 2);
-                        *c = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
-                    }
-                    Chunk::Data(n) => {
-                        if buf.is_empty() {
-                            return Ok(Step::More);
-                        }
-                        let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                        let left = n - take as u64;
-                        *c = if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) };
-                        return Ok(Step::Data(buf.split_to(take).freeze()));
-                    }
-                    Chunk::DataEnd => {
-                        if buf.len() < 2 {
-                            return Ok(Step::More);
-                        }
-                        if &buf[..2] != b"\r\n" {
-                            return Err(ExchangeError::BadResponse("chunk end"));
-                        }
-                        let _ = buf.split_to(2);
-                        *c = Chunk::Size;
-                    }
-                    Chunk::Trailers => {
-                        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                            if buf.len() > MAX_HEAD {
-                                return Err(ExchangeError::BadResponse("trailers too large"));
-                            }
-                            return Ok(Step::More);
-                        };
-                        let _ = buf.split_to(end + 2);
-                        if end == 0 {
-                            return Ok(Step::End);
-                        }
-                    }
-                },
-            }
-        }
+        decode(&mut self.framing, &mut conn.buf)
     }
 
     /// The body ended: a connection that can carry another request goes back to the pool.
@@ -576,13 +585,6 @@ impl http_body::Body for Body {
             Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
-    }
-}
-
-impl Body {
-    /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
-    fn step_ends(&self) -> bool {
-        matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0))
     }
 }
 
@@ -746,6 +748,80 @@ mod tests {
         let after = tokio::time::timeout(Duration::from_secs(5), closed).await.unwrap().unwrap();
         assert!(after >= timeout, "closed after {after:?}, not before the idle timeout");
         assert!(pool.endpoints[0].lock().unwrap().is_empty());
+    }
+
+    /// Feeds `wire` to the decoder in pieces of the given sizes: what it handed out, whether it reached the end,
+    /// and what is left over (bytes after the body stay for the next response).
+    fn decode_in_pieces(mut framing: Framing, wire: &[u8], cuts: &[usize]) -> (Vec<u8>, bool, Vec<u8>) {
+        let mut buf = BytesMut::new();
+        let (mut out, mut at, mut k) = (Vec::new(), 0, 0);
+        loop {
+            match decode(&mut framing, &mut buf) {
+                Ok(Step::Data(d)) => out.extend_from_slice(&d),
+                Ok(Step::End) => return (out, true, [&buf[..], &wire[at..]].concat()),
+                Ok(Step::More) if at < wire.len() => {
+                    let n = cuts[k % cuts.len()].min(wire.len() - at);
+                    buf.extend_from_slice(&wire[at..at + n]);
+                    (at, k) = (at + n, k + 1);
+                }
+                Ok(Step::More) | Err(_) => return (out, false, buf.to_vec()),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunked_bodies_decode_whole_however_they_arrive(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..40), 0..8),
+            upper in proptest::bool::ANY,
+            extension in proptest::bool::ANY,
+            trailer in proptest::bool::ANY,
+            cuts in proptest::collection::vec(1usize..16, 1..32),
+            next in proptest::collection::vec(proptest::num::u8::ANY, 0..8),
+        ) {
+            let mut wire = Vec::new();
+            for c in &chunks {
+                let size = if upper { format!("{:X}", c.len()) } else { format!("{:x}", c.len()) };
+                wire.extend_from_slice(size.as_bytes());
+                if extension {
+                    wire.extend_from_slice(b";name=value");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-checksum: 1\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            wire.extend_from_slice(&next);
+            let (out, ended, rest) = decode_in_pieces(Framing::Chunked(Chunk::Size), &wire, &cuts);
+            proptest::prop_assert!(ended);
+            proptest::prop_assert_eq!(out, chunks.concat());
+            proptest::prop_assert_eq!(rest, next);
+        }
+
+        #[test]
+        fn length_bodies_stop_at_their_length(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..100),
+            next in proptest::collection::vec(proptest::num::u8::ANY, 0..8),
+            cuts in proptest::collection::vec(1usize..16, 1..32),
+        ) {
+            let wire = [&body[..], &next[..]].concat();
+            let (out, ended, rest) = decode_in_pieces(Framing::Length(body.len() as u64), &wire, &cuts);
+            proptest::prop_assert!(ended);
+            proptest::prop_assert_eq!(out, body);
+            proptest::prop_assert_eq!(rest, next);
+        }
+
+        #[test]
+        fn any_bytes_as_a_chunked_body_never_panic(
+            wire in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            cuts in proptest::collection::vec(1usize..16, 1..32),
+        ) {
+            let _ = decode_in_pieces(Framing::Chunked(Chunk::Size), &wire, &cuts);
+        }
     }
 
     #[test]

@@ -471,3 +471,85 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_header_bytes: 8192, max_headers: 100 };
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_served_handed_over_or_refused_never_a_panic(
+            wire in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let mut buf = BytesMut::from(&wire[..]);
+            let _ = parse(&mut buf, LIMITS);
+        }
+
+        #[test]
+        fn a_plain_request_keeps_its_method_target_headers_and_body(
+            method in proptest::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+            path in "/[a-z0-9/._~-]{0,30}(\\?[a-z0-9=&]{0,20})?",
+            headers in proptest::collection::vec(("x-[a-z]{1,10}", "[ -~]{0,20}"), 0..10),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            next in "(GET / HTTP/1.1\r\n\r\n)?",
+        ) {
+            let mut wire = format!("{method} {path} HTTP/1.1\r\nhost: example\r\n");
+            for (name, value) in &headers {
+                wire.push_str(&format!("{name}: {value}\r\n"));
+            }
+            wire.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+            let mut bytes = wire.into_bytes();
+            bytes.extend_from_slice(&body);
+            bytes.extend_from_slice(next.as_bytes());
+            let mut buf = BytesMut::from(&bytes[..]);
+            let Ok((request, close, is_head)) = parse(&mut buf, LIMITS) else {
+                return Err(proptest::test_runner::TestCaseError::fail("a plain request is served here"));
+            };
+            proptest::prop_assert!(!close && !is_head);
+            proptest::prop_assert_eq!(request.method().as_str(), method);
+            proptest::prop_assert_eq!(request.uri().to_string(), path);
+            for (name, value) in &headers {
+                let got: Vec<_> = request.headers().get_all(name.as_str()).iter().map(|v| v.as_bytes().to_vec()).collect();
+                proptest::prop_assert!(got.contains(&value.trim().as_bytes().to_vec()), "{name}: {value:?} in {got:?}");
+            }
+            let Either::Right(full) = request.into_body() else {
+                return Err(proptest::test_runner::TestCaseError::fail("the body is buffered"));
+            };
+            let data = http_body_util::BodyExt::collect(full);
+            let Ok(data) = ready_now(data);
+            let data = data.to_bytes();
+            proptest::prop_assert_eq!(&data[..], &body[..]);
+            proptest::prop_assert_eq!(&buf[..], next.as_bytes(), "the next request stays buffered");
+        }
+    }
+
+    /// Polls a future that is ready at once (a buffered body).
+    fn ready_now<F: Future>(f: F) -> F::Output {
+        let mut f = pin!(f);
+        match f.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("a buffered body is ready at once"),
+        }
+    }
+
+    #[test]
+    fn what_hyper_must_serve_is_handed_over() {
+        for wire in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\ncontent-length: 10\r\n\r\nshort",
+            "PUT / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: partial",
+            "CONNECT example:443 HTTP/1.1\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(wire.as_bytes());
+            assert!(matches!(parse(&mut buf, LIMITS), Err(Refused::HandOver)), "{wire:?}");
+            assert_eq!(&buf[..], wire.as_bytes(), "nothing consumed: hyper sees every byte");
+        }
+    }
+}
