@@ -22,17 +22,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::Authority;
-use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::wire::{forget_readiness, header_line, read_some, write_all};
-
-/// Errors of this client (boxed into [`crate::upstream::UpstreamError`]).
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::wire::{HeaderAt, forget_readiness, has_token, header_line, header_map, is, read_some, write_all};
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -212,8 +209,14 @@ impl Pool {
             write_all(&conn.stream, &conn.out).await.map_err(ExchangeError::Io)?;
             read_head(conn, head.parts.method == Method::HEAD).await
         };
-        let (response, (conn, framing)) = exchange.await.map_err(SendError::Exchange)?;
-        let mut body = Body { conn: Some(conn), framing, pool: self.clone(), endpoint: i };
+        let (response, rest) = exchange.await.map_err(SendError::Exchange)?;
+        let mut body = Body {
+            conn: Some(rest.conn),
+            framing: rest.framing,
+            keep_alive: rest.keep_alive,
+            pool: self.clone(),
+            endpoint: i,
+        };
         if body.is_end_stream() {
             // No body (HEAD, 204, 304, length 0): the connection is free now.
             body.finish();
@@ -272,8 +275,13 @@ async fn fill(stream: &TcpStream, buf: &mut BytesMut) -> Result<Option<bool>, Ex
     }
 }
 
-/// What [`read_head`] hands to the body: the connection (with the bytes after the head) and the framing.
-type Rest = (Box<Conn>, Framing);
+/// What [`read_head`] hands to the body: the connection (with the bytes after the head), how the body is framed,
+/// and whether the connection can carry another exchange after it.
+struct Rest {
+    conn: Box<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+}
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
 async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
@@ -304,55 +312,43 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
                 }
                 continue;
             }
-            let base = buf.as_ptr() as usize;
-            let mut names = Vec::with_capacity(r.headers.len());
+            let mut at = [HeaderAt::default(); MAX_HEADERS];
+            let count = r.headers.len();
             let mut framing = Framing::Close;
-            let mut close = r.version == Some(0);
-            for h in r.headers.iter() {
-                let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-                    return Err(ExchangeError::BadResponse("header name"));
-                };
-                if name == header::TRANSFER_ENCODING {
-                    let chunked = h
-                        .value
-                        .rsplit(|&b| b == b',')
-                        .next()
-                        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                    framing = if chunked { Framing::Chunked(Chunk::Size) } else { Framing::Close };
-                } else if name == header::CONTENT_LENGTH && !matches!(framing, Framing::Chunked(_)) {
+            let mut keep_alive = r.version != Some(0);
+            for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
+                let name = h.name.as_bytes();
+                if is(name, &header::TRANSFER_ENCODING) {
+                    // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
+                    let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                    framing = if has_token(last, b"chunked") { Framing::Chunked(Chunk::Size) } else { Framing::Close };
+                } else if is(name, &header::CONTENT_LENGTH) && !matches!(framing, Framing::Chunked(_)) {
                     let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
-                    match (n, &framing) {
+                    match (n, framing) {
                         (Some(n), Framing::Close) => framing = Framing::Length(n),
-                        (Some(n), Framing::Length(m)) if n == *m => {}
+                        (Some(n), Framing::Length(m)) if n == m => {}
                         _ => return Err(ExchangeError::BadResponse("content-length")),
                     }
-                } else if name == header::CONNECTION {
-                    close |= h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                } else if is(name, &header::CONNECTION) && has_token(h.value, b"close") {
+                    keep_alive = false;
                 }
-                let at = h.value.as_ptr() as usize - base;
-                names.push((name, at..at + h.value.len()));
+                *slot = HeaderAt::of(buf, h);
             }
             if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
                 framing = Framing::Length(0);
             }
-            if matches!(framing, Framing::Close) {
-                close = true;
-            }
             let head = buf.split_to(len).freeze();
             // Room for the request id the proxy adds.
-            let mut headers = HeaderMap::with_capacity(names.len() + 2);
-            for (name, at) in names {
-                let Ok(value) = HeaderValue::from_maybe_shared(head.slice(at)) else {
-                    return Err(ExchangeError::BadResponse("header value"));
-                };
-                headers.append(name, value);
-            }
+            let Some(headers) = header_map(&head, &at[..count], 2) else {
+                return Err(ExchangeError::BadResponse("header"));
+            };
             let mut response = Response::new(());
             *response.status_mut() = status;
             *response.version_mut() = Version::HTTP_11;
             *response.headers_mut() = headers;
-            let framing = if close { Framing::until_close(framing) } else { framing };
-            return Ok((response, (conn, framing)));
+            // A body that runs until the close leaves nothing to reuse.
+            let keep_alive = keep_alive && !matches!(framing, Framing::Close);
+            return Ok((response, Rest { conn, framing, keep_alive }));
         }
     }
 }
@@ -360,26 +356,14 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
 /// How a response body ends.
 #[derive(Debug, Clone, Copy)]
 enum Framing {
-    /// This many bytes remain; the connection is reusable after them.
+    /// After this many more bytes.
     Length(u64),
-    /// Chunked; reusable after the last chunk.
+    /// After the last chunk.
     Chunked(Chunk),
-    /// Until the upstream closes (or a length/chunked body on a connection that closes after it).
+    /// When the upstream closes the connection.
     Close,
-    /// A length or chunked body on a connection the upstream will close: not reusable.
-    LengthThenClose(u64),
-    ChunkedThenClose(Chunk),
+    /// It has ended.
     Done,
-}
-
-impl Framing {
-    fn until_close(self) -> Framing {
-        match self {
-            Framing::Length(n) => Framing::LengthThenClose(n),
-            Framing::Chunked(c) => Framing::ChunkedThenClose(c),
-            other => other,
-        }
-    }
 }
 
 /// Where a chunked body's decoder is.
@@ -406,8 +390,8 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeErr
     loop {
         match framing {
             Framing::Done => return Ok(Step::End),
-            Framing::Length(0) | Framing::LengthThenClose(0) => return Ok(Step::End),
-            Framing::Length(n) | Framing::LengthThenClose(n) => {
+            Framing::Length(0) => return Ok(Step::End),
+            Framing::Length(n) => {
                 if buf.is_empty() {
                     return Ok(Step::More);
                 }
@@ -421,7 +405,7 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeErr
                 }
                 return Ok(Step::Data(buf.split().freeze()));
             }
-            Framing::Chunked(c) | Framing::ChunkedThenClose(c) => match *c {
+            Framing::Chunked(c) => match *c {
                 Chunk::Size => {
                     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
                         if buf.len() > 4096 {
@@ -478,6 +462,8 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeErr
 pub(crate) struct Body {
     conn: Option<Box<Conn>>,
     framing: Framing,
+    /// Whether the connection goes back to the pool once the body has ended cleanly.
+    keep_alive: bool,
     pool: Arc<Pool>,
     endpoint: usize,
 }
@@ -498,7 +484,7 @@ enum Step {
 impl Body {
     /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
     fn step_ends(&self) -> bool {
-        matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0))
+        matches!(self.framing, Framing::Length(0))
     }
 
     /// Decodes what the buffer holds.
@@ -509,7 +495,7 @@ impl Body {
 
     /// The body ended: a connection that can carry another request goes back to the pool.
     fn finish(&mut self) {
-        let reusable = matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
+        let reusable = self.keep_alive && matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
         self.framing = Framing::Done;
         if let Some(conn) = self.conn.take()
             && reusable
@@ -576,13 +562,13 @@ impl http_body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0) | Framing::LengthThenClose(0))
+        matches!(self.framing, Framing::Done | Framing::Length(0))
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
             Framing::Done => SizeHint::with_exact(0),
-            Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
+            Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
     }

@@ -22,20 +22,22 @@ use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io::{self, Write as _};
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::SystemTime;
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use bytes::{Bytes, BytesMut};
+use http::header;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::wire::{READ_BUFFER, forget_readiness, header_line, read_some, write_all};
+use crate::wire::{
+    HeaderAt, READ_BUFFER, forget_readiness, has_token, header_line, header_map, is, read_some, write_all,
+};
 
 /// A request body: hyper's, or the buffered body of a request served here.
 pub(crate) type InBody = Either<Incoming, Full<Bytes>>;
@@ -195,38 +197,33 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     if method == Method::CONNECT {
         return Err(Refused::HandOver);
     }
-    let base = buf.as_ptr() as usize;
     let Some(path) = req.path else { return Err(Refused::HandOver) };
-    let path_at = path.as_ptr() as usize - base..path.as_ptr() as usize - base + path.len();
-    // Where each header's name and value are in the head (kept on the stack: the head is frozen afterwards).
-    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_FAST_HEADERS];
+    let path_at = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let path_at = path_at..path_at + path.len();
+    // Where each header is (kept on the stack: the head is frozen afterwards).
+    let mut at = [HeaderAt::default(); MAX_FAST_HEADERS];
     let count = req.headers.len();
     let mut content_length: Option<usize> = None;
     let mut close = false;
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
         let name = h.name.as_bytes();
-        let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
-        if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) || is(&header::UPGRADE) {
+        if is(name, &header::TRANSFER_ENCODING) || is(name, &header::EXPECT) || is(name, &header::UPGRADE) {
             return Err(Refused::HandOver);
         }
-        if is(&header::CONTENT_LENGTH) {
+        if is(name, &header::CONTENT_LENGTH) {
             let n = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
             match (content_length, n) {
                 (None, Some(n)) if n <= MAX_FAST_BODY => content_length = Some(n),
                 _ => return Err(Refused::HandOver),
             }
         }
-        if is(&header::CONNECTION) {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Err(Refused::HandOver);
-                }
+        if is(name, &header::CONNECTION) {
+            if has_token(h.value, b"upgrade") {
+                return Err(Refused::HandOver);
             }
+            close |= has_token(h.value, b"close");
         }
-        *slot = (name.as_ptr() as usize - base, name.len(), h.value.as_ptr() as usize - base, h.value.len());
+        *slot = HeaderAt::of(buf, h);
     }
     let body_len = content_length.unwrap_or(0);
     if buf.len() < head_len + body_len {
@@ -237,16 +234,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let body = buf.split_to(body_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
     // Room for what the proxy adds (request id, traceparent, X-Forwarded-For) without growing.
-    let mut headers = HeaderMap::with_capacity(count + 4);
-    for &(name_at, name_len, value_at, value_len) in &at[..count] {
-        let Ok(name) = HeaderName::from_bytes(&head[name_at..name_at + name_len]) else {
-            return Err(Refused::BadRequest);
-        };
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len)) else {
-            return Err(Refused::BadRequest);
-        };
-        headers.append(name, value);
-    }
+    let Some(headers) = header_map(&head, &at[..count], 4) else { return Err(Refused::BadRequest) };
     let is_head = method == Method::HEAD;
     let mut request = Request::new(Either::Right(Full::new(body)));
     *request.method_mut() = method;
@@ -276,10 +264,12 @@ async fn write_response(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut declared: Option<u64> = None;
+    let mut dated = false;
     for (name, value) in &parts.headers {
         if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
             continue;
         }
+        dated |= name == header::DATE;
         if name == header::CONTENT_LENGTH {
             if declared.is_some() {
                 continue;
@@ -288,7 +278,7 @@ async fn write_response(
         }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         DATE.with(|d| header_line(out, b"date", d.borrow_mut().now()));
     }
     if close {
@@ -323,9 +313,9 @@ async fn write_response(
     loop {
         let frame = if first {
             first = false;
-            match poll_fn(|cx| Poll::Ready(poll_now(body.as_mut(), cx))).await {
-                Some(frame) => frame,
-                None => {
+            match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
                     write_all(stream, out).await?;
                     out.clear();
                     poll_fn(|cx| body.as_mut().poll_frame(cx)).await
@@ -342,25 +332,24 @@ async fn write_response(
                 return Ok(false);
             }
             Some(Ok(frame)) => {
-                let Ok(mut data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else { continue };
                 if data.is_empty() {
                     continue;
                 }
                 if chunked {
                     let _ = write!(out, "{:x}\r\n", data.len());
-                    put(out, &mut data);
+                    out.extend_from_slice(&data);
                     out.extend_from_slice(b"\r\n");
                 } else {
                     let len = data.len() as u64;
                     if len > remaining {
                         // More than declared: never send it; end the connection.
-                        data.truncate(remaining as usize);
-                        put(out, &mut data);
+                        out.extend_from_slice(&data[..remaining as usize]);
                         write_all(stream, out).await?;
                         return Ok(false);
                     }
                     remaining -= len;
-                    put(out, &mut data);
+                    out.extend_from_slice(&data);
                 }
                 if out.len() >= READ_BUFFER {
                     write_all(stream, out).await?;
@@ -378,22 +367,6 @@ async fn write_response(
     write_all(stream, out).await?;
     // A body shorter than declared leaves the client waiting for bytes that never come: end the connection.
     Ok(chunked || remaining == 0 || declared.is_none())
-}
-
-/// What polling a body for its next frame gives.
-type Frame<B> = Option<Result<http_body::Frame<<B as Body>::Data>, <B as Body>::Error>>;
-
-/// One poll of `body`: `Some` if it had an answer at once.
-fn poll_now<B: Body + ?Sized>(body: Pin<&mut B>, cx: &mut Context<'_>) -> Option<Frame<B>> {
-    match body.poll_frame(cx) {
-        Poll::Ready(frame) => Some(frame),
-        Poll::Pending => None,
-    }
-}
-
-fn put(out: &mut Vec<u8>, data: &mut Bytes) {
-    out.extend_from_slice(data.chunk());
-    data.advance(data.len());
 }
 
 /// The `Date` header, formatted once a second.
@@ -416,60 +389,6 @@ impl CachedDate {
 
 thread_local! {
     static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: 0, text: [0; 29] }) };
-}
-
-/// A socket with bytes already read from it in front: how a connection is handed to hyper.
-pub(crate) struct Rewind {
-    prefix: Bytes,
-    stream: TcpStream,
-}
-
-impl Rewind {
-    pub(crate) fn new(prefix: Bytes, stream: TcpStream) -> Self {
-        Rewind { prefix, stream }
-    }
-
-    pub(crate) fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
@@ -528,7 +447,7 @@ mod tests {
     /// Polls a future that is ready at once (a buffered body).
     fn ready_now<F: Future>(f: F) -> F::Output {
         let mut f = pin!(f);
-        match f.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        match f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(out) => out,
             Poll::Pending => panic!("a buffered body is ready at once"),
         }

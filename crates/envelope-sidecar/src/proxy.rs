@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use envelope_core::{Classify, Error, Outcome};
+use envelope_core::{BoxError, Classify, Error, Outcome};
 use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
 use envelope_http::headers::{append_forwarded_value, strip_hop_by_hop};
@@ -62,10 +62,10 @@ pub(crate) struct DeadlineBody<B> {
 impl<B> http_body::Body for DeadlineBody<B>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

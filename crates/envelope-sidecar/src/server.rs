@@ -364,7 +364,7 @@ async fn serve_connection(
         let (runtime, client) = (runtime.load_full(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(proxy::handle(runtime, index, &client, req.map(Either::Left)).await) }
     });
-    let stream = SlowClientGuard::new(h1::Rewind::new(prefix, stream), timeout);
+    let stream = SlowClientGuard::new(prefix, stream, timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {

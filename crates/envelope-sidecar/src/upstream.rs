@@ -13,7 +13,7 @@ use envelope_core::circuit_breaker::{CircuitBreaker, State};
 use envelope_core::event::Listeners;
 use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
-use envelope_core::{HasOutcome, Outcome};
+use envelope_core::{BoxError, HasOutcome, Outcome};
 use envelope_http::body::AttemptBody;
 use http::{HeaderValue, Request};
 use http_body_util::{Either, Limited};
@@ -282,9 +282,9 @@ impl fmt::Debug for UpstreamRt {
 #[derive(Debug)]
 pub(crate) enum UpstreamError {
     /// The connection could not be made: not a byte of the request was sent.
-    Connect(client::BoxError),
+    Connect(BoxError),
     /// The exchange failed after the request (or part of it) was sent.
-    Exchange(client::BoxError),
+    Exchange(BoxError),
     /// The request body was streamed by an earlier attempt and cannot be sent again.
     BodyGone,
 }

@@ -9,7 +9,8 @@
 use std::future::poll_fn;
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -48,4 +49,46 @@ pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Where a header's name and value are in a message head, kept while the head is still being checked (before it
+/// is frozen and the values can share its bytes).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeaderAt {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+impl HeaderAt {
+    /// Where `h`, parsed out of `head`, is in it.
+    pub(crate) fn of(head: &[u8], h: &httparse::Header<'_>) -> HeaderAt {
+        let base = head.as_ptr() as usize;
+        let name = h.name.as_bytes();
+        HeaderAt {
+            name: (name.as_ptr() as usize - base, name.len()),
+            value: (h.value.as_ptr() as usize - base, h.value.len()),
+        }
+    }
+}
+
+/// The headers at `at` in the frozen `head`, with room for `more`: values share the head's bytes. `None` if one
+/// cannot be represented.
+pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(at.len() + more);
+    for h in at {
+        let name = HeaderName::from_bytes(&head[h.name.0..h.name.0 + h.name.1]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(h.value.0..h.value.0 + h.value.1)).ok()?;
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
+/// Whether the raw header name `name` is `known` (header names are case-insensitive).
+pub(crate) fn is(name: &[u8], known: &HeaderName) -> bool {
+    name.eq_ignore_ascii_case(known.as_str().as_bytes())
+}
+
+/// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
