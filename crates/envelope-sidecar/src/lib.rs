@@ -35,4 +35,4 @@ pub mod verify;
 mod wire;
 
 pub use envelope_http;
-pub use server::{ReloadError, RunError, Sidecar};
+pub use server::{ConfigFile, ReloadError, RunError, Sidecar};

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -172,15 +172,32 @@ impl Sidecar {
         Ok(())
     }
 
-    /// Reads the config at `path` and applies it; an invalid file is refused, counted, and changes nothing.
-    pub fn reload_from(&self, path: &Path) -> Result<(), ReloadError> {
-        match Config::load(path) {
+    /// Reads the config file again and applies it if it changed (or always, when `force`d, as on SIGHUP); an
+    /// invalid file is refused, counted, and changes nothing. `None` when the file was unchanged.
+    pub fn reload_from(&self, file: &mut ConfigFile, force: bool) -> Option<Result<(), ReloadError>> {
+        let text = match Config::read(&file.path) {
+            Ok(text) => text,
+            Err(e) => {
+                // A file caught missing mid-rewrite is retried on the next poll; SIGHUP asked for it, so say why.
+                if !force {
+                    return None;
+                }
+                self.metrics.reload(false);
+                return Some(Err(ReloadError::Invalid(e)));
+            }
+        };
+        let fingerprint = fingerprint(&text);
+        if !force && fingerprint == file.fingerprint {
+            return None;
+        }
+        file.fingerprint = fingerprint;
+        Some(match Config::parse(&file.path.display().to_string(), &text) {
             Ok(config) => self.reload(config),
             Err(e) => {
                 self.metrics.reload(false);
                 Err(ReloadError::Invalid(e))
             }
-        }
+        })
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns. Readiness turns
@@ -196,55 +213,56 @@ impl Sidecar {
         }
     }
 
-    /// Runs until SIGTERM or SIGINT, then shuts down gracefully. With a `config` path, reloads it on SIGHUP and
-    /// whenever the file changes, logging the result on standard error.
-    pub async fn run(self, config: Option<PathBuf>) -> Result<(), RunError> {
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully. With a config file, reloads it on SIGHUP and
+    /// whenever its content changes, logging the result on standard error.
+    pub async fn run(self, mut config: Option<ConfigFile>) -> Result<(), RunError> {
         let signals = Signals::new().map_err(RunError::Signal)?;
         tokio::pin!(signals);
         let mut poll = tokio::time::interval(RELOAD_POLL_INTERVAL);
-        let mut seen = config.as_deref().and_then(modified);
         loop {
-            tokio::select! {
+            let (force, why) = tokio::select! {
                 signal = signals.as_mut().next() => match signal {
                     Signal::Stop => break,
-                    Signal::Reload => {
-                        if let Some(path) = &config {
-                            seen = modified(path);
-                            self.report_reload(path, "SIGHUP");
-                        }
-                    }
+                    Signal::Reload => (true, "SIGHUP"),
                 },
-                _ = poll.tick() => {
-                    if let Some(path) = &config {
-                        let now = modified(path);
-                        if now.is_some() && now != seen {
-                            seen = now;
-                            self.report_reload(path, "file change");
-                        }
-                    }
-                }
+                _ = poll.tick() => (false, "file change"),
+            };
+            let Some(file) = config.as_mut() else { continue };
+            match self.reload_from(file, force) {
+                None => {}
+                Some(Ok(())) => eprintln!("envelope: config reloaded ({why})"),
+                Some(Err(e)) => eprintln!("envelope: config reload rejected ({why}), the running config stays: {e}"),
             }
         }
         self.shutdown().await;
         Ok(())
     }
+}
 
-    fn report_reload(&self, path: &Path, why: &str) {
-        match self.reload_from(path) {
-            Ok(()) => eprintln!("envelope: config reloaded ({why})"),
-            Err(e) => eprintln!("envelope: config reload rejected ({why}), the running config stays: {e}"),
-        }
+/// The config file a sidecar runs from, with a fingerprint of the text it last applied (or refused). Changes are
+/// seen by content, not by modification time: file times are as coarse as the kernel's clock tick, and a rewrite
+/// right after the start would otherwise be missed.
+#[derive(Debug)]
+pub struct ConfigFile {
+    path: PathBuf,
+    fingerprint: u64,
+}
+
+impl ConfigFile {
+    /// Reads and validates the config file at `path`; the returned file remembers exactly the text that was
+    /// parsed, so any later change is a reload.
+    pub fn load(path: PathBuf) -> Result<(ConfigFile, Config), ConfigError> {
+        let text = Config::read(&path)?;
+        let config = Config::parse(&path.display().to_string(), &text)?;
+        Ok((ConfigFile { fingerprint: fingerprint(&text), path }, config))
     }
 }
 
-/// What the config file holds now, as a hash of its bytes: a rewrite is seen even when it keeps the
-/// modification time (file times are as coarse as the kernel's clock tick) or the length.
-fn modified(path: &Path) -> Option<u64> {
+fn fingerprint(text: &str) -> u64 {
     use std::hash::{Hash, Hasher};
-    let bytes = std::fs::read(path).ok()?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    Some(h.finish())
+    text.hash(&mut h);
+    h.finish()
 }
 
 enum Signal {
@@ -373,5 +391,47 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\n\
+        [[upstream]]\nname = \"app\"\nendpoints = [\"http://127.0.0.1:9\"]\n\
+        [[route]]\nname = \"api\"\nmatch = { path_prefix = \"/api\" }\nupstream = \"app\"\n";
+
+    fn reloads(sidecar: &Sidecar, ok: bool) -> u64 {
+        let text = sidecar.metrics.encode_prometheus();
+        let needle = format!("envelope_config_reloads_total{{result=\"{}\"}} ", if ok { "ok" } else { "rejected" });
+        text.lines().find_map(|l| l.strip_prefix(needle.as_str())?.parse().ok()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_rewrite_right_after_the_start_is_seen_and_each_text_is_applied_once() {
+        let dir = std::env::temp_dir().join(format!("envelope-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("envelope.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        let (mut file, config) = ConfigFile::load(path.clone()).unwrap();
+        let sidecar = Sidecar::start(config).await.unwrap();
+        assert!(sidecar.reload_from(&mut file, false).is_none(), "the text it started from is no change");
+
+        // Rewritten before the first poll, and with the same length: still a change.
+        std::fs::write(&path, CONFIG.replace("\"api\"", "\"apj\"")).unwrap();
+        assert!(matches!(sidecar.reload_from(&mut file, false), Some(Ok(()))));
+        assert_eq!(sidecar.runtime.load().config.routes[0].name, "apj");
+        assert!(sidecar.reload_from(&mut file, false).is_none(), "applied once");
+
+        // An invalid text is refused once, not on every poll; SIGHUP (force) tries it again.
+        std::fs::write(&path, "[[listener]\nnot toml").unwrap();
+        assert!(matches!(sidecar.reload_from(&mut file, false), Some(Err(ReloadError::Invalid(_)))));
+        assert!(sidecar.reload_from(&mut file, false).is_none());
+        assert!(matches!(sidecar.reload_from(&mut file, true), Some(Err(_))));
+        assert_eq!((reloads(&sidecar, true), reloads(&sidecar, false)), (1, 2));
+        assert_eq!(sidecar.runtime.load().config.routes[0].name, "apj", "the last good config stays");
+        let _ = std::fs::remove_dir_all(&dir);
+        sidecar.shutdown().await;
     }
 }

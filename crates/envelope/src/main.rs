@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use envelope_sidecar::Sidecar;
 use envelope_sidecar::config::Config;
+use envelope_sidecar::{ConfigFile, Sidecar};
 
 /// Envelope: resilience and observability in front of any HTTP service.
 #[derive(Debug, Parser)]
@@ -146,9 +146,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let path = config;
-            let config = match Config::load(&path) {
-                Ok(c) => c,
+            let (file, config) = match ConfigFile::load(config) {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);
@@ -167,7 +166,7 @@ fn main() -> ExitCode {
                     eprintln!("envelope: listening on {addr}");
                 }
                 eprintln!("envelope: admin on {}", sidecar.admin_addr());
-                sidecar.run(Some(path)).await
+                sidecar.run(Some(file)).await
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -469,15 +469,18 @@ pub struct Route {
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
+        Config::parse(&path.display().to_string(), &Config::read(path)?)
+    }
+
+    /// The text of the config file at `path`, or an error naming the file.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
             line: 0,
             column: 0,
             field: String::new(),
             message: format!("cannot read the config file: {e}"),
-        })?;
-        Config::parse(&file, &text)
+        })
     }
 
     /// Validates the config text `text`, naming it `file` in errors. Defaults may be overridden by the
