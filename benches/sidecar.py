@@ -13,6 +13,8 @@ Measured per target:
   RSS idle / under load resident memory of the proxy's processes (MiB)
   errors                non-2xx responses and socket errors reported by wrk
   upstream connections  connections the proxy held open to the upstream during the run (must be <= 32)
+  preempted / request   involuntary context switches of the proxy's threads per request: how often the CPU was
+                        taken from it (mostly at a write that woke wrk or the upstream); each costs several µs here
 
 Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
                                  [--targets envelope,nginx,haproxy,envoy] [--baseline PATH]
@@ -235,6 +237,20 @@ def cpu_ticks(proc):
     return total
 
 
+def preemptions(proc):
+    """How many times the proxy's processes were switched out while they could still run (the CPU handed to a peer)."""
+    total = 0
+    for p in pids(proc):
+        for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []:
+            try:
+                for line in open(f"/proc/{p}/task/{task}/status"):
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
 def rss_mib(proc):
     total = 0
     for p in pids(proc):
@@ -273,6 +289,7 @@ def measure(name, proc, seconds):
     before_open = upstream_open()
     idle = rss_mib(proc) if proc else 0.0
     t0 = cpu_ticks(proc) if proc else 0
+    s0 = preemptions(proc) if proc else 0
     import threading
     sample = {}
 
@@ -286,9 +303,10 @@ def measure(name, proc, seconds):
     rps, total, errors, _ = wrk(PORTS[name], CLIENTS, seconds)
     th.join()
     cpu_us = ((cpu_ticks(proc) - t0) * 1e6 / TICK / max(total, 1)) if proc else 0.0
+    switched = ((preemptions(proc) - s0) / max(total, 1)) if proc else 0.0
     _, _, lat_errors, p50 = wrk(PORTS[name], 1, max(2, seconds // 2), latency=True)
     return {"rps": rps, "errors": errors + lat_errors, "cpu_us": cpu_us, "p50_us": p50, "rss_idle": idle,
-            "rss_load": sample.get("rss", 0.0), "upstream_conns": sample.get("open", 0)}
+            "rss_load": sample.get("rss", 0.0), "upstream_conns": sample.get("open", 0), "switched": switched}
 
 
 def main():
@@ -320,7 +338,7 @@ def main():
             for name in order:
                 results[name] = measure(name, None if name == "direct" else procs[name], args.seconds)
                 print(f"rep {rep + 1} {name:9} {results[name]['rps']:9.0f} req/s  p50 {results[name]['p50_us']:7.1f} us  "
-                      f"cpu {results[name]['cpu_us']:5.1f} us/req  rss {results[name]['rss_load']:5.1f} MiB  "
+                      f"cpu {results[name]['cpu_us']:5.1f} us/req  preempted {results[name]['switched']:4.2f}/req  rss {results[name]['rss_load']:5.1f} MiB  "
                       f"errors {results[name]['errors']}  upstream conns {results[name]['upstream_conns']}", flush=True)
             runs.append(results)
     finally:
@@ -333,11 +351,11 @@ def main():
     def stat(values):
         return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
-    lines = ["| target | throughput / direct | proxy CPU µs/request | added p50 at 1 conn (µs) | RSS idle (MiB) | RSS under load (MiB) | errors | max upstream conns |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | throughput / direct | proxy CPU µs/request | added p50 at 1 conn (µs) | RSS idle (MiB) | RSS under load (MiB) | errors | max upstream conns | preempted / request |",
+             "|---|---|---|---|---|---|---|---|---|"]
     direct_rps = [r["direct"]["rps"] for r in runs]
     lines.append(f"| direct | 1.00 ({statistics.median(direct_rps):.0f} req/s median) | – | – | – | – | "
-                 f"{sum(r['direct']['errors'] for r in runs)} | {max(r['direct']['upstream_conns'] for r in runs)} |")
+                 f"{sum(r['direct']['errors'] for r in runs)} | {max(r['direct']['upstream_conns'] for r in runs)} | – |")
     for name in proxies:
         ratio = [r[name]["rps"] / r["direct"]["rps"] for r in runs]
         cpu = [r[name]["cpu_us"] for r in runs]
@@ -345,7 +363,8 @@ def main():
         idle = [r[name]["rss_idle"] for r in runs]
         load = [r[name]["rss_load"] for r in runs]
         lines.append(f"| {name} | {stat(ratio)} | {stat(cpu)} | {stat(lat)} | {statistics.median(idle):.1f} | "
-                     f"{stat(load)} | {sum(r[name]['errors'] for r in runs)} | {max(r[name]['upstream_conns'] for r in runs)} |")
+                     f"{stat(load)} | {sum(r[name]['errors'] for r in runs)} | {max(r[name]['upstream_conns'] for r in runs)} | "
+                     f"{stat([r[name]['switched'] for r in runs])} |")
     report = "\n".join(lines)
     print()
     print(report)

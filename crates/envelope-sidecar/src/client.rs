@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -291,14 +292,16 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
         let Some(drained) = fill(&conn.stream, buf).await? else { return Err(ExchangeError::Closed) };
         conn.drained = drained;
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut r = httparse::Response::new(&mut slots);
-            let len = match r.parse(buf) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
-                Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
-                Err(_) => return Err(ExchangeError::BadResponse("malformed head")),
-            };
+            // Uninitialised slots: httparse writes the ones it fills, and nothing else is read.
+            let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut r = httparse::Response::new(&mut []);
+            let len =
+                match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
+                    Ok(httparse::Status::Complete(n)) => n,
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
+                    Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
+                    Err(_) => return Err(ExchangeError::BadResponse("malformed head")),
+                };
             let Some(status) = r.code.and_then(|c| StatusCode::from_u16(c).ok()) else {
                 return Err(ExchangeError::BadResponse("status"));
             };

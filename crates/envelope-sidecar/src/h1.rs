@@ -21,6 +21,7 @@
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::task::Poll;
 use std::time::SystemTime;
@@ -182,9 +183,10 @@ const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nco
 
 /// Takes one request (head and body) off the front of `buf`, or says why it cannot be served here.
 fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let head_len = match req.parse(buf) {
+    // Uninitialised slots: httparse writes the ones it fills, and nothing else is read.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return Err(Refused::HandOver),
     };

@@ -149,7 +149,7 @@ pub(crate) async fn handle(
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
-    let (mut response, outcome) = 'answer: {
+    let (response, outcome) = 'answer: {
         // 2. Input limits.
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > spec.max_uri_bytes {
@@ -229,9 +229,8 @@ pub(crate) async fn handle(
         }
     };
 
-    if !response.headers().contains_key(&X_REQUEST_ID) {
-        response.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
-    }
+    // Every answer above carries the request id: the upstream's gets it in step 8, local ones from `problem`.
+    debug_assert!(response.headers().contains_key(&X_REQUEST_ID));
     // 9. Accounting: metrics, SLO, business counters, spans, access log.
     let now = Instant::now();
     let elapsed = now - start;

@@ -52,32 +52,38 @@ pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Where a header's name and value are in a message head, kept while the head is still being checked (before it
-/// is frozen and the values can share its bytes).
+/// is frozen and the values can share its bytes). Offsets are 32-bit (heads are limited far below 4 GiB): the
+/// arrays of these live on the stack of each parse and are written whole.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct HeaderAt {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
 impl HeaderAt {
     /// Where `h`, parsed out of `head`, is in it.
     pub(crate) fn of(head: &[u8], h: &httparse::Header<'_>) -> HeaderAt {
         let base = head.as_ptr() as usize;
-        let name = h.name.as_bytes();
-        HeaderAt {
-            name: (name.as_ptr() as usize - base, name.len()),
-            value: (h.value.as_ptr() as usize - base, h.value.len()),
-        }
+        let at = |s: &[u8]| {
+            let offset = u32::try_from(s.as_ptr() as usize - base).unwrap_or(u32::MAX);
+            (offset, u32::try_from(s.len()).unwrap_or(0))
+        };
+        HeaderAt { name: at(h.name.as_bytes()), value: at(h.value) }
     }
 }
 
 /// The headers at `at` in the frozen `head`, with room for `more`: values share the head's bytes. `None` if one
 /// cannot be represented.
 pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<HeaderMap> {
+    let range = |(offset, len): (u32, u32)| offset as usize..offset as usize + len as usize;
     let mut headers = HeaderMap::with_capacity(at.len() + more);
     for h in at {
-        let name = HeaderName::from_bytes(&head[h.name.0..h.name.0 + h.name.1]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(h.value.0..h.value.0 + h.value.1)).ok()?;
+        let name = HeaderName::from_bytes(head.get(range(h.name))?).ok()?;
+        let value = range(h.value);
+        if value.end > head.len() {
+            return None;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
         headers.append(name, value);
     }
     Some(headers)

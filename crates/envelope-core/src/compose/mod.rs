@@ -240,8 +240,9 @@ impl Envelope {
         // (3) The deadline covers every attempt and every wait.
         let (result, outcome) = match p.deadline {
             Some(limit) => {
-                let cover = cover::Cover::new(clock::now() + limit);
-                match cover::Deadline::new(self.attempts(classifier, f, Some(&cover)), &cover).await {
+                let now = clock::now();
+                let cover = cover::Cover::new(now + limit);
+                match cover::Deadline::new(self.attempts(classifier, f, Some((&cover, now))), &cover).await {
                     Ok(done) => done,
                     Err(()) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
@@ -261,13 +262,14 @@ impl Envelope {
         (result, outcome)
     }
 
-    /// (5) The retry loop around (6) hedged or single attempts, under the call's deadline (`cover`) if it has one.
-    /// The clock is read only when a deadline needs it.
+    /// (5) The retry loop around (6) hedged or single attempts, under the call's deadline (`cover`, with the instant
+    /// it was set, which is also when the first attempt begins) if it has one. The clock is read only when a
+    /// deadline needs it.
     async fn attempts<T, E, F, Fut, C>(
         &self,
         classifier: &C,
         mut f: F,
-        cover: Option<&cover::Cover>,
+        cover: Option<(&cover::Cover, Instant)>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -275,16 +277,17 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
+        let (cover, mut start) = (cover.map(|c| c.0), cover.map(|c| c.1));
         let deadline = cover.map(cover::Cover::deadline);
         let Some(retry) = &p.retry else {
-            let began = deadline.map(|_| clock::now());
+            let began = start;
             let (result, outcome, _) =
                 self.hedged(classifier, &mut f, self.attempt_limit(began, deadline), cover).await;
             return (result, outcome);
         };
         let deadline = match retry.config().deadline() {
             Some(d) => {
-                let own = clock::now() + d;
+                let own = start.unwrap_or_else(clock::now) + d;
                 Some(deadline.map_or(own, |outer| outer.min(own)))
             }
             None => deadline,
@@ -292,7 +295,7 @@ impl Envelope {
         retry.on_first_attempt();
         let mut st = Attempts::default();
         loop {
-            let began = deadline.map(|_| clock::now());
+            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
             let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
             let (result, outcome, hint) = self.hedged(classifier, &mut f, limit, cover).await;
