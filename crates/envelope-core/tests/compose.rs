@@ -53,6 +53,24 @@ async fn retries_never_bypass_an_open_breaker() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_that_began_earlier_has_only_the_rest_of_its_deadline() {
+    let env = Envelope::builder().deadline(250 * MS).attempt_timeout(200 * MS).build();
+    let arrived = tokio::time::Instant::now();
+    // Say the request's body took 100 ms to arrive before the call.
+    tokio::time::sleep(100 * MS).await;
+    let (r, outcome) = env
+        .call_classified_since(arrived, &envelope_core::DefaultClassifier, || async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    assert!(matches!(r, Err(Error::Timeout(_))));
+    assert_eq!(outcome, Outcome::Timeout);
+    // The deadline (250 ms from arrival) cut the attempt before its own 200 ms were up (at 300 ms).
+    assert_eq!(tokio::time::Instant::now() - arrived, 250 * MS);
+}
+
+#[tokio::test(start_paused = true)]
 async fn deadline_bounds_all_attempts_and_waits() {
     let env = Envelope::builder()
         .deadline(250 * MS)

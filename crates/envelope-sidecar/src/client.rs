@@ -161,6 +161,13 @@ impl Pool {
                 _ => continue,
             }
         }
+        // Connecting is rare and its future is large: boxed, so the future of every request stays small (it is
+        // moved through each layer of the envelope before it first runs).
+        Box::pin(self.connect(i)).await
+    }
+
+    /// A new connection to endpoint `i`, within the connect timeout.
+    async fn connect(&self, i: usize) -> Result<Box<Conn>, ConnectError> {
         let connect = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "the endpoint's name resolves to no address");
             for addr in tokio::net::lookup_host(self.authorities[i].as_str()).await? {

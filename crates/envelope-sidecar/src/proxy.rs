@@ -194,7 +194,7 @@ pub(crate) async fn handle(
         let count = AtomicU32::new(0);
         let (result, outcome) = route
             .envelope
-            .call_classified(&classifier, || {
+            .call_classified_since(start, &classifier, || {
                 count.fetch_add(1, Ordering::Relaxed);
                 route.metrics.attempt();
                 let span = attempt_spans.as_ref().map(|log| (log, trace.child()));

@@ -203,7 +203,23 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>).await
+        self.run(classifier, f, None::<fn(Outcome) -> T>, None).await
+    }
+
+    /// Like [`call_classified`](Self::call_classified), for a call that began at `started` (say, when its request
+    /// arrived, before its body was read): the deadline counts from then, so it bounds the whole request.
+    pub async fn call_classified_since<T, E, F, Fut, C>(
+        &self,
+        started: Instant,
+        classifier: &C,
+        f: F,
+    ) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started)).await
     }
 
     /// Like [`call`](Self::call), answering `fallback(outcome)` when the configured [`Fallback`] applies.
@@ -213,7 +229,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         E: HasOutcome,
     {
-        self.run(&DefaultClassifier, f, Some(fallback)).await.0
+        self.run(&DefaultClassifier, f, Some(fallback), None).await.0
     }
 
     async fn run<T, E, F, Fut, C, FB>(
@@ -221,6 +237,7 @@ impl Envelope {
         classifier: &C,
         f: F,
         fallback: Option<FB>,
+        started: Option<Instant>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -240,7 +257,7 @@ impl Envelope {
         // (3) The deadline covers every attempt and every wait.
         let (result, outcome) = match p.deadline {
             Some(limit) => {
-                let now = clock::now();
+                let now = started.unwrap_or_else(clock::now);
                 let cover = cover::Cover::new(now + limit);
                 match cover::Deadline::new(self.attempts(classifier, f, Some((&cover, now))), &cover).await {
                     Ok(done) => done,
