@@ -20,6 +20,12 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Whether the raw header name `name` is one of the hop-by-hop headers of RFC 9110 (case-insensitive). Headers
+/// that `Connection` names are hop-by-hop too: a message with `Connection` needs [`strip_hop_by_hop`].
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, no lookups.
@@ -84,6 +90,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_recognised_in_any_case() {
+        for name in ["Connection", "KEEP-ALIVE", "te", "Transfer-Encoding", "upgrade", "Proxy-Authorization"] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["content-length", "date", "tee", "x-connection", ""] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const KEPT_BUFFER: usize = 64 * 1024;
 /// Most response headers accepted (as hyper's default).
 const MAX_HEADERS: usize = 100;
+/// The most headers a response head can have to be passed through without a header map.
+const PASSED_HEADERS: usize = 8;
 
 /// Idle keep-alive connections per endpoint.
 pub(crate) struct Pool {
@@ -224,6 +226,7 @@ impl Pool {
             keep_alive: rest.keep_alive,
             pool: self.clone(),
             endpoint: i,
+            passed: rest.passed,
         };
         if body.is_end_stream() {
             // No body (HEAD, 204, 304, length 0): the connection is free now.
@@ -289,6 +292,56 @@ struct Rest {
     conn: Box<Conn>,
     framing: Framing,
     keep_alive: bool,
+    passed: Option<Box<PassedHead>>,
+}
+
+/// A successful response's head, passed through as the upstream wrote it instead of being built into a header
+/// map that the listener would only write out again: for a `2xx` answer with at most [`PASSED_HEADERS`] headers,
+/// none of them hop-by-hop (so its body is not chunked either). The proxy sets the request id; anything else that
+/// needs the headers as a map (HTTP/2, hyper's connections) gets them with [`PassedHead::into_map`].
+pub(crate) struct PassedHead {
+    head: Bytes,
+    at: [HeaderAt; PASSED_HEADERS],
+    len: usize,
+    request_id: Option<HeaderValue>,
+}
+
+impl PassedHead {
+    /// Replaces the upstream's `X-Request-ID`, if it sent one.
+    pub(crate) fn set_request_id(&mut self, value: HeaderValue) {
+        self.request_id = Some(value);
+    }
+
+    /// The headers to forward, in order, as raw names and values: the upstream's (without its `X-Request-ID` when
+    /// the proxy set one), then the request id.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for (name, value) in self.upstream() {
+            f(name, value);
+        }
+        if let Some(id) = &self.request_id {
+            f(envelope_http::request_id::X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+        }
+    }
+
+    fn upstream(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.at[..self.len]
+            .iter()
+            .map(|h| h.of_head(&self.head))
+            .filter(|(name, _)| self.request_id.is_none() || !is(name, &envelope_http::request_id::X_REQUEST_ID))
+    }
+
+    /// The same headers, appended to `headers`.
+    pub(crate) fn into_map(self, headers: &mut http::HeaderMap) {
+        for (name, value) in self.upstream() {
+            // Both were checked by the parser (token name, visible or tab value bytes): never skipped in practice.
+            if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                headers.append(name, value);
+            }
+        }
+        if let Some(id) = self.request_id {
+            headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id);
+        }
+    }
 }
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
@@ -326,8 +379,10 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
             let count = r.headers.len();
             let mut framing = Framing::Close;
             let mut keep_alive = r.version != Some(0);
+            let mut pass = status.is_success() && count <= PASSED_HEADERS;
             for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
                 let name = h.name.as_bytes();
+                pass = pass && !envelope_http::headers::is_hop_by_hop(name);
                 if is(name, &header::TRANSFER_ENCODING) {
                     // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
                     let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
@@ -348,17 +403,25 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
                 framing = Framing::Length(0);
             }
             let head = buf.split_to(len).freeze();
-            // Room for the request id the proxy adds.
-            let Some(headers) = header_map(&head, &at[..count], 2) else {
-                return Err(ExchangeError::BadResponse("header"));
-            };
             let mut response = Response::new(());
             *response.status_mut() = status;
             *response.version_mut() = Version::HTTP_11;
-            *response.headers_mut() = headers;
+            let passed = if pass {
+                let mut passed = [HeaderAt::default(); PASSED_HEADERS];
+                passed[..count].copy_from_slice(&at[..count]);
+                // Boxed: the body that carries it is moved through every layer of the proxy.
+                Some(Box::new(PassedHead { head, at: passed, len: count, request_id: None }))
+            } else {
+                // Room for the request id the proxy adds.
+                let Some(headers) = header_map(&head, &at[..count], 2) else {
+                    return Err(ExchangeError::BadResponse("header"));
+                };
+                *response.headers_mut() = headers;
+                None
+            };
             // A body that runs until the close leaves nothing to reuse.
             let keep_alive = keep_alive && !matches!(framing, Framing::Close);
-            return Ok((response, Rest { conn, framing, keep_alive }));
+            return Ok((response, Rest { conn, framing, keep_alive, passed }));
         }
     }
 }
@@ -476,6 +539,8 @@ pub(crate) struct Body {
     keep_alive: bool,
     pool: Arc<Pool>,
     endpoint: usize,
+    /// The response's headers, when they were passed through (see [`PassedHead`]).
+    passed: Option<Box<PassedHead>>,
 }
 
 impl fmt::Debug for Body {
@@ -492,6 +557,11 @@ enum Step {
 }
 
 impl Body {
+    /// The response's headers, when they were passed through instead of built into the response's header map.
+    pub(crate) fn passed_head(&mut self) -> &mut Option<Box<PassedHead>> {
+        &mut self.passed
+    }
+
     /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
     fn step_ends(&self) -> bool {
         matches!(self.framing, Framing::Length(0))
@@ -670,6 +740,62 @@ mod tests {
         assert_eq!(exchange(&pool).await, (StatusCode::OK, b"ok".to_vec()));
         assert_eq!(task.await.unwrap(), 1, "every exchange on one kept-alive connection");
         assert!(pool.endpoints[0].lock().unwrap().is_empty(), "a connection the upstream closes is not pooled");
+    }
+
+    /// Sends one request and returns the response with its passed-through head, if any (tests).
+    async fn answer(pool: &Arc<Pool>) -> (Response<Body>, Option<Box<PassedHead>>) {
+        let parts = request();
+        let mut r = pool.send(0, &head(&parts), b"").await.unwrap_or_else(|e| panic!("send failed: {e:?}"));
+        let passed = r.body_mut().passed_head().take();
+        (r, passed)
+    }
+
+    fn written(passed: &PassedHead) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        passed.for_each(|n, v| out.push((String::from_utf8_lossy(n).into(), String::from_utf8_lossy(v).into())));
+        out
+    }
+
+    #[tokio::test]
+    async fn a_plain_success_head_is_passed_through_and_anything_else_gets_a_header_map() {
+        let (addr, _task) = upstream(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-ID: theirs\r\nx-app: a\r\n\r\nok",
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ])
+        .await;
+        let pool = pool(addr);
+
+        // 2xx, no hop-by-hop headers: no map; written as they came, the proxy's request id replacing theirs.
+        let (r, passed) = answer(&pool).await;
+        assert!(r.headers().is_empty());
+        let mut passed = passed.expect("passed through");
+        assert_eq!(
+            written(&passed),
+            [("Content-Length", "2"), ("X-Request-ID", "theirs"), ("x-app", "a")].map(|(n, v)| (n.into(), v.into()))
+        );
+        passed.set_request_id(HeaderValue::from_static("ours"));
+        assert_eq!(
+            written(&passed),
+            [("Content-Length", "2"), ("x-app", "a"), ("x-request-id", "ours")].map(|(n, v)| (n.into(), v.into()))
+        );
+        // As a map (for hyper's connections), the same headers.
+        let mut map = http::HeaderMap::new();
+        passed.into_map(&mut map);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["content-length"], "2");
+        assert_eq!(map["x-app"], "a");
+        assert_eq!(map["x-request-id"], "ours");
+        assert_eq!(collect(r.into_body()).await.unwrap(), b"ok");
+
+        // Not a success (Retry-After is read from it), a hop-by-hop header, a chunked body: a header map.
+        for expect in ["retry-after", "content-length", "transfer-encoding"] {
+            let (r, passed) = answer(&pool).await;
+            assert!(passed.is_none(), "{expect}");
+            assert!(r.headers().contains_key(expect), "{expect}");
+            collect(r.into_body()).await.unwrap();
+        }
     }
 
     #[tokio::test]

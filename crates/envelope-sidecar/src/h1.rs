@@ -254,7 +254,8 @@ async fn write_response(
     is_head: bool,
     close: bool,
 ) -> io::Result<bool> {
-    let (parts, body) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
+    let passed = crate::proxy::take_passed_head(&mut body);
     let status = parts.status;
     let bodiless =
         is_head || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -267,18 +268,25 @@ async fn write_response(
     out.extend_from_slice(b"\r\n");
     let mut declared: Option<u64> = None;
     let mut dated = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
-            continue;
+    // Each header (raw name, any case): framing headers are redone here, the first Content-Length is kept.
+    let mut write_header = |name: &[u8], value: &[u8]| {
+        if is(name, &header::CONNECTION) || is(name, &header::TRANSFER_ENCODING) {
+            return;
         }
-        dated |= name == header::DATE;
-        if name == header::CONTENT_LENGTH {
+        dated |= is(name, &header::DATE);
+        if is(name, &header::CONTENT_LENGTH) {
             if declared.is_some() {
-                continue;
+                return;
             }
-            declared = Some(value.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX));
+            declared = Some(std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(u64::MAX));
         }
-        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        header_line(out, name, value);
+    };
+    if let Some(passed) = &passed {
+        passed.for_each(&mut write_header);
+    }
+    for (name, value) in &parts.headers {
+        write_header(name.as_str().as_bytes(), value.as_bytes());
     }
     if !dated {
         DATE.with(|d| header_line(out, b"date", d.borrow_mut().now()));

@@ -41,6 +41,7 @@ use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
 use crate::access_log::{self, Entry};
+use crate::client::PassedHead;
 use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
@@ -108,6 +109,21 @@ impl Client {
 
 /// Handles one request on listener `listener` from `client`.
 pub(crate) async fn handle(
+    rt: Arc<Runtime>,
+    listener: usize,
+    client: &Client,
+    req: Request<InBody>,
+) -> Response<ProxyBody> {
+    let mut response = handle_passing(rt, listener, client, req).await;
+    if let Some(passed) = take_passed_head(response.body_mut()) {
+        passed.into_map(response.headers_mut());
+    }
+    response
+}
+
+/// Like [`handle`], for the listener's own HTTP/1.1 writer: the upstream's head may be left as it came (see
+/// [`PassedHead`]), for the writer to take with [`take_passed_head`] and write out as it is.
+pub(crate) async fn handle_passing(
     rt: Arc<Runtime>,
     listener: usize,
     client: &Client,
@@ -220,8 +236,17 @@ pub(crate) async fn handle(
         // 8. The answer.
         match result {
             Ok(mut upstream) => {
-                strip_hop_by_hop(upstream.headers_mut());
-                upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+                let passed = match upstream.body_mut() {
+                    Either::Right(body) => body.passed_head().as_mut(),
+                    Either::Left(_) => None,
+                };
+                if let Some(passed) = passed {
+                    // A passed-through head has no hop-by-hop headers; it takes the request id instead of a map.
+                    passed.set_request_id(id.header_value().clone());
+                } else {
+                    strip_hop_by_hop(upstream.headers_mut());
+                    upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+                }
                 let deadline = start + route.spec.timeout;
                 (upstream.map(|body| Either::Left(DeadlineBody { body, deadline, timer: None })), outcome)
             }
@@ -230,7 +255,6 @@ pub(crate) async fn handle(
     };
 
     // Every answer above carries the request id: the upstream's gets it in step 8, local ones from `problem`.
-    debug_assert!(response.headers().contains_key(&X_REQUEST_ID));
     // 9. Accounting: metrics, SLO, business counters, spans, access log.
     let now = Instant::now();
     let elapsed = now - start;
@@ -381,6 +405,14 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
     let mut r = problem(Outcome::BadRequest, detail, Some(id), None);
     *r.status_mut() = status;
     (r.map(Either::Right), Outcome::BadRequest)
+}
+
+/// Takes the upstream's passed-through head out of a response body, if it has one (see [`PassedHead`]).
+pub(crate) fn take_passed_head(body: &mut ProxyBody) -> Option<Box<PassedHead>> {
+    match body {
+        Either::Left(DeadlineBody { body: Either::Right(body), .. }) => body.passed_head().take(),
+        _ => None,
+    }
 }
 
 /// The request target upstream: the client's path and query, without the route's prefix if it strips it.

@@ -372,7 +372,8 @@ async fn serve_connection(
     stop: &mut watch::Receiver<bool>,
 ) {
     let client = Arc::new(proxy::Client::new(remote));
-    let handle = |req| proxy::handle(runtime.load_full(), index, &client, req);
+    // The own HTTP/1.1 writer takes a passed-through upstream head as it is; hyper gets header maps.
+    let handle = |req| proxy::handle_passing(runtime.load_full(), index, &client, req);
     let prefix = match h1::serve(&mut stream, limits, stop, handle).await {
         h1::Next::Closed => return,
         h1::Next::HandOver(prefix) => prefix,

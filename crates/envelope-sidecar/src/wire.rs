@@ -72,14 +72,27 @@ impl HeaderAt {
     }
 }
 
+impl HeaderAt {
+    /// The name's and the value's byte ranges.
+    fn ranges(self) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let range = |(offset, len): (u32, u32)| offset as usize..offset as usize + len as usize;
+        (range(self.name), range(self.value))
+    }
+
+    /// The name and the value, in the `head` they were found in (empty if it is not that head).
+    pub(crate) fn of_head(self, head: &[u8]) -> (&[u8], &[u8]) {
+        let (name, value) = self.ranges();
+        (head.get(name).unwrap_or_default(), head.get(value).unwrap_or_default())
+    }
+}
+
 /// The headers at `at` in the frozen `head`, with room for `more`: values share the head's bytes. `None` if one
 /// cannot be represented.
 pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<HeaderMap> {
-    let range = |(offset, len): (u32, u32)| offset as usize..offset as usize + len as usize;
     let mut headers = HeaderMap::with_capacity(at.len() + more);
     for h in at {
-        let name = HeaderName::from_bytes(head.get(range(h.name))?).ok()?;
-        let value = range(h.value);
+        let (name, value) = h.ranges();
+        let name = HeaderName::from_bytes(head.get(name)?).ok()?;
         if value.end > head.len() {
             return None;
         }

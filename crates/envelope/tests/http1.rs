@@ -193,6 +193,34 @@ async fn http_1_0_is_answered_and_closed() {
 }
 
 #[tokio::test]
+async fn the_upstreams_headers_and_one_request_id_reach_the_client_through_either_engine() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    // The upstream echoes a request id of its own: the client sees the envelope's, once.
+    let reply = || Action::Respond {
+        status: 200,
+        delay: Duration::ZERO,
+        headers: vec![("x-app", "kept".to_owned()), ("x-request-id", "theirs".to_owned())],
+    };
+    up.script("/h", [reply(), reply(), reply(), reply()]);
+    // The listener's own loop (HTTP/1.1), then hyper (HTTP/1.0): the same answer, hop-by-hop headers aside.
+    for request in
+        ["GET /h HTTP/1.1\r\nhost: x\r\nx-request-id: id-1\r\n\r\n", "GET /h HTTP/1.0\r\nx-request-id: id-1\r\n\r\n"]
+    {
+        let mut c = Conn::open(env.addr).await;
+        c.send(request).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status, 200, "{request}");
+        assert_eq!(a.header("x-app"), Some("kept"), "{request}");
+        assert_eq!(a.header("x-request-id"), Some("id-1"), "{request}");
+        let ids = a.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-request-id")).count();
+        assert_eq!(ids, 1, "{request}: {:?}", a.headers);
+        assert_eq!(a.header("content-length"), Some(a.body.len().to_string().as_str()), "{request}");
+        assert!(a.header("date").is_some(), "{request}");
+    }
+}
+
+#[tokio::test]
 async fn head_has_no_body_and_the_connection_stays_usable() {
     let up = FaultUpstream::start().await;
     let env = envelope(CONFIG, up.addr).await;
