@@ -61,17 +61,22 @@ pub fn forwarded_value(client: IpAddr) -> HeaderValue {
 
 /// Appends `client` (from [`forwarded_value`]) to `X-Forwarded-For`.
 pub fn append_forwarded_value(headers: &mut HeaderMap, client: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
-        return;
+    let value = forwarded_for(headers, client);
+    headers.insert(X_FORWARDED_FOR.clone(), value);
+}
+
+/// The `X-Forwarded-For` a request with `headers` is forwarded with: its own (several values joined) with `client`
+/// (from [`forwarded_value`]) appended, or just `client`.
+pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
+    let mut existing =
+        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).peekable();
+    if existing.peek().is_none() {
+        return client.clone();
     }
-    let existing: Vec<&str> =
-        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).collect();
-    let client = client.to_str().unwrap_or_default();
-    let value = format!("{}, {client}", existing.join(", "));
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    let mut value = existing.collect::<Vec<_>>().join(", ");
+    value.push_str(", ");
+    value.push_str(client.to_str().unwrap_or_default());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).unwrap_or_else(|_| client.clone())
 }
 
 #[cfg(test)]

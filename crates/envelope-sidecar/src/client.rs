@@ -30,6 +30,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::upstream::SetHeaders;
 use crate::wire::{HeaderAt, forget_readiness, has_token, header_line, header_map, is, read_some, write_all};
 
 /// The largest response head accepted.
@@ -237,12 +238,12 @@ impl Pool {
 }
 
 /// A request head to send: the client's request (its headers cleaned of hop-by-hop ones), the target upstream,
-/// and what the attempt sets: `Host`, and with spans on, its own `traceparent`.
+/// and what the proxy sets: `Host`, and the headers in `set`.
 pub(crate) struct Head<'a> {
     pub(crate) parts: &'a http::request::Parts,
     pub(crate) target: &'a str,
     pub(crate) host: &'a HeaderValue,
-    pub(crate) traceparent: Option<&'a HeaderValue>,
+    pub(crate) set: &'a SetHeaders<'a>,
 }
 
 /// Writes the request head, framed by the body's length.
@@ -253,19 +254,24 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     header_line(out, b"host", head.host.as_bytes());
+    let set = head.set;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
             || name == header::CONNECTION
             || name == header::HOST
-            || (head.traceparent.is_some() && name == envelope_http::trace::TRACEPARENT)
+            || name == envelope_http::trace::TRACEPARENT
+            || name == envelope_http::headers::X_FORWARDED_FOR
+            || (set.request_id.is_some() && name == envelope_http::request_id::X_REQUEST_ID)
         {
             continue;
         }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(traceparent) = head.traceparent {
-        header_line(out, b"traceparent", traceparent.as_bytes());
+    header_line(out, b"traceparent", set.traceparent.as_bytes());
+    header_line(out, b"x-forwarded-for", set.forwarded_for.as_bytes());
+    if let Some(id) = set.request_id {
+        header_line(out, b"x-request-id", id.as_bytes());
     }
     if body_len > 0 || parts.headers.contains_key(header::CONTENT_LENGTH) {
         let _ = write!(out, "content-length: {body_len}\r\n");
@@ -707,7 +713,12 @@ mod tests {
 
     fn head(parts: &http::request::Parts) -> Head<'_> {
         static HOST: HeaderValue = HeaderValue::from_static("up");
-        Head { parts, target: "/x", host: &HOST, traceparent: None }
+        static TRACEPARENT: HeaderValue =
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        static FORWARDED: HeaderValue = HeaderValue::from_static("127.0.0.1");
+        static SET: SetHeaders<'static> =
+            SetHeaders { request_id: None, traceparent: &TRACEPARENT, forwarded_for: &FORWARDED };
+        Head { parts, target: "/x", host: &HOST, set: &SET }
     }
 
     async fn exchange(pool: &Arc<Pool>) -> (StatusCode, Vec<u8>) {
@@ -947,18 +958,35 @@ mod tests {
     }
 
     #[test]
-    fn the_head_carries_the_body_length_and_no_hop_by_hop_framing() {
+    fn the_head_carries_the_body_length_no_hop_by_hop_framing_and_the_headers_the_proxy_sets() {
         let mut parts = request();
         parts.method = Method::POST;
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         parts.headers.insert("traceparent", HeaderValue::from_static("client's"));
+        parts.headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        parts.headers.insert("x-request-id", HeaderValue::from_static("bad id"));
+        parts.headers.insert("x-app", HeaderValue::from_static("kept"));
+        let (tp, xff, id) = (
+            HeaderValue::from_static("attempt's"),
+            HeaderValue::from_static("10.0.0.1, 127.0.0.1"),
+            HeaderValue::from_static("new-id"),
+        );
+        let set = SetHeaders { request_id: Some(&id), traceparent: &tp, forwarded_for: &xff };
         let mut out = Vec::new();
-        let ours = HeaderValue::from_static("attempt's");
-        write_head(&mut out, &Head { traceparent: Some(&ours), ..head(&parts) }, 3);
+        write_head(&mut out, &Head { set: &set, ..head(&parts) }, 3);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /x HTTP/1.1\r\nhost: up\r\ntraceparent: attempt's\r\ncontent-length: 3\r\n\r\n"
+            "POST /x HTTP/1.1\r\nhost: up\r\nx-app: kept\r\ntraceparent: attempt's\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-request-id: new-id\r\ncontent-length: 3\r\n\r\n"
         );
+        // A valid client id (not replaced) is forwarded as it came.
+        parts.headers.insert("x-request-id", HeaderValue::from_static("theirs"));
+        let set = SetHeaders { request_id: None, ..set };
+        let mut out = Vec::new();
+        write_head(&mut out, &Head { set: &set, ..head(&parts) }, 0);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches("x-request-id").count(), 1, "{out}");
+        assert!(out.contains("x-request-id: theirs\r\n"), "{out}");
     }
 }

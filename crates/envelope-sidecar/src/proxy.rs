@@ -31,11 +31,11 @@ use bytes::Bytes;
 use envelope_core::{BoxError, Classify, Error, Outcome};
 use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
-use envelope_http::headers::{append_forwarded_value, strip_hop_by_hop};
+use envelope_http::headers::{forwarded_for, strip_hop_by_hop};
 use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::problem;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
-use envelope_http::trace::{TRACEPARENT, TraceContext};
+use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
@@ -45,7 +45,7 @@ use crate::client::PassedHead;
 use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
-use crate::upstream::{ResponseBody, UpstreamError, UpstreamRt};
+use crate::upstream::{ResponseBody, SetHeaders, UpstreamError, UpstreamRt};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
 pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
@@ -127,20 +127,17 @@ pub(crate) async fn handle_passing(
     rt: Arc<Runtime>,
     listener: usize,
     client: &Client,
-    mut req: Request<InBody>,
+    req: Request<InBody>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let spec = &rt.config.listeners[listener];
     let listener_metrics = &rt.listeners[listener].metrics;
     let method = req.method().clone();
 
-    // 1. Request id, and the trace (kept or started; this hop's span becomes the upstream's parent).
+    // 1. Request id, and the trace (kept or started; this hop's span becomes the upstream's parent). Both go
+    // upstream with the request (step 6), set as it is written rather than inserted into its headers here.
     let (id, kept) = RequestId::from_headers(req.headers());
-    if !kept {
-        req.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
-    }
     let trace = TraceContext::continue_or_start(req.headers());
-    req.headers_mut().insert(TRACEPARENT.clone(), trace.header_value());
     // A clone of the URI shares its bytes: the path stays at hand after the request is taken apart.
     let uri = req.uri().clone();
     let path = uri.path();
@@ -183,10 +180,13 @@ pub(crate) async fn handle_passing(
         };
         pending.route = Some(route.clone());
 
-        // 4. Header hygiene.
+        // 4. Header hygiene; the headers the proxy sets (the request id if the client's was missing or invalid,
+        // this hop's trace context, X-Forwarded-For with the client appended) replace the client's.
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded_value(&mut parts.headers, &client.forwarded);
+        let forwarded_for = forwarded_for(&parts.headers, &client.forwarded);
+        let request_id = (!kept).then(|| id.header_value());
+        let hop_traceparent = trace.header_value();
 
         // 5. Body: replayable within the cap, else streamed once.
         let replay = replay_safety(&parts.method, &parts.headers);
@@ -217,11 +217,15 @@ pub(crate) async fn handle_passing(
                 let body = prepared.attempt();
                 let (endpoint, _) = route.upstream.pick();
                 let (upstream, classifier, parts, target) = (&route.upstream, &route.classifier, &parts, &target);
+                let (hop_traceparent, forwarded_for) = (&hop_traceparent, &forwarded_for);
                 async move {
                     let body = body.ok_or(UpstreamError::BodyGone)?;
                     let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
-                    let traceparent = span.as_ref().map(|s| s.span.span.header_value());
-                    let result = upstream.send(endpoint, parts, target, body, traceparent).await;
+                    // With span export on, each attempt is a span of its own and the parent of the upstream's.
+                    let attempt_traceparent = span.as_ref().map(|s| s.span.span.header_value());
+                    let traceparent = attempt_traceparent.as_ref().unwrap_or(hop_traceparent);
+                    let set = SetHeaders { request_id, traceparent, forwarded_for };
+                    let result = upstream.send(endpoint, parts, target, body, &set).await;
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
                         span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));

@@ -33,6 +33,17 @@ pub(crate) type UpstreamBody = AttemptBody<Limited<InBody>>;
 /// An upstream's response body: from the sidecar's own HTTP/1.1 client, or from hyper-util's.
 pub(crate) type ResponseBody = Either<Incoming, client::Body>;
 
+/// The headers the proxy sets on each request it forwards, replacing the client's own (written by the upstream
+/// client with the rest of the head, rather than inserted into the request's header map).
+pub(crate) struct SetHeaders<'a> {
+    /// `X-Request-ID`, when the client's was missing or invalid (a valid one is forwarded as it came).
+    pub(crate) request_id: Option<&'a HeaderValue>,
+    /// `traceparent`: this hop's span (or, with span export on, the attempt's).
+    pub(crate) traceparent: &'a HeaderValue,
+    /// `X-Forwarded-For`, the client's address appended.
+    pub(crate) forwarded_for: &'a HeaderValue,
+}
+
 /// Consecutive connection failures after which an endpoint is taken out of rotation.
 pub(crate) const EJECT_AFTER_FAILURES: u32 = 3;
 /// How long an ejected endpoint stays out of rotation before it is tried again.
@@ -174,13 +185,13 @@ impl UpstreamRt {
         parts: &http::request::Parts,
         target: &str,
         body: UpstreamBody,
-        traceparent: Option<HeaderValue>,
+        set: &SetHeaders<'_>,
     ) -> Result<http::Response<ResponseBody>, UpstreamError> {
         let endpoint = &self.spec.endpoints[i];
         if endpoint.scheme == http::uri::Scheme::HTTP
             && let AttemptBody::Full { data, trailers: None } = &body
         {
-            let head = client::Head { parts, target, host: &endpoint.host, traceparent: traceparent.as_ref() };
+            let head = client::Head { parts, target, host: &endpoint.host, set };
             return match self.pool.send(i, &head, data.as_deref().unwrap_or_default()).await {
                 Ok(r) => Ok(r.map(Either::Right)),
                 Err(client::SendError::Connect(e)) => Err(UpstreamError::Connect(e.into())),
@@ -197,9 +208,12 @@ impl UpstreamRt {
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = parts.headers.clone();
-        req.headers_mut().insert(http::header::HOST, endpoint.host.clone());
-        if let Some(traceparent) = traceparent {
-            req.headers_mut().insert(envelope_http::trace::TRACEPARENT.clone(), traceparent);
+        let headers = req.headers_mut();
+        headers.insert(http::header::HOST, endpoint.host.clone());
+        headers.insert(envelope_http::trace::TRACEPARENT.clone(), set.traceparent.clone());
+        headers.insert(envelope_http::headers::X_FORWARDED_FOR.clone(), set.forwarded_for.clone());
+        if let Some(id) = set.request_id {
+            headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id.clone());
         }
         self.client.request(req).await.map(|r| r.map(Either::Left)).map_err(UpstreamError::from_client)
     }

@@ -221,6 +221,37 @@ async fn the_upstreams_headers_and_one_request_id_reach_the_client_through_eithe
 }
 
 #[tokio::test]
+async fn the_upstream_gets_the_clients_headers_without_hop_by_hop_ones_and_with_those_the_proxy_sets() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    let hostile = "x-forwarded-for: 10.0.0.1\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\n\
+                   x-request-id: bad id\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+                   x-app: kept\r\n";
+    // The listener's own loop (HTTP/1.1), then hyper (HTTP/1.0): the upstream sees the same.
+    for request in
+        [format!("GET /fwd HTTP/1.1\r\nhost: x\r\n{hostile}\r\n"), format!("GET /fwd HTTP/1.0\r\n{hostile}\r\n")]
+    {
+        let mut c = Conn::open(env.addr).await;
+        c.send(&request).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status, 200);
+        let seen = up.headers("/fwd").pop().unwrap();
+        let all = |name: &str| seen.get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>();
+        assert_eq!(all("x-forwarded-for"), ["10.0.0.1, 127.0.0.1"], "{request}");
+        assert!(all("x-hop").is_empty() && all("keep-alive").is_empty(), "hop-by-hop headers stripped: {seen:?}");
+        assert_eq!(all("x-app"), ["kept"]);
+        // The invalid id is replaced by the one the client is answered with; the trace is continued.
+        assert_eq!(all("x-request-id"), [a.header("x-request-id").unwrap()]);
+        assert_ne!(all("x-request-id"), ["bad id"]);
+        let traceparent = all("traceparent");
+        assert_eq!(traceparent.len(), 1);
+        assert!(traceparent[0].starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{traceparent:?}");
+        assert!(!traceparent[0].contains("b7ad6b7169203331"), "this hop is the parent: {traceparent:?}");
+        assert_eq!(all("host"), [up.addr.to_string()]);
+    }
+}
+
+#[tokio::test]
 async fn head_has_no_body_and_the_connection_stays_usable() {
     let up = FaultUpstream::start().await;
     let env = envelope(CONFIG, up.addr).await;

@@ -91,6 +91,8 @@ struct State {
     request_ids: HashMap<String, Vec<String>>,
     /// `traceparent` headers seen per path, in order.
     traceparents: HashMap<String, Vec<String>>,
+    /// Every request's headers per path, in order.
+    headers: HashMap<String, Vec<http::HeaderMap>>,
     /// Requests whose handling was cancelled (the proxy closed the connection before the answer).
     cancelled: usize,
 }
@@ -190,6 +192,11 @@ impl FaultUpstream {
         self.state.lock().unwrap().traceparents.get(path).cloned().unwrap_or_default()
     }
 
+    /// The headers of each request to `path`, in order.
+    pub fn headers(&self, path: &str) -> Vec<http::HeaderMap> {
+        self.state.lock().unwrap().headers.get(path).cloned().unwrap_or_default()
+    }
+
     pub fn cancelled(&self) -> usize {
         self.state.lock().unwrap().cancelled
     }
@@ -205,6 +212,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         *s.counts.entry((method, path.clone())).or_default() += 1;
         s.request_ids.entry(path.clone()).or_default().push(id);
         s.traceparents.entry(path.clone()).or_default().push(traceparent);
+        s.headers.entry(path.clone()).or_default().push(req.headers().clone());
         match s.scripts.get_mut(&path) {
             Some(q) if q.len() > 1 => q.pop_front().unwrap(),
             Some(q) => q.front().cloned().unwrap_or(Action::status(200)),
