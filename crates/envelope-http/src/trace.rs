@@ -47,6 +47,11 @@ impl TraceContext {
 
     /// The `traceparent` value that makes this hop's span the parent of the next one.
     pub fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.traceparent()).expect("hex digits and dashes are a valid header value")
+    }
+
+    /// The same value as bytes, on the stack (for a writer that needs no [`HeaderValue`]).
+    pub fn traceparent(&self) -> [u8; 55] {
         // Written by hand: one per request, and `format!` of a u128 in hex costs more than the rest of it.
         let mut v = [0u8; 55];
         v[..3].copy_from_slice(b"00-");
@@ -55,17 +60,26 @@ impl TraceContext {
         lower_hex(&mut v[36..52], u128::from(self.span_id));
         v[52] = b'-';
         lower_hex(&mut v[53..55], u128::from(self.flags));
-        HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&v))
-            .expect("hex digits and dashes are a valid header value")
+        v
     }
 }
 
-/// Fills `out` with the low `2 * out.len()` hex digits of `value`, zero-padded, lower case.
+/// Fills `out` with the low `2 * out.len()` hex digits of `value`, zero-padded, lower case (`out.len()` even).
 fn lower_hex(out: &mut [u8], mut value: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in out.iter_mut().rev() {
-        *b = DIGITS[(value & 0xf) as usize];
-        value >>= 4;
+    // Two digits per step, from a table of the 256 byte values.
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    for pair in out.rchunks_exact_mut(2) {
+        pair.copy_from_slice(&PAIRS[(value & 0xff) as usize]);
+        value >>= 8;
     }
 }
 
@@ -131,6 +145,19 @@ mod tests {
         let s = out.to_str().unwrap();
         assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && s.ends_with("-01") && s.len() == 55, "{s}");
         assert!(parse(&out).is_some());
+    }
+
+    #[test]
+    fn the_traceparent_is_written_exactly() {
+        let t = TraceContext {
+            trace_id: 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            span_id: 0xb7,
+            parent_id: None,
+            flags: 1,
+        };
+        assert_eq!(&t.traceparent(), b"00-0af7651916cd43dd8448eb211c80319c-00000000000000b7-01");
+        let t = TraceContext { trace_id: u128::MAX, span_id: u64::MAX, parent_id: None, flags: 0 };
+        assert_eq!(t.header_value(), "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-00");
     }
 
     #[test]

@@ -268,7 +268,7 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
         }
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    header_line(out, b"traceparent", set.traceparent.as_bytes());
+    header_line(out, b"traceparent", set.traceparent);
     header_line(out, b"x-forwarded-for", set.forwarded_for.as_bytes());
     if let Some(id) = set.request_id {
         header_line(out, b"x-request-id", id.as_bytes());
@@ -333,7 +333,7 @@ impl PassedHead {
         self.at[..self.len]
             .iter()
             .map(|h| h.of_head(&self.head))
-            .filter(|(name, _)| self.request_id.is_none() || !is(name, &envelope_http::request_id::X_REQUEST_ID))
+            .filter(|(name, _)| self.request_id.is_none() || !is(name, b"x-request-id"))
     }
 
     /// The same headers, appended to `headers`.
@@ -389,18 +389,18 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
             for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
                 let name = h.name.as_bytes();
                 pass = pass && !envelope_http::headers::is_hop_by_hop(name);
-                if is(name, &header::TRANSFER_ENCODING) {
+                if is(name, b"transfer-encoding") {
                     // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
                     let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
                     framing = if has_token(last, b"chunked") { Framing::Chunked(Chunk::Size) } else { Framing::Close };
-                } else if is(name, &header::CONTENT_LENGTH) && !matches!(framing, Framing::Chunked(_)) {
+                } else if is(name, b"content-length") && !matches!(framing, Framing::Chunked(_)) {
                     let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
                     match (n, framing) {
                         (Some(n), Framing::Close) => framing = Framing::Length(n),
                         (Some(n), Framing::Length(m)) if n == m => {}
                         _ => return Err(ExchangeError::BadResponse("content-length")),
                     }
-                } else if is(name, &header::CONNECTION) && has_token(h.value, b"close") {
+                } else if is(name, b"connection") && has_token(h.value, b"close") {
                     keep_alive = false;
                 }
                 *slot = HeaderAt::of(buf, h);
@@ -713,11 +713,12 @@ mod tests {
 
     fn head(parts: &http::request::Parts) -> Head<'_> {
         static HOST: HeaderValue = HeaderValue::from_static("up");
-        static TRACEPARENT: HeaderValue =
-            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         static FORWARDED: HeaderValue = HeaderValue::from_static("127.0.0.1");
-        static SET: SetHeaders<'static> =
-            SetHeaders { request_id: None, traceparent: &TRACEPARENT, forwarded_for: &FORWARDED };
+        static SET: SetHeaders<'static> = SetHeaders {
+            request_id: None,
+            traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            forwarded_for: &FORWARDED,
+        };
         Head { parts, target: "/x", host: &HOST, set: &SET }
     }
 
@@ -967,12 +968,8 @@ mod tests {
         parts.headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         parts.headers.insert("x-request-id", HeaderValue::from_static("bad id"));
         parts.headers.insert("x-app", HeaderValue::from_static("kept"));
-        let (tp, xff, id) = (
-            HeaderValue::from_static("attempt's"),
-            HeaderValue::from_static("10.0.0.1, 127.0.0.1"),
-            HeaderValue::from_static("new-id"),
-        );
-        let set = SetHeaders { request_id: Some(&id), traceparent: &tp, forwarded_for: &xff };
+        let (xff, id) = (HeaderValue::from_static("10.0.0.1, 127.0.0.1"), HeaderValue::from_static("new-id"));
+        let set = SetHeaders { request_id: Some(&id), traceparent: b"attempt's", forwarded_for: &xff };
         let mut out = Vec::new();
         write_head(&mut out, &Head { set: &set, ..head(&parts) }, 3);
         assert_eq!(

@@ -27,7 +27,6 @@ use std::task::Poll;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
@@ -209,17 +208,17 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let mut close = false;
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
         let name = h.name.as_bytes();
-        if is(name, &header::TRANSFER_ENCODING) || is(name, &header::EXPECT) || is(name, &header::UPGRADE) {
+        if is(name, b"transfer-encoding") || is(name, b"expect") || is(name, b"upgrade") {
             return Err(Refused::HandOver);
         }
-        if is(name, &header::CONTENT_LENGTH) {
+        if is(name, b"content-length") {
             let n = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
             match (content_length, n) {
                 (None, Some(n)) if n <= MAX_FAST_BODY => content_length = Some(n),
                 _ => return Err(Refused::HandOver),
             }
         }
-        if is(name, &header::CONNECTION) {
+        if is(name, b"connection") {
             if has_token(h.value, b"upgrade") {
                 return Err(Refused::HandOver);
             }
@@ -270,11 +269,11 @@ async fn write_response(
     let mut dated = false;
     // Each header (raw name, any case): framing headers are redone here, the first Content-Length is kept.
     let mut write_header = |name: &[u8], value: &[u8]| {
-        if is(name, &header::CONNECTION) || is(name, &header::TRANSFER_ENCODING) {
+        if is(name, b"connection") || is(name, b"transfer-encoding") {
             return;
         }
-        dated |= is(name, &header::DATE);
-        if is(name, &header::CONTENT_LENGTH) {
+        dated |= is(name, b"date");
+        if is(name, b"content-length") {
             if declared.is_some() {
                 return;
             }

@@ -186,7 +186,7 @@ pub(crate) async fn handle_passing(
         strip_hop_by_hop(&mut parts.headers);
         let forwarded_for = forwarded_for(&parts.headers, &client.forwarded);
         let request_id = (!kept).then(|| id.header_value());
-        let hop_traceparent = trace.header_value();
+        let hop_traceparent = trace.traceparent();
 
         // 5. Body: replayable within the cap, else streamed once.
         let replay = replay_safety(&parts.method, &parts.headers);
@@ -222,7 +222,7 @@ pub(crate) async fn handle_passing(
                     let body = body.ok_or(UpstreamError::BodyGone)?;
                     let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
                     // With span export on, each attempt is a span of its own and the parent of the upstream's.
-                    let attempt_traceparent = span.as_ref().map(|s| s.span.span.header_value());
+                    let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
                     let traceparent = attempt_traceparent.as_ref().unwrap_or(hop_traceparent);
                     let set = SetHeaders { request_id, traceparent, forwarded_for };
                     let result = upstream.send(endpoint, parts, target, body, &set).await;

@@ -38,8 +38,9 @@ pub(crate) type ResponseBody = Either<Incoming, client::Body>;
 pub(crate) struct SetHeaders<'a> {
     /// `X-Request-ID`, when the client's was missing or invalid (a valid one is forwarded as it came).
     pub(crate) request_id: Option<&'a HeaderValue>,
-    /// `traceparent`: this hop's span (or, with span export on, the attempt's).
-    pub(crate) traceparent: &'a HeaderValue,
+    /// `traceparent`: this hop's span (or, with span export on, the attempt's), as bytes (see
+    /// `TraceContext::traceparent`).
+    pub(crate) traceparent: &'a [u8],
     /// `X-Forwarded-For`, the client's address appended.
     pub(crate) forwarded_for: &'a HeaderValue,
 }
@@ -210,7 +211,9 @@ impl UpstreamRt {
         *req.headers_mut() = parts.headers.clone();
         let headers = req.headers_mut();
         headers.insert(http::header::HOST, endpoint.host.clone());
-        headers.insert(envelope_http::trace::TRACEPARENT.clone(), set.traceparent.clone());
+        if let Ok(traceparent) = HeaderValue::from_bytes(set.traceparent) {
+            headers.insert(envelope_http::trace::TRACEPARENT.clone(), traceparent);
+        }
         headers.insert(envelope_http::headers::X_FORWARDED_FOR.clone(), set.forwarded_for.clone());
         if let Some(id) = set.request_id {
             headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id.clone());

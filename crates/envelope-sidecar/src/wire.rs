@@ -102,9 +102,9 @@ pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<H
     Some(headers)
 }
 
-/// Whether the raw header name `name` is `known` (header names are case-insensitive).
-pub(crate) fn is(name: &[u8], known: &HeaderName) -> bool {
-    name.eq_ignore_ascii_case(known.as_str().as_bytes())
+/// Whether the raw header name `name` is `known`, given in lower case (header names are case-insensitive).
+pub(crate) fn is(name: &[u8], known: &[u8]) -> bool {
+    name.len() == known.len() && name.eq_ignore_ascii_case(known)
 }
 
 /// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.
