@@ -64,8 +64,8 @@ impl TraceContext {
     }
 }
 
-/// Fills `out` with the low `2 * out.len()` hex digits of `value`, zero-padded, lower case (`out.len()` even).
-fn lower_hex(out: &mut [u8], mut value: u128) {
+/// Fills `out` with the low `out.len()` hex digits of `value`, zero-padded, lower case (`out.len()` even).
+pub(crate) fn lower_hex(out: &mut [u8], mut value: u128) {
     // Two digits per step, from a table of the 256 byte values.
     const PAIRS: [[u8; 2]; 256] = {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -234,8 +234,8 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
-    // Room for what the proxy adds (request id, traceparent, X-Forwarded-For) without growing.
-    let Some(headers) = header_map(&head, &at[..count], 4) else { return Err(Refused::BadRequest) };
+    // The proxy adds nothing to them (the headers it sets are written with the upstream request).
+    let Some(headers) = header_map(&head, &at[..count], 0) else { return Err(Refused::BadRequest) };
     let is_head = method == Method::HEAD;
     let mut request = Request::new(Either::Right(Full::new(body)));
     *request.method_mut() = method;

@@ -36,7 +36,7 @@ use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::problem;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::TraceContext;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
@@ -168,7 +168,8 @@ pub(crate) async fn handle_passing(
         if uri_len > spec.max_uri_bytes {
             break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", &id);
         }
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // The declared Content-Length, as both engines report it (no second look at the header).
+        let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > spec.max_body_bytes) {
             break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
         }

@@ -45,6 +45,7 @@ pub(crate) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result
 
 /// Appends `name: value\r\n`.
 pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
