@@ -39,6 +39,11 @@ async fn https_upstreams_are_reached_over_tls_with_prefix_stripping() {
     let (status, _, body) = send(get(env.addr, "/payments/v1/charges?limit=2")).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(up.count("GET", "/v1/charges"), 1, "the prefix was stripped on the way out");
+    // The headers the proxy sets travel over hyper-util's client too.
+    let seen = up.headers("/v1/charges").pop().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.get_all("x-request-id").iter().count(), 1);
+    assert!(seen["traceparent"].to_str().unwrap().starts_with("00-"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
