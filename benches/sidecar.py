@@ -237,30 +237,28 @@ def cpu_ticks(proc):
     return total
 
 
+def status_value(path, field):
+    """The number after `field:` in a /proc status file (0 if the process is gone)."""
+    try:
+        for line in open(path):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def preemptions(proc):
     """How many times the proxy's processes were switched out while they could still run (the CPU handed to a peer)."""
     total = 0
     for p in pids(proc):
-        for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []:
-            try:
-                for line in open(f"/proc/{p}/task/{task}/status"):
-                    if line.startswith("nonvoluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
+        tasks = os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []
+        total += sum(status_value(f"/proc/{p}/task/{t}/status", "nonvoluntary_ctxt_switches") for t in tasks)
     return total
 
 
 def rss_mib(proc):
-    total = 0
-    for p in pids(proc):
-        try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+    return sum(status_value(f"/proc/{p}/status", "VmRSS") for p in pids(proc)) / 1024
 
 
 def upstream_open():

@@ -49,20 +49,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends `client` to `X-Forwarded-For` (creating it if absent; several incoming values are joined).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    append_forwarded_value(headers, &forwarded_value(client));
+    let value = forwarded_for(headers, &forwarded_value(client));
+    headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
 /// `client` as an `X-Forwarded-For` value: made once per connection, appended to each of its requests with
-/// [`append_forwarded_value`].
+/// [`forwarded_for`].
 pub fn forwarded_value(client: IpAddr) -> HeaderValue {
     // The formatted string becomes the value's buffer (no second copy).
     HeaderValue::from_maybe_shared(bytes::Bytes::from(client.to_string())).expect("an IP address is a valid value")
-}
-
-/// Appends `client` (from [`forwarded_value`]) to `X-Forwarded-For`.
-pub fn append_forwarded_value(headers: &mut HeaderMap, client: &HeaderValue) {
-    let value = forwarded_for(headers, client);
-    headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
 /// The `X-Forwarded-For` a request with `headers` is forwarded with: its own (several values joined) with `client`

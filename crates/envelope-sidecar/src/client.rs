@@ -321,29 +321,21 @@ impl PassedHead {
     /// The headers to forward, in order, as raw names and values: the upstream's (without its `X-Request-ID` when
     /// the proxy set one), then the request id.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
-        for (name, value) in self.upstream() {
-            f(name, value);
+        for h in &self.at[..self.len] {
+            let (name, value) = h.of_head(&self.head);
+            if self.request_id.is_none() || !is(name, b"x-request-id") {
+                f(name, value);
+            }
         }
         if let Some(id) = &self.request_id {
             f(envelope_http::request_id::X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
         }
     }
 
-    fn upstream(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.at[..self.len]
-            .iter()
-            .map(|h| h.of_head(&self.head))
-            .filter(|(name, _)| self.request_id.is_none() || !is(name, b"x-request-id"))
-    }
-
-    /// The same headers, appended to `headers`.
+    /// The same headers, added to `headers` (the response's, empty when its head was passed through).
     pub(crate) fn into_map(self, headers: &mut http::HeaderMap) {
-        for (name, value) in self.upstream() {
-            // Both were checked by the parser (token name, visible or tab value bytes): never skipped in practice.
-            if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                headers.append(name, value);
-            }
-        }
+        // The parser checked every name and value (token names; visible or tab value bytes): none is refused here.
+        headers.extend(header_map(&self.head, &self.at[..self.len], 1).unwrap_or_default());
         if let Some(id) = self.request_id {
             headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id);
         }

@@ -12,8 +12,9 @@
 //!   preface, HTTP/1.0, a head that arrives in pieces (slow clients meet hyper's header-read timeout and the 408
 //!   as before), heads over the limits (hyper's 431), malformed heads (hyper's 400), chunked or large bodies.
 //!
-//! Requests served here go through the same [`crate::proxy::handle`] as hyper's, as `Request<InBody>`. While a
-//! request is handled the client's socket is watched: a client that goes away cancels its request, as with hyper.
+//! Requests served here go through the same proxy as hyper's, as `Request<InBody>` (`proxy::handle_passing`, which
+//! may leave a plain upstream answer's head as it came, for `write_response` to write out). While a request is
+//! handled the client's socket is watched: a client that goes away cancels its request, as with hyper.
 //! Responses are written with their own framing: the upstream's `Content-Length`, else the body's exact size,
 //! else chunked; a body that fails midway (the deadline, the upstream reset) ends the connection, so the client
 //! sees a truncated response, never a wrong one.

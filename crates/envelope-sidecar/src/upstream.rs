@@ -177,9 +177,8 @@ impl UpstreamRt {
     }
 
     /// Sends one attempt to endpoint `i`: the client's request `parts` (headers already cleaned) to `target`,
-    /// with `Host` set to the endpoint and, with spans on, the attempt's own `traceparent`. Plain http with a
-    /// buffered body goes through the sidecar's own client (which writes the head straight from `parts`); the
-    /// rest through hyper-util's.
+    /// with `Host` set to the endpoint and the headers in `set`. Plain http with a buffered body goes through the
+    /// sidecar's own client (which writes the head straight from `parts`); the rest through hyper-util's.
     pub(crate) async fn send(
         &self,
         i: usize,

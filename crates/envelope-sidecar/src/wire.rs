@@ -71,9 +71,7 @@ impl HeaderAt {
         };
         HeaderAt { name: at(h.name.as_bytes()), value: at(h.value) }
     }
-}
 
-impl HeaderAt {
     /// The name's and the value's byte ranges.
     fn ranges(self) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let range = |(offset, len): (u32, u32)| offset as usize..offset as usize + len as usize;
@@ -105,7 +103,7 @@ pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<H
 
 /// Whether the raw header name `name` is `known`, given in lower case (header names are case-insensitive).
 pub(crate) fn is(name: &[u8], known: &[u8]) -> bool {
-    name.len() == known.len() && name.eq_ignore_ascii_case(known)
+    name.eq_ignore_ascii_case(known)
 }
 
 /// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.

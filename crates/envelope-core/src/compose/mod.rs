@@ -294,12 +294,11 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let (cover, mut start) = (cover.map(|c| c.0), cover.map(|c| c.1));
+        let (cover, mut start) = cover.unzip();
         let deadline = cover.map(cover::Cover::deadline);
         let Some(retry) = &p.retry else {
-            let began = start;
             let (result, outcome, _) =
-                self.hedged(classifier, &mut f, self.attempt_limit(began, deadline), cover).await;
+                self.hedged(classifier, &mut f, self.attempt_limit(start, deadline), cover).await;
             return (result, outcome);
         };
         let deadline = match retry.config().deadline() {
