@@ -265,7 +265,7 @@ pub(crate) async fn handle_passing(
     let elapsed = now - start;
     if let Some(route) = &pending.route {
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), now, &trace);
-        route.slo.record(counts_against_availability(outcome), elapsed);
+        route.slo.record_at(counts_against_availability(outcome), elapsed, now);
     }
     let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
     for (counter, metrics) in &rt.counters {

@@ -48,11 +48,13 @@ impl Envelope {
             (a, b) => a.or(b),
         };
         if let Some(r) = &p.retry {
-            r.on_first_attempt();
+            r.on_first_attempt(start);
         }
         let mut st = Attempts::default();
+        let mut start = start;
         let (result, outcome) = loop {
-            let began = deadline.map(|_| clock::now());
+            // The first attempt begins when the call did.
+            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
             let (result, outcome, hint) = self.attempt_blocking(classifier, &mut f);
             let Some(retry) = &p.retry else { break (result, outcome) };

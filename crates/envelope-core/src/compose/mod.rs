@@ -308,7 +308,7 @@ impl Envelope {
             }
             None => deadline,
         };
-        retry.on_first_attempt();
+        retry.on_first_attempt(start);
         let mut st = Attempts::default();
         loop {
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));

@@ -89,9 +89,16 @@ impl RetryBudget {
     /// Records a live (first) call.
     #[inline]
     pub fn deposit(&self) {
+        self.deposit_at(None);
+    }
+
+    /// [`deposit`](Self::deposit) at `now` if the caller has just read the clock (the call's start), so that a
+    /// call that succeeds at once costs no clock read here.
+    #[inline]
+    pub(crate) fn deposit_at(&self, now: Option<Instant>) {
         let s = &self.shared;
         if s.deposit > 0 {
-            s.add(s.deposit, clock::now());
+            s.add(s.deposit, now.unwrap_or_else(clock::now));
         }
     }
 

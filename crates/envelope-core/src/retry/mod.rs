@@ -252,11 +252,11 @@ impl Retry {
         &self.config
     }
 
-    /// Records a live call in the budget.
+    /// Records a live call in the budget, at `now` if the caller has read the clock already.
     #[inline]
-    pub(crate) fn on_first_attempt(&self) {
+    pub(crate) fn on_first_attempt(&self, now: Option<Instant>) {
         if let Some(b) = &self.config.budget {
-            b.deposit();
+            b.deposit_at(now);
         }
     }
 
@@ -328,11 +328,14 @@ impl Retry {
         C: Classify<T, E>,
     {
         // The clock is read only when a deadline needs it: a call that succeeds at once costs no clock read.
-        let deadline = self.config.deadline.map(|d| clock::now() + d);
-        self.on_first_attempt();
+        let start = self.config.deadline.map(|_| clock::now());
+        let deadline = start.zip(self.config.deadline).map(|(now, d)| now + d);
+        self.on_first_attempt(start);
         let mut st = Attempts::default();
+        let mut start = start;
         loop {
-            let began = deadline.map(|_| clock::now());
+            // The first attempt begins when the call did.
+            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
             let (result, outcome, hint) = match self.attempt_limit(began, deadline) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
