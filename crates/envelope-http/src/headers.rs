@@ -23,7 +23,37 @@ const HOP_BY_HOP: [&str; 9] = [
 /// Whether the raw header name `name` is one of the hop-by-hop headers of RFC 9110 (case-insensitive). Headers
 /// that `Connection` names are hop-by-hop too: a message with `Connection` needs [`strip_hop_by_hop`].
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    HOP_BY_HOP.iter().any(|h| name_is(name, h.as_bytes()))
+}
+
+/// Whether the raw header name `name` is `lower`, ignoring ASCII case. `lower` is a name as written in code: lower
+/// case letters, digits and `-` only; `name` may hold any bytes.
+///
+/// Eight bytes at a time: a raw name may differ from `lower` only in bit 5 (0x20), and only where `lower` has a
+/// letter — the bytes with bit 6 (0x40) set, among those `lower` may hold. Header names are compared on every
+/// message, most of them against a literal of their own length, which a byte-by-byte case fold makes slow.
+#[inline]
+pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'), "{lower:?}");
+    if name.len() != lower.len() {
+        return false;
+    }
+    // Differences allowed: 0x20 where `lower` has a letter.
+    let differs = |a: u64, l: u64| (a ^ l) & !((l & 0x4040_4040_4040_4040) >> 1) != 0;
+    let n = name.len();
+    if n < 8 {
+        return name.iter().zip(lower).all(|(&a, &l)| (a ^ l) & !((l & 0x40) >> 1) == 0);
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("eight bytes"));
+    let mut at = 0;
+    while at + 8 < n {
+        if differs(word(name, at), word(lower, at)) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last eight bytes, overlapping the words before if `n` is not a multiple of eight.
+    !differs(word(name, n - 8), word(lower, n - 8))
 }
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
@@ -77,6 +107,35 @@ pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// `name_is` agrees with a plain case-insensitive comparison for any bytes against every name the proxy
+        /// compares with, and for any case of those names.
+        #[test]
+        fn name_is_matches_ascii_case_folding(
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..24),
+            pick in 0usize..13,
+            flips in proptest::num::u32::ANY,
+        ) {
+            const NAMES: [&str; 13] = ["connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "content-length",
+                "x-request-id", "date", "x-b3-traceid-2"];
+            let lower = NAMES[pick].as_bytes();
+            proptest::prop_assert_eq!(name_is(&raw, lower), raw.eq_ignore_ascii_case(lower));
+            // The name itself, in a random mix of cases, and the same with one byte changed.
+            let mixed: Vec<u8> = lower.iter().enumerate()
+                .map(|(i, &b)| if flips >> (i % 32) & 1 == 1 { b.to_ascii_uppercase() } else { b })
+                .collect();
+            proptest::prop_assert!(name_is(&mixed, lower));
+            for i in 0..mixed.len() {
+                for delta in [0x01u8, 0x20, 0x40, 0x80] {
+                    let mut changed = mixed.clone();
+                    changed[i] ^= delta;
+                    proptest::prop_assert_eq!(name_is(&changed, lower), changed.eq_ignore_ascii_case(lower));
+                }
+            }
+        }
+    }
 
     #[test]
     fn strips_standard_and_connection_named_headers() {

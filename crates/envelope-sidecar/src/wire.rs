@@ -102,8 +102,9 @@ pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<H
 }
 
 /// Whether the raw header name `name` is `known`, given in lower case (header names are case-insensitive).
+#[inline]
 pub(crate) fn is(name: &[u8], known: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(known)
+    envelope_http::headers::name_is(name, known)
 }
 
 /// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.
