@@ -31,7 +31,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::upstream::SetHeaders;
-use crate::wire::{HeaderAt, forget_readiness, has_token, header_line, header_map, is, read_some, write_all};
+use crate::wire::{
+    HeaderAt, SMALL_HEAD, forget_readiness, has_token, header_line, header_map, is, positions, read_some, write_all,
+};
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -373,8 +375,9 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
                 }
                 continue;
             }
-            let mut at = [HeaderAt::default(); MAX_HEADERS];
             let count = r.headers.len();
+            let (mut small, mut large) = ([HeaderAt::default(); SMALL_HEAD], Vec::new());
+            let at = positions(&mut small, &mut large, count);
             let mut framing = Framing::Close;
             let mut keep_alive = r.version != Some(0);
             let mut pass = status.is_success() && count <= PASSED_HEADERS;
@@ -406,12 +409,12 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
             *response.version_mut() = Version::HTTP_11;
             let passed = if pass {
                 let mut passed = [HeaderAt::default(); PASSED_HEADERS];
-                passed[..count].copy_from_slice(&at[..count]);
+                passed[..count].copy_from_slice(at);
                 // Boxed: the body that carries it is moved through every layer of the proxy.
                 Some(Box::new(PassedHead { head, at: passed, len: count, request_id: None }))
             } else {
                 // Room for the request id the proxy adds.
-                let Some(headers) = header_map(&head, &at[..count], 2) else {
+                let Some(headers) = header_map(&head, at, 2) else {
                     return Err(ExchangeError::BadResponse("header"));
                 };
                 *response.headers_mut() = headers;
@@ -767,6 +770,7 @@ mod tests {
             "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3\r\ncontent-length: 0\r\n\r\n",
             "HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            MANY_HEADERS,
         ])
         .await;
         let pool = pool(addr);
@@ -800,7 +804,19 @@ mod tests {
             assert!(r.headers().contains_key(expect), "{expect}");
             collect(r.into_body()).await.unwrap();
         }
+        // More headers than are passed through, and than fit the positions kept on the stack: every one in the map.
+        let (r, passed) = answer(&pool).await;
+        assert!(passed.is_none());
+        assert_eq!(r.headers().len(), 21);
+        assert_eq!(r.headers()["x-h0"], "0");
+        assert_eq!(r.headers()["x-h19"], "19");
+        assert_eq!(collect(r.into_body()).await.unwrap(), b"many");
     }
+
+    /// A success with 20 headers of its own and a body.
+    const MANY_HEADERS: &str = "HTTP/1.1 200 OK\r\nx-h0: 0\r\nx-h1: 1\r\nx-h2: 2\r\nx-h3: 3\r\nx-h4: 4\r\nx-h5: 5\r\n\
+        x-h6: 6\r\nx-h7: 7\r\nx-h8: 8\r\nx-h9: 9\r\nx-h10: 10\r\nx-h11: 11\r\nx-h12: 12\r\nx-h13: 13\r\nx-h14: 14\r\n\
+        x-h15: 15\r\nx-h16: 16\r\nx-h17: 17\r\nx-h18: 18\r\nx-h19: 19\r\ncontent-length: 4\r\n\r\nmany";
 
     #[tokio::test]
     async fn a_body_until_close_is_read_whole_and_its_connection_dropped() {

@@ -37,7 +37,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::wire::{
-    HeaderAt, READ_BUFFER, forget_readiness, has_token, header_line, header_map, is, read_some, write_all,
+    HeaderAt, READ_BUFFER, SMALL_HEAD, forget_readiness, has_token, header_line, header_map, is, positions, read_some,
+    write_all,
 };
 
 /// A request body: hyper's, or the buffered body of a request served here.
@@ -202,9 +203,10 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let Some(path) = req.path else { return Err(Refused::HandOver) };
     let path_at = path.as_ptr() as usize - buf.as_ptr() as usize;
     let path_at = path_at..path_at + path.len();
-    // Where each header is (kept on the stack: the head is frozen afterwards).
-    let mut at = [HeaderAt::default(); MAX_FAST_HEADERS];
+    // Where each header is (the head is frozen afterwards).
     let count = req.headers.len();
+    let (mut small, mut large) = ([HeaderAt::default(); SMALL_HEAD], Vec::new());
+    let at = positions(&mut small, &mut large, count);
     let mut content_length: Option<usize> = None;
     let mut close = false;
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
@@ -236,7 +238,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let body = buf.split_to(body_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at)) else { return Err(Refused::BadRequest) };
     // The proxy adds nothing to them (the headers it sets are written with the upstream request).
-    let Some(headers) = header_map(&head, &at[..count], 0) else { return Err(Refused::BadRequest) };
+    let Some(headers) = header_map(&head, at, 0) else { return Err(Refused::BadRequest) };
     let is_head = method == Method::HEAD;
     let mut request = Request::new(Either::Right(Full::new(body)));
     *request.method_mut() = method;
@@ -420,7 +422,8 @@ mod tests {
         fn a_plain_request_keeps_its_method_target_headers_and_body(
             method in proptest::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
             path in "/[a-z0-9/._~-]{0,30}(\\?[a-z0-9=&]{0,20})?",
-            headers in proptest::collection::vec(("x-[a-z]{1,10}", "[ -~]{0,20}"), 0..10),
+            // Up to past the positions kept on the stack (`SMALL_HEAD`).
+            headers in proptest::collection::vec(("x-[a-z]{1,10}", "[ -~]{0,20}"), 0..24),
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
             next in "(GET / HTTP/1.1\r\n\r\n)?",
         ) {

@@ -54,11 +54,29 @@ pub(crate) fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Where a header's name and value are in a message head, kept while the head is still being checked (before it
 /// is frozen and the values can share its bytes). Offsets are 32-bit (heads are limited far below 4 GiB): the
-/// arrays of these live on the stack of each parse and are written whole.
+/// positions of a small head live on the stack of each parse (see [`positions`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct HeaderAt {
     name: (u32, u32),
     value: (u32, u32),
+}
+
+/// Header positions kept on the stack; a head with more headers than this puts them on the heap.
+pub(crate) const SMALL_HEAD: usize = 16;
+
+/// Room for the positions of `count` headers: `small` if they fit (most heads), else `large`. Only what is used is
+/// written, not room for the most headers a head may have.
+pub(crate) fn positions<'a>(
+    small: &'a mut [HeaderAt; SMALL_HEAD],
+    large: &'a mut Vec<HeaderAt>,
+    count: usize,
+) -> &'a mut [HeaderAt] {
+    if count <= SMALL_HEAD {
+        &mut small[..count]
+    } else {
+        large.resize(count, HeaderAt::default());
+        large
+    }
 }
 
 impl HeaderAt {
