@@ -56,6 +56,27 @@ pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
     !differs(word(name, n - 8), word(lower, n - 8))
 }
 
+/// Maps with at most this many values are searched by comparing names rather than by hashing one.
+const SCAN_AT_MOST: usize = 8;
+
+/// The first value of `name`, as [`HeaderMap::get`]. A request carries few headers as a rule, and comparing a few
+/// names is cheaper than hashing the one looked for (which `get` does for every name the proxy reads).
+pub fn find<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if headers.len() <= SCAN_AT_MOST {
+        headers.iter().find_map(|(k, v)| (k == name).then_some(v))
+    } else {
+        headers.get(name)
+    }
+}
+
+/// Every value of `name` in order, as [`HeaderMap::get_all`] (see [`find`]).
+pub fn find_all<'a>(headers: &'a HeaderMap, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+    let small = headers.len() <= SCAN_AT_MOST;
+    let scanned = small.then(|| headers.iter().filter_map(move |(k, v)| (k == name).then_some(v)));
+    let hashed = (!small).then(|| headers.get_all(name).iter());
+    scanned.into_iter().flatten().chain(hashed.into_iter().flatten())
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, no lookups.
@@ -93,8 +114,7 @@ pub fn forwarded_value(client: IpAddr) -> HeaderValue {
 /// The `X-Forwarded-For` a request with `headers` is forwarded with: its own (several values joined) with `client`
 /// (from [`forwarded_value`]) appended, or just `client`.
 pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
-    let mut existing =
-        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).peekable();
+    let mut existing = find_all(headers, &X_FORWARDED_FOR).filter_map(|v| v.to_str().ok()).map(str::trim).peekable();
     if existing.peek().is_none() {
         return client.clone();
     }
@@ -109,6 +129,25 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
+        /// `find` and `find_all` answer as `get` and `get_all` do, for maps small enough to be scanned and larger,
+        /// with repeated names.
+        #[test]
+        fn find_agrees_with_the_maps_own_lookups(
+            entries in proptest::collection::vec((0usize..6, "[a-z0-9]{0,6}"), 0..20),
+            looked_for in 0usize..6,
+        ) {
+            const NAMES: [&str; 6] = ["x-request-id", "traceparent", "x-forwarded-for", "host", "x-a", "x-b"];
+            let mut headers = HeaderMap::new();
+            for (name, value) in &entries {
+                headers.append(NAMES[*name], HeaderValue::from_str(value).unwrap());
+            }
+            let name = HeaderName::from_static(NAMES[looked_for]);
+            proptest::prop_assert_eq!(find(&headers, &name), headers.get(&name));
+            let all: Vec<_> = find_all(&headers, &name).collect();
+            let expected: Vec<_> = headers.get_all(&name).iter().collect();
+            proptest::prop_assert_eq!(all, expected);
+        }
+
         /// `name_is` agrees with a plain case-insensitive comparison for any bytes against every name the proxy
         /// compares with, and for any case of those names.
         #[test]

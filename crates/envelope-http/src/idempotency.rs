@@ -23,7 +23,7 @@ pub enum Replay {
 pub fn replay_safety(method: &Method, headers: &HeaderMap) -> Replay {
     let idempotent_method =
         matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
-    if idempotent_method || headers.get(&IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty()) {
+    if idempotent_method || crate::headers::find(headers, &IDEMPOTENCY_KEY).is_some_and(|v| !v.is_empty()) {
         Replay::Safe
     } else {
         Replay::OnlyIfUnsent

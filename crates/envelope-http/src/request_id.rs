@@ -51,7 +51,7 @@ impl RequestId {
 
     /// The id of a request with `headers`: its own if valid, else a new one. The flag says whether it was kept.
     pub fn from_headers(headers: &http::HeaderMap) -> (RequestId, bool) {
-        match headers.get(&X_REQUEST_ID).and_then(RequestId::parse) {
+        match crate::headers::find(headers, &X_REQUEST_ID).and_then(RequestId::parse) {
             Some(id) => (id, true),
             None => (RequestId::generate(), false),
         }

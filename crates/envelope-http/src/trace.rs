@@ -25,7 +25,7 @@ pub struct TraceContext {
 impl TraceContext {
     /// Continues the trace of `headers` with a new span of this hop, or starts a new, sampled trace.
     pub fn continue_or_start(headers: &HeaderMap) -> TraceContext {
-        match headers.get(&TRACEPARENT).and_then(parse) {
+        match crate::headers::find(headers, &TRACEPARENT).and_then(parse) {
             Some((trace_id, parent, flags)) => {
                 TraceContext { trace_id, span_id: span_id(), parent_id: Some(parent), flags }
             }
