@@ -261,6 +261,33 @@ def rss_mib(proc):
     return sum(status_value(f"/proc/{p}/status", "VmRSS") for p in pids(proc)) / 1024
 
 
+def upstream_conns(proc):
+    """Established connections from the proxy's processes to the upstream, counted from /proc: the proxy's socket
+    inodes against the kernel's TCP table (remote port = the upstream's)."""
+    inodes = set()
+    for p in pids(proc):
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{p}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    port = f"{PORTS['direct']:04X}"
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for row in table:
+            fields = row.split()
+            # remote address is fields[2] ("0100007F:4650"), state 01 is ESTABLISHED, inode is fields[9]
+            if fields[2].endswith(":" + port) and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
 def upstream_open():
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{PORTS['direct']}/__stats", timeout=2).read())["open"]
 
@@ -294,7 +321,8 @@ def measure(name, proc, seconds):
     def mid():
         time.sleep(seconds / 2)
         sample["rss"] = rss_mib(proc) if proc else 0.0
-        sample["open"] = upstream_open() - before_open
+        # The proxy's own connections to the upstream; for direct, the upstream's count of its clients.
+        sample["open"] = upstream_conns(proc) if proc else upstream_open() - before_open
 
     th = threading.Thread(target=mid)
     th.start()
