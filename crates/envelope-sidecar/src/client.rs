@@ -23,6 +23,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use envelope_http::headers::name_is;
 use http::header::{self, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
@@ -32,7 +33,8 @@ use tokio::time::Instant;
 
 use crate::upstream::SetHeaders;
 use crate::wire::{
-    HeaderAt, SMALL_HEAD, forget_readiness, has_token, header_line, header_map, is, positions, read_some, write_all,
+    HeaderAt, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions, read_some,
+    write_all,
 };
 
 /// The largest response head accepted.
@@ -325,7 +327,7 @@ impl PassedHead {
     pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
         for h in &self.at[..self.len] {
             let (name, value) = h.of_head(&self.head);
-            if self.request_id.is_none() || !is(name, b"x-request-id") {
+            if self.request_id.is_none() || !name_is(name, b"x-request-id") {
                 f(name, value);
             }
         }
@@ -384,18 +386,17 @@ async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, 
             for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
                 let name = h.name.as_bytes();
                 pass = pass && !envelope_http::headers::is_hop_by_hop(name);
-                if is(name, b"transfer-encoding") {
+                if name_is(name, b"transfer-encoding") {
                     // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
                     let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
                     framing = if has_token(last, b"chunked") { Framing::Chunked(Chunk::Size) } else { Framing::Close };
-                } else if is(name, b"content-length") && !matches!(framing, Framing::Chunked(_)) {
-                    let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
-                    match (n, framing) {
+                } else if name_is(name, b"content-length") && !matches!(framing, Framing::Chunked(_)) {
+                    match (content_length(h.value), framing) {
                         (Some(n), Framing::Close) => framing = Framing::Length(n),
                         (Some(n), Framing::Length(m)) if n == m => {}
                         _ => return Err(ExchangeError::BadResponse("content-length")),
                     }
-                } else if is(name, b"connection") && has_token(h.value, b"close") {
+                } else if name_is(name, b"connection") && has_token(h.value, b"close") {
                     keep_alive = false;
                 }
                 *slot = HeaderAt::of(buf, h);

@@ -28,6 +28,7 @@ use std::task::Poll;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
+use envelope_http::headers::name_is;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
@@ -37,8 +38,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::wire::{
-    HeaderAt, READ_BUFFER, SMALL_HEAD, forget_readiness, has_token, header_line, header_map, is, positions, read_some,
-    write_all,
+    HeaderAt, READ_BUFFER, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions,
+    read_some, write_all,
 };
 
 /// A request body: hyper's, or the buffered body of a request served here.
@@ -207,21 +208,21 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let count = req.headers.len();
     let (mut small, mut large) = ([HeaderAt::default(); SMALL_HEAD], Vec::new());
     let at = positions(&mut small, &mut large, count);
-    let mut content_length: Option<usize> = None;
+    let mut declared: Option<usize> = None;
     let mut close = false;
     for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
         let name = h.name.as_bytes();
-        if is(name, b"transfer-encoding") || is(name, b"expect") || is(name, b"upgrade") {
+        if name_is(name, b"transfer-encoding") || name_is(name, b"expect") || name_is(name, b"upgrade") {
             return Err(Refused::HandOver);
         }
-        if is(name, b"content-length") {
-            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.parse::<usize>().ok());
-            match (content_length, n) {
-                (None, Some(n)) if n <= MAX_FAST_BODY => content_length = Some(n),
+        if name_is(name, b"content-length") {
+            let n = content_length(h.value).and_then(|n| usize::try_from(n).ok());
+            match (declared, n) {
+                (None, Some(n)) if n <= MAX_FAST_BODY => declared = Some(n),
                 _ => return Err(Refused::HandOver),
             }
         }
-        if is(name, b"connection") {
+        if name_is(name, b"connection") {
             if has_token(h.value, b"upgrade") {
                 return Err(Refused::HandOver);
             }
@@ -229,7 +230,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
         }
         *slot = HeaderAt::of(buf, h);
     }
-    let body_len = content_length.unwrap_or(0);
+    let body_len = declared.unwrap_or(0);
     if buf.len() < head_len + body_len {
         // The body is still on its way: hyper reads it.
         return Err(Refused::HandOver);
@@ -272,15 +273,15 @@ async fn write_response(
     let mut dated = false;
     // Each header (raw name, any case): framing headers are redone here, the first Content-Length is kept.
     let mut write_header = |name: &[u8], value: &[u8]| {
-        if is(name, b"connection") || is(name, b"transfer-encoding") {
+        if name_is(name, b"connection") || name_is(name, b"transfer-encoding") {
             return;
         }
-        dated |= is(name, b"date");
-        if is(name, b"content-length") {
+        dated |= name_is(name, b"date");
+        if name_is(name, b"content-length") {
             if declared.is_some() {
                 return;
             }
-            declared = Some(std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(u64::MAX));
+            declared = Some(content_length(value).unwrap_or(u64::MAX));
         }
         header_line(out, name, value);
     };

@@ -119,10 +119,9 @@ pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<H
     Some(headers)
 }
 
-/// Whether the raw header name `name` is `known`, given in lower case (header names are case-insensitive).
-#[inline]
-pub(crate) fn is(name: &[u8], known: &[u8]) -> bool {
-    envelope_http::headers::name_is(name, known)
+/// A `Content-Length` value as a number (`None` if it is not one).
+pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.

@@ -40,7 +40,7 @@ impl Envelope {
             None => None,
         };
         let own = p.retry.as_ref().and_then(|r| r.config().deadline());
-        let start = (p.deadline.is_some() || own.is_some()).then(clock::now);
+        let mut start = (p.deadline.is_some() || own.is_some()).then(clock::now);
         let outer = p.deadline.zip(start).map(|(d, start)| start + d);
         let own = own.zip(start).map(|(d, start)| start + d);
         let deadline = match (outer, own) {
@@ -51,7 +51,6 @@ impl Envelope {
             r.on_first_attempt(start);
         }
         let mut st = Attempts::default();
-        let mut start = start;
         let (result, outcome) = loop {
             // The first attempt begins when the call did.
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));

@@ -328,11 +328,10 @@ impl Retry {
         C: Classify<T, E>,
     {
         // The clock is read only when a deadline needs it: a call that succeeds at once costs no clock read.
-        let start = self.config.deadline.map(|_| clock::now());
+        let mut start = self.config.deadline.map(|_| clock::now());
         let deadline = start.zip(self.config.deadline).map(|(now, d)| now + d);
         self.on_first_attempt(start);
         let mut st = Attempts::default();
-        let mut start = start;
         loop {
             // The first attempt begins when the call did.
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
