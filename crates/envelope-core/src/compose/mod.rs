@@ -259,7 +259,10 @@ impl Envelope {
             Some(limit) => {
                 let now = started.unwrap_or_else(clock::now);
                 let cover = cover::Cover::new(now + limit);
-                match cover::Deadline::new(self.attempts(classifier, f, Some((&cover, now))), &cover).await {
+                // Futures that nest a call are pinned where they are made and awaited by reference: passed by
+                // value, each would be copied whole (hundreds of bytes, every call) into the wrapper's state.
+                let attempts = std::pin::pin!(self.attempts(classifier, f, Some((&cover, now))));
+                match cover::Deadline::new(attempts, &cover).await {
                     Ok(done) => done,
                     Err(()) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
@@ -402,7 +405,7 @@ impl Envelope {
                     return (Err(Error::Injected(crate::fault::InjectedFault::new(outcome))), outcome, Hint::NONE);
                 }
             }
-            classified(classifier, make().await)
+            classified(classifier, std::pin::pin!(make()).await)
         };
         let done = match limit {
             Some(limit) => match cover::Covering::new(crate::timeout::lazy(limit, run), cover).await {
