@@ -298,26 +298,29 @@ impl Envelope {
     {
         let p = &*self.inner;
         let (cover, mut start) = cover.unzip();
-        let deadline = cover.map(cover::Cover::deadline);
-        let Some(retry) = &p.retry else {
-            let (result, outcome, _) =
-                self.hedged(classifier, &mut f, self.attempt_limit(start, deadline), cover).await;
-            return (result, outcome);
-        };
-        let deadline = match retry.config().deadline() {
-            Some(d) => {
+        let mut deadline = cover.map(cover::Cover::deadline);
+        if let Some(retry) = &p.retry {
+            if let Some(d) = retry.config().deadline() {
                 let own = start.unwrap_or_else(clock::now) + d;
-                Some(deadline.map_or(own, |outer| outer.min(own)))
+                deadline = Some(deadline.map_or(own, |outer| outer.min(own)));
             }
-            None => deadline,
-        };
-        retry.on_first_attempt(start);
+            retry.on_first_attempt(start);
+        }
         let mut st = Attempts::default();
         loop {
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
-            let limit = min_opt(self.attempt_limit(began, deadline), retry.attempt_limit(began, deadline));
-            let (result, outcome, hint) = self.hedged(classifier, &mut f, limit, cover).await;
+            let mut limit = self.attempt_limit(began, deadline);
+            if let Some(retry) = &p.retry {
+                limit = min_opt(limit, retry.attempt_limit(began, deadline));
+            }
+            // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
+            // call's result to be moved through.
+            let (result, outcome, hint) = match &p.hedge {
+                None => self.attempt(classifier, &mut f, limit, cover).await,
+                Some(hedge) => self.hedged(hedge, classifier, &mut f, limit, cover).await,
+            };
+            let Some(retry) = &p.retry else { return (result, outcome) };
             if outcome.is_ok() {
                 return (result, outcome);
             }
@@ -340,9 +343,10 @@ impl Envelope {
         min_opt(self.inner.attempt_timeout, deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now)))
     }
 
-    /// (6) One attempt, or a hedged group of attempts.
+    /// (6) A hedged group of attempts, racing concurrently.
     async fn hedged<T, E, F, Fut, C>(
         &self,
+        hedge: &Hedge,
         classifier: &C,
         f: &mut F,
         limit: Option<Duration>,
@@ -353,18 +357,13 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        match &self.inner.hedge {
-            None => self.attempt(classifier, f, limit, cover).await,
-            Some(hedge) => {
-                // Hedged attempts run concurrently, each creating its call only once admitted.
-                let shared = std::sync::Mutex::new(f);
-                let make = || {
-                    let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    (*f)()
-                };
-                hedge.race(|| self.attempt(classifier, make, limit, cover)).await
-            }
-        }
+        // Each attempt creates its call only once admitted.
+        let shared = std::sync::Mutex::new(f);
+        let make = || {
+            let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
+            (*f)()
+        };
+        hedge.race(|| self.attempt(classifier, make, limit, cover)).await
     }
 
     /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout. The
