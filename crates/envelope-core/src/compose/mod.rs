@@ -310,9 +310,10 @@ impl Envelope {
         loop {
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
-            let mut limit = self.attempt_limit(began, deadline);
+            let left = deadline.zip(began).map(|(d, now)| d.saturating_duration_since(now));
+            let mut limit = min_opt(p.attempt_timeout, left);
             if let Some(retry) = &p.retry {
-                limit = min_opt(limit, retry.attempt_limit(began, deadline));
+                limit = min_opt(limit, retry.config().per_attempt_timeout);
             }
             // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
             // call's result to be moved through.
@@ -337,10 +338,6 @@ impl Envelope {
                 }
             }
         }
-    }
-
-    fn attempt_limit(&self, now: Option<Instant>, deadline: Option<Instant>) -> Option<Duration> {
-        min_opt(self.inner.attempt_timeout, deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now)))
     }
 
     /// (6) A hedged group of attempts, racing concurrently.
