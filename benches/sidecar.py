@@ -9,12 +9,16 @@ of the same repetition; the report gives the median and the min-max of those rat
 Measured per target:
   throughput ratio      requests/s through the proxy / requests/s direct (wrk -t1 -c32)
   CPU us/request        proxy user+system CPU time / requests served (all processes of the proxy)
-  added p50 latency     p50 at one connection minus p50 direct (wrk -t1 -c1 --latency)
+  added p50 latency     p50 at one connection minus p50 direct (wrk -t1 -c1 --latency; wrk counts whole µs)
+  added mean latency    the same run's mean: with one request in flight it is 1 / throughput, to a fraction of a µs
   RSS idle / under load resident memory of the proxy's processes (MiB)
   errors                non-2xx responses and socket errors reported by wrk
   upstream connections  connections the proxy held open to the upstream during the run (must be <= 32)
   preempted / request   involuntary context switches of the proxy's threads per request: how often the CPU was
                         taken from it (mostly at a write that woke wrk or the upstream); each costs several µs here
+
+When nginx runs, each Envelope build is also compared with it repetition by repetition (paired ratios and
+differences), below the table.
 
 Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
                                  [--targets envelope,nginx,haproxy,envoy] [--baseline PATH]
@@ -330,8 +334,10 @@ def measure(name, proc, seconds):
     th.join()
     cpu_us = ((cpu_ticks(proc) - t0) * 1e6 / TICK / max(total, 1)) if proc else 0.0
     switched = ((preemptions(proc) - s0) / max(total, 1)) if proc else 0.0
-    _, _, lat_errors, p50 = wrk(PORTS[name], 1, max(2, seconds // 2), latency=True)
-    return {"rps": rps, "errors": errors + lat_errors, "cpu_us": cpu_us, "p50_us": p50, "rss_idle": idle,
+    rps1, _, lat_errors, p50 = wrk(PORTS[name], 1, max(2, seconds // 2), latency=True)
+    # With one request in flight, the mean latency is 1 / throughput: finer than wrk's p50, which is in whole µs.
+    return {"rps": rps, "errors": errors + lat_errors, "cpu_us": cpu_us, "p50_us": p50, "mean1_us": 1e6 / rps1,
+            "rss_idle": idle,
             "rss_load": sample.get("rss", 0.0), "upstream_conns": sample.get("open", 0), "switched": switched}
 
 
@@ -364,6 +370,7 @@ def main():
             for name in order:
                 results[name] = measure(name, None if name == "direct" else procs[name], args.seconds)
                 print(f"rep {rep + 1} {name:9} {results[name]['rps']:9.0f} req/s  p50 {results[name]['p50_us']:7.1f} us  "
+                      f"mean@1 {results[name]['mean1_us']:6.2f} us  "
                       f"cpu {results[name]['cpu_us']:5.1f} us/req  preempted {results[name]['switched']:4.2f}/req  rss {results[name]['rss_load']:5.1f} MiB  "
                       f"errors {results[name]['errors']}  upstream conns {results[name]['upstream_conns']}", flush=True)
             runs.append(results)
@@ -377,20 +384,34 @@ def main():
     def stat(values):
         return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
-    lines = ["| target | throughput / direct | proxy CPU µs/request | added p50 at 1 conn (µs) | RSS idle (MiB) | RSS under load (MiB) | errors | max upstream conns | preempted / request |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | throughput / direct | proxy CPU µs/request | added p50 at 1 conn (µs) | added mean at 1 conn (µs) | RSS idle (MiB) | RSS under load (MiB) | errors | max upstream conns | preempted / request |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     direct_rps = [r["direct"]["rps"] for r in runs]
-    lines.append(f"| direct | 1.00 ({statistics.median(direct_rps):.0f} req/s median) | – | – | – | – | "
+    lines.append(f"| direct | 1.00 ({statistics.median(direct_rps):.0f} req/s median) | – | – | – | – | – | "
                  f"{sum(r['direct']['errors'] for r in runs)} | {max(r['direct']['upstream_conns'] for r in runs)} | – |")
     for name in proxies:
         ratio = [r[name]["rps"] / r["direct"]["rps"] for r in runs]
         cpu = [r[name]["cpu_us"] for r in runs]
         lat = [r[name]["p50_us"] - r["direct"]["p50_us"] for r in runs]
+        mean = [r[name]["mean1_us"] - r["direct"]["mean1_us"] for r in runs]
         idle = [r[name]["rss_idle"] for r in runs]
         load = [r[name]["rss_load"] for r in runs]
-        lines.append(f"| {name} | {stat(ratio)} | {stat(cpu)} | {stat(lat)} | {statistics.median(idle):.1f} | "
+        lines.append(f"| {name} | {stat(ratio)} | {stat(cpu)} | {stat(lat)} | {stat(mean)} | {statistics.median(idle):.1f} | "
                      f"{stat(load)} | {sum(r[name]['errors'] for r in runs)} | {max(r[name]['upstream_conns'] for r in runs)} | "
                      f"{stat([r[name]['switched'] for r in runs])} |")
+    # Each Envelope build against nginx, repetition by repetition: the comparison the targets ask for.
+    if "nginx" in proxies:
+        lines.append("")
+        for name in (n for n in proxies if n in ("envelope", "baseline")):
+            pair = [(r[name], r["nginx"]) for r in runs]
+            tp = [a["rps"] / b["rps"] for a, b in pair]
+            cpu = [a["cpu_us"] / b["cpu_us"] for a, b in pair]
+            p50 = [a["p50_us"] - b["p50_us"] for a, b in pair]
+            mean = [a["mean1_us"] - b["mean1_us"] for a, b in pair]
+            lines.append(f"{name} against nginx, paired per repetition: throughput {stat(tp)} × (at or above in "
+                         f"{sum(x >= 1 for x in tp)} of {len(tp)}); CPU per request {stat(cpu)} ×; p50 at 1 conn "
+                         f"{stat(p50)} µs (above in {sum(x > 0 for x in p50)} of {len(p50)}); mean at 1 conn "
+                         f"{stat(mean)} µs (above in {sum(x > 0 for x in mean)} of {len(mean)})")
     report = "\n".join(lines)
     print()
     print(report)
