@@ -336,13 +336,14 @@ impl PassedHead {
         }
     }
 
-    /// The same headers, added to `headers` (the response's, empty when its head was passed through).
-    pub(crate) fn into_map(self, headers: &mut http::HeaderMap) {
+    /// The same headers as a map: the headers of a response whose head was passed through (it has no other).
+    pub(crate) fn into_map(self) -> http::HeaderMap {
         // The parser checked every name and value (token names; visible or tab value bytes): none is refused here.
-        headers.extend(header_map(&self.head, &self.at[..self.len], 1).unwrap_or_default());
+        let mut headers = header_map(&self.head, &self.at[..self.len], 1).unwrap_or_default();
         if let Some(id) = self.request_id {
             headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id);
         }
+        headers
     }
 }
 
@@ -790,8 +791,7 @@ mod tests {
             [("Content-Length", "2"), ("x-app", "a"), ("x-request-id", "ours")].map(|(n, v)| (n.into(), v.into()))
         );
         // As a map (for hyper's connections), the same headers.
-        let mut map = http::HeaderMap::new();
-        passed.into_map(&mut map);
+        let map = passed.into_map();
         assert_eq!(map.len(), 3);
         assert_eq!(map["content-length"], "2");
         assert_eq!(map["x-app"], "a");

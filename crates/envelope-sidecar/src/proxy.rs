@@ -116,7 +116,7 @@ pub(crate) async fn handle(
 ) -> Response<ProxyBody> {
     let mut response = handle_passing(rt, listener, client, req).await;
     if let Some(passed) = take_passed_head(response.body_mut()) {
-        passed.into_map(response.headers_mut());
+        *response.headers_mut() = passed.into_map();
     }
     response
 }

@@ -313,7 +313,7 @@ impl Envelope {
             let left = deadline.zip(began).map(|(d, now)| d.saturating_duration_since(now));
             let mut limit = min_opt(p.attempt_timeout, left);
             if let Some(retry) = &p.retry {
-                limit = min_opt(limit, retry.config().per_attempt_timeout);
+                limit = retry.attempt_limit(limit);
             }
             // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
             // call's result to be moved through.

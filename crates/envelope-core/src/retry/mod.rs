@@ -260,14 +260,13 @@ impl Retry {
         }
     }
 
-    /// The timeout for the next attempt: the per-attempt timeout, shortened to the time left. `now` is only needed
-    /// (and given) when there is a deadline.
+    /// The timeout for the next attempt: the per-attempt timeout, shortened to `bound` (the time left before the
+    /// deadline, or a tighter limit the caller already has).
     #[inline]
-    pub(crate) fn attempt_limit(&self, now: Option<Instant>, deadline: Option<Instant>) -> Option<Duration> {
-        let left = deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now));
-        match (self.config.per_attempt_timeout, left) {
-            (Some(a), Some(l)) => Some(a.min(l)),
-            (a, l) => a.or(l),
+    pub(crate) fn attempt_limit(&self, bound: Option<Duration>) -> Option<Duration> {
+        match (self.config.per_attempt_timeout, bound) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -336,7 +335,8 @@ impl Retry {
             // The first attempt begins when the call did.
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
-            let (result, outcome, hint) = match self.attempt_limit(began, deadline) {
+            let left = deadline.zip(began).map(|(d, now)| d.saturating_duration_since(now));
+            let (result, outcome, hint) = match self.attempt_limit(left) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
                     Err(_) => {
