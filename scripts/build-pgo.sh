@@ -5,15 +5,18 @@
 # 2. it is trained on the project's own workloads, all on 127.0.0.1 and bounded in time (about 50 s):
 #    - `envelope demo`: the scripted incidents (error burst, latency spike, outage, recovery) through retries, the
 #      breaker, timeouts and shedding, on the default multi-threaded runtime;
-#    - `envelope run` in front of hello-upstream under wrk, once on one worker and once on the default workers:
+#    - `envelope run` in front of hello-upstream under wrk, once on one worker with the access log off (the sidecar
+#      benchmark's setting) and once on the default workers with the access log on:
 #      GET at one and at 32 connections, POST with a body and an Idempotency-Key, HTTP/2 (h2load, prior knowledge),
 #      metrics scrapes;
 # 3. the final build (target/pgo) uses the merged profile. It is rebuilt whenever the profile changes (its file name
-#    carries the profile's hash), and the training runs again whenever the instrumented binary changes.
+#    carries the profile's hash), and the training runs again whenever the instrumented binary or this script
+#    changes.
 #
 # Why: on the sidecar benchmark at one connection the same code runs about 20 % fewer instructions and 40 % fewer
 # instruction-cache misses (BENCHMARKS.md). `cargo build --release` stays the plain build; this script is the
-# release build the benchmark measures. Installs wrk, h2load (Debian) and the llvm-tools component when they are missing.
+# release build the benchmark measures. Installs wrk, h2load (Debian) and the llvm-tools component when they are
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -36,9 +39,10 @@ RUSTFLAGS="-Cprofile-generate=$data/raw" CARGO_TARGET_DIR=target/pgo-gen \
     cargo build -q --release -p envelope
 gen=$root/target/pgo-gen/release/envelope
 
-# Load through `envelope run` (instrumented) with ENVELOPE_WORKERS=$1 (empty: the default).
+# Load through `envelope run` (instrumented) with ENVELOPE_WORKERS=$1 (empty: the default) and the access log
+# on or off ($2).
 train_run() {
-    local workers=$1 work
+    local workers=$1 access_log=$2 work
     work=$(mktemp -d)
     cat > "$work/envelope.toml" <<EOF
 [admin]
@@ -47,7 +51,7 @@ listen = "127.0.0.1:18301"
 [[listener]]
 name = "train"
 listen = "127.0.0.1:18302"
-access_log = false
+access_log = $access_log
 
 [[upstream]]
 name = "hello"
@@ -84,7 +88,7 @@ EOF
         wrk -t1 -c32 -d3s --timeout 5s http://127.0.0.1:18302/
         wrk -t1 -c8 -d2s --timeout 5s -s "$work/post.lua" http://127.0.0.1:18302/orders
         h2load -n 2000 -c 4 -m 4 http://127.0.0.1:18302/h2
-    } | grep -E "Requests/sec|Non-2xx|Socket errors|^requests:" | sed "s/^/build-pgo: workers=${workers:-default}: /"
+    } | grep -E "Requests/sec|Non-2xx|Socket errors|^requests:" | sed "s/^/build-pgo: workers=${workers:-default} access_log=$access_log: /"
     curl -s -o /dev/null "http://127.0.0.1:18301/metrics?[1-20]"
     kill -TERM "$ev"
     wait "$ev" || true
@@ -93,12 +97,13 @@ EOF
     rm -rf "$work"
 }
 
-if [ ! -f "$data/merged.profdata" ] || [ "$gen" -nt "$data/merged.profdata" ]; then
+if [ ! -f "$data/merged.profdata" ] || [ "$gen" -nt "$data/merged.profdata" ] \
+    || [ scripts/build-pgo.sh -nt "$data/merged.profdata" ]; then
     rm -rf "$data/raw"
     echo "build-pgo: training the instrumented build (about 50 s)"
     LLVM_PROFILE_FILE="$data/raw/demo-%p-%m.profraw" "$gen" demo > /dev/null
-    train_run 1
-    train_run ""
+    train_run 1 false
+    train_run "" true
     "$profdata" merge -o "$data/merged.profdata" "$data"/raw/*.profraw
 fi
 sum=$(sha256sum "$data/merged.profdata" | cut -c1-16)
