@@ -22,8 +22,14 @@ profile-guided optimisation by scripts/build-pgo.sh (target/pgo/release/envelope
 --release` (target/release/envelope). When nginx runs, each Envelope build is also compared with it repetition by
 repetition (paired ratios and differences), below the table.
 
+The latency at one connection is also measured on its own, more finely interleaved (--latency-rounds, default 20):
+each round runs `wrk -t1 -c1 -d1s --latency` once against every target, in a rotated order, so that the targets
+of one round see the same machine within a few seconds; every number of a round is taken against the direct run
+of that round, and each Envelope build against nginx round by round.
+
 Usage: python3 benches/sidecar.py [--reps 6] [--seconds 5] [--out target/sidecar-bench.md]
                                  [--targets envelope,plain,nginx,haproxy,envoy] [--baseline PATH]
+                                 [--latency-rounds 20]
 
 A/B of two Envelope builds in one interleaved run: build the other one (say, main) and copy its binary aside, then
 `python3 benches/sidecar.py --baseline /tmp/envelope-main --targets envelope,baseline,nginx --reps 4 --seconds 4`;
@@ -306,6 +312,21 @@ def upstream_open():
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{PORTS['direct']}/__stats", timeout=2).read())["open"]
 
 
+def latency_rounds(targets, rounds):
+    """The latency at one connection, finely interleaved: per round, one 1 s run against each target."""
+    out = []
+    for r in range(rounds):
+        order = targets[r % len(targets):] + targets[:r % len(targets)]
+        results = {}
+        for name in order:
+            rps, _, errors, p50 = wrk(PORTS[name], 1, 1, latency=True)
+            results[name] = {"p50_us": p50, "mean1_us": 1e6 / rps, "errors": errors}
+        print(f"latency round {r + 1}: " + "  ".join(f"{n} p50 {results[n]['p50_us']:.0f} mean {results[n]['mean1_us']:.2f}"
+                                                   for n in targets), flush=True)
+        out.append(results)
+    return out
+
+
 def wrk(port, connections, seconds, latency=False):
     cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s"]
     if latency:
@@ -359,6 +380,8 @@ def main():
     ap.add_argument("--targets", default="envelope,plain,nginx,haproxy,envoy",
                     help="comma-separated, from envelope, plain, baseline, nginx, haproxy, envoy (direct always runs)")
     ap.add_argument("--baseline", help="a second envelope binary, measured as target `baseline`")
+    ap.add_argument("--latency-rounds", type=int, default=20,
+                    help="rounds of the finely interleaved latency measurement at one connection (0: none)")
     args = ap.parse_args()
     proxies = [t for t in args.targets.split(",") if t]
     unknown = [t for t in proxies if t not in PORTS or t == "direct"]
@@ -384,6 +407,7 @@ def main():
                       f"cpu {results[name]['cpu_us']:5.1f} us/req  preempted {results[name]['switched']:4.2f}/req  rss {results[name]['rss_load']:5.1f} MiB  "
                       f"errors {results[name]['errors']}  upstream conns {results[name]['upstream_conns']}", flush=True)
             runs.append(results)
+        rounds = latency_rounds(targets, args.latency_rounds)
     finally:
         for p in procs.values():
             try:
@@ -422,6 +446,21 @@ def main():
                          f"{sum(x >= 1 for x in tp)} of {len(tp)}); CPU per request {stat(cpu)} ×; p50 at 1 conn "
                          f"{stat(p50)} µs (above in {sum(x > 0 for x in p50)} of {len(p50)}); mean at 1 conn "
                          f"{stat(mean)} µs (above in {sum(x > 0 for x in mean)} of {len(mean)})")
+    if rounds:
+        lines += ["", f"At one connection, finely interleaved ({len(rounds)} rounds of 1 s per target):", "",
+                  "| target | added p50 (µs) | added mean (µs) | errors |", "|---|---|---|---|"]
+        for name in proxies:
+            lat = [r[name]["p50_us"] - r["direct"]["p50_us"] for r in rounds]
+            mean = [r[name]["mean1_us"] - r["direct"]["mean1_us"] for r in rounds]
+            lines.append(f"| {name} | {stat(lat)} | {stat(mean)} | {sum(r[name]['errors'] for r in rounds)} |")
+        if "nginx" in proxies:
+            lines.append("")
+            for name in (n for n in proxies if n in ENVELOPE_BUILDS):
+                p50 = [r[name]["p50_us"] - r["nginx"]["p50_us"] for r in rounds]
+                mean = [r[name]["mean1_us"] - r["nginx"]["mean1_us"] for r in rounds]
+                lines.append(f"{name} against nginx at one connection, paired per round: p50 {stat(p50)} µs (above in "
+                             f"{sum(x > 0 for x in p50)}, equal in {sum(x == 0 for x in p50)} of {len(p50)}); mean "
+                             f"{stat(mean)} µs (above in {sum(x > 0 for x in mean)} of {len(mean)})")
     report = "\n".join(lines)
     print()
     print(report)
