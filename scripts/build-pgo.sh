@@ -32,6 +32,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# Whatever happens, no training process outlives the script.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+
 data=$root/target/pgo-data
 mkdir -p "$data"
 cargo build -q --release -p envelope-benches --bin hello-upstream
