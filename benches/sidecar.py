@@ -204,14 +204,12 @@ static_resources:
 
 def start(name, files, tmp, baseline=None):
     pin = ["taskset", "-c", "0"]
-    if name == "baseline":
-        cmd = [baseline, "run", "--config", files["baseline"]]
-    elif name == "plain":
-        cmd = [os.path.join(ROOT, "target/release/envelope"), "run", "--config", files["plain"]]
+    if name in ENVELOPE_BUILDS:
+        binary = {"envelope": os.path.join(ROOT, "target/pgo/release/envelope"),
+                  "plain": os.path.join(ROOT, "target/release/envelope"), "baseline": baseline}[name]
+        cmd = [binary, "run", "--config", files[name]]
     elif name == "direct":
         cmd = [os.path.join(ROOT, "target/release/hello-upstream"), f"127.0.0.1:{PORTS['direct']}"]
-    elif name == "envelope":
-        cmd = [os.path.join(ROOT, "target/pgo/release/envelope"), "run", "--config", files["envelope"]]
     elif name == "nginx":
         os.makedirs(f"{tmp}/nginx-body", exist_ok=True)
         cmd = ["nginx", "-c", files["nginx"], "-p", tmp]

@@ -24,3 +24,19 @@ pub(crate) fn nanos_since(epoch: Instant, now: Instant) -> u64 {
 pub(crate) fn as_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// The time left from `now` until `deadline` (zero once it has passed); `None` without a deadline. `now` is only
+/// read when there is one, so either may be missing.
+#[inline]
+pub(crate) fn left(deadline: Option<Instant>, now: Option<Instant>) -> Option<Duration> {
+    deadline.zip(now).map(|(d, now)| d.saturating_duration_since(now))
+}
+
+/// The shorter of two optional limits (a missing one does not limit).
+#[inline]
+pub(crate) fn shorter(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

@@ -310,8 +310,7 @@ impl Envelope {
         loop {
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
-            let left = deadline.zip(began).map(|(d, now)| d.saturating_duration_since(now));
-            let mut limit = min_opt(p.attempt_timeout, left);
+            let mut limit = clock::shorter(p.attempt_timeout, clock::left(deadline, began));
             if let Some(retry) = &p.retry {
                 limit = retry.attempt_limit(limit);
             }
@@ -443,13 +442,6 @@ impl Envelope {
         let name = self.inner.name.as_deref().unwrap_or("envelope");
         self.inner.listeners.emit(Event::TimedOut { name, after });
         Error::Timeout(Elapsed::new(after))
-    }
-}
-
-fn min_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 

@@ -264,10 +264,7 @@ impl Retry {
     /// deadline, or a tighter limit the caller already has).
     #[inline]
     pub(crate) fn attempt_limit(&self, bound: Option<Duration>) -> Option<Duration> {
-        match (self.config.per_attempt_timeout, bound) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        clock::shorter(self.config.per_attempt_timeout, bound)
     }
 
     /// Decides what follows an attempt that ended in `outcome`. `now` is read only when there is a deadline.
@@ -335,8 +332,7 @@ impl Retry {
             // The first attempt begins when the call did.
             let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
             st.made += 1;
-            let left = deadline.zip(began).map(|(d, now)| d.saturating_duration_since(now));
-            let (result, outcome, hint) = match self.attempt_limit(left) {
+            let (result, outcome, hint) = match self.attempt_limit(clock::left(deadline, began)) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
                     Err(_) => {
