@@ -56,7 +56,18 @@ pub fn problem(
     request_id: Option<&RequestId>,
     retry_after: Option<Duration>,
 ) -> Response<Full<Bytes>> {
-    let status = status_for(outcome);
+    problem_with_status(status_for(outcome), outcome, detail, request_id, retry_after)
+}
+
+/// Like [`problem`], answered with `status` rather than the outcome's own (a 404, 405, 413 or 414 is a
+/// `bad_request` outcome): the document's `status` and `title` always say the response's status.
+pub fn problem_with_status(
+    status: StatusCode,
+    outcome: Outcome,
+    detail: &str,
+    request_id: Option<&RequestId>,
+    retry_after: Option<Duration>,
+) -> Response<Full<Bytes>> {
     let mut doc = serde_json::json!({
         "type": format!("urn:envelope:problem:{}", outcome.as_str()),
         "title": status.canonical_reason().unwrap_or("Client Closed Request"),

@@ -33,8 +33,8 @@ use tokio::time::Instant;
 
 use crate::upstream::SetHeaders;
 use crate::wire::{
-    HeaderAt, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions, read_some,
-    write_all,
+    HeaderAt, SMALL_HEAD, chunk_size, content_length, forget_readiness, has_token, header_line, header_map, positions,
+    read_some, write_all,
 };
 
 /// The largest response head accepted.
@@ -489,12 +489,7 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeErr
                         }
                         return Ok(Step::More);
                     };
-                    let line = &buf[..end];
-                    let digits = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                    let size = std::str::from_utf8(digits)
-                        .ok()
-                        .and_then(|d| u64::from_str_radix(d, 16).ok())
-                        .ok_or(ExchangeError::BadResponse("chunk size"))?;
+                    let size = chunk_size(&buf[..end]).ok_or(ExchangeError::BadResponse("chunk size"))?;
                     let _ = buf.split_to(end + 2);
                     *c = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                 }

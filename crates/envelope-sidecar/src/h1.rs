@@ -9,8 +9,13 @@
 //!   `Transfer-Encoding`, `Expect` or `Upgrade`, with no body or a `Content-Length` body of at most
 //!   [`MAX_FAST_BODY`] that has arrived with the head;
 //! - handed to hyper, with the bytes already read, for the rest of the connection: anything else — HTTP/2's
-//!   preface, HTTP/1.0, a head that arrives in pieces (slow clients meet hyper's header-read timeout and the 408
-//!   as before), heads over the limits (hyper's 431), malformed heads (hyper's 400), chunked or large bodies.
+//!   preface, HTTP/1.0, heads over the limits (hyper's 431), malformed heads (hyper's 400), chunked or large
+//!   bodies.
+//!
+//! Every connection has a timer: a new connection's first byte and each head's last byte (counted from its first)
+//! within the header read timeout (else 408 for a head begun), the next request on a kept-alive connection within
+//! the keep-alive timeout. A connection waiting for a request's first byte is idle and gives way when the listener
+//! is full (see `connections`). Heads that arrive in pieces are read here too, up to the head size limit.
 //!
 //! Requests served here go through the same proxy as hyper's, as `Request<InBody>` (`proxy::handle_passing`, which
 //! may leave a plain upstream answer's head as it came, for `write_response` to write out). While a request is
@@ -36,6 +41,9 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
+
+use crate::connections::Place;
 
 use crate::wire::{
     HeaderAt, READ_BUFFER, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions,
@@ -70,10 +78,24 @@ pub(crate) enum Next {
     HandOver(Bytes),
 }
 
-/// Serves requests on `stream` until it closes, the listener stops, or a request needs hyper.
+/// The listener's connection timers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timers {
+    /// A new connection's first byte, and a request head's last byte after its first, within this.
+    pub(crate) header_read: Duration,
+    /// A kept-alive connection's next request within this.
+    pub(crate) keepalive: Duration,
+}
+
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Serves requests on `stream` until it closes, times out, gives way to a new connection, the listener stops, or a
+/// request needs hyper.
 pub(crate) async fn serve<S, F>(
     stream: &mut TcpStream,
     limits: Limits,
+    timers: Timers,
+    idle: &mut Place,
     stop: &mut watch::Receiver<bool>,
     mut service: S,
 ) -> Next
@@ -90,22 +112,40 @@ where
     let mut registered = false;
     // Whether the last read emptied the socket.
     let mut drained = false;
+    // The connection's one timer, armed when first needed and moved, not made again, for each wait.
+    let mut timer = Timer::default();
+    // Whether a request was answered on this connection (then the idle wait is the keep-alive timeout).
+    let mut answered = false;
+    // When the head being read began to arrive, if it came in pieces.
+    let mut head_started: Option<Instant> = None;
     loop {
         if buf.is_empty() {
-            // Idle between requests: wait for the next one, or for the listener to stop.
-            let idle = poll_fn(|cx| {
+            // Idle: wait for the next request's first byte, the listener to stop, a new connection to need this
+            // one's place, or the idle timer.
+            let since = Instant::now();
+            let deadline = since + if answered { timers.keepalive } else { timers.header_read };
+            idle.set_idle(Some(since));
+            let woke = poll_fn(|cx| {
                 if stopping.has_changed().unwrap_or(true) {
-                    return Poll::Ready(Err(()));
+                    return Poll::Ready(false);
                 }
                 if !registered {
                     registered = true;
                     if stopped.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(()));
+                        return Poll::Ready(false);
                     }
                 }
-                stream.poll_read_ready(cx).map(|r| r.map_err(|_| ()))
-            });
-            if idle.await.is_err() {
+                if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                    return Poll::Ready(r.is_ok());
+                }
+                if idle.poll_give_way(cx).is_ready() || timer.poll_expired(deadline, cx) {
+                    return Poll::Ready(false);
+                }
+                Poll::Pending
+            })
+            .await;
+            idle.set_idle(None);
+            if !woke {
                 return Next::Closed;
             }
             match read_some(stream, &mut buf) {
@@ -117,12 +157,40 @@ where
         }
         let head = match parse(&mut buf, limits) {
             Ok(head) => head,
+            Err(Refused::Partial) => {
+                // The rest of the head must come within the header read timeout of its first byte (a slow client
+                // holds a connection, never the listener): 408 and the connection closed otherwise.
+                let deadline = *head_started.get_or_insert_with(Instant::now) + timers.header_read;
+                let readable = poll_fn(|cx| {
+                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                        return Poll::Ready(r.is_ok());
+                    }
+                    if timer.poll_expired(deadline, cx) {
+                        return Poll::Ready(false);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                if !readable {
+                    let _ = write_all(stream, REQUEST_TIMEOUT).await;
+                    return Next::Closed;
+                }
+                match read_some(stream, &mut buf) {
+                    Ok((0, _)) => return Next::Closed,
+                    Ok((_, all)) => drained = all,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Next::Closed,
+                }
+                continue;
+            }
             Err(Refused::HandOver) => return Next::HandOver(buf.freeze()),
             Err(Refused::BadRequest) => {
                 let _ = write_all(stream, BAD_REQUEST).await;
                 return Next::Closed;
             }
         };
+        head_started = None;
+        answered = true;
         let (request, close, is_head) = head;
         if buf.is_empty() && drained {
             // Nothing more to read: the watch below waits for the next event instead of asking the socket.
@@ -170,11 +238,38 @@ where
     }
 }
 
+/// A connection's timer: one `Sleep`, made when first needed, moved to each new deadline only when it fires early
+/// (a kept-alive connection's idle deadline moves with every request; the timer is reset once per timeout at
+/// most, not once per request).
+#[derive(Default)]
+pub(crate) struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl Timer {
+    /// Whether `deadline` has passed; if not, the task is woken when it may have.
+    pub(crate) fn poll_expired(&mut self, deadline: Instant, cx: &mut std::task::Context<'_>) -> bool {
+        let sleep = self.0.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// A request head read whole: the request, whether the client asked to close, whether it is a HEAD.
 type Head = (Request<InBody>, bool, bool);
 
 /// Why a request is not served here.
 enum Refused {
+    /// Its head has not arrived whole yet (and is within the head size limit): read more.
+    Partial,
     /// hyper serves it (and the rest of the connection).
     HandOver,
     /// Its target or a header value cannot be represented: 400, and the connection ends.
@@ -190,6 +285,8 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= limits.max_header_bytes => return Err(Refused::Partial),
+        // Too large (hyper's 431), malformed (hyper's 400), or more headers than looked at here.
         _ => return Err(Refused::HandOver),
     };
     if head_len > limits.max_header_bytes || req.headers.len() > limits.max_headers || req.version != Some(1) {
@@ -320,22 +417,19 @@ async fn write_response(
     };
     out.extend_from_slice(b"\r\n");
     let mut remaining = declared.unwrap_or(u64::MAX);
-    // The head goes out with the first piece of the body when that is ready at once (one write for a small
-    // response); otherwise at once, so that a slow body does not hold the head back.
-    let mut first = true;
+    // What is ready is coalesced into one write (the head with the first piece of a small body); whenever the body
+    // would make the writer wait, what it holds goes out first. So a streamed body (server-sent events, tokens,
+    // progress) reaches the client piece by piece as the upstream sends it, and a small one in one write.
     loop {
-        let frame = if first {
-            first = false;
-            match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
-                Poll::Ready(frame) => frame,
-                Poll::Pending => {
+        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
                     write_all(stream, out).await?;
                     out.clear();
-                    poll_fn(|cx| body.as_mut().poll_frame(cx)).await
                 }
+                poll_fn(|cx| body.as_mut().poll_frame(cx)).await
             }
-        } else {
-            poll_fn(|cx| body.as_mut().poll_frame(cx)).await
         };
         match frame {
             None => break,
@@ -468,6 +562,17 @@ mod tests {
     }
 
     #[test]
+    fn a_head_in_pieces_is_read_on_here_within_the_head_limit_and_handed_over_past_it() {
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nhost: partial"[..]);
+        assert!(matches!(parse(&mut buf, LIMITS), Err(Refused::Partial)));
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nhost: partial", "nothing consumed");
+        let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
+        long.resize(LIMITS.max_header_bytes + 1, b'a');
+        let mut buf = BytesMut::from(&long[..]);
+        assert!(matches!(parse(&mut buf, LIMITS), Err(Refused::HandOver)), "hyper answers 431");
+    }
+
+    #[test]
     fn what_hyper_must_serve_is_handed_over() {
         for wire in [
             "GET / HTTP/1.0\r\n\r\n",
@@ -477,7 +582,6 @@ mod tests {
             "PUT / HTTP/1.1\r\ncontent-length: 10\r\n\r\nshort",
             "PUT / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "GET / HTTP/1.1\r\nhost: partial",
             "CONNECT example:443 HTTP/1.1\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(wire.as_bytes());

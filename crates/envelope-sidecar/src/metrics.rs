@@ -11,6 +11,7 @@
 //! | `envelope_request_duration_seconds` | histogram (5 ms … 10 s), with `trace_id` exemplars in OpenMetrics | `route` |
 //! | `envelope_requests_in_flight` | gauge | `listener` |
 //! | `envelope_unmatched_requests_total` | counter | `listener` |
+//! | `envelope_headers_dropped_total` | counter | `listener` (request headers with `_` in their names, dropped) |
 //! | `envelope_upstream_attempts_total` | counter | `route`, `upstream` |
 //! | `envelope_breaker_state` | gauge (1 = current) | `upstream`, `state` |
 //! | `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
@@ -157,6 +158,7 @@ pub(crate) struct Metrics {
     duration: Family<RouteLabel, HistogramWithExemplars<TraceLabel>>,
     in_flight: Family<ListenerLabel, Gauge>,
     unmatched: Family<ListenerLabel, Counter>,
+    headers_dropped: Family<ListenerLabel, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     breaker_state: Family<StateLabels, Gauge>,
     breaker_transitions: Family<TransitionLabels, Counter>,
@@ -223,6 +225,7 @@ impl BusinessMetrics {
 pub(crate) struct ListenerMetrics {
     pub(crate) in_flight: Gauge,
     pub(crate) unmatched: Counter,
+    pub(crate) headers_dropped: Counter,
 }
 
 const CODES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -235,6 +238,7 @@ impl Metrics {
             duration: Family::new_with_constructor(|| HistogramWithExemplars::new(DURATION_BUCKETS.into_iter())),
             in_flight: Family::default(),
             unmatched: Family::default(),
+            headers_dropped: Family::default(),
             attempts: Family::default(),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
@@ -257,6 +261,11 @@ impl Metrics {
         registry.register("request_duration_seconds", "Time to answer a request", m.duration.clone());
         registry.register("requests_in_flight", "Requests being handled", m.in_flight.clone());
         registry.register("unmatched_requests", "Requests that matched no route (404)", m.unmatched.clone());
+        registry.register(
+            "headers_dropped",
+            "Request headers dropped before forwarding (names with an underscore)",
+            m.headers_dropped.clone(),
+        );
         registry.register(
             "upstream_attempts",
             "Attempts sent to an upstream (first tries and retries)",
@@ -327,6 +336,7 @@ impl Metrics {
         ListenerMetrics {
             in_flight: self.in_flight.get_or_create(&label).clone(),
             unmatched: self.unmatched.get_or_create(&label).clone(),
+            headers_dropped: self.headers_dropped.get_or_create(&label).clone(),
         }
     }
 

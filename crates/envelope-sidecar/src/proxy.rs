@@ -33,7 +33,7 @@ use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
 use envelope_http::headers::{forwarded_for, strip_hop_by_hop};
 use envelope_http::idempotency::{Replay, replay_safety};
-use envelope_http::problem::problem;
+use envelope_http::problem::{problem, problem_with_status};
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode};
@@ -42,6 +42,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{self, Entry};
 use crate::client::PassedHead;
+use crate::config::Underscores;
 use crate::h1::InBody;
 use crate::runtime::{RouteRt, Runtime};
 use crate::telemetry::{AttemptSpan, RequestSpan};
@@ -162,8 +163,26 @@ pub(crate) async fn handle_passing(
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
+    let mut req = req;
     let (response, outcome) = 'answer: {
-        // 2. Input limits.
+        // 2. Input checks, the same whichever engine read the request: one `Host` on HTTP/1.1 (none or one on
+        // HTTP/1.0), no CONNECT (tunnels are not proxied), names with `_` dropped, refused or let through, then
+        // the limits.
+        if let Err(why) = check_host(&req) {
+            break 'answer local(StatusCode::BAD_REQUEST, why, &id);
+        }
+        if method == http::Method::CONNECT {
+            break 'answer local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied", &id);
+        }
+        match underscores(req.headers_mut(), spec.underscores_in_headers) {
+            Ok(0) => {}
+            Ok(dropped) => {
+                listener_metrics.headers_dropped.inc_by(dropped);
+            }
+            Err(()) => {
+                break 'answer local(StatusCode::BAD_REQUEST, "a header name contains an underscore", &id);
+            }
+        }
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > spec.max_uri_bytes {
             break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", &id);
@@ -405,11 +424,39 @@ pub(crate) fn counts_against_availability(outcome: Outcome) -> bool {
     !matches!(outcome, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
 }
 
-/// A local answer that is not a policy outcome (404, 413, 414): status and a problem document.
+/// A local answer that is not a policy outcome (400, 404, 405, 413, 414): status and a problem document.
 fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBody>, Outcome) {
-    let mut r = problem(Outcome::BadRequest, detail, Some(id), None);
-    *r.status_mut() = status;
+    let r = problem_with_status(status, Outcome::BadRequest, detail, Some(id), None);
     (r.map(Either::Right), Outcome::BadRequest)
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; any request has at most one.
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err("more than one Host header"),
+        (None, None) if req.version() == http::Version::HTTP_11 => Err("no Host header"),
+        _ => Ok(()),
+    }
+}
+
+/// Applies the listener's rule to request headers whose names contain `_`: how many were dropped, or `Err` if
+/// the request is refused.
+fn underscores(headers: &mut http::HeaderMap, rule: Underscores) -> Result<u64, ()> {
+    if rule == Underscores::Allow || !headers.keys().any(|n| n.as_str().as_bytes().contains(&b'_')) {
+        return Ok(0);
+    }
+    if rule == Underscores::Reject {
+        return Err(());
+    }
+    let names: Vec<_> = headers.keys().filter(|n| n.as_str().as_bytes().contains(&b'_')).cloned().collect();
+    let mut dropped = 0;
+    for name in names {
+        if let http::header::Entry::Occupied(e) = headers.entry(name) {
+            dropped += e.remove_entry_mult().1.count() as u64;
+        }
+    }
+    Ok(dropped)
 }
 
 /// Takes the upstream's passed-through head out of a response body, if it has one (see [`PassedHead`]).
@@ -448,10 +495,9 @@ fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route
         }
         Error::Shed(_) => ("the service is overloaded".to_owned(), None),
         Error::Injected(_) => {
-            let mut r = problem(outcome, "injected fault", Some(id), None);
             let status = route.upstream.fault_status.load(std::sync::atomic::Ordering::Relaxed);
-            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return r.map(Either::Right);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return problem_with_status(status, outcome, "injected fault", Some(id), None).map(Either::Right);
         }
         other => (format!("route `{name}`: {other}"), None),
     };

@@ -9,21 +9,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::admin;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Engine};
+use crate::connections::{Connections, Place};
 use crate::h1;
 use crate::history::History;
+use crate::hyper_io::{InFlight, TimedIo, Tracked};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::runtime::Runtime;
-use crate::slow_client::SlowClientGuard;
 
 /// How often the config file is checked for changes.
 pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -323,17 +325,23 @@ async fn serve_listener(
 ) {
     // Listener settings cannot change on reload (see `Sidecar::reload`).
     let spec = runtime.load().config.listeners[index].clone();
-    let connections = Arc::new(Semaphore::new(spec.max_connections));
+    let connections = Connections::new(spec.max_connections);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header read timeout is off: `TimedIo` keeps the listener's timers on hyper's connections as `h1`
+    // does on its own (hyper's would also bound the wait between requests, and close without a 408).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(spec.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(spec.max_header_bytes)
         .max_headers(spec.max_headers);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(spec.max_header_bytes as u32);
     let builder = Arc::new(builder);
-    let limits = h1::Limits { max_header_bytes: spec.max_header_bytes, max_headers: spec.max_headers };
+    let settings = Settings {
+        limits: h1::Limits { max_header_bytes: spec.max_header_bytes, max_headers: spec.max_headers },
+        timers: h1::Timers { header_read: spec.header_read_timeout, keepalive: spec.keepalive_timeout },
+        engine: spec.engine,
+    };
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
@@ -344,46 +352,65 @@ async fn serve_listener(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        // Over the connection limit: close at once (the client sees a reset, not a hang).
-        let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
         let _ = stream.set_nodelay(true);
-        let (runtime, builder, mut stop) = (runtime.clone(), builder.clone(), stop.clone());
+        let (runtime, builder, connections, mut stop) =
+            (runtime.clone(), builder.clone(), connections.clone(), stop.clone());
         tokio::spawn(async move {
-            serve_connection(runtime, index, stream, remote, &builder, limits, &mut stop).await;
-            drop(permit);
+            // Over the connection limit: an idle connection gives way, or this one is closed (the client sees a
+            // reset, not a hang). The connection holds its place until it is done.
+            let Some(place) = connections.admit().await else { return };
+            serve_connection(runtime, index, stream, remote, &builder, settings, place, &mut stop).await;
         });
     }
     drop(socket);
-    // Every connection holds a permit until it is done: all permits back means drained.
-    let all = u32::try_from(spec.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(spec.drain_timeout, connections.acquire_many(all)).await;
+    // Every connection holds a place until it is done: all places back means drained.
+    connections.drained(spec.drain_timeout).await;
 }
 
-/// Serves one client connection: HTTP/1.1's common case in `h1`, the rest (HTTP/2, slow or unusual requests) in
-/// hyper, which takes over with the bytes already read. Each request runs on the config current when it arrives;
-/// a reload never changes a request midway.
+/// A listener's settings for each connection.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    limits: h1::Limits,
+    timers: h1::Timers,
+    engine: Engine,
+}
+
+/// Serves one client connection: HTTP/1.1's common case in `h1`, the rest (HTTP/2, unusual requests) in hyper,
+/// which takes over with the bytes already read. Each request runs on the config current when it arrives; a reload
+/// never changes a request midway.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     runtime: Arc<ArcSwap<Runtime>>,
     index: usize,
     mut stream: tokio::net::TcpStream,
     remote: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
-    limits: h1::Limits,
+    settings: Settings,
+    mut place: Place,
     stop: &mut watch::Receiver<bool>,
 ) {
     let client = Arc::new(proxy::Client::new(remote));
-    // The own HTTP/1.1 writer takes a passed-through upstream head as it is; hyper gets header maps.
-    let handle = |req| proxy::handle_passing(runtime.load_full(), index, &client, req);
-    let prefix = match h1::serve(&mut stream, limits, stop, handle).await {
-        h1::Next::Closed => return,
-        h1::Next::HandOver(prefix) => prefix,
+    let prefix = match settings.engine {
+        Engine::Hyper => Bytes::new(),
+        Engine::Auto => {
+            // The own HTTP/1.1 writer takes a passed-through upstream head as it is; hyper gets header maps.
+            let handle = |req| proxy::handle_passing(runtime.load_full(), index, &client, req);
+            match h1::serve(&mut stream, settings.limits, settings.timers, &mut place, stop, handle).await {
+                h1::Next::Closed => return,
+                h1::Next::HandOver(prefix) => prefix,
+            }
+        }
     };
-    let timeout = runtime.load().config.listeners[index].header_read_timeout;
+    let in_flight = InFlight::default();
+    let tracking = in_flight.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (runtime, client) = (runtime.load_full(), client.clone());
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(runtime, index, &client, req.map(Either::Left)).await) }
+        let (runtime, client, busy) = (runtime.load_full(), client.clone(), tracking.start());
+        async move {
+            let response = proxy::handle(runtime, index, &client, req.map(Either::Left)).await;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, busy)))
+        }
     });
-    let stream = SlowClientGuard::new(prefix, stream, timeout);
+    let stream = TimedIo::new(prefix, stream, settings.timers, in_flight, place);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {

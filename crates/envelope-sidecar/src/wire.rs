@@ -119,12 +119,95 @@ pub(crate) fn header_map(head: &Bytes, at: &[HeaderAt], more: usize) -> Option<H
     Some(headers)
 }
 
-/// A `Content-Length` value as a number (`None` if it is not one).
+/// A `Content-Length` value as a number: ASCII digits only (RFC 9112 §6.3: `1*DIGIT`), with nothing but spaces
+/// and tabs around them. `None` for anything else — a sign, a Unicode space, a list, an overflow — which a
+/// front proxy might read differently (request smuggling).
 pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value).ok()?.trim().parse().ok()
+    let digits = trim_ows(value);
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// A chunk size line's size (RFC 9112 §7.1: `1*HEXDIG`, then optional extensions after `;`, with optional spaces
+/// or tabs before the `;`). `None` for anything else: a sign, leading spaces, more than 16 digits.
+pub(crate) fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = match line.iter().position(|&b| b == b';') {
+        Some(at) => trim_ows_end(&line[..at]),
+        None => line,
+    };
+    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let text = std::str::from_utf8(digits).ok()?;
+    u64::from_str_radix(text, 16).ok()
+}
+
+/// Without spaces and tabs (only those: `trim_ascii` also removes other ASCII whitespace) at either end.
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let start = value.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(value.len());
+    trim_ows_end(&value[start..])
+}
+
+fn trim_ows_end(value: &[u8]) -> &[u8] {
+    let end = value.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(0, |i| i + 1);
+    &value[..end]
 }
 
 /// Whether the comma-separated header value `value` lists `token` (case-insensitive), as `Connection` does.
 pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_are_digits_only() {
+        for (value, expect) in [
+            (&b"0"[..], Some(0)),
+            (b"42", Some(42)),
+            (b" 42\t", Some(42)),
+            (b"007", Some(7)),
+            (b"18446744073709551615", None),
+            (b"9999999999999999999", Some(9_999_999_999_999_999_999)),
+            (b"+3", None),
+            (b"-3", None),
+            (b"3 3", None),
+            (b"3,3", None),
+            (b"0x10", None),
+            (b"", None),
+            (b" ", None),
+            ("\u{a0}3".as_bytes(), None),
+            ("3\u{2003}".as_bytes(), None),
+            (b"\x0b3", None),
+        ] {
+            assert_eq!(content_length(value), expect, "{:?}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_digits_then_extensions() {
+        for (line, expect) in [
+            (&b"0"[..], Some(0)),
+            (b"1a", Some(26)),
+            (b"1A", Some(26)),
+            (b"5;name=value", Some(5)),
+            (b"5 ;name", Some(5)),
+            (b"5\t;name", Some(5)),
+            (b"ffffffffffffffff", Some(u64::MAX)),
+            (b"1ffffffffffffffff", None),
+            (b"+5", None),
+            (b" 5", None),
+            (b"5 ", None),
+            (b"0x5", None),
+            (b"", None),
+            (b";ext", None),
+            (b"-1", None),
+        ] {
+            assert_eq!(chunk_size(line), expect, "{:?}", String::from_utf8_lossy(line));
+        }
+    }
 }

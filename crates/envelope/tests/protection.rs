@@ -156,23 +156,3 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let status = tokio::time::timeout(Duration::from_secs(15), env.child.wait()).await.expect("exits").unwrap();
     assert!(status.success(), "{status:?}");
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_over_the_limit_are_closed_at_once() {
-    let up = FaultUpstream::start().await;
-    let env =
-        envelope(&CONFIG.replace("drain_timeout = \"10s\"", "drain_timeout = \"10s\"\nmax_connections = 2"), up.addr)
-            .await;
-    let _a = TcpStream::connect(env.addr).await.unwrap();
-    let _b = TcpStream::connect(env.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = TcpStream::connect(env.addr).await.unwrap();
-    let _ = third.write_all(b"GET /busy/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "closed, not left hanging");
-    assert!(buf.is_empty(), "no answer over the limit: {}", String::from_utf8_lossy(&buf));
-    drop(_a);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(send(get(env.addr, "/busy/x")).await.0, StatusCode::OK, "a freed slot is usable again");
-}

@@ -16,8 +16,8 @@ use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
 use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawUpstream};
-pub use self::raw::{BreakerMode, Tier};
-pub use self::units::{Dur, NonZero, Percent, PositiveDur};
+pub use self::raw::{BreakerMode, Engine, Tier, Underscores};
+pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
 
 /// Default admin listener: loopback only.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
@@ -29,6 +29,8 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 1000;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// Default time a client has to send the request head (slowloris protection, 408).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time an idle keep-alive client connection is kept open between requests.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default limit on the request head size (431).
 pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// Default limit on the number of request headers (431).
@@ -273,8 +275,14 @@ pub struct Listener {
     pub shedding: Shedding,
     /// Open connections allowed.
     pub max_connections: usize,
-    /// Time to receive a request head.
+    /// Time to receive a request head, from its first byte (and a new connection's first byte).
     pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
+    /// What serves HTTP/1 connections.
+    pub engine: Engine,
+    /// What happens to request headers with `_` in their names.
+    pub underscores_in_headers: Underscores,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Most request headers.
@@ -634,6 +642,9 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             shedding,
             max_connections: l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, |n| n.0) as usize,
             header_read_timeout: l.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            keepalive_timeout: l.keepalive_timeout.map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
+            engine: l.engine.unwrap_or(Engine::Auto),
+            underscores_in_headers: l.underscores_in_headers.unwrap_or(Underscores::Drop),
             max_header_bytes: l.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |n| n.0).max(8192) as usize,
             max_headers: l.max_headers.map_or(DEFAULT_MAX_HEADERS, |n| n.0) as usize,
             max_uri_bytes: l.max_uri_bytes.map_or(DEFAULT_MAX_URI_BYTES, |n| n.0) as usize,

@@ -119,6 +119,9 @@ pub(crate) struct RawListener {
     pub(crate) adaptive_concurrency: Option<bool>,
     pub(crate) max_connections: Option<NonZero>,
     pub(crate) header_read_timeout: Option<PositiveDur>,
+    pub(crate) keepalive_timeout: Option<PositiveDur>,
+    pub(crate) engine: Option<Engine>,
+    pub(crate) underscores_in_headers: Option<Underscores>,
     pub(crate) max_header_bytes: Option<NonZero>,
     pub(crate) max_headers: Option<NonZero>,
     pub(crate) max_uri_bytes: Option<NonZero>,
@@ -175,6 +178,29 @@ pub(crate) struct RawWindow {
 pub(crate) struct RawSlowCall {
     pub(crate) duration: PositiveDur,
     pub(crate) rate: Percent,
+}
+
+/// What serves a listener's HTTP/1 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// The listener's own HTTP/1.1 loop for the common case, hyper for the rest (HTTP/2, upgrades, `Expect`).
+    Auto,
+    /// hyper for every connection: the reference the own loop is tested against, and a fallback.
+    Hyper,
+}
+
+/// What a listener does with request headers whose names contain `_` (which some servers read as `-`, so a
+/// `transfer_encoding` header could mean different things to the proxy and to the service behind it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Underscores {
+    /// Drop them before forwarding, and count them (nginx's default).
+    Drop,
+    /// Answer 400.
+    Reject,
+    /// Forward them as they are.
+    Allow,
 }
 
 /// How an upstream's breaker behaves.

@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
 
-/// A duration written as an integer and a unit: `us`, `ms`, `s`, `m` or `h` (`"250ms"`, `"5s"`, `"2m"`).
+/// The longest duration any key accepts: 365 days. Every deadline the sidecar computes from one (an instant plus
+/// it) stays far inside what the clock and tokio's timer can represent.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// A duration written as an integer and a unit: `us`, `ms`, `s`, `m`, `h` or `d` (`"250ms"`, `"5s"`, `"2m"`), at
+/// most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dur(pub Duration);
 
@@ -26,6 +31,9 @@ impl Dur {
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
             _ => return Err(format!("invalid duration `{text}`: the unit must be one of us, ms, s, m, h, d")),
         };
+        if d > MAX_DURATION {
+            return Err(format!("duration `{text}` is longer than the maximum of 365d"));
+        }
         Ok(Dur(d))
     }
 }
@@ -104,6 +112,10 @@ mod tests {
         assert_eq!(Dur::parse("1h").unwrap().0, Duration::from_secs(3600));
         assert_eq!(Dur::parse("30d").unwrap().0, Duration::from_secs(30 * 86_400));
         assert_eq!(Dur::parse("0s").unwrap().0, Duration::ZERO);
+        assert_eq!(Dur::parse("365d").unwrap().0, MAX_DURATION);
+        for too_long in ["366d", "18446744073709551615s", "9000h"] {
+            assert!(Dur::parse(too_long).unwrap_err().contains("maximum"), "{too_long}");
+        }
         for bad in ["", "5", "s", "5 s", "-1s", "1.5s", "5sec", "5w"] {
             assert!(Dur::parse(bad).is_err(), "{bad:?}");
         }

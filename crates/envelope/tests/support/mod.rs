@@ -256,6 +256,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
 pub struct Envelope {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every listener's address, in config order (`addr` is the last).
+    pub addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
     /// Standard error lines after the start-up lines.
@@ -313,15 +315,16 @@ async fn spawn_in(dir: TempDir, env: &[(&str, &str)]) -> Envelope {
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let errors = Arc::new(Mutex::new(Vec::new()));
     let early = errors.clone();
-    let (addr, admin) = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut addr = None;
+    let (addrs, admin) = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut addrs = Vec::new();
         while let Some(line) = stderr.next_line().await.unwrap() {
             early.lock().unwrap().push(line.clone());
             if let Some(a) = line.strip_prefix("envelope: listening on ") {
-                addr = Some(a.parse::<SocketAddr>().unwrap());
+                addrs.push(a.parse::<SocketAddr>().unwrap());
             }
             if let Some(a) = line.strip_prefix("envelope: admin on ") {
-                return (addr.expect("listeners are printed first"), a.parse::<SocketAddr>().unwrap());
+                assert!(!addrs.is_empty(), "listeners are printed first");
+                return (addrs, a.parse::<SocketAddr>().unwrap());
             }
         }
         panic!("envelope exited before listening");
@@ -342,7 +345,8 @@ async fn spawn_in(dir: TempDir, env: &[(&str, &str)]) -> Envelope {
             late.lock().unwrap().push(line);
         }
     });
-    Envelope { child, addr, admin, log, errors, _dir: dir }
+    let addr = *addrs.last().unwrap();
+    Envelope { child, addr, addrs, admin, log, errors, _dir: dir }
 }
 
 impl Envelope {
