@@ -1,0 +1,162 @@
+//! Responses stream through every inbound path: the listener's own HTTP/1.1 loop, hyper's HTTP/1.1 and hyper's
+//! HTTP/2, with chunked and with `Content-Length` upstream bodies.
+//!
+//! The upstream sends an event and then waits until the test's client has received it before it sends the next:
+//! a proxy that held anything back would never deliver the first event, and the client's bounded wait fails. So
+//! the test proves events arrive as they are sent, without timing anything.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use support::envelope;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "auto"
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "hyper"
+listen = "127.0.0.1:0"
+engine = "hyper"
+
+[[upstream]]
+name = "events"
+endpoints = ["http://{upstream}"]
+
+[[route]]
+name = "auto"
+listener = "auto"
+match = { path_prefix = "/" }
+upstream = "events"
+
+[[route]]
+name = "hyper"
+listener = "hyper"
+match = { path_prefix = "/" }
+upstream = "events"
+"#;
+
+const EVENTS: usize = 3;
+const BOUND: Duration = Duration::from_secs(10);
+
+fn event(k: usize) -> String {
+    format!("data: event-{k}\n\n")
+}
+
+/// An upstream answering every request with [`EVENTS`] server-sent events, each sent only once the client has
+/// acknowledged the one before (`acked` counts them). `/chunked` frames the body chunked, `/length` with a
+/// `Content-Length`.
+async fn upstream(acked: watch::Receiver<usize>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let mut acked = acked.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let chunked = String::from_utf8_lossy(&head).contains("/chunked");
+                let start = *acked.borrow_and_update();
+                let framing = if chunked {
+                    "transfer-encoding: chunked".to_owned()
+                } else {
+                    format!("content-length: {}", (0..EVENTS).map(|k| event(k).len()).sum::<usize>())
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n{framing}\r\n\r\n"
+                );
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for k in 0..EVENTS {
+                    let data = event(k);
+                    let wire = if chunked { format!("{:x}\r\n{data}\r\n", data.len()) } else { data };
+                    if s.write_all(wire.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    // The next event only once the client has this one.
+                    let wait = acked.wait_for(|&n| n > start + k);
+                    if tokio::time::timeout(BOUND, wait).await.is_err() {
+                        return;
+                    }
+                }
+                if chunked {
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Over a raw HTTP/1.1 connection: each event is seen before the next is sent.
+async fn over_http1(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut chunk = [0u8; 4096];
+    for k in 0..EVENTS {
+        while !seen.contains(&event(k)) {
+            let read = tokio::time::timeout(BOUND, conn.read(&mut chunk)).await;
+            let n = read.unwrap_or_else(|_| panic!("{addr}{path}: event {k} not delivered; got {seen:?}")).unwrap();
+            assert!(n > 0, "{addr}{path}: closed before event {k}: {seen:?}");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        ack.send_modify(|n| *n += 1);
+    }
+}
+
+/// Over HTTP/2 (prior knowledge): each event is seen before the next is sent.
+async fn over_http2(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) {
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}{path}")).body(Empty::<Bytes>::new()).unwrap();
+    let mut body = tokio::time::timeout(BOUND, send.send_request(req)).await.unwrap().unwrap().into_body();
+    let mut seen = String::new();
+    for k in 0..EVENTS {
+        while !seen.contains(&event(k)) {
+            let frame = tokio::time::timeout(BOUND, body.frame()).await;
+            let frame = frame.unwrap_or_else(|_| panic!("h2 {addr}{path}: event {k} not delivered; got {seen:?}"));
+            let frame = frame.expect("the stream goes on").unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        ack.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_as_the_upstream_sends_them_on_every_engine_path() {
+    let (ack, acked) = watch::channel(0usize);
+    let up = upstream(acked).await;
+    let env = envelope(CONFIG, up).await;
+    let (auto, hyper) = (env.addrs[0], env.addrs[1]);
+    for path in ["/chunked", "/length"] {
+        // The listener's own HTTP/1.1 loop, then hyper's HTTP/1.1, then HTTP/2 on each listener (hyper's).
+        over_http1(auto, path, &ack).await;
+        over_http1(hyper, path, &ack).await;
+        over_http2(auto, path, &ack).await;
+        over_http2(hyper, path, &ack).await;
+    }
+}
