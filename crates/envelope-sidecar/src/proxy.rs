@@ -168,7 +168,7 @@ pub(crate) async fn handle_passing(
         // 2. Input checks, the same whichever engine read the request: one `Host` on HTTP/1.1 (none or one on
         // HTTP/1.0), no CONNECT (tunnels are not proxied), names with `_` dropped, refused or let through, then
         // the limits.
-        if let Err(why) = check_host(&req) {
+        if let Err(why) = check_head(&req) {
             break 'answer local(StatusCode::BAD_REQUEST, why, &id);
         }
         if method == http::Method::CONNECT {
@@ -431,7 +431,7 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; any request has at most one.
-fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+fn check_head<B>(req: &Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (_, Some(_)) => Err("more than one Host header"),
