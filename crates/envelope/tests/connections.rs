@@ -9,46 +9,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{Action, FaultUpstream, envelope, get, send};
+use support::{Action, FaultUpstream, envelope, get, send, two_engines};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Two listeners on one upstream: the default engine first, hyper for everything second.
-const CONFIG: &str = r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "auto"
-listen = "127.0.0.1:0"
-header_read_timeout = "400ms"
-keepalive_timeout = "700ms"
-max_connections = 40
-
-[[listener]]
-name = "hyper"
-listen = "127.0.0.1:0"
-engine = "hyper"
-header_read_timeout = "400ms"
-keepalive_timeout = "700ms"
-max_connections = 40
-
-[[upstream]]
-name = "app"
-endpoints = ["http://{upstream}"]
-
-[[route]]
-name = "auto"
-listener = "auto"
-match = { path_prefix = "/" }
-upstream = "app"
-
-[[route]]
-name = "hyper"
-listener = "hyper"
-match = { path_prefix = "/" }
-upstream = "app"
-"#;
+/// Both engines, with short timers.
+fn config() -> String {
+    two_engines("header_read_timeout = \"400ms\"\nkeepalive_timeout = \"700ms\"\nmax_connections = 40")
+}
 
 const HEADER_READ: Duration = Duration::from_millis(400);
 const KEEPALIVE: Duration = Duration::from_millis(700);
@@ -91,7 +59,7 @@ async fn one_response(conn: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     let up = FaultUpstream::start().await;
-    let env = envelope(CONFIG, up.addr).await;
+    let env = envelope(&config(), up.addr).await;
     for addr in env.addrs.clone() {
         let started = Instant::now();
         let mut conn = TcpStream::connect(addr).await.unwrap();
@@ -104,7 +72,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_connection_is_closed_after_the_keepalive_timeout_and_not_before() {
     let up = FaultUpstream::start().await;
-    let env = envelope(CONFIG, up.addr).await;
+    let env = envelope(&config(), up.addr).await;
     for addr in env.addrs.clone() {
         let mut conn = TcpStream::connect(addr).await.unwrap();
         // Two requests, the second after longer than the header read timeout: a kept-alive connection waits for
@@ -124,7 +92,7 @@ async fn a_kept_alive_connection_is_closed_after_the_keepalive_timeout_and_not_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_sent_byte_by_byte_gets_408_at_the_header_read_timeout_from_its_first_byte() {
     let up = FaultUpstream::start().await;
-    let env = envelope(CONFIG, up.addr).await;
+    let env = envelope(&config(), up.addr).await;
     for addr in env.addrs.clone() {
         let mut conn = TcpStream::connect(addr).await.unwrap();
         let started = Instant::now();
@@ -165,7 +133,7 @@ async fn silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 async fn a_flood_of_silent_sockets_gives_way_to_clients_with_requests() {
     let up = FaultUpstream::start().await;
     // Long timers: only giving way can make room here.
-    let config = CONFIG.replace("\"400ms\"", "\"30s\"").replace("\"700ms\"", "\"30s\"");
+    let config = config().replace("\"400ms\"", "\"30s\"").replace("\"700ms\"", "\"30s\"");
     let env = envelope(&config, up.addr).await;
     for addr in env.addrs.clone() {
         // Five times the connection limit, all silent.
@@ -182,7 +150,7 @@ async fn a_flood_of_silent_sockets_gives_way_to_clients_with_requests() {
 async fn connections_with_requests_in_flight_never_give_way() {
     let up = FaultUpstream::start().await;
     up.script("/long", [Action::delayed(200, Duration::from_millis(1500))]);
-    let config = CONFIG.replace("max_connections = 40", "max_connections = 2");
+    let config = config().replace("max_connections = 40", "max_connections = 2");
     let env = envelope(&config, up.addr).await;
     for addr in env.addrs.clone() {
         let base = up.count("GET", "/long");

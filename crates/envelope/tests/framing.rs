@@ -8,39 +8,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::{FaultUpstream, envelope};
+use support::{FaultUpstream, envelope, two_engines};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const CONFIG: &str = r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "auto"
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "hyper"
-listen = "127.0.0.1:0"
-engine = "hyper"
-
-[[upstream]]
-name = "app"
-endpoints = ["http://{upstream}"]
-
-[[route]]
-name = "auto"
-listener = "auto"
-match = { path_prefix = "/" }
-upstream = "app"
-
-[[route]]
-name = "hyper"
-listener = "hyper"
-match = { path_prefix = "/" }
-upstream = "app"
-"#;
 
 /// (what is sent, the status expected).
 const CASES: &[(&str, u16)] = &[
@@ -138,7 +108,7 @@ async fn read_status_or_end(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_gets_the_same_answer_from_both_engines() {
     let up = FaultUpstream::start().await;
-    let env = envelope(CONFIG, up.addr).await;
+    let env = envelope(&two_engines(""), up.addr).await;
     let (auto, hyper) = (env.addrs[0], env.addrs[1]);
     let mut wrong = Vec::new();
     for (wire, expected) in CASES {

@@ -12,40 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use support::envelope;
+use support::{envelope, two_engines};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-const CONFIG: &str = r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "auto"
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "hyper"
-listen = "127.0.0.1:0"
-engine = "hyper"
-
-[[upstream]]
-name = "events"
-endpoints = ["http://{upstream}"]
-
-[[route]]
-name = "auto"
-listener = "auto"
-match = { path_prefix = "/" }
-upstream = "events"
-
-[[route]]
-name = "hyper"
-listener = "hyper"
-match = { path_prefix = "/" }
-upstream = "events"
-"#;
 
 const EVENTS: usize = 3;
 const BOUND: Duration = Duration::from_secs(10);
@@ -150,7 +120,7 @@ async fn over_http2(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) {
 async fn events_arrive_as_the_upstream_sends_them_on_every_engine_path() {
     let (ack, acked) = watch::channel(0usize);
     let up = upstream(acked).await;
-    let env = envelope(CONFIG, up).await;
+    let env = envelope(&two_engines(""), up).await;
     let (auto, hyper) = (env.addrs[0], env.addrs[1]);
     for path in ["/chunked", "/length"] {
         // The listener's own HTTP/1.1 loop, then hyper's HTTP/1.1, then HTTP/2 on each listener (hyper's).

@@ -421,3 +421,22 @@ pub async fn send(req: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap, By
 pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()
 }
+
+/// A config with two listeners on one upstream (`{upstream}`), each with a catch-all route: `auto` (the listener's
+/// own HTTP/1.1 loop, first) and `hyper` (hyper alone, second), both with the extra listener keys `listener`
+/// (TOML lines), for tests that hold the two engines to the same behaviour.
+pub fn two_engines(listener: &str) -> String {
+    let mut config = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    for engine in ["auto", "hyper"] {
+        config.push_str(&format!(
+            "\n[[listener]]\nname = \"{engine}\"\nlisten = \"127.0.0.1:0\"\nengine = \"{engine}\"\n{listener}\n"
+        ));
+    }
+    config.push_str("\n[[upstream]]\nname = \"app\"\nendpoints = [\"http://{upstream}\"]\n");
+    for engine in ["auto", "hyper"] {
+        config.push_str(&format!(
+            "\n[[route]]\nname = \"{engine}\"\nlistener = \"{engine}\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"app\"\n"
+        ));
+    }
+    config
+}
