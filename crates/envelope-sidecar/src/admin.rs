@@ -24,7 +24,11 @@
 //!
 //! State-changing calls need `Authorization: Bearer <token>`, the token being read from the environment variable
 //! named by `admin.token_env` (default `ENVELOPE_ADMIN_TOKEN`); with no token set they are refused. Other methods
-//! on these paths answer 405 and change nothing.
+//! on these paths answer 405 and change nothing. The token is compared in constant time, whatever the lengths.
+//!
+//! Every request's `Host` must name a loopback host (`localhost`, `*.localhost`, a loopback address), the admin
+//! listener's own address, or one of `admin.allowed_hosts`; others are refused with 421. A web page cannot then
+//! read the API from a browser on the same machine by pointing its own name at 127.0.0.1 (DNS rebinding).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +56,7 @@ pub(crate) struct AdminState {
 }
 
 pub(crate) fn router(state: AdminState) -> Router {
+    let hosts = Arc::new(AllowedHosts::new(&state.runtime.load().config.admin));
     Router::new()
         .route("/", get(dashboard))
         .route("/dashboard", get(dashboard))
@@ -70,6 +75,65 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/faults", get(faults))
         .route("/api/v1/faults/{upstream}", post(inject_fault).delete(clear_fault))
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let hosts = hosts.clone();
+            async move {
+                if !hosts.allows(&req) {
+                    return (StatusCode::MISDIRECTED_REQUEST, "this host name is not the admin listener's\n")
+                        .into_response();
+                }
+                next.run(req).await
+            }
+        }))
+}
+
+/// The `Host` values the admin listener answers to.
+#[derive(Debug)]
+struct AllowedHosts {
+    /// The listener's own address (a non-loopback listen), and the configured names.
+    names: Vec<String>,
+}
+
+impl AllowedHosts {
+    fn new(admin: &crate::config::Admin) -> Self {
+        let mut names = admin.allowed_hosts.clone();
+        if !admin.listen.ip().is_unspecified() {
+            names.push(admin.listen.ip().to_string());
+        }
+        AllowedHosts { names }
+    }
+
+    /// Whether the request's `Host` (or, on HTTP/2, its authority) is one to answer. A request with neither is no
+    /// browser's: it is answered.
+    fn allows(&self, req: &axum::extract::Request) -> bool {
+        let host = match req.headers().get(header::HOST) {
+            Some(v) => match v.to_str() {
+                Ok(v) => v,
+                Err(_) => return false,
+            },
+            None => match req.uri().authority() {
+                Some(a) => a.as_str(),
+                None => return true,
+            },
+        };
+        let name = host_name(host).to_ascii_lowercase();
+        let bare = name.trim_start_matches('[').trim_end_matches(']');
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            || self.names.iter().any(|n| n.trim_start_matches('[').trim_end_matches(']') == bare)
+    }
+}
+
+/// The name in a `Host` value, without its port.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
 }
 
 /// The dashboard: one self-contained page (no build step, no external resource) that polls the JSON API.
@@ -454,6 +518,41 @@ async fn clear_fault(State(s): State<AdminState>, Path(upstream): Path<String>, 
 }
 
 /// Compares secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` equals `expected`, in a time that depends on `expected`'s length only: every byte of
+/// `expected` is compared whatever `given` is, and a length mismatch is folded in rather than returned early.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= std::hint::black_box(given.get(i).copied().unwrap_or(0) ^ e);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_their_port_only() {
+        for (host, name) in [
+            ("localhost", "localhost"),
+            ("localhost:9901", "localhost"),
+            ("[::1]:9901", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("127.0.0.1:80", "127.0.0.1"),
+            ("a:b", "a:b"),
+        ] {
+            assert_eq!(host_name(host), name, "{host}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole_whatever_their_lengths() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for given in [&b""[..], b"s", b"s3cre", b"s3cret!", b"s3creT", b"x3cret", b"s3cret\0"] {
+            assert!(!constant_time_eq(given, b"s3cret"), "{given:?}");
+        }
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
 }

@@ -200,3 +200,41 @@ async fn breaker_transitions_are_listed_newest_first() {
     assert_eq!(v[0]["upstream"], "app");
     assert!(v[0]["at_ms"].as_u64().unwrap() >= v[1]["at_ms"].as_u64().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_loopback_and_configured_host_names_are_answered() {
+    let up = FaultUpstream::start().await;
+    let config = CONFIG.replace(
+        "listen = \"127.0.0.1:0\"\n\n[[listener]]",
+        "listen = \"127.0.0.1:0\"\nallowed_hosts = [\"Admin.Internal\"]\n\n[[listener]]",
+    );
+    let env = envelope_with_env(&config, up.addr, &[("ENVELOPE_ADMIN_TOKEN", "s3cret")]).await;
+    let port = env.admin.port();
+    let with_host = |host: &str, path: &str| {
+        Request::get(format!("http://{}{path}", env.admin)).header("host", host).body(Full::new(Bytes::new())).unwrap()
+    };
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_owned(),
+        "dashboard.localhost".to_owned(),
+        format!("[::1]:{port}"),
+        "127.0.0.2".to_owned(),
+        format!("admin.internal:{port}"),
+    ] {
+        for path in ["/api/v1/config", "/metrics", "/"] {
+            assert_eq!(send(with_host(&host, path)).await.0, StatusCode::OK, "{host}{path}");
+        }
+    }
+    // A page whose own name was pointed at 127.0.0.1 (DNS rebinding) is refused, for reads and for changes.
+    for host in ["evil.example", "evil.example:9901", "localhost.evil.example", "127.0.0.1.evil.example", "[::2]"] {
+        for path in ["/api/v1/config", "/metrics", "/healthz"] {
+            assert_eq!(send(with_host(host, path)).await.0, StatusCode::MISDIRECTED_REQUEST, "{host}{path}");
+        }
+        let mut change = post(env.admin, "/api/v1/breakers/app/force-open", Some("s3cret"));
+        change.headers_mut().insert("host", host.parse().unwrap());
+        assert_eq!(send(change).await.0, StatusCode::MISDIRECTED_REQUEST, "{host}");
+    }
+    let breakers = send(get(env.admin, "/api/v1/breakers")).await.2;
+    assert!(!String::from_utf8_lossy(&breakers).contains("forced_open"), "nothing was changed");
+}

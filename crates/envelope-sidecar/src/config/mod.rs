@@ -253,6 +253,8 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// Environment variable holding the bearer token for state-changing calls.
     pub token_env: String,
+    /// Names a request's `Host` may carry besides loopback ones (lower case, without a port).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// How a listener sheds load.
@@ -617,9 +619,24 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
         }
         None => defaults.admin_listen,
     };
+    let mut allowed_hosts = Vec::new();
+    for (i, h) in raw.admin.allowed_hosts.iter().flatten().enumerate() {
+        let name = h.get_ref().to_ascii_lowercase();
+        if name.is_empty()
+            || name.contains(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
+        {
+            return Err(invalid(
+                h,
+                format!("admin.allowed_hosts[{i}]"),
+                format!("`{name}` is not a host name or address"),
+            ));
+        }
+        allowed_hosts.push(name);
+    }
     let admin = Admin {
         listen: admin_listen,
         token_env: raw.admin.token_env.clone().unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.to_owned()),
+        allowed_hosts,
     };
 
     let mut listeners = Vec::new();

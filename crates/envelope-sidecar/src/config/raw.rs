@@ -108,6 +108,7 @@ pub(crate) struct RawAdmin {
     pub(crate) listen: Option<Spanned<SocketAddr>>,
     pub(crate) allow_non_loopback: Option<bool>,
     pub(crate) token_env: Option<String>,
+    pub(crate) allowed_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
