@@ -19,6 +19,10 @@ fi
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace
 
+# The fuzz targets (request head, chunked decoder, response reader, config loader), 10 s each: they build, and the
+# seeds and what libFuzzer finds in that time cross every parser without a crash. Longer runs: scripts/fuzz.sh.
+./scripts/fuzz.sh 10
+
 # Loom models of the hand-written synchronisation (circuit breaker state word, bulkhead semaphore). Built with
 # `--cfg envelope_loom` in a target directory of their own, so they never invalidate the main build.
 RUSTFLAGS="--cfg envelope_loom" CARGO_TARGET_DIR=target/loom cargo test -p envelope-core --lib loom_model

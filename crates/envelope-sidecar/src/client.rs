@@ -349,83 +349,97 @@ impl PassedHead {
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
 async fn read_head(mut conn: Box<Conn>, is_head: bool) -> Result<(Response<()>, Rest), ExchangeError> {
-    let buf = &mut conn.buf;
-    buf.clear();
+    conn.buf.clear();
     loop {
-        let Some(drained) = fill(&conn.stream, buf).await? else { return Err(ExchangeError::Closed) };
+        let Some(drained) = fill(&conn.stream, &mut conn.buf).await? else { return Err(ExchangeError::Closed) };
         conn.drained = drained;
-        loop {
-            // Uninitialised slots: httparse writes the ones it fills, and nothing else is read.
-            let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-            let mut r = httparse::Response::new(&mut []);
-            let len =
-                match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
-                    Ok(httparse::Status::Complete(n)) => n,
-                    Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
-                    Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
-                    Err(_) => return Err(ExchangeError::BadResponse("malformed head")),
-                };
-            let Some(status) = r.code.and_then(|c| StatusCode::from_u16(c).ok()) else {
-                return Err(ExchangeError::BadResponse("status"));
-            };
-            if status.is_informational() {
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(ExchangeError::BadResponse("unexpected protocol switch"));
-                }
-                let _ = buf.split_to(len);
-                if buf.is_empty() {
-                    break;
-                }
-                continue;
-            }
-            let count = r.headers.len();
-            let (mut small, mut large) = ([HeaderAt::default(); SMALL_HEAD], Vec::new());
-            let at = positions(&mut small, &mut large, count);
-            let mut framing = Framing::Close;
-            let mut keep_alive = r.version != Some(0);
-            let mut pass = status.is_success() && count <= PASSED_HEADERS;
-            for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
-                let name = h.name.as_bytes();
-                pass = pass && !envelope_http::headers::is_hop_by_hop(name);
-                if name_is(name, b"transfer-encoding") {
-                    // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
-                    let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-                    framing = if has_token(last, b"chunked") { Framing::Chunked(Chunk::Size) } else { Framing::Close };
-                } else if name_is(name, b"content-length") && !matches!(framing, Framing::Chunked(_)) {
-                    match (content_length(h.value), framing) {
-                        (Some(n), Framing::Close) => framing = Framing::Length(n),
-                        (Some(n), Framing::Length(m)) if n == m => {}
-                        _ => return Err(ExchangeError::BadResponse("content-length")),
-                    }
-                } else if name_is(name, b"connection") && has_token(h.value, b"close") {
-                    keep_alive = false;
-                }
-                *slot = HeaderAt::of(buf, h);
-            }
-            if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-                framing = Framing::Length(0);
-            }
-            let head = buf.split_to(len).freeze();
-            let mut response = Response::new(());
-            *response.status_mut() = status;
-            *response.version_mut() = Version::HTTP_11;
-            let passed = if pass {
-                let mut passed = [HeaderAt::default(); PASSED_HEADERS];
-                passed[..count].copy_from_slice(at);
-                // Boxed: the body that carries it is moved through every layer of the proxy.
-                Some(Box::new(PassedHead { head, at: passed, len: count, request_id: None }))
-            } else {
-                // Room for the request id the proxy adds.
-                let Some(headers) = header_map(&head, at, 2) else {
-                    return Err(ExchangeError::BadResponse("header"));
-                };
-                *response.headers_mut() = headers;
-                None
-            };
-            // A body that runs until the close leaves nothing to reuse.
-            let keep_alive = keep_alive && !matches!(framing, Framing::Close);
-            return Ok((response, Rest { conn, framing, keep_alive, passed }));
+        if let Some(p) = parse_head(&mut conn.buf, is_head)? {
+            return Ok((p.response, Rest { conn, framing: p.framing, keep_alive: p.keep_alive, passed: p.passed }));
         }
+    }
+}
+
+/// A response head taken off the front of the read buffer.
+struct ParsedHead {
+    response: Response<()>,
+    framing: Framing,
+    keep_alive: bool,
+    passed: Option<Box<PassedHead>>,
+}
+
+/// Takes a response head off the front of `buf`, skipping `1xx` answers, and works out how its body is framed:
+/// `Ok(None)` while the head is not whole yet. `is_head`: the request was a HEAD (no body follows).
+fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<ParsedHead>, ExchangeError> {
+    loop {
+        // Uninitialised slots: httparse writes the ones it fills, and nothing else is read.
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+            Ok(httparse::Status::Partial) => return Err(ExchangeError::BadResponse("head too large")),
+            Err(_) => return Err(ExchangeError::BadResponse("malformed head")),
+        };
+        let Some(status) = r.code.and_then(|c| StatusCode::from_u16(c).ok()) else {
+            return Err(ExchangeError::BadResponse("status"));
+        };
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ExchangeError::BadResponse("unexpected protocol switch"));
+            }
+            let _ = buf.split_to(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let count = r.headers.len();
+        let (mut small, mut large) = ([HeaderAt::default(); SMALL_HEAD], Vec::new());
+        let at = positions(&mut small, &mut large, count);
+        let mut framing = Framing::Close;
+        let mut keep_alive = r.version != Some(0);
+        let mut pass = status.is_success() && count <= PASSED_HEADERS;
+        for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
+            let name = h.name.as_bytes();
+            pass = pass && !envelope_http::headers::is_hop_by_hop(name);
+            if name_is(name, b"transfer-encoding") {
+                // Chunked only if it is the last coding; otherwise the body runs until the connection closes.
+                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                framing = if has_token(last, b"chunked") { Framing::Chunked(Chunk::Size) } else { Framing::Close };
+            } else if name_is(name, b"content-length") && !matches!(framing, Framing::Chunked(_)) {
+                match (content_length(h.value), framing) {
+                    (Some(n), Framing::Close) => framing = Framing::Length(n),
+                    (Some(n), Framing::Length(m)) if n == m => {}
+                    _ => return Err(ExchangeError::BadResponse("content-length")),
+                }
+            } else if name_is(name, b"connection") && has_token(h.value, b"close") {
+                keep_alive = false;
+            }
+            *slot = HeaderAt::of(buf, h);
+        }
+        if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            framing = Framing::Length(0);
+        }
+        let head = buf.split_to(len).freeze();
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = Version::HTTP_11;
+        let passed = if pass {
+            let mut passed = [HeaderAt::default(); PASSED_HEADERS];
+            passed[..count].copy_from_slice(at);
+            // Boxed: the body that carries it is moved through every layer of the proxy.
+            Some(Box::new(PassedHead { head, at: passed, len: count, request_id: None }))
+        } else {
+            // Room for the request id the proxy adds.
+            let Some(headers) = header_map(&head, at, 2) else {
+                return Err(ExchangeError::BadResponse("header"));
+            };
+            *response.headers_mut() = headers;
+            None
+        };
+        // A body that runs until the close leaves nothing to reuse.
+        let keep_alive = keep_alive && !matches!(framing, Framing::Close);
+        return Ok(Some(ParsedHead { response, framing, keep_alive, passed }));
     }
 }
 
@@ -525,6 +539,52 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, ExchangeErr
                     }
                 }
             },
+        }
+    }
+}
+
+/// Fuzzing (see `crate::fuzz`): a chunked body arriving in pieces whose sizes are taken from the first bytes.
+pub(crate) fn fuzz_chunked(data: &[u8]) {
+    let (cuts, wire) = data.split_at(data.len().min(8));
+    let cuts: Vec<usize> = cuts.iter().map(|&c| usize::from(c % 32) + 1).collect();
+    decode_fuzzed(Framing::Chunked(Chunk::Size), wire, if cuts.is_empty() { &[1] } else { &cuts });
+}
+
+/// Fuzzing: a response head, then its body with the framing the head gave.
+pub(crate) fn fuzz_response(data: &[u8]) {
+    let Some((&flags, wire)) = data.split_first() else { return };
+    let mut buf = crate::fuzz::buffer(wire);
+    match parse_head(&mut buf, flags & 1 == 1) {
+        Ok(Some(head)) => {
+            if let Some(passed) = &head.passed {
+                assert!(head.response.status().is_success(), "only a success's head is passed through");
+                passed.for_each(|name, _| assert!(!envelope_http::headers::is_hop_by_hop(name)));
+            }
+            decode_fuzzed(head.framing, &buf.split(), &[usize::from(flags >> 1) + 1]);
+        }
+        Ok(None) => assert!(buf.len() < MAX_HEAD, "a head over the limit is an error"),
+        Err(_) => {}
+    }
+}
+
+/// Feeds `wire` to the decoder in pieces of the sizes in `cuts`; what it hands out is never more than it was fed.
+fn decode_fuzzed(mut framing: Framing, wire: &[u8], cuts: &[usize]) {
+    let mut buf = BytesMut::new();
+    let (mut out, mut at, mut k) = (0usize, 0usize, 0usize);
+    loop {
+        match decode(&mut framing, &mut buf) {
+            Ok(Step::Data(d)) => {
+                assert!(!d.is_empty(), "no empty data frames");
+                out += d.len();
+                assert!(out <= at, "never more out than in");
+            }
+            Ok(Step::End) | Err(_) => return,
+            Ok(Step::More) if at < wire.len() => {
+                let n = cuts[k % cuts.len()].min(wire.len() - at);
+                buf.extend_from_slice(&wire[at..at + n]);
+                (at, k) = (at + n, k + 1);
+            }
+            Ok(Step::More) => return,
         }
     }
 }

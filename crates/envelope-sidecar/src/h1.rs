@@ -346,6 +346,28 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
     Ok((request, close, is_head))
 }
 
+/// Fuzzing (see `crate::fuzz`): parses requests off `data` until it is used up or one is not served here.
+pub(crate) fn fuzz_parse(data: &[u8]) {
+    let limits = Limits { max_header_bytes: 16 * 1024, max_headers: 100 };
+    let mut buf = crate::fuzz::buffer(data);
+    loop {
+        let before = buf.len();
+        match parse(&mut buf, limits) {
+            Ok((request, _, _)) => {
+                assert!(buf.len() < before, "a request served here consumed its head");
+                assert_eq!(request.version(), Version::HTTP_11);
+                assert!(request.method() != Method::CONNECT);
+            }
+            // Refused with 400: the connection closes, what was read does not matter.
+            Err(Refused::BadRequest) => return,
+            Err(Refused::HandOver | Refused::Partial) => {
+                assert_eq!(buf.len(), before, "a request not served here leaves every byte for hyper or the next read");
+                return;
+            }
+        }
+    }
+}
+
 /// Writes `response`; `Ok(true)` if the connection can carry another request.
 async fn write_response(
     stream: &TcpStream,

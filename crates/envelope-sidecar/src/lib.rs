@@ -21,6 +21,8 @@ mod client;
 pub mod config;
 mod connections;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 mod h1;
 mod history;
