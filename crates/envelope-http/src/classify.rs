@@ -6,6 +6,8 @@
 //!   e.g. 408 or 409 for some APIs);
 //! - an error (no response) carries its own outcome ([`HasOutcome`]): connection refused or reset is
 //!   [`Outcome::ConnectError`], a timeout is [`Outcome::Timeout`];
+//! - 501 Not Implemented and 505 HTTP Version Not Supported are failures but never retried: the same request
+//!   meets the same answer (as the other 5xx do not);
 //! - for 429 and 503 responses, `Retry-After` is read in both of its forms (delta-seconds and HTTP-date) so that
 //!   the retry policy can honour it (and give up if it exceeds its maximum delay).
 
@@ -48,6 +50,12 @@ impl StatusClassifier {
             _ => Outcome::Ok,
         }
     }
+
+    /// Whether an answer with `status` is one that the same request would meet again: 501 (the method is not
+    /// implemented) and 505 (the HTTP version is not supported). Failures, but not retried.
+    pub fn is_permanent(status: StatusCode) -> bool {
+        matches!(status, StatusCode::NOT_IMPLEMENTED | StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+    }
 }
 
 impl<B, E: HasOutcome> Classify<Response<B>, E> for StatusClassifier {
@@ -66,6 +74,10 @@ impl<B, E: HasOutcome> Classify<Response<B>, E> for StatusClassifier {
             }
             _ => None,
         }
+    }
+
+    fn may_retry(&self, result: &Result<Response<B>, E>) -> bool {
+        !matches!(result, Ok(r) if StatusClassifier::is_permanent(r.status()))
     }
 }
 
@@ -101,6 +113,18 @@ mod tests {
             b = b.header(RETRY_AFTER, v);
         }
         Ok(b.body(()).unwrap())
+    }
+
+    #[test]
+    fn not_implemented_and_version_not_supported_fail_but_are_not_retried() {
+        let c = StatusClassifier::new();
+        for status in [501, 505] {
+            assert_eq!(c.classify(&response(status, None)), Outcome::Upstream5xx);
+            assert!(!c.may_retry(&response(status, None)), "{status}");
+        }
+        for status in [500, 502, 503, 504, 429] {
+            assert!(c.may_retry(&response(status, None)), "{status}");
+        }
     }
 
     #[test]

@@ -522,8 +522,10 @@ impl Classify<Response<ResponseBody>, UpstreamError> for RouteClassifier<'_> {
         self.status.retry_after(result)
     }
 
-    /// Idempotent requests may be repeated; others only if they never left and their body can be sent again.
+    /// Idempotent requests may be repeated; others only if they never left and their body can be sent again. A
+    /// permanent answer (501, 505) is never repeated.
     fn may_retry(&self, result: &Attempt) -> bool {
-        self.replay_safe || (self.replayable_body && matches!(result, Err(e) if e.never_sent()))
+        self.status.may_retry(result)
+            && (self.replay_safe || (self.replayable_body && matches!(result, Err(e) if e.never_sent())))
     }
 }

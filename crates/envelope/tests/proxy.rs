@@ -63,6 +63,15 @@ async fn retries_exactly_max_attempts_and_returns_the_last_answer() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"200 from upstream /api/recovers");
     assert_eq!(up.count("GET", "/api/recovers"), 2);
+
+    // 501 and 505 are permanent: the same request would meet them again, so they are answered after one attempt.
+    for status in [501u16, 505] {
+        let path = format!("/api/permanent-{status}");
+        up.script(&path, [Action::status(status)]);
+        let (answered, _, _) = send(get(env.addr, &path)).await;
+        assert_eq!(answered.as_u16(), status);
+        assert_eq!(up.count("GET", &path), 1, "{status} is not retried");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
