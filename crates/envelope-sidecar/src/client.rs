@@ -60,6 +60,29 @@ struct Idle {
     since: Instant,
 }
 
+/// A pooled connection idle for this long is asked of the kernel, not of tokio, whether the upstream closed it.
+const PROBE_AFTER: Duration = Duration::from_millis(1);
+
+/// Whether an idle connection can carry a request: the upstream has not closed it (or written to it unasked).
+///
+/// Pooled connections were left with no readiness (see `wire`), and tokio learns of a close only when its reactor
+/// next turns, which on a busy worker can be after the connection was handed a request (a POST sent onto it then
+/// fails). So a connection idle for [`PROBE_AFTER`] or more is asked of the kernel with a non-blocking `MSG_PEEK`;
+/// one reused at once (the common case under load) is asked of tokio only, without a system call — an upstream
+/// closing a connection within a millisecond of answering on it, without `Connection: close`, is not covered.
+fn reusable(idle: &Idle) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    if idle.conn.stream.poll_read_ready(&mut cx).is_ready() {
+        // Readable: closed, or data nobody asked for. Either way, not reusable.
+        return false;
+    }
+    if idle.since.elapsed() < PROBE_AFTER {
+        return true;
+    }
+    let mut probe = [std::mem::MaybeUninit::uninit(); 1];
+    matches!(socket2::SockRef::from(&idle.conn.stream).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool").field("endpoints", &self.authorities).finish_non_exhaustive()
@@ -156,16 +179,8 @@ impl Pool {
             if self.idle_timeout.is_some_and(|t| idle.since.elapsed() >= t) {
                 continue;
             }
-            // A connection the upstream closed (or wrote to unasked) is readable: not reusable. Pooled connections
-            // were left with no readiness (see `wire`), so an open one answers without a system call.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if idle.conn.stream.poll_read_ready(&mut cx).is_pending() {
+            if reusable(&idle) {
                 return Ok(idle.conn);
-            }
-            let mut probe = [0u8; 1];
-            match idle.conn.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(idle.conn),
-                _ => continue,
             }
         }
         // Connecting is rare and its future is large: boxed, so the future of every request stays small (it is
@@ -900,6 +915,32 @@ mod tests {
         assert_eq!(exchange(&pool).await.0, StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(exchange(&pool).await.0, StatusCode::OK, "the closed connection was skipped");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_found_out_before_it_is_used() {
+        // The test is the upstream, on the same task: it answers, keeps the connection a while, closes it and uses
+        // the pool at once, with no await in between, so tokio's reactor cannot have seen the close: only the
+        // kernel knows.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve_one = || async {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.read(&mut [0u8; 4096]).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+            s
+        };
+        let pool = pool(addr);
+        let (answer, mut upstream) = tokio::join!(exchange(&pool), serve_one());
+        assert_eq!(answer.0, StatusCode::OK);
+        for round in 0..3 {
+            assert_eq!(pool.endpoints[0].lock().unwrap().len(), 1, "kept alive: nothing said otherwise");
+            tokio::time::sleep(PROBE_AFTER * 3).await;
+            drop(upstream);
+            let (answer, next) = tokio::join!(exchange(&pool), serve_one());
+            assert_eq!(answer.0, StatusCode::OK, "round {round}: a new connection, not the closed one");
+            upstream = next;
+        }
     }
 
     #[tokio::test]
