@@ -8,12 +8,16 @@
 //! |---|---|---|
 //! | `timeout` | 504 Gateway Timeout | |
 //! | `connect_error`, `failure`, `upstream_5xx` | 502 Bad Gateway | |
-//! | `circuit_open` | 503 Service Unavailable | time until the breaker admits probes |
-//! | `bulkhead_full` | 503 Service Unavailable | 1 s |
-//! | `shed` | 429 Too Many Requests | 1 s |
-//! | `local_rate_limited`, `rate_limited` | 429 Too Many Requests | the limiter's wait |
+//! | `circuit_open` | 503 Service Unavailable | time until the breaker admits probes, spread |
+//! | `bulkhead_full` | 503 Service Unavailable | 1 s, spread |
+//! | `shed` | 429 Too Many Requests | 1 s, spread |
+//! | `local_rate_limited`, `rate_limited` | 429 Too Many Requests | the limiter's wait, spread |
 //! | `bad_request` | 400 Bad Request | |
 //! | `client_cancelled` | 499 (never sent: the client is gone) | |
+//!
+//! *Spread*: the expected wait plus a uniformly random [`RETRY_AFTER_SPREAD`] at most, rounded up to whole seconds,
+//! so clients that honour `Retry-After` do not all come back in the same second (with a fixed `1`, every client
+//! shed during an overload would return at once, and be shed again).
 
 use std::time::Duration;
 
@@ -39,6 +43,14 @@ pub fn status_for(outcome: Outcome) -> StatusCode {
         Outcome::Upstream4xx | Outcome::Ok => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_GATEWAY,
     }
+}
+
+/// The most a `Retry-After` is spread beyond the expected wait.
+pub const RETRY_AFTER_SPREAD: Duration = Duration::from_secs(2);
+
+/// The `Retry-After` for an expected wait of `wait`: spread by up to [`RETRY_AFTER_SPREAD`], never earlier.
+fn spread(wait: Duration) -> Duration {
+    wait + RETRY_AFTER_SPREAD.mul_f64(fastrand::f64())
 }
 
 /// The default `Retry-After` for an outcome, when the policy did not say.
@@ -85,7 +97,7 @@ pub fn problem_with_status(
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(wait) = retry_after.or_else(|| default_retry_after(outcome)) {
-        headers.insert(header::RETRY_AFTER, retry_after_value(wait));
+        headers.insert(header::RETRY_AFTER, retry_after_value(spread(wait)));
     }
     if let Some(id) = request_id {
         headers.insert(X_REQUEST_ID.clone(), id.header_value().clone());
@@ -100,6 +112,22 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    #[test]
+    fn retry_after_is_the_expected_wait_spread_over_the_next_seconds() {
+        for (outcome, wait, low) in
+            [(Outcome::Shed, None, 1), (Outcome::BulkheadFull, None, 1), (Outcome::CircuitOpen, Some(5), 5)]
+        {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..300 {
+                let r = problem(outcome, "x", None, wait.map(Duration::from_secs));
+                let secs: u64 = r.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+                assert!((low..=low + 2).contains(&secs), "{outcome:?}: {secs}");
+                seen.insert(secs);
+            }
+            assert!(seen.len() >= 2, "{outcome:?}: spread over several seconds, not one: {seen:?}");
+        }
+    }
+
     #[tokio::test]
     async fn problem_documents_carry_outcome_status_and_request_id() {
         let id = RequestId::parse(&HeaderValue::from_static("req-1")).unwrap();
@@ -107,7 +135,8 @@ mod tests {
             problem(Outcome::CircuitOpen, "the payments breaker is open", Some(&id), Some(Duration::from_millis(2500)));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
-        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        let wait: u64 = r.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!((3..=5).contains(&wait), "2.5 s rounded up, spread by up to 2 s: {wait}");
         assert_eq!(r.headers()[&X_REQUEST_ID], "req-1");
         let body = r.into_body().collect().await.unwrap().to_bytes();
         let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -126,7 +155,7 @@ mod tests {
         assert_eq!(status_for(Outcome::ConnectError), StatusCode::BAD_GATEWAY);
         assert_eq!(status_for(Outcome::BadRequest), StatusCode::BAD_REQUEST);
         let shed = problem(Outcome::Shed, "overloaded", None, None);
-        assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+        assert!(shed.headers().contains_key(header::RETRY_AFTER));
         assert!(shed.headers().get(&X_REQUEST_ID).is_none());
         let timeout = problem(Outcome::Timeout, "route timeout", None, None);
         assert!(timeout.headers().get(header::RETRY_AFTER).is_none());

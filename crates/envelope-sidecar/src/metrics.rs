@@ -12,6 +12,7 @@
 //! | `envelope_requests_in_flight` | gauge | `listener` |
 //! | `envelope_unmatched_requests_total` | counter | `listener` |
 //! | `envelope_headers_dropped_total` | counter | `listener` (request headers with `_` in their names, dropped) |
+//! | `envelope_access_log_dropped_total` | counter | (access-log lines dropped: standard output too slow) |
 //! | `envelope_upstream_attempts_total` | counter | `route`, `upstream` |
 //! | `envelope_breaker_state` | gauge (1 = current) | `upstream`, `state` |
 //! | `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
@@ -261,6 +262,11 @@ impl Metrics {
         registry.register("request_duration_seconds", "Time to answer a request", m.duration.clone());
         registry.register("requests_in_flight", "Requests being handled", m.in_flight.clone());
         registry.register("unmatched_requests", "Requests that matched no route (404)", m.unmatched.clone());
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because standard output did not keep up",
+            crate::access_log::dropped(),
+        );
         registry.register(
             "headers_dropped",
             "Request headers dropped before forwarding (names with an underscore)",

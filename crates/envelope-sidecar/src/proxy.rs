@@ -163,6 +163,8 @@ pub(crate) async fn handle_passing(
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
+    // The full cause of a failure, for the log (the client gets a stable detail).
+    let mut cause: Option<String> = None;
     let mut req = req;
     let (response, outcome) = 'answer: {
         // 2. Input checks, the same whichever engine read the request: one `Host` on HTTP/1.1 (none or one on
@@ -274,7 +276,12 @@ pub(crate) async fn handle_passing(
                 let deadline = start + route.spec.timeout;
                 (upstream.map(|body| Either::Left(DeadlineBody { body, deadline, timer: None })), outcome)
             }
-            Err(e) => (answer_error(e, outcome, &id, &route), outcome),
+            Err(e) => {
+                if matches!(e, Error::Inner(_)) {
+                    cause = Some(e.to_string());
+                }
+                (answer_error(e, outcome, &id, &route), outcome)
+            }
         }
     };
 
@@ -320,6 +327,7 @@ pub(crate) async fn handle_passing(
             attempts,
             duration: elapsed,
             outcome,
+            error: cause.as_deref(),
         });
     }
     response
@@ -414,6 +422,7 @@ impl Drop for Pending<'_> {
             attempts: 0,
             duration: elapsed,
             outcome: Outcome::ClientCancelled,
+            error: None,
         });
     }
 }
@@ -482,7 +491,9 @@ fn upstream_target<'a>(route: &RouteRt, parts: &'a http::request::Parts) -> std:
 fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route: &RouteRt) -> Response<ProxyBody> {
     let name = &route.spec.name;
     let (detail, retry_after): (String, Option<Duration>) = match &e {
-        Error::Inner(inner) => (format!("route `{name}`: {inner}"), None),
+        // What went wrong on the wire (OS error text, addresses) is logged, not shown: the client gets a stable
+        // sentence per kind of failure.
+        Error::Inner(inner) => (format!("route `{name}`: {}", inner.public()), None),
         Error::Timeout(t) => (format!("route `{name}`: no answer within {:?}", t.after()), None),
         Error::CircuitOpen(c) => {
             (format!("upstream `{}`: circuit breaker is {}", route.upstream.spec.name, c.state()), c.remaining())

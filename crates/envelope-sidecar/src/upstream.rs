@@ -310,6 +310,16 @@ impl UpstreamError {
         if e.is_connect() { UpstreamError::Connect(e.into()) } else { UpstreamError::Exchange(e.into()) }
     }
 
+    /// What a client is told of this failure: a stable sentence per kind, without the cause's text (OS errors,
+    /// addresses), which goes to the log.
+    pub(crate) fn public(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "the upstream could not be reached",
+            UpstreamError::Exchange(_) => "the upstream connection failed before a whole answer",
+            UpstreamError::BodyGone => "the request body cannot be sent again",
+        }
+    }
+
     /// Whether the request provably never left.
     pub(crate) fn never_sent(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))

@@ -189,8 +189,7 @@ async fn request_ids_are_kept_or_replaced_and_every_log_line_is_one_json_object(
     let (status, _, _) = send(get(env.addr, "/nowhere")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = env.access_log();
+    let log = env.access_log_lines(6).await;
     assert_eq!(log.len(), 6, "one line per request");
     for line in &log {
         for field in
@@ -277,8 +276,7 @@ upstream = "app"
     assert_eq!(send(get(env.addr, "/files/a/b/c.txt")).await.0, StatusCode::OK);
     assert_eq!(up.count("GET", "/users/7/orders"), 1);
     assert_eq!(up.count("GET", "/files/a/b/c.txt"), 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let routes: Vec<_> = env.access_log().iter().map(|l| l["route"].clone()).collect();
+    let routes: Vec<_> = env.access_log_lines(4).await.iter().map(|l| l["route"].clone()).collect();
     assert_eq!(routes[0], "user-orders", "the route name, not the raw path, labels the request");
 }
 
@@ -310,8 +308,22 @@ async fn traceparent_is_continued_or_started_and_logged() {
     assert!(seen[0].starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "same trace: {seen:?}");
     assert!(!seen[0].contains("00f067aa0ba902b7"), "the sidecar's own span is the upstream's parent");
     assert_eq!(seen[1].len(), 55, "a trace is started when none came in: {seen:?}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let log = env.access_log();
+    let log = env.access_log_lines(2).await;
     assert_eq!(log[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(log[1]["trace_id"].as_str().unwrap(), &seen[1][3..35]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_explained_to_the_client_in_stable_words_and_in_full_in_the_log() {
+    // Nothing listens there: every attempt is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let env = envelope(CONFIG, closed).await;
+    let (status, _, body) = send(get(env.addr, "/api/gone")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["detail"], "route `api`: the upstream could not be reached", "no OS error text, no address");
+    assert_eq!(doc["status"], 502);
+    let line = env.access_log_lines(1).await.remove(0);
+    let error = line["error"].as_str().expect("the cause is logged");
+    assert!(error.contains("refused"), "{error}");
 }

@@ -301,8 +301,21 @@ pub async fn envelope_with_env(config: &str, upstream: SocketAddr, env: &[(&str,
     spawn_in(dir, env).await
 }
 
+/// Like [`envelope`], but nothing ever reads the process's standard output (the access log): once the pipe is
+/// full, every write to it would block.
+pub async fn envelope_with_stdout_unread(config: &str, upstream: SocketAddr) -> Envelope {
+    let dir = TempDir::new();
+    std::fs::write(dir.0.join("envelope.toml"), config.replace("{upstream}", &upstream.to_string())).unwrap();
+    spawn(dir, &[], false).await
+}
+
 /// Starts the binary on `dir/envelope.toml`.
 async fn spawn_in(dir: TempDir, env: &[(&str, &str)]) -> Envelope {
+    spawn(dir, env, true).await
+}
+
+/// Starts the binary on `dir/envelope.toml`; `read_stdout`: collect its access log (else leave it unread).
+async fn spawn(dir: TempDir, env: &[(&str, &str)], read_stdout: bool) -> Envelope {
     let path = dir.0.join("envelope.toml");
     let mut child = Command::new(env!("CARGO_BIN_EXE_envelope"))
         .args(["run", "--config", path.to_str().unwrap()])
@@ -333,12 +346,14 @@ async fn spawn_in(dir: TempDir, env: &[(&str, &str)]) -> Envelope {
     .expect("envelope starts within 20 s");
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stdout.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
+    if read_stdout {
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+    }
     let late = errors.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = stderr.next_line().await {
@@ -358,6 +373,20 @@ impl Envelope {
             .iter()
             .map(|l| serde_json::from_str(l).expect("every line is one JSON object"))
             .collect()
+    }
+
+    /// The access log once it has at least `n` lines (it is written by a thread of its own, a moment after the
+    /// answer), within 10 s.
+    pub async fn access_log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.access_log();
+            if log.len() >= n {
+                return log;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{n} access-log lines within 10 s, got {}", log.len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The directory holding the config (and the default history file).
