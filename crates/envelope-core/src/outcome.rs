@@ -24,6 +24,9 @@ pub enum Outcome {
     Timeout,
     /// No connection could be made (refused, reset before a byte was written, DNS, TLS handshake).
     ConnectError,
+    /// The connection was made and the request (or part of it) sent, but the exchange broke before a whole answer
+    /// came back: the connection reset or closed mid-response, or the answer was malformed.
+    UpstreamReset,
     /// The dependency answered with a 5xx status.
     Upstream5xx,
     /// The dependency answered with a 4xx status other than 429 (the caller's fault, not the dependency's).
@@ -57,11 +60,12 @@ pub enum BreakerVerdict {
 
 impl Outcome {
     /// Every outcome, in declaration order.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Ok,
         Outcome::Failure,
         Outcome::Timeout,
         Outcome::ConnectError,
+        Outcome::UpstreamReset,
         Outcome::Upstream5xx,
         Outcome::Upstream4xx,
         Outcome::RateLimited,
@@ -80,6 +84,7 @@ impl Outcome {
             Outcome::Failure => "failure",
             Outcome::Timeout => "timeout",
             Outcome::ConnectError => "connect_error",
+            Outcome::UpstreamReset => "upstream_reset",
             Outcome::Upstream5xx => "upstream_5xx",
             Outcome::Upstream4xx => "upstream_4xx",
             Outcome::RateLimited => "rate_limited",
@@ -104,7 +109,12 @@ impl Outcome {
     pub const fn is_retryable(self) -> bool {
         matches!(
             self,
-            Outcome::Failure | Outcome::Timeout | Outcome::ConnectError | Outcome::Upstream5xx | Outcome::RateLimited
+            Outcome::Failure
+                | Outcome::Timeout
+                | Outcome::ConnectError
+                | Outcome::UpstreamReset
+                | Outcome::Upstream5xx
+                | Outcome::RateLimited
         )
     }
 
@@ -115,9 +125,11 @@ impl Outcome {
     pub const fn breaker_verdict(self) -> BreakerVerdict {
         match self {
             Outcome::Ok | Outcome::Upstream4xx => BreakerVerdict::Success,
-            Outcome::Failure | Outcome::Timeout | Outcome::ConnectError | Outcome::Upstream5xx => {
-                BreakerVerdict::Failure
-            }
+            Outcome::Failure
+            | Outcome::Timeout
+            | Outcome::ConnectError
+            | Outcome::UpstreamReset
+            | Outcome::Upstream5xx => BreakerVerdict::Failure,
             Outcome::RateLimited
             | Outcome::CircuitOpen
             | Outcome::BulkheadFull
@@ -131,6 +143,12 @@ impl Outcome {
     /// Whether Envelope itself rejected the call without reaching the dependency.
     pub const fn is_local_rejection(self) -> bool {
         matches!(self, Outcome::CircuitOpen | Outcome::BulkheadFull | Outcome::Shed | Outcome::LocalRateLimited)
+    }
+
+    /// Whether this outcome spends availability budget (an SLO's bad event): anything the client could not get
+    /// served, except its own mistakes (4xx, an invalid request) and its own cancellation.
+    pub const fn counts_against_availability(self) -> bool {
+        !matches!(self, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
     }
 
     /// Whether the call counts as successful for the caller.
@@ -158,6 +176,7 @@ impl OutcomeSet {
         Outcome::Failure,
         Outcome::Timeout,
         Outcome::ConnectError,
+        Outcome::UpstreamReset,
         Outcome::Upstream5xx,
         Outcome::RateLimited,
     ]);
@@ -167,6 +186,7 @@ impl OutcomeSet {
         Outcome::Failure,
         Outcome::Timeout,
         Outcome::ConnectError,
+        Outcome::UpstreamReset,
         Outcome::Upstream5xx,
         Outcome::RateLimited,
         Outcome::CircuitOpen,

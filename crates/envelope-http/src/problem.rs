@@ -7,7 +7,7 @@
 //! | outcome | status | `Retry-After` |
 //! |---|---|---|
 //! | `timeout` | 504 Gateway Timeout | |
-//! | `connect_error`, `failure`, `upstream_5xx` | 502 Bad Gateway | |
+//! | `connect_error`, `upstream_reset`, `failure`, `upstream_5xx` | 502 Bad Gateway | |
 //! | `circuit_open` | 503 Service Unavailable | time until the breaker admits probes, spread |
 //! | `bulkhead_full` | 503 Service Unavailable | 1 s, spread |
 //! | `shed` | 429 Too Many Requests | 1 s, spread |

@@ -141,7 +141,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 p.name,
                 this.values().sum::<u64>(),
                 n("ok"),
-                n("upstream_5xx") + n("connect_error"),
+                n("upstream_5xx") + n("connect_error") + n("upstream_reset"),
                 n("timeout"),
                 n("circuit_open"),
                 n("shed") + n("bulkhead_full"),

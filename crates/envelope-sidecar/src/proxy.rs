@@ -291,7 +291,7 @@ pub(crate) async fn handle_passing(
     let elapsed = now - start;
     if let Some(route) = &pending.route {
         route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), now, &trace);
-        route.slo.record_at(counts_against_availability(outcome), elapsed, now);
+        route.slo.record_at(outcome.counts_against_availability(), elapsed, now);
     }
     let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
     for (counter, metrics) in &rt.counters {
@@ -425,12 +425,6 @@ impl Drop for Pending<'_> {
             error: None,
         });
     }
-}
-
-/// Whether a request's outcome spends availability budget: anything the client could not get served, except its
-/// own mistakes (4xx, no route) and its own cancellation.
-pub(crate) fn counts_against_availability(outcome: Outcome) -> bool {
-    !matches!(outcome, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
 }
 
 /// A local answer that is not a policy outcome (400, 404, 405, 413, 414): status and a problem document.

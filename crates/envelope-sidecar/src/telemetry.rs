@@ -118,7 +118,7 @@ impl Spans {
 
     /// Exports the span of a finished request and those of its attempts.
     pub(crate) fn request(&self, r: &RequestSpan<'_>, attempts: &[AttemptSpan]) {
-        let failed = crate::proxy::counts_against_availability(r.outcome);
+        let failed = r.outcome.counts_against_availability();
         let mut attributes = vec![
             KeyValue::new("http.request.method", r.method.as_str().to_owned()),
             KeyValue::new("url.path", r.path.to_owned()),

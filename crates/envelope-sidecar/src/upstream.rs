@@ -341,7 +341,8 @@ impl std::error::Error for UpstreamError {}
 impl HasOutcome for UpstreamError {
     fn outcome(&self) -> Outcome {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Exchange(_) => Outcome::ConnectError,
+            UpstreamError::Connect(_) => Outcome::ConnectError,
+            UpstreamError::Exchange(_) => Outcome::UpstreamReset,
             UpstreamError::BodyGone => Outcome::BadRequest,
         }
     }

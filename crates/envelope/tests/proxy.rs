@@ -327,3 +327,24 @@ async fn a_failure_is_explained_to_the_client_in_stable_words_and_in_full_in_the
     let error = line["error"].as_str().expect("the cause is logged");
     assert!(error.contains("refused"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_that_breaks_after_the_request_left_is_an_upstream_reset_not_a_connect_error() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/reset", [Action::ResetAfterBody]);
+    let env = envelope(CONFIG, up.addr).await;
+    // A POST without a key: sent once (it left), answered 502 with its own outcome.
+    let (status, _, body) = send(post(env.addr, "/api/reset", b"{}", None)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["outcome"], "upstream_reset");
+    assert_eq!(up.count("POST", "/api/reset"), 1, "not retried: it may have been processed");
+    // A GET is safe to send again: retried up to the route's attempts.
+    let (status, _, _) = send(get(env.addr, "/api/reset")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(up.count("GET", "/api/reset"), 3);
+    let log = env.access_log_lines(2).await;
+    assert!(log.iter().all(|l| l["outcome"] == "upstream_reset"), "{log:?}");
+    let metrics = String::from_utf8_lossy(&send(get(env.admin, "/metrics")).await.2).into_owned();
+    assert!(metrics.lines().any(|l| l.contains("outcome=\"upstream_reset\"") && !l.ends_with(" 0")), "counted");
+}

@@ -87,11 +87,7 @@ impl RouteCounts {
 
     /// Requests that spent availability budget (the SLO's notion of an error).
     pub(crate) fn errors(&self) -> u64 {
-        Outcome::ALL
-            .iter()
-            .filter(|o| crate::proxy::counts_against_availability(**o))
-            .map(|o| self.outcomes[*o as usize])
-            .sum()
+        Outcome::ALL.iter().filter(|o| o.counts_against_availability()).map(|o| self.outcomes[*o as usize]).sum()
     }
 
     /// Adds `other` into `self`.
