@@ -25,7 +25,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use envelope_http::headers::name_is;
 use http::header::{self, HeaderValue};
-use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -49,7 +48,8 @@ const PASSED_HEADERS: usize = 8;
 /// Idle keep-alive connections per endpoint.
 pub(crate) struct Pool {
     endpoints: Vec<Mutex<VecDeque<Idle>>>,
-    authorities: Vec<Authority>,
+    /// Where each endpoint is: host and port.
+    targets: Vec<String>,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     max_idle: usize,
@@ -85,7 +85,7 @@ fn reusable(idle: &Idle) -> bool {
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pool").field("endpoints", &self.authorities).finish_non_exhaustive()
+        f.debug_struct("Pool").field("endpoints", &self.targets).finish_non_exhaustive()
     }
 }
 
@@ -132,14 +132,14 @@ pub(crate) enum SendError {
 
 impl Pool {
     pub(crate) fn new(
-        authorities: Vec<Authority>,
+        targets: Vec<String>,
         connect_timeout: Duration,
         idle_timeout: Option<Duration>,
         max_idle: usize,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
-            endpoints: authorities.iter().map(|_| Mutex::new(VecDeque::new())).collect(),
-            authorities,
+            endpoints: targets.iter().map(|_| Mutex::new(VecDeque::new())).collect(),
+            targets,
             connect_timeout,
             idle_timeout,
             max_idle,
@@ -192,7 +192,7 @@ impl Pool {
     async fn connect(&self, i: usize) -> Result<Box<Conn>, ConnectError> {
         let connect = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "the endpoint's name resolves to no address");
-            for addr in tokio::net::lookup_host(self.authorities[i].as_str()).await? {
+            for addr in tokio::net::lookup_host(self.targets[i].as_str()).await? {
                 match TcpStream::connect(addr).await {
                     Ok(s) => return Ok(s),
                     Err(e) => last = e,

@@ -162,7 +162,7 @@ impl UpstreamRt {
             epoch: Instant::now(),
             health: spec.endpoints.iter().map(|_| EndpointHealth::default()).collect(),
             pool: client::Pool::new(
-                spec.endpoints.iter().map(|e| e.authority.clone()).collect(),
+                spec.endpoints.iter().map(|e| e.connect_to.clone()).collect(),
                 spec.connect_timeout,
                 Some(spec.idle_timeout),
                 spec.max_idle_per_endpoint,

@@ -180,3 +180,73 @@ fn history_and_counters_resolve_and_their_errors_are_located() {
     let e = error(&format!("{VALID}\n[history]\nretention = \"0s\"\n"));
     assert_eq!(e.field, "history.retention", "{e}");
 }
+
+#[test]
+fn sizes_ports_and_durations_outside_their_documented_range_are_refused_where_they_are_written() {
+    for (from, to, field, says) in [
+        (
+            "endpoints = [\"http://127.0.0.1:8000\"]",
+            "endpoints = [\"http://127.0.0.1:99999\"]",
+            "upstream[0].endpoints[0]",
+            "port",
+        ),
+        (
+            "endpoints = [\"http://127.0.0.1:8000\"]",
+            "endpoints = [\"http://127.0.0.1:0\"]",
+            "upstream[0].endpoints[0]",
+            "port",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_header_bytes = 100",
+            "listener[0].max_header_bytes",
+            "8192 to",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_header_bytes = 2000000",
+            "listener[0].max_header_bytes",
+            "out of range",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_headers = 5000",
+            "listener[0].max_headers",
+            "1 to 1000",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_uri_bytes = 4000000",
+            "listener[0].max_uri_bytes",
+            "out of range",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_connections = 5000000",
+            "listener[0].max_connections",
+            "out of range",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nmax_body_bytes = 18446744073709551615",
+            "listener[0].max_body_bytes",
+            "out of range",
+        ),
+        ("timeout = \"2s\"", "timeout = \"2s\"\nreplay_limit = 100000000000", "route[0].replay_limit", "out of range"),
+        ("timeout = \"2s\"", "timeout = \"18446744073709551615s\"", "route[0].timeout", "maximum"),
+    ] {
+        let e = error(&VALID.replace(from, to));
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.line > 0 && e.column > 0, "located: {e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+}
+
+#[test]
+fn an_endpoint_without_a_port_is_reached_on_its_schemes_port() {
+    let c = Config::parse("envelope.toml", &VALID.replace("http://127.0.0.1:8000", "http://localhost")).unwrap();
+    assert_eq!(c.upstreams[0].endpoints[0].connect_to, "localhost:80");
+    assert_eq!(c.upstreams[0].endpoints[0].host, "localhost", "the Host header as written");
+    let c = Config::parse("envelope.toml", &VALID.replace("http://127.0.0.1:8000", "https://example.test")).unwrap();
+    assert_eq!(c.upstreams[0].endpoints[0].connect_to, "example.test:443");
+}

@@ -52,6 +52,19 @@ pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default cap on a request body buffered for retries.
 pub const DEFAULT_REPLAY_LIMIT: usize = envelope_http::body::DEFAULT_REPLAY_LIMIT;
 
+/// The largest `max_connections`.
+pub const MAX_MAX_CONNECTIONS: u64 = 1_000_000;
+/// The smallest and the largest `max_header_bytes` (hyper reads heads in a buffer of at least 8 KiB).
+pub const HEADER_BYTES_RANGE: (u64, u64) = (8 * 1024, 1024 * 1024);
+/// The largest `max_headers`.
+pub const MAX_MAX_HEADERS: u64 = 1000;
+/// The largest `max_uri_bytes`.
+pub const MAX_MAX_URI_BYTES: u64 = 1024 * 1024;
+/// The largest `max_body_bytes`: 1 TiB.
+pub const MAX_MAX_BODY_BYTES: u64 = 1 << 40;
+/// The largest `replay_limit`: 64 MiB (each buffered request holds this much memory at most).
+pub const MAX_REPLAY_LIMIT: u64 = 64 * 1024 * 1024;
+
 /// A configuration error, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -308,6 +321,8 @@ pub struct Endpoint {
     pub authority: http::uri::Authority,
     /// The `Host` header sent to it (the authority, made once).
     pub host: http::HeaderValue,
+    /// Where to connect: host and port (the scheme's default port when the endpoint names none).
+    pub connect_to: String,
 }
 
 /// Bulkhead settings of an upstream.
@@ -598,6 +613,21 @@ struct Invalid {
     message: String,
 }
 
+/// A number of the config within `min..=max` (as written, or `None` if it is not), or an error naming the range.
+fn bounded<T: Copy + Into<u64>>(
+    value: Option<&Spanned<T>>,
+    field: String,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>, Invalid> {
+    let Some(v) = value else { return Ok(None) };
+    let n: u64 = (*v.get_ref()).into();
+    if n < min || n > max {
+        return Err(invalid(v, field, format!("{n} is out of range: {min} to {max}")));
+    }
+    Ok(Some(n))
+}
+
 fn invalid<T>(spanned: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid { span: Some(spanned.span()), field: field.into(), message: message.into() }
 }
@@ -648,6 +678,7 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
                 format!("duplicate listener `{}`", l.name.get_ref()),
             ));
         }
+        let field = |f: &str| format!("listener[{i}].{f}");
         let shedding = match (l.adaptive_concurrency, l.max_concurrent) {
             (Some(true), _) => Shedding::Adaptive,
             (_, Some(n)) => Shedding::Fixed(n.0 as usize),
@@ -657,15 +688,25 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             name: l.name.get_ref().clone(),
             listen: l.listen,
             shedding,
-            max_connections: l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, |n| n.0) as usize,
+            max_connections: bounded(l.max_connections.as_ref(), field("max_connections"), 1, MAX_MAX_CONNECTIONS)?
+                .unwrap_or(u64::from(DEFAULT_MAX_CONNECTIONS)) as usize,
             header_read_timeout: l.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
             keepalive_timeout: l.keepalive_timeout.map_or(DEFAULT_KEEPALIVE_TIMEOUT, |d| d.0),
             engine: l.engine.unwrap_or(Engine::Auto),
             underscores_in_headers: l.underscores_in_headers.unwrap_or(Underscores::Drop),
-            max_header_bytes: l.max_header_bytes.map_or(DEFAULT_MAX_HEADER_BYTES, |n| n.0).max(8192) as usize,
-            max_headers: l.max_headers.map_or(DEFAULT_MAX_HEADERS, |n| n.0) as usize,
-            max_uri_bytes: l.max_uri_bytes.map_or(DEFAULT_MAX_URI_BYTES, |n| n.0) as usize,
-            max_body_bytes: l.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_header_bytes: bounded(
+                l.max_header_bytes.as_ref(),
+                field("max_header_bytes"),
+                HEADER_BYTES_RANGE.0,
+                HEADER_BYTES_RANGE.1,
+            )?
+            .unwrap_or(u64::from(DEFAULT_MAX_HEADER_BYTES)) as usize,
+            max_headers: bounded(l.max_headers.as_ref(), field("max_headers"), 1, MAX_MAX_HEADERS)?
+                .unwrap_or(u64::from(DEFAULT_MAX_HEADERS)) as usize,
+            max_uri_bytes: bounded(l.max_uri_bytes.as_ref(), field("max_uri_bytes"), 1, MAX_MAX_URI_BYTES)?
+                .unwrap_or(u64::from(DEFAULT_MAX_URI_BYTES)) as usize,
+            max_body_bytes: bounded(l.max_body_bytes.as_ref(), field("max_body_bytes"), 0, MAX_MAX_BODY_BYTES)?
+                .unwrap_or(defaults.max_body_bytes),
             drain_timeout: l.drain_timeout.map_or(defaults.drain_timeout, |d| d.0),
             access_log: l.access_log.unwrap_or(defaults.access_log),
         });
@@ -913,7 +954,16 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
             return Err(bad("must not have a path (use a route's strip_prefix to rewrite paths)"));
         }
         let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| bad("not a valid host"))?;
-        endpoints.push(Endpoint { scheme, authority, host });
+        // A port must be a number from 1 to 65535; without one, the scheme's.
+        // (`Authority::port` reads a port it cannot parse as none: the text after the last `:` is read here.)
+        let text = authority.as_str();
+        let port = match text.rfind(':').filter(|&at| !text[at..].contains(']')) {
+            None => Some(if scheme == http::uri::Scheme::HTTPS { 443 } else { 80 }),
+            Some(at) => text[at + 1..].parse::<u16>().ok().filter(|&p| p != 0),
+        };
+        let Some(port) = port else { return Err(bad("has a port outside 1 to 65535")) };
+        let connect_to = format!("{}:{port}", authority.host());
+        endpoints.push(Endpoint { scheme, authority, host, connect_to });
     }
     let breaker = u.breaker.as_ref().map(|b| resolve_breaker(i, b)).transpose()?;
     let extra_roots = match &u.ca_file {
@@ -1081,7 +1131,8 @@ fn resolve_route(
         attempt_timeout: r.attempt_timeout.map(|d| d.0),
         retry,
         fail_on_status,
-        replay_limit: r.replay_limit.unwrap_or(defaults.replay_limit),
+        replay_limit: bounded(r.replay_limit.as_ref(), format!("route[{i}].replay_limit"), 0, MAX_REPLAY_LIMIT)?
+            .map_or(defaults.replay_limit, |n| n as usize),
     })
 }
 

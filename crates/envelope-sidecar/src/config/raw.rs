@@ -118,15 +118,15 @@ pub(crate) struct RawListener {
     pub(crate) listen: SocketAddr,
     pub(crate) max_concurrent: Option<NonZero>,
     pub(crate) adaptive_concurrency: Option<bool>,
-    pub(crate) max_connections: Option<NonZero>,
+    pub(crate) max_connections: Option<Spanned<NonZero>>,
     pub(crate) header_read_timeout: Option<PositiveDur>,
     pub(crate) keepalive_timeout: Option<PositiveDur>,
     pub(crate) engine: Option<Engine>,
     pub(crate) underscores_in_headers: Option<Underscores>,
-    pub(crate) max_header_bytes: Option<NonZero>,
-    pub(crate) max_headers: Option<NonZero>,
-    pub(crate) max_uri_bytes: Option<NonZero>,
-    pub(crate) max_body_bytes: Option<u64>,
+    pub(crate) max_header_bytes: Option<Spanned<NonZero>>,
+    pub(crate) max_headers: Option<Spanned<NonZero>>,
+    pub(crate) max_uri_bytes: Option<Spanned<NonZero>>,
+    pub(crate) max_body_bytes: Option<Spanned<u64>>,
     pub(crate) drain_timeout: Option<Dur>,
     pub(crate) access_log: Option<bool>,
 }
@@ -240,7 +240,7 @@ pub(crate) struct RawRoute {
     pub(crate) retry: Option<RawRetry>,
     #[serde(default)]
     pub(crate) fail_on_status: Vec<Spanned<u16>>,
-    pub(crate) replay_limit: Option<usize>,
+    pub(crate) replay_limit: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -100,6 +100,12 @@ impl<'de> Deserialize<'de> for NonZero {
     }
 }
 
+impl From<NonZero> for u64 {
+    fn from(n: NonZero) -> u64 {
+        u64::from(n.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
