@@ -8,6 +8,10 @@
 //! | `telemetry` | request and attempt spans, exported over OTLP |
 //! | `history` | per-minute rollups in embedded SQLite, written by one background task |
 //! | [`server`] | listeners, limits, reload, graceful drain |
+//! | `connections` | a listener's `max_connections`, and idle connections giving way to new ones |
+//! | `h1` | the listener's own HTTP/1.1 loop for the common case, with the connection timers |
+//! | `hyper_io` | the same timers for the connections hyper serves |
+//! | `client` | the own pooled HTTP/1.1 upstream client |
 //! | [`demo`] | the sidecar in front of a built-in flaky service |
 //! | [`generate`] | Prometheus SLO rules from the config |
 //! | [`quality`] | quality scenarios: response measures judged against what was measured |
