@@ -87,7 +87,9 @@ pub(crate) struct Timers {
     pub(crate) keepalive: Duration,
 }
 
-const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+/// The answer to a request head that did not arrive in time (here and in `hyper_io`).
+pub(crate) const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Serves requests on `stream` until it closes, times out, gives way to a new connection, the listener stops, or a
 /// request needs hyper.

@@ -28,9 +28,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::connections::Place;
-use crate::h1::{Timer, Timers};
+use crate::h1::{REQUEST_TIMEOUT, Timer, Timers};
 
-const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// Requests of one connection in flight, from their arrival until their response body is done (or dropped).
