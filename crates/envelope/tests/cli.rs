@@ -52,7 +52,8 @@ fn the_demo_runs_to_completion_and_shows_the_envelope_at_work() {
     let second =
         |token: &str| token.strip_suffix('s').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     let rows: Vec<&str> = text.lines().filter(|l| l.split_whitespace().next().is_some_and(second)).collect();
-    assert_eq!(rows.len(), 25, "one line per second: {text}");
+    // About one line per second of its 25: a loaded machine may run a second late or skip one.
+    assert!((20..=27).contains(&rows.len()), "one line per second: {} lines\n{text}", rows.len());
     assert!(
         rows.iter().any(|r| r.contains("outage") && r.ends_with("open")),
         "the breaker is open in the outage: {text}"

@@ -38,6 +38,23 @@ upstream = "app"
 timeout = "200ms"
 "#;
 
+/// Waits (bounded) until the admin API says the `app` breaker's open time is over: the next call is a probe.
+async fn open_time_over(env: &support::Envelope) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = send(get(env.admin, "/api/v1/breakers")).await.2;
+        let breakers: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let app = breakers.as_array().unwrap().iter().find(|b| b["upstream"] == "app").cloned().unwrap();
+        if app["remaining_open_ms"].as_u64().unwrap_or(0) == 0 {
+            // Whole milliseconds: up to one may still be left.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            return;
+        }
+        assert!(Instant::now() < deadline, "the breaker's open time ends: {app}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn post(addr: std::net::SocketAddr, path: &str, body: &'static [u8], key: Option<&str>) -> Request<Full<Bytes>> {
     let mut b = Request::post(format!("http://{addr}{path}"));
     if let Some(k) = key {
@@ -160,7 +177,7 @@ async fn breaker_trips_fast_fails_probes_and_recovers() {
 
     // After the open duration, probes go through; healthy answers close the breaker.
     up.script("/api/down", [Action::status(200)]);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    open_time_over(&env).await;
     for _ in 0..3 {
         let (status, _, _) = send(get(env.addr, "/api/down")).await;
         assert_eq!(status, StatusCode::OK);
@@ -230,7 +247,7 @@ async fn half_open_admits_exactly_the_configured_probes() {
     assert_eq!(send(get(env.addr, "/api/probe")).await.0, StatusCode::SERVICE_UNAVAILABLE, "open");
     // Slow, healthy probes: while the 2 admitted probes are out, every other request is rejected at once.
     up.script("/api/probe", [Action::delayed(200, Duration::from_millis(250))]);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    open_time_over(&env).await;
     let before = up.count("GET", "/api/probe");
     let addr = env.addr;
     let tasks: Vec<_> = (0..8).map(|_| tokio::spawn(async move { send(get(addr, "/api/probe")).await.0 })).collect();
