@@ -274,3 +274,52 @@ async fn a_classifier_can_forbid_repeating_a_call() {
     assert_eq!(calls.get(), 1);
     assert_eq!(*reasons.lock().unwrap(), [GiveUpReason::NotReplayable]);
 }
+
+proptest::proptest! {
+    /// Over any period, a budget grants at most its ratio of the live calls made in that period and the `ttl`
+    /// before it, plus its per-second floor over the period and one `ttl` (deposits and withdrawals are counted in
+    /// slots of `ttl`: a window can see up to one `ttl` of the past). Paused clock, any traffic.
+    #[test]
+    fn retries_never_exceed_the_ratio_of_live_calls_plus_the_floor_over_any_period(
+        ttl_secs in 1u64..=10,
+        floor in 0u32..=5,
+        ratio_permille in 0u32..=1000,
+        steps in proptest::collection::vec((0u64..2_000, 0u32..30, 0u32..30), 1..60),
+    ) {
+        let ratio = ratio_permille as f32 / 1000.0;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        // Per step: its time (ms since start), live calls, retries granted.
+        let log: Vec<(u64, u32, u32)> = rt.block_on(async {
+            let budget = RetryBudget::new(Duration::from_secs(ttl_secs), floor, ratio).unwrap();
+            let start = Instant::now();
+            let mut log = Vec::new();
+            for &(advance_ms, calls, asks) in &steps {
+                tokio::time::advance(Duration::from_millis(advance_ms)).await;
+                for _ in 0..calls {
+                    budget.deposit();
+                }
+                let granted = (0..asks).filter(|_| budget.withdraw()).count() as u32;
+                log.push((start.elapsed().as_millis() as u64, calls, granted));
+            }
+            log
+        });
+        let ttl_ms = ttl_secs * 1000;
+        for i in 0..log.len() {
+            for j in i..log.len() {
+                let (from, to) = (log[i].0, log[j].0);
+                let granted: u64 = log[i..=j].iter().map(|s| u64::from(s.2)).sum();
+                let calls: u64 =
+                    log[..=j].iter().filter(|s| s.0 + ttl_ms >= from).map(|s| u64::from(s.1)).sum();
+                let period_ms = to - from + ttl_ms;
+                // The budget's ratio has a resolution of 1/1000: the bound is exact in thousandths.
+                let bound = u64::from(ratio_permille) * calls / 1000
+                    + (u64::from(floor) * period_ms).div_ceil(1000)
+                    + u64::from(floor) * ttl_secs;
+                proptest::prop_assert!(
+                    granted <= bound,
+                    "{granted} retries in [{from}, {to}] ms with {calls} live calls, floor {floor}/s, ratio {ratio}, ttl {ttl_secs}s: bound {bound}"
+                );
+            }
+        }
+    }
+}
