@@ -145,11 +145,19 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let addr = env.addr;
     let in_flight: Vec<_> =
         (0..3).map(|_| tokio::spawn(async move { send(get(addr, "/busy/long")).await.0 })).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // All three at the upstream (bounded poll), then SIGTERM.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.count("GET", "/busy/long") < 3 {
+        assert!(Instant::now() < deadline, "the requests reach the upstream");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let pid = env.pid().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(send(get(env.admin, "/readyz")).await.0, StatusCode::SERVICE_UNAVAILABLE, "not ready once draining");
+    // Not ready once draining, while the requests are still in flight (they take 800 ms).
+    while send(get(env.admin, "/readyz")).await.0 != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(Instant::now() < deadline, "readiness turns 503 once draining");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for t in in_flight {
         assert_eq!(t.await.unwrap(), StatusCode::OK, "no in-flight request dropped");
     }
