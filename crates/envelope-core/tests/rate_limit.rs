@@ -74,3 +74,20 @@ fn invalid_configs_are_rejected() {
     assert!(RateLimiter::try_new("l", Config::new(5, Duration::ZERO)).is_err());
     assert!(KeyedRateLimiter::<u32>::new("l", Config::per_second(5), 0).is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_quota_says_what_is_left_and_when_all_of_it_is_back() {
+    let limiter = RateLimiter::new("q", Config::new(5, Duration::from_secs(10)));
+    let q = limiter.quota();
+    assert_eq!((q.limit, q.window, q.remaining, q.reset), (5, Duration::from_secs(10), 5, Duration::ZERO));
+    for left in (0..5).rev() {
+        limiter.try_acquire().unwrap();
+        assert_eq!(limiter.quota().remaining, left);
+    }
+    assert!(limiter.try_acquire().is_err());
+    let q = limiter.quota();
+    assert_eq!((q.remaining, q.reset), (0, Duration::from_secs(10)), "all five back in one window");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let q = limiter.quota();
+    assert_eq!((q.remaining, q.reset), (1, Duration::from_secs(8)), "one earned back every 2 s");
+}

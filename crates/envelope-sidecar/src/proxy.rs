@@ -285,6 +285,13 @@ pub(crate) async fn handle_passing(
         }
     };
 
+    let mut response = response;
+    // A rate-limited upstream's routes say their quota on every answer (IETF RateLimit fields).
+    if let Some(route) = &pending.route
+        && let Some(limiter) = &route.upstream.rate_limit
+    {
+        rate_limit_fields(&mut response, &route.upstream.spec.name, limiter.quota());
+    }
     // Every answer above carries the request id: the upstream's gets it in step 8, local ones from `problem`.
     // 9. Accounting: metrics, SLO, business counters, spans, access log.
     let now = Instant::now();
@@ -431,6 +438,25 @@ impl Drop for Pending<'_> {
 fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBody>, Outcome) {
     let r = problem_with_status(status, Outcome::BadRequest, detail, Some(id), None);
     (r.map(Either::Right), Outcome::BadRequest)
+}
+
+/// Sets `RateLimit-Policy: "<upstream>";q=<limit>;w=<window s>` and `RateLimit: "<upstream>";r=<remaining>;t=<reset
+/// s>` (draft-ietf-httpapi-ratelimit-headers; whole seconds, rounded up). A passed-through head becomes the map.
+fn rate_limit_fields(response: &mut Response<ProxyBody>, name: &str, q: envelope_core::rate_limit::Quota) {
+    if let Some(passed) = take_passed_head(response.body_mut()) {
+        *response.headers_mut() = passed.into_map();
+    }
+    let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    // The policy name is an sf-string: `"` and `\` escaped.
+    let name = name.replace('\\', "\\\\").replace('"', "\\\"");
+    let policy = format!("\"{name}\";q={};w={}", q.limit, secs(q.window).max(1));
+    let now = format!("\"{name}\";r={};t={}", q.remaining, secs(q.reset));
+    let headers = response.headers_mut();
+    for (field, value) in [("ratelimit-policy", policy), ("ratelimit", now)] {
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            headers.insert(http::HeaderName::from_static(field), value);
+        }
+    }
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; any request has at most one.

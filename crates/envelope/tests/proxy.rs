@@ -365,3 +365,33 @@ async fn an_exchange_that_breaks_after_the_request_left_is_an_upstream_reset_not
     let metrics = String::from_utf8_lossy(&send(get(env.admin, "/metrics")).await.2).into_owned();
     assert!(metrics.lines().any(|l| l.contains("outcome=\"upstream_reset\"") && !l.ends_with(" 0")), "counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_upstreams_routes_state_their_quota_on_every_answer() {
+    let up = FaultUpstream::start().await;
+    let config = CONFIG.replace(
+        "[[route]]\nname = \"slow\"",
+        "[[upstream]]\nname = \"limited\"\nendpoints = [\"http://{upstream}\"]\n\
+         rate_limit = { rate = 3, per = \"30s\" }\n\n\
+         [[route]]\nname = \"quota\"\nmatch = { path_prefix = \"/quota\" }\nupstream = \"limited\"\n\n\
+         [[route]]\nname = \"slow\"",
+    );
+    let env = envelope(&config, up.addr).await;
+    for left in [2, 1, 0] {
+        let (status, headers, _) = send(get(env.addr, "/quota/x")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["ratelimit-policy"], "\"limited\";q=3;w=30");
+        let now = headers["ratelimit"].to_str().unwrap();
+        assert!(now.starts_with(&format!("\"limited\";r={left};t=")), "{now}");
+    }
+    let (status, headers, _) = send(get(env.addr, "/quota/x")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "the fourth is over the quota");
+    assert_eq!(headers["ratelimit-policy"], "\"limited\";q=3;w=30");
+    let now = headers["ratelimit"].to_str().unwrap();
+    let reset: u64 = now.strip_prefix("\"limited\";r=0;t=").expect(now).parse().unwrap();
+    assert!((29..=30).contains(&reset), "the whole quota back within the window: {now}");
+    assert!(headers.contains_key("retry-after"));
+    // Routes of upstreams without a limit say nothing.
+    let (_, headers, _) = send(get(env.addr, "/api/plain")).await;
+    assert!(!headers.contains_key("ratelimit") && !headers.contains_key("ratelimit-policy"));
+}

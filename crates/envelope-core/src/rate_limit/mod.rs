@@ -192,6 +192,21 @@ impl Common {
     }
 }
 
+/// What a limiter allows, as the IETF `RateLimit-Policy` and `RateLimit` fields say it: a quota of `limit` calls
+/// earned back over `window`, `remaining` of them usable now, all of them again after `reset`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Calls allowed at once when the limiter is idle (its burst).
+    pub limit: u64,
+    /// The time in which a whole quota is earned back.
+    pub window: Duration,
+    /// Calls allowed now without waiting.
+    pub remaining: u64,
+    /// Time until the whole quota is available again.
+    pub reset: Duration,
+}
+
 /// A rate limiter shared by all its clones.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -257,6 +272,24 @@ impl RateLimiter {
     /// Calls allowed and limited so far.
     pub fn metrics(&self) -> Metrics {
         self.shared.0.metrics()
+    }
+
+    /// The quota now (reads the limiter's state; takes nothing).
+    pub fn quota(&self) -> Quota {
+        self.quota_at(clock::now())
+    }
+
+    /// [`quota`](Self::quota) with the caller's reading of the clock.
+    pub fn quota_at(&self, now: Instant) -> Quota {
+        let c = &self.shared.0;
+        let ahead = self.shared.1.load(Ordering::Acquire).saturating_sub(clock::nanos_since(c.epoch, now));
+        let Gcra { interval, tolerance } = c.gcra;
+        Quota {
+            limit: tolerance / interval,
+            window: Duration::from_nanos(tolerance),
+            remaining: tolerance.saturating_sub(ahead) / interval,
+            reset: Duration::from_nanos(ahead),
+        }
     }
 }
 
