@@ -78,7 +78,7 @@ fn writer() -> Option<&'static SyncSender<Vec<u8>>> {
 /// Writes `entry` as one line.
 pub(crate) fn write(entry: &Entry<'_>) {
     let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let line = json!({
+    let mut line = json!({
         "ts_ms": ts_ms,
         "request_id": entry.request_id,
         "trace_id": entry.trace_id,
@@ -91,14 +91,10 @@ pub(crate) fn write(entry: &Entry<'_>) {
         "duration_ms": entry.duration.as_secs_f64() * 1000.0,
         "outcome": entry.outcome.as_str(),
     });
-    let mut line = serde_json::to_vec(&line).unwrap_or_default();
-    if let Some(error) = entry.error
-        && line.pop() == Some(b'}')
-    {
-        line.extend_from_slice(b",\"error\":");
-        line.extend_from_slice(&serde_json::to_vec(error).unwrap_or_default());
-        line.push(b'}');
+    if let Some(error) = entry.error {
+        line["error"] = error.into();
     }
+    let mut line = serde_json::to_vec(&line).unwrap_or_default();
     line.push(b'\n');
     if writer().is_none_or(|w| w.try_send(line).is_err()) {
         DROPPED.inc();

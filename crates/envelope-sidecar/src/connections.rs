@@ -7,6 +7,8 @@
 //! the middle of a request is never asked, nor one that became idle less than [`GRACE`] ago (a client that has just
 //! connected and whose request is on its way).
 //!
+//! Here too: the connection timers both engines keep (`h1` on its own loop, `hyper_io` for hyper's connections).
+//!
 //! Asking costs nothing to the connections that are not asked: each idle wait reads one atomic counter (and polls
 //! a watch channel once per connection), and a request adds two atomic additions (idle → busy → idle). Only
 //! handing a place over takes a lock.
@@ -203,5 +205,43 @@ impl Place {
 impl Drop for Place {
     fn drop(&mut self) {
         self.set_idle(None);
+    }
+}
+
+/// The listener's connection timers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timers {
+    /// A new connection's first byte, and a request head's last byte after its first, within this.
+    pub(crate) header_read: Duration,
+    /// A kept-alive connection's next request within this.
+    pub(crate) keepalive: Duration,
+}
+
+/// The answer to a request head that did not arrive in time (here and in `hyper_io`).
+pub(crate) const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// A connection's timer: one `Sleep`, made when first needed, moved to each new deadline only when it fires early
+/// (a kept-alive connection's idle deadline moves with every request; the timer is reset once per timeout at
+/// most, not once per request).
+#[derive(Default)]
+pub(crate) struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl Timer {
+    /// Whether `deadline` has passed; if not, the task is woken when it may have.
+    pub(crate) fn poll_expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let sleep = self.0.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+        }
     }
 }

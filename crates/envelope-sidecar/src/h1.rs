@@ -41,9 +41,9 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{Duration, Instant};
+use tokio::time::Instant;
 
-use crate::connections::Place;
+use crate::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
 
 use crate::wire::{
     HeaderAt, READ_BUFFER, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions,
@@ -77,19 +77,6 @@ pub(crate) enum Next {
     /// Hyper takes over, starting with these bytes already read from the socket.
     HandOver(Bytes),
 }
-
-/// The listener's connection timers.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Timers {
-    /// A new connection's first byte, and a request head's last byte after its first, within this.
-    pub(crate) header_read: Duration,
-    /// A kept-alive connection's next request within this.
-    pub(crate) keepalive: Duration,
-}
-
-/// The answer to a request head that did not arrive in time (here and in `hyper_io`).
-pub(crate) const REQUEST_TIMEOUT: &[u8] =
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Serves requests on `stream` until it closes, times out, gives way to a new connection, the listener stops, or a
 /// request needs hyper.
@@ -236,31 +223,6 @@ where
                 let _ = poll_fn(|cx| Pin::new(&mut *stream).poll_shutdown(cx)).await;
                 return Next::Closed;
             }
-        }
-    }
-}
-
-/// A connection's timer: one `Sleep`, made when first needed, moved to each new deadline only when it fires early
-/// (a kept-alive connection's idle deadline moves with every request; the timer is reset once per timeout at
-/// most, not once per request).
-#[derive(Default)]
-pub(crate) struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
-
-impl Timer {
-    /// Whether `deadline` has passed; if not, the task is woken when it may have.
-    pub(crate) fn poll_expired(&mut self, deadline: Instant, cx: &mut std::task::Context<'_>) -> bool {
-        let sleep = self.0.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        loop {
-            if sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= deadline {
-                return true;
-            }
-            sleep.as_mut().reset(deadline);
         }
     }
 }

@@ -27,8 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::connections::Place;
-use crate::h1::{REQUEST_TIMEOUT, Timer, Timers};
+use crate::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -58,7 +57,11 @@ impl InFlight {
         if self.0.n.load(Ordering::Acquire) == 0 {
             return false;
         }
-        *self.0.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        let mut reader = self.0.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *reader = Some(cx.waker().clone());
+        }
+        drop(reader);
         // The last one may have finished meanwhile, before it could see the waker.
         self.0.n.load(Ordering::Acquire) > 0
     }

@@ -128,7 +128,7 @@ pub(crate) async fn handle_passing(
     rt: Arc<Runtime>,
     listener: usize,
     client: &Client,
-    req: Request<InBody>,
+    mut req: Request<InBody>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let spec = &rt.config.listeners[listener];
@@ -165,8 +165,7 @@ pub(crate) async fn handle_passing(
     let mut upstream_status = None;
     // The full cause of a failure, for the log (the client gets a stable detail).
     let mut cause: Option<String> = None;
-    let mut req = req;
-    let (response, outcome) = 'answer: {
+    let (mut response, outcome) = 'answer: {
         // 2. Input checks, the same whichever engine read the request: one `Host` on HTTP/1.1 (none or one on
         // HTTP/1.0), no CONNECT (tunnels are not proxied), names with `_` dropped, refused or let through, then
         // the limits.
@@ -285,7 +284,6 @@ pub(crate) async fn handle_passing(
         }
     };
 
-    let mut response = response;
     // A rate-limited upstream's routes say their quota on every answer (IETF RateLimit fields).
     if let Some(route) = &pending.route
         && let Some(limiter) = &route.upstream.rate_limit

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::admin;
 use crate::config::{Config, ConfigError, Engine};
-use crate::connections::{Connections, Place};
+use crate::connections::{Connections, Place, Timers};
 use crate::h1;
 use crate::history::History;
 use crate::hyper_io::{InFlight, TimedIo, Tracked};
@@ -339,7 +339,7 @@ async fn serve_listener(
     let builder = Arc::new(builder);
     let settings = Settings {
         limits: h1::Limits { max_header_bytes: spec.max_header_bytes, max_headers: spec.max_headers },
-        timers: h1::Timers { header_read: spec.header_read_timeout, keepalive: spec.keepalive_timeout },
+        timers: Timers { header_read: spec.header_read_timeout, keepalive: spec.keepalive_timeout },
         engine: spec.engine,
     };
     loop {
@@ -371,7 +371,7 @@ async fn serve_listener(
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     limits: h1::Limits,
-    timers: h1::Timers,
+    timers: Timers,
     engine: Engine,
 }
 
