@@ -19,7 +19,9 @@ Measured per target:
 
 Envelope runs as two builds of the same source: `envelope` is the release binary as shipped, built with
 profile-guided optimisation by scripts/build-pgo.sh (target/pgo/release/envelope); `plain` is `cargo build
---release` (target/release/envelope). When nginx runs, each Envelope build is also compared with it repetition by
+--release` (target/release/envelope); `hyper` is the release binary with `engine = "hyper"` on its listener (hyper
+serves every connection instead of the own HTTP/1.1 loop), `plain-hyper` the same for the plain build (the PGO
+build's profile is trained on the own loop, so the plain pair is the fairer comparison). When nginx runs, each Envelope build is also compared with it repetition by
 repetition (paired ratios and differences), below the table.
 
 The latency at one connection is also measured on its own, more finely interleaved (--latency-rounds, default 20):
@@ -54,10 +56,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = 32
 TICK = os.sysconf("SC_CLK_TCK")
 PORTS = {"direct": 18000, "envelope": 18001, "nginx": 18002, "haproxy": 18003, "envoy": 18004, "baseline": 18005,
-         "plain": 18006}
+         "plain": 18006, "hyper": 18007, "plain-hyper": 18008}
 ADMIN = 18101
 # Envelope builds besides `envelope` run the same config on ports of their own: their listener and admin port.
-OTHER_BUILDS = {"baseline": 18102, "plain": 18103}
+OTHER_BUILDS = {"baseline": 18102, "plain": 18103, "hyper": 18104, "plain-hyper": 18105}
 ENVELOPE_BUILDS = ("envelope", *OTHER_BUILDS)
 ENVOY_VENV = os.path.join(tempfile.gettempdir(), "envoy-venv")
 
@@ -112,8 +114,12 @@ retry = {{ max_attempts = 3, base = "25ms", max_delay = "250ms" }}
     for build, admin in OTHER_BUILDS.items():
         files[build] = os.path.join(tmp, f"{build}.toml")
         with open(files["envelope"]) as src, open(files[build], "w") as dst:
-            dst.write(src.read().replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{admin}")
-                      .replace(f"127.0.0.1:{PORTS['envelope']}", f"127.0.0.1:{PORTS[build]}"))
+            text = src.read().replace(f"127.0.0.1:{ADMIN}", f"127.0.0.1:{admin}")
+            text = text.replace(f"127.0.0.1:{PORTS['envelope']}", f"127.0.0.1:{PORTS[build]}")
+            if build.endswith("hyper"):
+                # The release build with hyper serving every connection instead of the own HTTP/1.1 loop.
+                text = text.replace("access_log = false", 'access_log = false\nengine = "hyper"')
+            dst.write(text)
             dst.write(f'\n[history]\npath = "{tmp}/{build}-history.db"\n')
     files["nginx"] = os.path.join(tmp, "nginx.conf")
     with open(files["nginx"], "w") as f:
@@ -206,7 +212,9 @@ def start(name, files, tmp, baseline=None):
     pin = ["taskset", "-c", "0"]
     if name in ENVELOPE_BUILDS:
         binary = {"envelope": os.path.join(ROOT, "target/pgo/release/envelope"),
-                  "plain": os.path.join(ROOT, "target/release/envelope"), "baseline": baseline}[name]
+                  "plain": os.path.join(ROOT, "target/release/envelope"), "baseline": baseline,
+                  "hyper": os.path.join(ROOT, "target/pgo/release/envelope"),
+                  "plain-hyper": os.path.join(ROOT, "target/release/envelope")}[name]
         cmd = [binary, "run", "--config", files[name]]
     elif name == "direct":
         cmd = [os.path.join(ROOT, "target/release/hello-upstream"), f"127.0.0.1:{PORTS['direct']}"]
@@ -376,7 +384,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "sidecar-bench.md"))
     ap.add_argument("--targets", default="envelope,plain,nginx,haproxy,envoy",
-                    help="comma-separated, from envelope, plain, baseline, nginx, haproxy, envoy (direct always runs)")
+                    help="comma-separated, from envelope, plain, hyper, plain-hyper, baseline, nginx, haproxy, envoy (direct always runs)")
     ap.add_argument("--baseline", help="a second envelope binary, measured as target `baseline`")
     ap.add_argument("--latency-rounds", type=int, default=20,
                     help="rounds of the finely interleaved latency measurement at one connection (0: none)")

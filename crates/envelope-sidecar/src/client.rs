@@ -635,6 +635,15 @@ impl Body {
         &mut self.passed
     }
 
+    /// Whether the whole body is already read, waiting in the buffer (a small answer that came with its head).
+    pub(crate) fn in_hand(&self) -> bool {
+        match (&self.framing, &self.conn) {
+            (Framing::Length(n), Some(conn)) => conn.buf.len() as u64 >= *n,
+            (Framing::Done | Framing::Length(0), _) => true,
+            _ => false,
+        }
+    }
+
     /// Whether the body has nothing more to give (a length body whose last byte was just handed out).
     fn step_ends(&self) -> bool {
         matches!(self.framing, Framing::Length(0))

@@ -55,10 +55,15 @@ pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
 /// only its head. A body that stalls past it is cut off (the client sees the response end early, the upstream
 /// connection is closed). The timer is armed only if the body makes the proxy wait: most bodies are in hand with
 /// their head and never need one.
+///
+/// It also carries the request's record while the body is still coming, so that the request is counted and logged
+/// once its body has ended: as answered if it ended cleanly, as `upstream_reset` (or `timeout`, cut off at the
+/// deadline) if it broke off after the head, as `client_cancelled` if the client went away first.
 pub(crate) struct DeadlineBody<B> {
     body: B,
     deadline: Instant,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    record: Option<Box<Pending>>,
 }
 
 impl<B> http_body::Body for DeadlineBody<B>
@@ -75,12 +80,32 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(match frame {
+                None => {
+                    this.finish(None);
+                    None
+                }
+                Some(Ok(frame)) => {
+                    if this.body.is_end_stream() {
+                        this.finish(None);
+                    }
+                    Some(Ok(frame))
+                }
+                Some(Err(e)) => {
+                    let e = e.into();
+                    this.finish(Some((Outcome::UpstreamReset, &*e)));
+                    Some(Err(e))
+                }
+            });
         }
         let deadline = this.deadline;
         let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(envelope_core::timeout::Elapsed::new(Duration::ZERO).into()))),
+            Poll::Ready(()) => {
+                let e: BoxError = envelope_core::timeout::Elapsed::new(Duration::ZERO).into();
+                this.finish(Some((Outcome::Timeout, &*e)));
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -91,6 +116,18 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl<B> DeadlineBody<B> {
+    /// The body ended: cleanly (`None`), or broken off after the head with this outcome and cause.
+    fn finish(&mut self, broke: Option<(Outcome, &(dyn std::error::Error + Send + Sync))>) {
+        if let Some(mut record) = self.record.take() {
+            if let Some((outcome, e)) = broke {
+                record.broke_off(outcome, format!("the response body broke off after its head: {e}"));
+            }
+            record.finish();
+        }
     }
 }
 
@@ -133,47 +170,45 @@ pub(crate) async fn handle_passing(
     let start = Instant::now();
     let spec = &rt.config.listeners[listener];
     let listener_metrics = &rt.listeners[listener].metrics;
-    let method = req.method().clone();
 
     // 1. Request id, and the trace (kept or started; this hop's span becomes the upstream's parent). Both go
     // upstream with the request (step 6), set as it is written rather than inserted into its headers here.
     let (id, kept) = RequestId::from_headers(req.headers());
     let trace = TraceContext::continue_or_start(req.headers());
-    // A clone of the URI shares its bytes: the path stays at hand after the request is taken apart.
-    let uri = req.uri().clone();
-    let path = uri.path();
-    // With span export on: the wall-clock start, and each attempt's span as it ends.
-    let spans = rt.spans.as_deref();
-    let wall_start = spans.map(|_| SystemTime::now());
-    let attempt_spans: Option<Mutex<Vec<AttemptSpan>>> = spans.map(|_| Mutex::new(Vec::new()));
-    // Counts the request in flight; if the client goes away first, records it as cancelled.
+    // Counts the request in flight; it is recorded once when its answer is complete (see `Pending`). A clone of
+    // the URI shares its bytes: the path stays at hand after the request is taken apart.
     let mut pending = Pending {
-        rt: &rt,
+        rt: rt.clone(),
         listener,
-        id: &id,
+        id,
         trace,
-        method: &method,
-        path,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
         start,
-        wall_start,
+        wall_start: rt.spans.as_ref().map(|_| SystemTime::now()),
         route: None,
+        answer: None,
         done: false,
     };
     listener_metrics.in_flight.inc();
+    let (id, method, path) = (&pending.id, &pending.method, pending.uri.path());
+    // With span export on, each attempt's span as it ends.
+    let attempt_spans: Option<Mutex<Vec<AttemptSpan>>> = rt.spans.as_ref().map(|_| Mutex::new(Vec::new()));
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
     // The full cause of a failure, for the log (the client gets a stable detail).
     let mut cause: Option<String> = None;
+    let mut route: Option<Arc<RouteRt>> = None;
     let (mut response, outcome) = 'answer: {
         // 2. Input checks, the same whichever engine read the request: one `Host` on HTTP/1.1 (none or one on
         // HTTP/1.0), no CONNECT (tunnels are not proxied), names with `_` dropped, refused or let through, then
         // the limits.
         if let Err(why) = check_head(&req) {
-            break 'answer local(StatusCode::BAD_REQUEST, why, &id);
+            break 'answer local(StatusCode::BAD_REQUEST, why, id);
         }
         if method == http::Method::CONNECT {
-            break 'answer local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied", &id);
+            break 'answer local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied", id);
         }
         match underscores(req.headers_mut(), spec.underscores_in_headers) {
             Ok(0) => {}
@@ -181,25 +216,25 @@ pub(crate) async fn handle_passing(
                 listener_metrics.headers_dropped.inc_by(dropped);
             }
             Err(()) => {
-                break 'answer local(StatusCode::BAD_REQUEST, "a header name contains an underscore", &id);
+                break 'answer local(StatusCode::BAD_REQUEST, "a header name contains an underscore", id);
             }
         }
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > spec.max_uri_bytes {
-            break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", &id);
+            break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", id);
         }
         // The declared Content-Length, as both engines report it (no second look at the header).
         let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > spec.max_body_bytes) {
-            break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
+            break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id);
         }
 
         // 3. Route.
-        let Some(route) = rt.listeners[listener].routes.iter().find(|r| r.matches(path, &method)).cloned() else {
+        let Some(found) = rt.listeners[listener].routes.iter().find(|r| r.matches(path, method)) else {
             listener_metrics.unmatched.inc();
-            break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", &id);
+            break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", id);
         };
-        pending.route = Some(route.clone());
+        let route = &**route.insert(found.clone());
 
         // 4. Header hygiene; the headers the proxy sets (the request id if the client's was missing or invalid,
         // this hop's trace context, X-Forwarded-For with the client appended) replace the client's.
@@ -215,14 +250,14 @@ pub(crate) async fn handle_passing(
         let mut prepared = match prepare(body, route.spec.replay_limit).await {
             Ok(p) => p,
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", &id);
+                break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id);
             }
             // A body that cannot be read is malformed (or its client is gone, and the answer goes nowhere).
-            Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", &id),
+            Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", id),
         };
 
         // 6 + 7. The envelope around the call, to the route's target on the upstream.
-        let target = upstream_target(&route, &parts);
+        let target = upstream_target(route, &parts);
         let classifier = RouteClassifier {
             status: &route.classifier,
             replay_safe: replay == Replay::Safe && prepared.is_replayable(),
@@ -273,84 +308,152 @@ pub(crate) async fn handle_passing(
                     upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
                 }
                 let deadline = start + route.spec.timeout;
-                (upstream.map(|body| Either::Left(DeadlineBody { body, deadline, timer: None })), outcome)
+                let body = |body| Either::Left(DeadlineBody { body, deadline, timer: None, record: None });
+                (upstream.map(body), outcome)
             }
             Err(e) => {
                 if matches!(e, Error::Inner(_)) {
                     cause = Some(e.to_string());
                 }
-                (answer_error(e, outcome, &id, &route), outcome)
+                (answer_error(e, outcome, id, route), outcome)
             }
         }
     };
 
     // A rate-limited upstream's routes say their quota on every answer (IETF RateLimit fields).
-    if let Some(route) = &pending.route
+    if let Some(route) = &route
         && let Some(limiter) = &route.upstream.rate_limit
     {
         rate_limit_fields(&mut response, &route.upstream.spec.name, limiter.quota());
     }
     // Every answer above carries the request id: the upstream's gets it in step 8, local ones from `problem`.
-    // 9. Accounting: metrics, SLO, business counters, spans, access log.
-    let now = Instant::now();
-    let elapsed = now - start;
-    if let Some(route) = &pending.route {
-        route.metrics.record(outcome, response.status().as_u16(), elapsed.as_secs_f64(), now, &trace);
-        route.slo.record_at(outcome.counts_against_availability(), elapsed, now);
-    }
-    let route_name = pending.route.as_ref().map(|r| r.spec.name.as_str());
-    for (counter, metrics) in &rt.counters {
-        if counter.counts(route_name, path, &method, response.status().as_u16()) {
-            metrics.inc();
+    // 9. Accounting, once the answer is complete: now, or when an upstream body still coming has ended.
+    pending.route = route;
+    pending.answer = Some(Answer {
+        status: response.status().as_u16(),
+        upstream_status,
+        attempts,
+        outcome,
+        cause,
+        elapsed: start.elapsed(),
+        attempt_spans: attempt_spans.map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)),
+    });
+    match response.body_mut() {
+        Either::Left(streaming) if !in_hand(&streaming.body) => {
+            streaming.record = Some(Box::new(pending));
         }
-    }
-    pending.done = true;
-    if let (Some(spans), Some(wall_start), Some(attempt_spans)) = (spans, wall_start, attempt_spans) {
-        let request = RequestSpan {
-            trace: &trace,
-            start: wall_start,
-            end: wall_start + elapsed,
-            method: &method,
-            path,
-            route: route_name,
-            request_id: id.as_str(),
-            status: response.status().as_u16(),
-            outcome,
-            attempts,
-        };
-        spans.request(&request, &attempt_spans.into_inner().unwrap_or_else(PoisonError::into_inner));
-    }
-    if spec.access_log {
-        access_log::write(&Entry {
-            request_id: id.as_str(),
-            trace_id: &trace.trace_id_hex(),
-            listener: &spec.name,
-            route: pending.route.as_ref().map(|r| r.spec.name.as_str()),
-            method: &method,
-            status: response.status().as_u16(),
-            upstream_status,
-            attempts,
-            duration: elapsed,
-            outcome,
-            error: cause.as_deref(),
-        });
+        _ => pending.finish(),
     }
     response
 }
 
-/// A request being handled. Dropped before it is done means the client went away: the request is still counted
-/// and logged, as `client_cancelled`.
-struct Pending<'a> {
-    rt: &'a Runtime,
+/// Whether an upstream body has come whole with its head (so the answer is complete now).
+fn in_hand(body: &ResponseBody) -> bool {
+    match body {
+        Either::Right(body) => body.in_hand(),
+        Either::Left(body) => http_body::Body::is_end_stream(body),
+    }
+}
+
+/// A request being handled, recorded once (metrics, SLO, business counters, spans, one access-log line) when its
+/// answer is complete. Dropped unrecorded means the client went away first: the request is still counted and
+/// logged, as `client_cancelled`.
+struct Pending {
+    rt: Arc<Runtime>,
     listener: usize,
-    id: &'a RequestId,
+    id: RequestId,
     trace: TraceContext,
-    method: &'a http::Method,
-    path: &'a str,
+    method: http::Method,
+    uri: http::Uri,
     start: Instant,
     wall_start: Option<SystemTime>,
     route: Option<Arc<RouteRt>>,
+    /// The answer's head, once there is one.
+    answer: Option<Answer>,
+    /// Recorded.
     done: bool,
+}
+
+/// What a request was answered with, as recorded.
+struct Answer {
+    status: u16,
+    upstream_status: Option<u16>,
+    attempts: u32,
+    outcome: Outcome,
+    /// The full cause of a failure, for the log.
+    cause: Option<String>,
+    /// Until the answer's head: the request's latency (a streamed body's length is not latency).
+    elapsed: Duration,
+    attempt_spans: Option<Vec<AttemptSpan>>,
+}
+
+impl Pending {
+    /// The answer's body broke off after its head: the request is recorded with this outcome instead.
+    fn broke_off(&mut self, outcome: Outcome, cause: String) {
+        if let Some(answer) = &mut self.answer {
+            answer.outcome = outcome;
+            answer.cause = Some(cause);
+        }
+    }
+
+    /// Records the request as answered (with the answer set), once.
+    fn finish(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            self.done = true;
+            self.record(answer);
+        }
+    }
+
+    fn record(&self, a: Answer) {
+        let rt = &*self.rt;
+        let now = Instant::now();
+        if let Some(route) = &self.route {
+            route.metrics.record(a.outcome, a.status, a.elapsed.as_secs_f64(), now, &self.trace);
+            if a.outcome != Outcome::ClientCancelled {
+                route.slo.record_at(a.outcome.counts_against_availability(), a.elapsed, now);
+            }
+        }
+        let path = self.uri.path();
+        let route_name = self.route.as_ref().map(|r| r.spec.name.as_str());
+        if a.outcome != Outcome::ClientCancelled {
+            for (counter, metrics) in &rt.counters {
+                if counter.counts(route_name, path, &self.method, a.status) {
+                    metrics.inc();
+                }
+            }
+        }
+        if let (Some(spans), Some(start)) = (rt.spans.as_deref(), self.wall_start) {
+            let request = RequestSpan {
+                trace: &self.trace,
+                start,
+                end: start + a.elapsed,
+                method: &self.method,
+                path,
+                route: route_name,
+                request_id: self.id.as_str(),
+                status: a.status,
+                outcome: a.outcome,
+                attempts: a.attempts,
+            };
+            spans.request(&request, a.attempt_spans.as_deref().unwrap_or_default());
+        }
+        let listener = &rt.config.listeners[self.listener];
+        if listener.access_log {
+            access_log::write(&Entry {
+                request_id: self.id.as_str(),
+                trace_id: &self.trace.trace_id_hex(),
+                listener: &listener.name,
+                route: route_name,
+                method: &self.method,
+                status: a.status,
+                upstream_status: a.upstream_status,
+                attempts: a.attempts,
+                duration: a.elapsed,
+                outcome: a.outcome,
+                error: a.cause.as_deref(),
+            });
+        }
+    }
 }
 
 /// Records one attempt's span when the attempt ends — or is dropped unfinished (cut off by the attempt timeout
@@ -387,48 +490,26 @@ impl Drop for AttemptGuard<'_> {
     }
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
         self.rt.listeners[self.listener].metrics.in_flight.dec();
         if self.done {
             return;
         }
-        let now = Instant::now();
-        let elapsed = now - self.start;
-        if let Some(route) = &self.route {
-            route.metrics.record(Outcome::ClientCancelled, 499, elapsed.as_secs_f64(), now, &self.trace);
-        }
-        if let (Some(spans), Some(start)) = (self.rt.spans.as_deref(), self.wall_start) {
-            let request = RequestSpan {
-                trace: &self.trace,
-                start,
-                end: start + elapsed,
-                method: self.method,
-                path: self.path,
-                route: self.route.as_ref().map(|r| r.spec.name.as_str()),
-                request_id: self.id.as_str(),
+        // The client went away before the answer was complete: before its head (499), or while its body was sent.
+        let cancelled = match self.answer.take() {
+            Some(answer) => Answer { outcome: Outcome::ClientCancelled, cause: None, ..answer },
+            None => Answer {
                 status: 499,
-                outcome: Outcome::ClientCancelled,
+                upstream_status: None,
                 attempts: 0,
-            };
-            spans.request(&request, &[]);
-        }
-        if !self.rt.config.listeners[self.listener].access_log {
-            return;
-        }
-        access_log::write(&Entry {
-            request_id: self.id.as_str(),
-            trace_id: &self.trace.trace_id_hex(),
-            listener: &self.rt.config.listeners[self.listener].name,
-            route: self.route.as_ref().map(|r| r.spec.name.as_str()),
-            method: self.method,
-            status: 499,
-            upstream_status: None,
-            attempts: 0,
-            duration: elapsed,
-            outcome: Outcome::ClientCancelled,
-            error: None,
-        });
+                outcome: Outcome::ClientCancelled,
+                cause: None,
+                elapsed: self.start.elapsed(),
+                attempt_spans: None,
+            },
+        };
+        self.record(cancelled);
     }
 }
 

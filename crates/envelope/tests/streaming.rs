@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use support::{envelope, two_engines};
+use support::{envelope, two_engines, two_engines_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -79,6 +79,11 @@ async fn upstream(acked: watch::Receiver<usize>) -> SocketAddr {
 
 /// Over a raw HTTP/1.1 connection: each event is seen before the next is sent.
 async fn over_http1(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) {
+    over_http1_conn(addr, path, ack).await;
+}
+
+/// [`over_http1`], returning the connection and what it read.
+async fn over_http1_conn(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) -> (TcpStream, String) {
     let mut conn = TcpStream::connect(addr).await.unwrap();
     conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
     let mut seen = String::new();
@@ -92,6 +97,7 @@ async fn over_http1(addr: SocketAddr, path: &str, ack: &watch::Sender<usize>) {
         }
         ack.send_modify(|n| *n += 1);
     }
+    (conn, seen)
 }
 
 /// Over HTTP/2 (prior knowledge): each event is seen before the next is sent.
@@ -128,5 +134,106 @@ async fn events_arrive_as_the_upstream_sends_them_on_every_engine_path() {
         over_http1(hyper, path, &ack).await;
         over_http2(auto, path, &ack).await;
         over_http2(hyper, path, &ack).await;
+    }
+}
+
+/// An upstream whose answers break off after their head: `/broken` sends 10 of its 100 bytes and closes, `/stall`
+/// sends 10 and then nothing (until the test ends).
+async fn breaking_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
+                if String::from_utf8_lossy(&head).contains("/stall") {
+                    // Holds the connection open, sending nothing more, until the proxy gives up on it.
+                    let _ = s.read(&mut chunk).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads a raw HTTP/1.1 answer to `GET path` until the proxy closes the connection.
+async fn truncated(addr: SocketAddr, path: &str) -> String {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(BOUND, conn.read_to_end(&mut got)).await.expect("the proxy ends the answer").unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_breaks_off_after_its_head_is_recorded_as_such_on_both_engines() {
+    let up = breaking_upstream().await;
+    let env = envelope(&two_engines_with("", "timeout = \"500ms\""), up).await;
+    let mut lines = 0;
+    for (engine, addr) in ["auto", "hyper"].into_iter().zip(env.addrs.clone()) {
+        for (path, outcome) in [("/broken", "upstream_reset"), ("/stall", "timeout")] {
+            // The client never gets more than came, and sees the answer end early: the own loop passes on the head
+            // and the bytes it has; hyper drops what it had not yet written when the body fails.
+            let got = truncated(addr, path).await;
+            if !got.is_empty() {
+                assert!(got.starts_with("HTTP/1.1 200"), "{engine}{path}: {got:?}");
+                assert!(got.ends_with("0123456789"), "{engine}{path}: what came is passed on, nothing more: {got:?}");
+            }
+            lines += 1;
+            let log = env.access_log_lines(lines).await;
+            let line = &log[lines - 1];
+            assert_eq!(line["route"], engine, "{line}");
+            assert_eq!(line["status"], 200, "{engine}{path}: {line}");
+            assert_eq!(line["outcome"], outcome, "{engine}{path}: {line}");
+            assert!(line["error"].as_str().unwrap().contains("broke off"), "{engine}{path}: {line}");
+        }
+    }
+    let metrics = String::from_utf8(support::send(support::get(env.admin, "/metrics")).await.2.to_vec()).unwrap();
+    for engine in ["auto", "hyper"] {
+        for outcome in ["upstream_reset", "timeout"] {
+            let counted = metrics.lines().any(|l| {
+                l.starts_with("envelope_requests_total{")
+                    && l.contains(&format!("route=\"{engine}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+                    && l.ends_with(" 1")
+            });
+            assert!(counted, "{engine}: one request counted as {outcome}:\n{metrics}");
+        }
+        assert!(
+            !metrics.lines().any(|l| l.starts_with("envelope_requests_total{")
+                && l.contains(&format!("route=\"{engine}\""))
+                && l.contains("outcome=\"ok\"")
+                && !l.ends_with(" 0")),
+            "{engine}: nothing counted as ok"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_is_recorded_when_it_ends() {
+    let (ack, acked) = watch::channel(0usize);
+    let up = upstream(acked).await;
+    let env = envelope(&two_engines(""), up).await;
+    for (k, addr) in env.addrs.clone().into_iter().enumerate() {
+        let (mut conn, mut seen) = over_http1_conn(addr, "/chunked", &ack).await;
+        // Read to the end of the answer (its last chunk) before the connection goes.
+        let mut chunk = [0u8; 4096];
+        while !seen.ends_with("0\r\n\r\n") {
+            let n = tokio::time::timeout(BOUND, conn.read(&mut chunk)).await.expect("the answer ends").unwrap();
+            assert!(n > 0, "closed before the answer ended: {seen:?}");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        let log = env.access_log_lines(k + 1).await;
+        assert_eq!(log[k]["outcome"], "ok", "{}", log[k]);
+        assert_eq!(log[k]["status"], 200, "{}", log[k]);
     }
 }

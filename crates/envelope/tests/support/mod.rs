@@ -455,6 +455,11 @@ pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
 /// own HTTP/1.1 loop, first) and `hyper` (hyper alone, second), both with the extra listener keys `listener`
 /// (TOML lines), for tests that hold the two engines to the same behaviour.
 pub fn two_engines(listener: &str) -> String {
+    two_engines_with(listener, "")
+}
+
+/// Like [`two_engines`], with the extra route keys `route` (TOML lines) on both routes.
+pub fn two_engines_with(listener: &str, route: &str) -> String {
     let mut config = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n");
     for engine in ["auto", "hyper"] {
         config.push_str(&format!(
@@ -464,7 +469,7 @@ pub fn two_engines(listener: &str) -> String {
     config.push_str("\n[[upstream]]\nname = \"app\"\nendpoints = [\"http://{upstream}\"]\n");
     for engine in ["auto", "hyper"] {
         config.push_str(&format!(
-            "\n[[route]]\nname = \"{engine}\"\nlistener = \"{engine}\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"app\"\n"
+            "\n[[route]]\nname = \"{engine}\"\nlistener = \"{engine}\"\nmatch = {{ path_prefix = \"/\" }}\nupstream = \"app\"\n{route}\n"
         ));
     }
     config
