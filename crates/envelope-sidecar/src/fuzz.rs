@@ -2,10 +2,8 @@
 //! parsers and checks what must hold whatever the input. Not an API: hidden from the documentation, kept here so
 //! that the parsers can stay private to the crate.
 
-use bytes::BytesMut;
-
-use crate::client;
-use crate::h1;
+use crate::data::inbound::h1;
+use crate::data::outbound::client;
 
 /// The listener's request head parser, with the listener's default limits: served, read on, handed over or
 /// refused, never a panic; a request it serves consumed exactly its head and body.
@@ -29,9 +27,4 @@ pub fn config(data: &[u8]) {
     if let Err(e) = crate::config::Config::parse("fuzz.toml", text) {
         let _ = e.to_string();
     }
-}
-
-/// Splits `data` into a byte buffer (what the decoders read).
-pub(crate) fn buffer(data: &[u8]) -> BytesMut {
-    BytesMut::from(data)
 }

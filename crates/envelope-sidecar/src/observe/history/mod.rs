@@ -147,7 +147,7 @@ impl History {
 impl History {
     /// What live traffic did on a scenario's route over its window, from the rollups (which trail by at most one
     /// flush interval).
-    pub(crate) fn measure(&self, s: &crate::config::Scenario) -> Result<crate::quality::Measured, String> {
+    pub(crate) fn measure(&self, s: &crate::config::Scenario) -> Result<crate::observe::quality::Measured, String> {
         let now = minute_of(SystemTime::now());
         let from = now - (s.window.as_secs() / 60).max(1) as i64 + 1;
         let store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
@@ -162,7 +162,7 @@ impl History {
             counters.insert(name.clone(), grew);
         }
         let requests = c.requests();
-        Ok(crate::quality::Measured {
+        Ok(crate::observe::quality::Measured {
             requests,
             served: requests - c.errors(),
             p99: quantile(&c.buckets, 0.99).map(Duration::from_secs_f64),

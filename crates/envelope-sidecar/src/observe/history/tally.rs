@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use envelope_core::Outcome;
 use envelope_http::observe::DURATION_BUCKETS;
 
-use crate::quality::is_fast_fail;
+use crate::observe::quality::is_fast_fail;
 
 /// Latency buckets of a rollup: the upper bounds of [`DURATION_BUCKETS`] and one for everything slower.
 pub(crate) const BUCKETS: usize = DURATION_BUCKETS.len() + 1;

@@ -31,25 +31,26 @@ use bytes::Bytes;
 use envelope_core::{BoxError, Classify, Error, Outcome};
 use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
-use envelope_http::headers::{forwarded_for, strip_hop_by_hop};
+use envelope_http::headers::forwarded_for;
 use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::{problem, problem_with_status};
-use envelope_http::request_id::{RequestId, X_REQUEST_ID};
+use envelope_http::request_id::RequestId;
 use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
-use crate::access_log::{self, Entry};
-use crate::client::PassedHead;
 use crate::config::Underscores;
-use crate::h1::InBody;
-use crate::runtime::{RouteRt, Runtime};
-use crate::telemetry::{AttemptSpan, RequestSpan};
-use crate::upstream::{ResponseBody, SetHeaders, UpstreamError, UpstreamRt};
+use crate::data::InBody;
+use crate::data::outbound::{self, ProxyHeaders, UpstreamError, clean_answer, clean_request};
+use crate::data::runtime::{RouteRt, Runtime};
+use crate::data::upstream::UpstreamRt;
+use crate::data::wire::RawHead;
+use crate::observe::access_log::{self, Entry};
+use crate::observe::telemetry::{AttemptSpan, RequestSpan};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
-pub(crate) type ProxyBody = Either<DeadlineBody<ResponseBody>, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<DeadlineBody<outbound::Body>, Full<Bytes>>;
 
 /// An upstream body that must finish by the route's deadline: the route timeout covers the whole response, not
 /// only its head. A body that stalls past it is cut off (the client sees the response end early, the upstream
@@ -132,7 +133,7 @@ impl<B> DeadlineBody<B> {
 }
 
 /// The result of one attempt.
-type Attempt = Result<Response<ResponseBody>, UpstreamError>;
+type Attempt = Result<Response<outbound::Body>, UpstreamError>;
 
 /// The client of a connection: the `X-Forwarded-For` value for its address (made once per connection).
 pub(crate) struct Client {
@@ -153,14 +154,14 @@ pub(crate) async fn handle(
     req: Request<InBody>,
 ) -> Response<ProxyBody> {
     let mut response = handle_passing(rt, listener, client, req).await;
-    if let Some(passed) = take_passed_head(response.body_mut()) {
-        *response.headers_mut() = passed.into_map();
+    if let Some(raw) = take_raw_head(response.body_mut()) {
+        *response.headers_mut() = raw.into_map();
     }
     response
 }
 
 /// Like [`handle`], for the listener's own HTTP/1.1 writer: the upstream's head may be left as it came (see
-/// [`PassedHead`]), for the writer to take with [`take_passed_head`] and write out as it is.
+/// [`RawHead`]), for the writer to take with [`take_raw_head`] and write out as it is.
 pub(crate) async fn handle_passing(
     rt: Arc<Runtime>,
     listener: usize,
@@ -239,7 +240,7 @@ pub(crate) async fn handle_passing(
         // 4. Header hygiene; the headers the proxy sets (the request id if the client's was missing or invalid,
         // this hop's trace context, X-Forwarded-For with the client appended) replace the client's.
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        clean_request(&mut parts.headers);
         let forwarded_for = forwarded_for(&parts.headers, &client.forwarded);
         let request_id = (!kept).then(|| id.header_value());
         let hop_traceparent = trace.traceparent();
@@ -280,8 +281,8 @@ pub(crate) async fn handle_passing(
                     // With span export on, each attempt is a span of its own and the parent of the upstream's.
                     let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
                     let traceparent = attempt_traceparent.as_ref().unwrap_or(hop_traceparent);
-                    let set = SetHeaders { request_id, traceparent, forwarded_for };
-                    let result = upstream.send(endpoint, parts, target, body, &set).await;
+                    let set = ProxyHeaders { request_id, traceparent, forwarded_for };
+                    let result = upstream.outbound.send(&upstream.spec, endpoint, parts, target, body, &set).await;
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
                         span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));
@@ -296,17 +297,7 @@ pub(crate) async fn handle_passing(
         // 8. The answer.
         match result {
             Ok(mut upstream) => {
-                let passed = match upstream.body_mut() {
-                    Either::Right(body) => body.passed_head().as_mut(),
-                    Either::Left(_) => None,
-                };
-                if let Some(passed) = passed {
-                    // A passed-through head has no hop-by-hop headers; it takes the request id instead of a map.
-                    passed.set_request_id(id.header_value().clone());
-                } else {
-                    strip_hop_by_hop(upstream.headers_mut());
-                    upstream.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
-                }
+                clean_answer(&mut upstream, id.header_value());
                 let deadline = start + route.spec.timeout;
                 let body = |body| Either::Left(DeadlineBody { body, deadline, timer: None, record: None });
                 (upstream.map(body), outcome)
@@ -339,20 +330,12 @@ pub(crate) async fn handle_passing(
         attempt_spans: attempt_spans.map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)),
     });
     match response.body_mut() {
-        Either::Left(streaming) if !in_hand(&streaming.body) => {
+        Either::Left(streaming) if !streaming.body.in_hand() => {
             streaming.record = Some(Box::new(pending));
         }
         _ => pending.finish(),
     }
     response
-}
-
-/// Whether an upstream body has come whole with its head (so the answer is complete now).
-fn in_hand(body: &ResponseBody) -> bool {
-    match body {
-        Either::Right(body) => body.in_hand(),
-        Either::Left(body) => http_body::Body::is_end_stream(body),
-    }
 }
 
 /// A request being handled, recorded once (metrics, SLO, business counters, spans, one access-log line) when its
@@ -522,8 +505,8 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
 /// Sets `RateLimit-Policy: "<upstream>";q=<limit>;w=<window s>` and `RateLimit: "<upstream>";r=<remaining>;t=<reset
 /// s>` (draft-ietf-httpapi-ratelimit-headers; whole seconds, rounded up). A passed-through head becomes the map.
 fn rate_limit_fields(response: &mut Response<ProxyBody>, name: &str, q: envelope_core::rate_limit::Quota) {
-    if let Some(passed) = take_passed_head(response.body_mut()) {
-        *response.headers_mut() = passed.into_map();
+    if let Some(raw) = take_raw_head(response.body_mut()) {
+        *response.headers_mut() = raw.into_map();
     }
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     // The policy name is an sf-string: `"` and `\` escaped.
@@ -567,11 +550,11 @@ fn underscores(headers: &mut http::HeaderMap, rule: Underscores) -> Result<u64, 
     Ok(dropped)
 }
 
-/// Takes the upstream's passed-through head out of a response body, if it has one (see [`PassedHead`]).
-pub(crate) fn take_passed_head(body: &mut ProxyBody) -> Option<Box<PassedHead>> {
+/// Takes the upstream's head passed on as it came out of an answer's body, if it has one (see [`RawHead`]).
+pub(crate) fn take_raw_head(body: &mut ProxyBody) -> Option<Box<RawHead>> {
     match body {
-        Either::Left(DeadlineBody { body: Either::Right(body), .. }) => body.passed_head().take(),
-        _ => None,
+        Either::Left(DeadlineBody { body, .. }) => body.take_raw_head(),
+        Either::Right(_) => None,
     }
 }
 
@@ -623,7 +606,7 @@ struct RouteClassifier<'a> {
     replayable_body: bool,
 }
 
-impl Classify<Response<ResponseBody>, UpstreamError> for RouteClassifier<'_> {
+impl Classify<Response<outbound::Body>, UpstreamError> for RouteClassifier<'_> {
     fn classify(&self, result: &Attempt) -> Outcome {
         self.status.classify(result)
     }

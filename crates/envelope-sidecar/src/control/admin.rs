@@ -41,10 +41,10 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::history::{History, Subject};
-use crate::metrics::Metrics;
-use crate::runtime::Runtime;
-use crate::upstream::FaultSpec;
+use crate::data::runtime::Runtime;
+use crate::data::upstream::FaultSpec;
+use crate::observe::history::{History, Subject};
+use crate::observe::metrics::Metrics;
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
@@ -234,7 +234,7 @@ async fn config(State(s): State<AdminState>) -> axum::Json<Value> {
     }))
 }
 
-fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::upstream::UpstreamRt>) -> Value {
+fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::data::upstream::UpstreamRt>) -> Value {
     let mut v = json!({
         "name": u.name,
         "endpoints": u.endpoints.iter().map(|e| format!("{}://{}", e.scheme, e.authority)).collect::<Vec<_>>(),
@@ -361,7 +361,7 @@ async fn scenarios(State(s): State<AdminState>) -> Response {
     from_history(move || {
         let judged = rt.config.scenarios.iter().map(|sc| {
             let m = history.measure(sc)?;
-            Ok(crate::quality::scenario_json(sc, &m, &crate::quality::judge(&sc.expect, &m)))
+            Ok(crate::observe::quality::scenario_json(sc, &m, &crate::observe::quality::judge(&sc.expect, &m)))
         });
         Ok(Value::Array(judged.collect::<Result<_, String>>()?))
     })
@@ -468,7 +468,7 @@ impl FaultRequest {
     }
 }
 
-fn fault_json(u: &crate::upstream::UpstreamRt) -> Option<Value> {
+fn fault_json(u: &crate::data::upstream::UpstreamRt) -> Option<Value> {
     let f = u.faults.current()?;
     let remaining = u.faults.until().map(|t| t.saturating_duration_since(tokio::time::Instant::now()));
     Some(json!({

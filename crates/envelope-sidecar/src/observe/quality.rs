@@ -1,5 +1,5 @@
 //! Quality scenarios: response measures judged against what was measured — by `envelope verify` on the load it
-//! drives (see [`crate::verify`]), and by the sidecar on live traffic over each scenario's window
+//! drives, and by the sidecar on live traffic over each scenario's window
 //! (`/api/v1/scenarios`, the dashboard).
 
 use std::collections::BTreeMap;

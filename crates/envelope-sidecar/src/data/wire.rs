@@ -211,3 +211,58 @@ mod tests {
         }
     }
 }
+
+/// The most headers a response head can have to be passed on as it came (see [`RawHead`]).
+pub(crate) const RAW_HEADERS: usize = 8;
+
+/// A response head passed on as the upstream wrote it, instead of being built into a header map that the
+/// listener's own writer would only write out again: for a `2xx` answer with at most [`RAW_HEADERS`] headers, none
+/// of them hop-by-hop (so its body is not chunked either), as the upstream client reads it. The outbound side sets
+/// the request id on it; anything that needs the headers as a map (HTTP/2, hyper's connections, the rate-limit
+/// fields) gets them with [`RawHead::into_map`].
+#[derive(Debug)]
+pub(crate) struct RawHead {
+    head: Bytes,
+    at: [HeaderAt; RAW_HEADERS],
+    len: usize,
+    request_id: Option<HeaderValue>,
+}
+
+impl RawHead {
+    /// The head `head` with its headers at `at`, boxed (the body that carries it is moved through every layer of
+    /// the proxy); `None` if it has more than [`RAW_HEADERS`].
+    pub(crate) fn new(head: Bytes, at: &[HeaderAt]) -> Option<Box<RawHead>> {
+        let mut kept = [HeaderAt::default(); RAW_HEADERS];
+        kept.get_mut(..at.len())?.copy_from_slice(at);
+        Some(Box::new(RawHead { head, at: kept, len: at.len(), request_id: None }))
+    }
+
+    /// Replaces the upstream's `X-Request-ID`, if it sent one.
+    pub(crate) fn set_request_id(&mut self, value: HeaderValue) {
+        self.request_id = Some(value);
+    }
+
+    /// The headers to forward, in order, as raw names and values: the upstream's (without its `X-Request-ID` when
+    /// one was set), then the request id.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        for h in &self.at[..self.len] {
+            let (name, value) = h.of_head(&self.head);
+            if self.request_id.is_none() || !envelope_http::headers::name_is(name, b"x-request-id") {
+                f(name, value);
+            }
+        }
+        if let Some(id) = &self.request_id {
+            f(envelope_http::request_id::X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+        }
+    }
+
+    /// The same headers as a map.
+    pub(crate) fn into_map(self) -> HeaderMap {
+        // The parser checked every name and value (token names; visible or tab value bytes): none is refused here.
+        let mut headers = header_map(&self.head, &self.at[..self.len], 1).unwrap_or_default();
+        if let Some(id) = self.request_id {
+            headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id);
+        }
+        headers
+    }
+}

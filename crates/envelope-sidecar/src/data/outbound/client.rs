@@ -30,10 +30,10 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::upstream::SetHeaders;
-use crate::wire::{
-    HeaderAt, SMALL_HEAD, chunk_size, content_length, forget_readiness, has_token, header_line, header_map, positions,
-    read_some, write_all,
+use super::ProxyHeaders;
+use crate::data::wire::{
+    HeaderAt, RAW_HEADERS, RawHead, SMALL_HEAD, chunk_size, content_length, forget_readiness, has_token, header_line,
+    header_map, positions, read_some, write_all,
 };
 
 /// The largest response head accepted.
@@ -42,8 +42,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const KEPT_BUFFER: usize = 64 * 1024;
 /// Most response headers accepted (as hyper's default).
 const MAX_HEADERS: usize = 100;
-/// The most headers a response head can have to be passed through without a header map.
-const PASSED_HEADERS: usize = 8;
 
 /// Idle keep-alive connections per endpoint.
 pub(crate) struct Pool {
@@ -262,36 +260,21 @@ pub(crate) struct Head<'a> {
     pub(crate) parts: &'a http::request::Parts,
     pub(crate) target: &'a str,
     pub(crate) host: &'a HeaderValue,
-    pub(crate) set: &'a SetHeaders<'a>,
+    pub(crate) set: &'a ProxyHeaders<'a>,
 }
 
-/// Writes the request head, framed by the body's length.
+/// Writes the request head, framed by the body's length: the client's headers but those the proxy sets (see
+/// `headers`) and the framing, which is written here.
 fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body_len: usize) {
     let parts = head.parts;
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    header_line(out, b"host", head.host.as_bytes());
-    let set = head.set;
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-            || name == header::HOST
-            || name == envelope_http::trace::TRACEPARENT
-            || name == envelope_http::headers::X_FORWARDED_FOR
-            || (set.request_id.is_some() && name == envelope_http::request_id::X_REQUEST_ID)
-        {
-            continue;
-        }
-        header_line(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    header_line(out, b"traceparent", set.traceparent);
-    header_line(out, b"x-forwarded-for", set.forwarded_for.as_bytes());
-    if let Some(id) = set.request_id {
-        header_line(out, b"x-request-id", id.as_bytes());
-    }
+    let framing = |name: &header::HeaderName| {
+        name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::CONNECTION
+    };
+    head.set.write(head.host, &parts.headers, framing, |name, value| header_line(out, name, value));
     if body_len > 0 || parts.headers.contains_key(header::CONTENT_LENGTH) {
         let _ = write!(out, "content-length: {body_len}\r\n");
     }
@@ -317,49 +300,7 @@ struct Rest {
     conn: Box<Conn>,
     framing: Framing,
     keep_alive: bool,
-    passed: Option<Box<PassedHead>>,
-}
-
-/// A successful response's head, passed through as the upstream wrote it instead of being built into a header
-/// map that the listener would only write out again: for a `2xx` answer with at most [`PASSED_HEADERS`] headers,
-/// none of them hop-by-hop (so its body is not chunked either). The proxy sets the request id; anything else that
-/// needs the headers as a map (HTTP/2, hyper's connections) gets them with [`PassedHead::into_map`].
-pub(crate) struct PassedHead {
-    head: Bytes,
-    at: [HeaderAt; PASSED_HEADERS],
-    len: usize,
-    request_id: Option<HeaderValue>,
-}
-
-impl PassedHead {
-    /// Replaces the upstream's `X-Request-ID`, if it sent one.
-    pub(crate) fn set_request_id(&mut self, value: HeaderValue) {
-        self.request_id = Some(value);
-    }
-
-    /// The headers to forward, in order, as raw names and values: the upstream's (without its `X-Request-ID` when
-    /// the proxy set one), then the request id.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
-        for h in &self.at[..self.len] {
-            let (name, value) = h.of_head(&self.head);
-            if self.request_id.is_none() || !name_is(name, b"x-request-id") {
-                f(name, value);
-            }
-        }
-        if let Some(id) = &self.request_id {
-            f(envelope_http::request_id::X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
-        }
-    }
-
-    /// The same headers as a map: the headers of a response whose head was passed through (it has no other).
-    pub(crate) fn into_map(self) -> http::HeaderMap {
-        // The parser checked every name and value (token names; visible or tab value bytes): none is refused here.
-        let mut headers = header_map(&self.head, &self.at[..self.len], 1).unwrap_or_default();
-        if let Some(id) = self.request_id {
-            headers.insert(envelope_http::request_id::X_REQUEST_ID.clone(), id);
-        }
-        headers
-    }
+    passed: Option<Box<RawHead>>,
 }
 
 /// Reads a response head (skipping `1xx` answers) and works out how its body is framed.
@@ -379,7 +320,7 @@ struct ParsedHead {
     response: Response<()>,
     framing: Framing,
     keep_alive: bool,
-    passed: Option<Box<PassedHead>>,
+    passed: Option<Box<RawHead>>,
 }
 
 /// Takes a response head off the front of `buf`, skipping `1xx` answers, and works out how its body is framed:
@@ -413,7 +354,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<ParsedHead>, E
         let at = positions(&mut small, &mut large, count);
         let mut framing = Framing::Close;
         let mut keep_alive = r.version != Some(0);
-        let mut pass = status.is_success() && count <= PASSED_HEADERS;
+        let mut pass = status.is_success() && count <= RAW_HEADERS;
         for (slot, h) in at.iter_mut().zip(r.headers.iter()) {
             let name = h.name.as_bytes();
             pass = pass && !envelope_http::headers::is_hop_by_hop(name);
@@ -440,10 +381,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<ParsedHead>, E
         *response.status_mut() = status;
         *response.version_mut() = Version::HTTP_11;
         let passed = if pass {
-            let mut passed = [HeaderAt::default(); PASSED_HEADERS];
-            passed[..count].copy_from_slice(at);
-            // Boxed: the body that carries it is moved through every layer of the proxy.
-            Some(Box::new(PassedHead { head, at: passed, len: count, request_id: None }))
+            RawHead::new(head, at)
         } else {
             // Room for the request id the proxy adds.
             let Some(headers) = header_map(&head, at, 2) else {
@@ -568,7 +506,7 @@ pub(crate) fn fuzz_chunked(data: &[u8]) {
 /// Fuzzing: a response head, then its body with the framing the head gave.
 pub(crate) fn fuzz_response(data: &[u8]) {
     let Some((&flags, wire)) = data.split_first() else { return };
-    let mut buf = crate::fuzz::buffer(wire);
+    let mut buf = BytesMut::from(wire);
     match parse_head(&mut buf, flags & 1 == 1) {
         Ok(Some(head)) => {
             if let Some(passed) = &head.passed {
@@ -612,8 +550,8 @@ pub(crate) struct Body {
     keep_alive: bool,
     pool: Arc<Pool>,
     endpoint: usize,
-    /// The response's headers, when they were passed through (see [`PassedHead`]).
-    passed: Option<Box<PassedHead>>,
+    /// The response's headers, when they were passed through (see [`RawHead`]).
+    passed: Option<Box<RawHead>>,
 }
 
 impl fmt::Debug for Body {
@@ -631,7 +569,7 @@ enum Step {
 
 impl Body {
     /// The response's headers, when they were passed through instead of built into the response's header map.
-    pub(crate) fn passed_head(&mut self) -> &mut Option<Box<PassedHead>> {
+    pub(crate) fn raw_head(&mut self) -> &mut Option<Box<RawHead>> {
         &mut self.passed
     }
 
@@ -790,7 +728,7 @@ mod tests {
     fn head(parts: &http::request::Parts) -> Head<'_> {
         static HOST: HeaderValue = HeaderValue::from_static("up");
         static FORWARDED: HeaderValue = HeaderValue::from_static("127.0.0.1");
-        static SET: SetHeaders<'static> = SetHeaders {
+        static SET: ProxyHeaders<'static> = ProxyHeaders {
             request_id: None,
             traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             forwarded_for: &FORWARDED,
@@ -831,14 +769,14 @@ mod tests {
     }
 
     /// Sends one request and returns the response with its passed-through head, if any (tests).
-    async fn answer(pool: &Arc<Pool>) -> (Response<Body>, Option<Box<PassedHead>>) {
+    async fn answer(pool: &Arc<Pool>) -> (Response<Body>, Option<Box<RawHead>>) {
         let parts = request();
         let mut r = pool.send(0, &head(&parts), b"").await.unwrap_or_else(|e| panic!("send failed: {e:?}"));
-        let passed = r.body_mut().passed_head().take();
+        let passed = r.body_mut().raw_head().take();
         (r, passed)
     }
 
-    fn written(passed: &PassedHead) -> Vec<(String, String)> {
+    fn written(passed: &RawHead) -> Vec<(String, String)> {
         let mut out = Vec::new();
         passed.for_each(|n, v| out.push((String::from_utf8_lossy(n).into(), String::from_utf8_lossy(v).into())));
         out
@@ -1064,7 +1002,7 @@ mod tests {
         parts.headers.insert("x-request-id", HeaderValue::from_static("bad id"));
         parts.headers.insert("x-app", HeaderValue::from_static("kept"));
         let (xff, id) = (HeaderValue::from_static("10.0.0.1, 127.0.0.1"), HeaderValue::from_static("new-id"));
-        let set = SetHeaders { request_id: Some(&id), traceparent: b"attempt's", forwarded_for: &xff };
+        let set = ProxyHeaders { request_id: Some(&id), traceparent: b"attempt's", forwarded_for: &xff };
         let mut out = Vec::new();
         write_head(&mut out, &Head { set: &set, ..head(&parts) }, 3);
         assert_eq!(
@@ -1074,7 +1012,7 @@ mod tests {
         );
         // A valid client id (not replaced) is forwarded as it came.
         parts.headers.insert("x-request-id", HeaderValue::from_static("theirs"));
-        let set = SetHeaders { request_id: None, ..set };
+        let set = ProxyHeaders { request_id: None, ..set };
         let mut out = Vec::new();
         write_head(&mut out, &Head { set: &set, ..head(&parts) }, 0);
         let out = String::from_utf8(out).unwrap();

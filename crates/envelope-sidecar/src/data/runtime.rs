@@ -12,9 +12,9 @@ use envelope_http::classify::StatusClassifier;
 use http::Method;
 
 use crate::config::{BusinessCounter, Config, Route, Shedding, Tier};
-use crate::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
-use crate::telemetry::Spans;
-use crate::upstream::UpstreamRt;
+use crate::data::upstream::UpstreamRt;
+use crate::observe::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
+use crate::observe::telemetry::Spans;
 use envelope_core::slo::{Objective, Slo};
 
 /// Everything a request needs, built once per config (and again on reload).

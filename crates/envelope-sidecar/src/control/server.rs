@@ -1,5 +1,5 @@
-//! Listeners: accept connections within limits, serve HTTP/1.1 and HTTP/2 through `proxy::handle`,
-//! reload the config without dropping a request, and drain on shutdown.
+//! The sidecar's life: bind every listener and the admin API, reload the config without dropping a request, and
+//! drain on shutdown. Serving connections is the data plane's (`data::inbound`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,23 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Either;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin;
-use crate::config::{Config, ConfigError, Engine};
-use crate::connections::{Connections, Place, Timers};
-use crate::h1;
-use crate::history::History;
-use crate::hyper_io::{InFlight, TimedIo, Tracked};
-use crate::metrics::Metrics;
-use crate::proxy;
-use crate::runtime::Runtime;
+use crate::config::{Config, ConfigError};
+use crate::control::admin;
+use crate::data::inbound;
+use crate::data::runtime::Runtime;
+use crate::observe::history::History;
+use crate::observe::metrics::Metrics;
 
 /// How often the config file is checked for changes.
 pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -111,8 +103,12 @@ impl Sidecar {
     /// Binds every listener of `config` and the admin listener (all or nothing) and starts serving.
     pub async fn start(config: Config) -> Result<Sidecar, RunError> {
         let metrics = Metrics::new();
-        let spans =
-            config.tracing.as_ref().map(crate::telemetry::Spans::start).transpose().map_err(RunError::Tracing)?;
+        let spans = config
+            .tracing
+            .as_ref()
+            .map(crate::observe::telemetry::Spans::start)
+            .transpose()
+            .map_err(RunError::Tracing)?;
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, spans, None)));
         let rt = runtime.load_full();
         let mut sockets = Vec::new();
@@ -140,7 +136,7 @@ impl Sidecar {
         });
         let mut loops = Vec::new();
         for (i, socket) in sockets.into_iter().enumerate() {
-            loops.push(tokio::spawn(serve_listener(runtime.clone(), i, socket, signal.clone())));
+            loops.push(tokio::spawn(inbound::serve_listener(runtime.clone(), i, socket, signal.clone())));
         }
         let done = tokio::spawn(async move {
             for l in loops {
@@ -312,113 +308,6 @@ impl Signals {
     async fn next(self: std::pin::Pin<&mut Self>) -> Signal {
         let _ = tokio::signal::ctrl_c().await;
         Signal::Stop
-    }
-}
-
-/// Accepts and serves connections until told to stop; then drains: open connections finish their in-flight
-/// requests (HTTP/1 keep-alive ends, HTTP/2 sends GOAWAY), up to the listener's drain timeout.
-async fn serve_listener(
-    runtime: Arc<ArcSwap<Runtime>>,
-    index: usize,
-    socket: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Listener settings cannot change on reload (see `Sidecar::reload`).
-    let spec = runtime.load().config.listeners[index].clone();
-    let connections = Connections::new(spec.max_connections);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's header read timeout is off: `TimedIo` keeps the listener's timers on hyper's connections as `h1`
-    // does on its own (hyper's would also bound the wait between requests, and close without a 408).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(spec.max_header_bytes)
-        .max_headers(spec.max_headers);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(spec.max_header_bytes as u32);
-    let builder = Arc::new(builder);
-    let settings = Settings {
-        limits: h1::Limits { max_header_bytes: spec.max_header_bytes, max_headers: spec.max_headers },
-        timers: Timers { header_read: spec.header_read_timeout, keepalive: spec.keepalive_timeout },
-        engine: spec.engine,
-    };
-    loop {
-        let accepted = tokio::select! {
-            accepted = socket.accept() => accepted,
-            _ = stop.changed() => break,
-        };
-        let Ok((stream, remote)) = accepted else {
-            // Out of file descriptors and the like: back off briefly rather than spin.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (runtime, builder, connections, mut stop) =
-            (runtime.clone(), builder.clone(), connections.clone(), stop.clone());
-        tokio::spawn(async move {
-            // Over the connection limit: an idle connection gives way, or this one is closed (the client sees a
-            // reset, not a hang). The connection holds its place until it is done.
-            let Some(place) = connections.admit().await else { return };
-            serve_connection(runtime, index, stream, remote, &builder, settings, place, &mut stop).await;
-        });
-    }
-    drop(socket);
-    // Every connection holds a place until it is done: all places back means drained.
-    connections.drained(spec.drain_timeout).await;
-}
-
-/// A listener's settings for each connection.
-#[derive(Debug, Clone, Copy)]
-struct Settings {
-    limits: h1::Limits,
-    timers: Timers,
-    engine: Engine,
-}
-
-/// Serves one client connection: HTTP/1.1's common case in `h1`, the rest (HTTP/2, unusual requests) in hyper,
-/// which takes over with the bytes already read. Each request runs on the config current when it arrives; a reload
-/// never changes a request midway.
-#[allow(clippy::too_many_arguments)]
-async fn serve_connection(
-    runtime: Arc<ArcSwap<Runtime>>,
-    index: usize,
-    mut stream: tokio::net::TcpStream,
-    remote: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
-    settings: Settings,
-    mut place: Place,
-    stop: &mut watch::Receiver<bool>,
-) {
-    let client = Arc::new(proxy::Client::new(remote));
-    let prefix = match settings.engine {
-        Engine::Hyper => Bytes::new(),
-        Engine::Auto => {
-            // The own HTTP/1.1 writer takes a passed-through upstream head as it is; hyper gets header maps.
-            let handle = |req| proxy::handle_passing(runtime.load_full(), index, &client, req);
-            match h1::serve(&mut stream, settings.limits, settings.timers, &mut place, stop, handle).await {
-                h1::Next::Closed => return,
-                h1::Next::HandOver(prefix) => prefix,
-            }
-        }
-    };
-    let in_flight = InFlight::default();
-    let tracking = in_flight.clone();
-    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (runtime, client, busy) = (runtime.load_full(), client.clone(), tracking.start());
-        async move {
-            let response = proxy::handle(runtime, index, &client, req.map(Either::Left)).await;
-            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, busy)))
-        }
-    });
-    let stream = TimedIo::new(prefix, stream, settings.timers, in_flight, place);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }
 

@@ -12,7 +12,7 @@
 use std::fmt::Write;
 
 use crate::config::Config;
-use crate::runtime::objective;
+use crate::data::runtime::objective;
 
 /// Outcomes that do not spend availability budget (the client's own mistakes and cancellations).
 pub const NOT_ERRORS: &str = "ok|upstream_4xx|bad_request|client_cancelled";

@@ -37,21 +37,18 @@ use envelope_http::headers::name_is;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
+use crate::data::inbound::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
 
-use crate::wire::{
+use crate::data::InBody;
+use crate::data::wire::{
     HeaderAt, READ_BUFFER, SMALL_HEAD, content_length, forget_readiness, has_token, header_line, header_map, positions,
     read_some, write_all,
 };
-
-/// A request body: hyper's, or the buffered body of a request served here.
-pub(crate) type InBody = Either<Incoming, Full<Bytes>>;
 
 /// The largest request body served here (larger ones go to hyper, which streams them).
 pub(crate) const MAX_FAST_BODY: usize = envelope_http::body::DEFAULT_REPLAY_LIMIT;
@@ -90,7 +87,7 @@ pub(crate) async fn serve<S, F>(
 ) -> Next
 where
     S: FnMut(Request<InBody>) -> F,
-    F: Future<Output = Response<crate::proxy::ProxyBody>>,
+    F: Future<Output = Response<crate::data::proxy::ProxyBody>>,
 {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut out = Vec::with_capacity(1024);
@@ -313,7 +310,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Result<Head, Refused> {
 /// Fuzzing (see `crate::fuzz`): parses requests off `data` until it is used up or one is not served here.
 pub(crate) fn fuzz_parse(data: &[u8]) {
     let limits = Limits { max_header_bytes: 16 * 1024, max_headers: 100 };
-    let mut buf = crate::fuzz::buffer(data);
+    let mut buf = BytesMut::from(data);
     loop {
         let before = buf.len();
         match parse(&mut buf, limits) {
@@ -336,12 +333,12 @@ pub(crate) fn fuzz_parse(data: &[u8]) {
 async fn write_response(
     stream: &TcpStream,
     out: &mut Vec<u8>,
-    response: Response<crate::proxy::ProxyBody>,
+    response: Response<crate::data::proxy::ProxyBody>,
     is_head: bool,
     close: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = response.into_parts();
-    let passed = crate::proxy::take_passed_head(&mut body);
+    let raw = crate::data::proxy::take_raw_head(&mut body);
     let status = parts.status;
     let bodiless =
         is_head || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -368,8 +365,8 @@ async fn write_response(
         }
         header_line(out, name, value);
     };
-    if let Some(passed) = &passed {
-        passed.for_each(&mut write_header);
+    if let Some(raw) = &raw {
+        raw.for_each(&mut write_header);
     }
     for (name, value) in &parts.headers {
         write_header(name.as_str().as_bytes(), value.as_bytes());

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
+use crate::data::inbound::connections::{Place, REQUEST_TIMEOUT, Timer, Timers};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 

@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::server::Sidecar;
-use crate::verify::Probe;
+use crate::control::server::Sidecar;
+use crate::tools::verify::Probe;
 
 /// One scripted phase of the flaky service.
 #[derive(Debug, Clone, Copy)]

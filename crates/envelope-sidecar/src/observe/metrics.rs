@@ -28,7 +28,7 @@
 //! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 //! | `envelope_business_events_total` | counter | `counter` (the `[[counter]]` name) |
 //!
-//! The same events also go to the history's tallies (`crate::history`), which keep per-minute rollups.
+//! The same events also go to the history's tallies (`crate::observe::history`), which keep per-minute rollups.
 
 use std::sync::Arc;
 
@@ -46,7 +46,7 @@ use envelope_http::observe::DURATION_BUCKETS;
 use envelope_http::trace::TraceContext;
 use tokio::time::Instant;
 
-use crate::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent, UpstreamTally, bucket_of};
+use crate::observe::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent, UpstreamTally, bucket_of};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -265,7 +265,7 @@ impl Metrics {
         registry.register(
             "access_log_dropped",
             "Access-log lines dropped because standard output did not keep up",
-            crate::access_log::dropped(),
+            crate::observe::access_log::dropped(),
         );
         registry.register(
             "headers_dropped",

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{Config, Scenario};
-use crate::quality::{Judged, Measured, Verdict, is_fast_fail, judge};
+use crate::observe::quality::{Judged, Measured, Verdict, is_fast_fail, judge};
 
 /// The longest `envelope verify` waits for one answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
