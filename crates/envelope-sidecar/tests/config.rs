@@ -39,9 +39,9 @@ fn a_valid_config_resolves_with_defaults() {
     assert_eq!(c.routes[0].tier, Tier::Critical, "tier by path pattern");
     assert_eq!(c.routes[1].tier, Tier::NonCritical);
     assert_eq!(c.routes[1].timeout, Duration::from_secs(15), "documented default route timeout");
-    assert_eq!(c.routes[0].retry.as_ref().unwrap().max_attempts, 4);
+    assert_eq!(c.routes[0].retry.as_ref().unwrap().max_attempts(), 4);
     assert_eq!(c.routes[0].matcher.methods.as_ref().unwrap().len(), 2);
-    assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().queue, 5);
+    assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().max_queue, 5);
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
 }
 
@@ -249,4 +249,40 @@ fn an_endpoint_without_a_port_is_reached_on_its_schemes_port() {
     assert_eq!(c.upstreams[0].endpoints[0].host, "localhost", "the Host header as written");
     let c = Config::parse("envelope.toml", &VALID.replace("http://127.0.0.1:8000", "https://example.test")).unwrap();
     assert_eq!(c.upstreams[0].endpoints[0].connect_to, "example.test:443");
+}
+
+#[test]
+fn policies_are_the_engines_validated_configs_with_the_engines_defaults() {
+    use envelope_sidecar::envelope_http::envelope_core::{circuit_breaker, retry};
+    // What the file leaves out is the library's default: one set of defaults.
+    let c = Config::parse("envelope.toml", &VALID.replace(
+        "breaker = { window = { count = 50 }, min_calls = 10, failure_rate = 50, open_for = \"10s\" }",
+        "breaker = {}",
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].breaker.as_ref().unwrap().config, circuit_breaker::Config::default());
+    let set = Config::parse("envelope.toml", VALID).unwrap();
+    let b = &set.upstreams[0].breaker.as_ref().unwrap().config;
+    assert_eq!((b.window(), b.minimum_calls(), b.open_duration()), (
+        circuit_breaker::Window::Count(50),
+        10,
+        Duration::from_secs(10)
+    ));
+    assert_eq!(b.half_open_calls(), circuit_breaker::DEFAULT_HALF_OPEN_CALLS, "unset: the library's default");
+    let r = set.routes[0].retry.as_ref().unwrap();
+    let budget = r.budget().expect("a route's retries draw from its budget").settings();
+    assert_eq!(budget, (retry::DEFAULT_TTL, retry::DEFAULT_MIN_PER_SECOND, retry::DEFAULT_RETRY_RATIO));
+
+    // Nothing is clamped: what the engine refuses, `check` refuses, at the field.
+    let e = error(&VALID.replace("max_attempts = 4", "max_attempts = 101"));
+    assert_eq!(e.field, "route[0].retry.max_attempts", "{e}");
+    assert!(e.message.contains("between 1 and 100"), "{e}");
+    let e = error(&VALID.replace("min_calls = 10", "min_calls = 51"));
+    assert_eq!(e.field, "upstream[0].breaker", "{e}");
+    let e = error(&VALID.replace(
+        "bulkhead = { max_concurrent = 20, queue = 5, queue_timeout = \"50ms\" }",
+        "rate_limit = { rate = 4000000000, per = \"1ms\" }",
+    ));
+    assert_eq!(e.field, "upstream[0].rate_limit", "{e}");
+    assert!(e.message.contains("nanosecond"), "{e}");
 }

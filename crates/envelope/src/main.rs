@@ -233,8 +233,8 @@ fn summary(c: &Config) -> String {
             u.name,
             endpoints.join(", "),
             if u.breaker.is_some() { "on" } else { "off" },
-            u.bulkhead.as_ref().map_or("off".to_owned(), |b| format!("{} + queue {}", b.max_concurrent, b.queue)),
-            u.rate_limit.as_ref().map_or("off".to_owned(), |r| format!("{}/{:?}", r.rate, r.per)),
+            u.bulkhead.as_ref().map_or("off".to_owned(), |b| format!("{} + queue {}", b.max_concurrent, b.max_queue)),
+            u.rate_limit.as_ref().map_or("off".to_owned(), |r| format!("{}/{:?}", r.rate, r.period)),
         );
     }
     for r in &c.routes {
@@ -246,7 +246,7 @@ fn summary(c: &Config) -> String {
             c.upstreams[r.upstream].name,
             r.tier,
             r.timeout,
-            r.retry.as_ref().map_or("off".to_owned(), |x| format!("{} attempts", x.max_attempts)),
+            r.retry.as_ref().map_or("off".to_owned(), |x| format!("{} attempts", x.max_attempts())),
         );
     }
     let h = &c.history;

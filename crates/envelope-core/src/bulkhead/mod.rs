@@ -81,6 +81,31 @@ impl Config {
         self.listeners = self.listeners.with(listener);
         self
     }
+
+    /// The same settings, reporting to `listeners` instead.
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+
+    /// Whether a bulkhead can be made of it (what [`Bulkhead::try_new`] checks): for callers that validate a
+    /// configuration once and build from it later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent == 0 {
+            return Err(ConfigError("max_concurrent must be at least 1"));
+        }
+        if self.max_concurrent > MAX_PERMITS {
+            return Err(ConfigError("max_concurrent is too large"));
+        }
+        Ok(())
+    }
+}
+
+/// Two configs are equal when their settings are: where their events go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, other: &Config) -> bool {
+        (self.max_concurrent, self.max_queue, self.max_wait) == (other.max_concurrent, other.max_queue, other.max_wait)
+    }
 }
 
 /// Why a bulkhead configuration is invalid.
@@ -135,12 +160,7 @@ impl Bulkhead {
 
     /// A bulkhead named `name`, or why `config` is invalid.
     pub fn try_new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Result<Self, ConfigError> {
-        if config.max_concurrent == 0 {
-            return Err(ConfigError("max_concurrent must be at least 1"));
-        }
-        if config.max_concurrent > MAX_PERMITS {
-            return Err(ConfigError("max_concurrent is too large"));
-        }
+        config.validate()?;
         let shared = Shared {
             name: name.into(),
             semaphore: Semaphore::new(config.max_concurrent),

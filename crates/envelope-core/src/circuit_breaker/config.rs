@@ -8,8 +8,12 @@ use crate::outcome::{BreakerVerdict, Outcome};
 
 /// Default sliding window: the last 100 calls (resilience4j's default).
 pub const DEFAULT_WINDOW: Window = Window::Count(100);
-/// Default minimum number of calls in the window before any verdict (resilience4j's default).
-pub const DEFAULT_MINIMUM_CALLS: u32 = 100;
+/// Default minimum number of calls in the window before any verdict.
+///
+/// resilience4j waits for 100. At the few requests per second many dependencies see, that is half a minute or more
+/// of a dependency failing outright before the breaker may trip; 20 calls still keep a verdict from resting on a
+/// handful. One set of defaults serves the library, the sidecar and the Python package.
+pub const DEFAULT_MINIMUM_CALLS: u32 = 20;
 /// Default failure-rate threshold in percent; the breaker trips at or above it.
 pub const DEFAULT_FAILURE_RATE_THRESHOLD: f32 = 50.0;
 /// Default duration above which a call counts as slow: none, slow-call detection is off.
@@ -20,10 +24,12 @@ pub const DEFAULT_FAILURE_RATE_THRESHOLD: f32 = 50.0;
 pub const DEFAULT_SLOW_CALL_DURATION: Option<Duration> = None;
 /// Default slow-call-rate threshold in percent; the breaker trips at or above it.
 pub const DEFAULT_SLOW_CALL_RATE_THRESHOLD: f32 = 100.0;
-/// Default time the breaker stays open before it lets probes through.
-pub const DEFAULT_OPEN_DURATION: Duration = Duration::from_secs(60);
-/// Default number of probe calls admitted in half-open.
-pub const DEFAULT_HALF_OPEN_CALLS: u32 = 10;
+/// Default time the breaker stays open before it lets probes through (resilience4j: 60 s; Envoy's outlier
+/// detection ejects for 30 s). Escalation ([`Builder::escalation`]) lengthens it for a dependency that stays down.
+pub const DEFAULT_OPEN_DURATION: Duration = Duration::from_secs(30);
+/// Default number of probe calls admitted in half-open (resilience4j: 10). Each probe to a dependency that is
+/// still down is a failed request; three are enough to tell a recovered dependency from a lucky call.
+pub const DEFAULT_HALF_OPEN_CALLS: u32 = 3;
 /// Default longest stay in half-open before the breaker re-opens, so a hung probe cannot wedge it.
 /// resilience4j waits forever by default; we do not.
 pub const DEFAULT_MAX_HALF_OPEN_WAIT: Duration = Duration::from_secs(60);
@@ -137,10 +143,34 @@ impl Default for Config {
     }
 }
 
+/// Two configs are equal when their settings are: where their events go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, other: &Config) -> bool {
+        self.window == other.window
+            && self.minimum_calls == other.minimum_calls
+            && self.failure_ppm == other.failure_ppm
+            && self.slow_ppm == other.slow_ppm
+            && self.slow_call_duration == other.slow_call_duration
+            && self.open_duration == other.open_duration
+            && self.escalation == other.escalation
+            && self.half_open_calls == other.half_open_calls
+            && self.max_half_open_wait == other.max_half_open_wait
+            && self.verdicts == other.verdicts
+            && self.failure_rate_threshold == other.failure_rate_threshold
+            && self.slow_call_rate_threshold == other.slow_call_rate_threshold
+    }
+}
+
 impl Config {
     /// A builder starting from the documented defaults.
     pub fn builder() -> Builder {
         Builder::default()
+    }
+
+    /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
     }
 
     /// The sliding window.

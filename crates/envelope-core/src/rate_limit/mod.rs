@@ -90,6 +90,18 @@ impl Config {
         self
     }
 
+    /// The same settings, reporting to `listeners` instead.
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+
+    /// Whether a limiter can be made of it (what [`RateLimiter::try_new`] checks): for callers that validate a
+    /// configuration once and build from it later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.gcra().map(|_| ())
+    }
+
     fn gcra(&self) -> Result<Gcra, ConfigError> {
         if self.rate == 0 {
             return Err(ConfigError("rate must be at least 1"));
@@ -105,6 +117,14 @@ impl Config {
             return Err(ConfigError("rate is above one call per nanosecond"));
         }
         Ok(Gcra { interval, tolerance: interval.saturating_mul(u64::from(self.burst)) })
+    }
+}
+
+/// Two configs are equal when their settings are: where their events go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, o: &Config) -> bool {
+        (self.rate, self.period, self.burst, self.shadow, self.max_wait)
+            == (o.rate, o.period, o.burst, o.shadow, o.max_wait)
     }
 }
 

@@ -67,10 +67,30 @@ impl Default for Config {
     }
 }
 
+/// Two configs are equal when their settings are (a budget by its settings, not its balance): where their events
+/// go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, other: &Config) -> bool {
+        let budget = |c: &Config| c.budget.as_ref().map(RetryBudget::settings);
+        self.max_attempts == other.max_attempts
+            && self.backoff == other.backoff
+            && self.retry_on == other.retry_on
+            && self.per_attempt_timeout == other.per_attempt_timeout
+            && self.deadline == other.deadline
+            && budget(self) == budget(other)
+    }
+}
+
 impl Config {
     /// A builder starting from the documented defaults.
     pub fn builder() -> Builder {
         Builder::default()
+    }
+
+    /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
     }
     /// Attempts, counting the first call.
     pub fn max_attempts(&self) -> u32 {

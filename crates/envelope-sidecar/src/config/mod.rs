@@ -325,51 +325,13 @@ pub struct Endpoint {
     pub connect_to: String,
 }
 
-/// Bulkhead settings of an upstream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BulkheadSpec {
-    /// Requests in flight to the upstream.
-    pub max_concurrent: usize,
-    /// Requests allowed to wait.
-    pub queue: usize,
-    /// Longest wait.
-    pub queue_timeout: Duration,
-}
-
-/// Breaker settings of an upstream.
+/// Circuit breaker of an upstream: the engine's validated configuration, and its mode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerSpec {
-    /// The window: `Count(n)` calls or `Time(n)` seconds.
-    pub window: envelope_core::circuit_breaker::Window,
-    /// Calls before any verdict.
-    pub min_calls: u32,
-    /// Failure-rate threshold (percent).
-    pub failure_rate: f32,
-    /// Slow-call duration and rate threshold, if on.
-    pub slow_call: Option<(Duration, f32)>,
-    /// Open duration.
-    pub open_for: Duration,
-    /// Cap of the escalating open duration, if escalation is on.
-    pub max_open_for: Option<Duration>,
-    /// Probes in half-open.
-    pub half_open_calls: u32,
-    /// Longest stay in half-open.
-    pub max_half_open_wait: Duration,
+    /// The breaker's settings (from `envelope_core`'s defaults, with what the file sets).
+    pub config: envelope_core::circuit_breaker::Config,
     /// Normal, disabled or metrics-only.
     pub mode: BreakerMode,
-}
-
-/// Rate limit of an upstream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RateLimitSpec {
-    /// Calls per period.
-    pub rate: u32,
-    /// The period.
-    pub per: Duration,
-    /// Burst.
-    pub burst: u32,
-    /// Count only.
-    pub shadow: bool,
 }
 
 /// An upstream.
@@ -387,25 +349,12 @@ pub struct Upstream {
     pub max_idle_per_endpoint: usize,
     /// Extra trusted root certificates (PEM, DER-encoded) for https endpoints, besides the Mozilla roots.
     pub extra_roots: Vec<Vec<u8>>,
-    /// Bulkhead, if any.
-    pub bulkhead: Option<BulkheadSpec>,
+    /// Bulkhead, if any (validated).
+    pub bulkhead: Option<envelope_core::bulkhead::Config>,
     /// Circuit breaker, if any.
     pub breaker: Option<BreakerSpec>,
-    /// Rate limit, if any.
-    pub rate_limit: Option<RateLimitSpec>,
-}
-
-/// Retry settings of a route.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetrySpec {
-    /// Attempts, counting the first.
-    pub max_attempts: u32,
-    /// The backoff (validated).
-    pub backoff: envelope_core::retry::Backoff,
-    /// Outcomes retried.
-    pub retry_on: OutcomeSet,
-    /// Budget `(ratio, min_per_second, ttl)`.
-    pub budget: (f32, u32, Duration),
+    /// Rate limit, if any (validated).
+    pub rate_limit: Option<envelope_core::rate_limit::Config>,
 }
 
 /// One segment of a path template.
@@ -484,7 +433,7 @@ pub struct Route {
     /// Time for one attempt.
     pub attempt_timeout: Option<Duration>,
     /// Retries, if any.
-    pub retry: Option<RetrySpec>,
+    pub retry: Option<envelope_core::retry::Config>,
     /// 4xx statuses counted as failures.
     pub fail_on_status: Vec<StatusCode>,
     /// Largest body buffered for retries.
@@ -966,6 +915,29 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         endpoints.push(Endpoint { scheme, authority, host, connect_to });
     }
     let breaker = u.breaker.as_ref().map(|b| resolve_breaker(i, b)).transpose()?;
+    // The engine's own validation decides, once: the runtime builds from what was checked here.
+    let bulkhead = u
+        .bulkhead
+        .as_ref()
+        .map(|b| {
+            let raw = b;
+            let config = envelope_core::bulkhead::Config::new(raw.max_concurrent.0 as usize)
+                .queue(raw.queue.unwrap_or(0) as usize, raw.queue_timeout.map_or(Duration::ZERO, |d| d.0));
+            config.validate().map(|()| config).map_err(|e| invalid(&u.name, field("bulkhead"), e.to_string()))
+        })
+        .transpose()?;
+    let rate_limit = u
+        .rate_limit
+        .as_ref()
+        .map(|r| {
+            let raw = r;
+            let per = raw.per.map_or(Duration::from_secs(1), |d| d.0);
+            let config = envelope_core::rate_limit::Config::new(raw.rate.0, per)
+                .burst(raw.burst.map_or(raw.rate.0, |b| b.0))
+                .shadow(raw.shadow.unwrap_or(false));
+            config.validate().map(|()| config).map_err(|e| invalid(&u.name, field("rate_limit"), e.to_string()))
+        })
+        .transpose()?;
     let extra_roots = match &u.ca_file {
         None => Vec::new(),
         Some(path) => {
@@ -989,38 +961,22 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         idle_timeout: u.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
         max_idle_per_endpoint: u.max_idle_per_endpoint.unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
         extra_roots,
-        bulkhead: u.bulkhead.as_ref().map(|b| BulkheadSpec {
-            max_concurrent: b.max_concurrent.0 as usize,
-            queue: b.queue.unwrap_or(0) as usize,
-            queue_timeout: b.queue_timeout.map_or(Duration::ZERO, |d| d.0),
-        }),
+        bulkhead,
         breaker,
-        rate_limit: u.rate_limit.as_ref().map(|r| RateLimitSpec {
-            rate: r.rate.0,
-            per: r.per.map_or(Duration::from_secs(1), |d| d.0),
-            burst: r.burst.map_or(r.rate.0, |b| b.0),
-            shadow: r.shadow.unwrap_or(false),
-        }),
+        rate_limit,
     })
 }
 
-/// Sidecar breaker defaults: a window of 100 calls, 20 before any verdict, 50 %, 30 s open, 3 probes.
-pub const DEFAULT_BREAKER_WINDOW: u32 = 100;
-/// Calls in the window before the sidecar's breaker decides anything.
-pub const DEFAULT_BREAKER_MIN_CALLS: u32 = 20;
-/// Open duration of the sidecar's breaker.
-pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(30);
-/// Half-open probes of the sidecar's breaker.
-pub const DEFAULT_BREAKER_HALF_OPEN_CALLS: u32 = 3;
-
+/// The breaker of an upstream: `envelope_core`'s defaults (one set for the library, the sidecar and Python; see
+/// `envelope_core::circuit_breaker::DEFAULT_MINIMUM_CALLS`), with what the file sets, validated by the engine.
 fn resolve_breaker(i: usize, b: &Spanned<RawBreaker>) -> Result<BreakerSpec, Invalid> {
-    use envelope_core::circuit_breaker::Window;
+    use envelope_core::circuit_breaker::{Config as BreakerConfig, Escalation};
     let raw = b.get_ref();
-    let window = match &raw.window {
-        None => Window::Count(DEFAULT_BREAKER_WINDOW),
-        Some(w) => match (w.count, w.seconds) {
-            (Some(c), None) => Window::Count(c.0),
-            (None, Some(s)) => Window::Time(s.0),
+    let mut builder = BreakerConfig::builder();
+    if let Some(w) = &raw.window {
+        builder = match (w.count, w.seconds) {
+            (Some(c), None) => builder.count_window(c.0),
+            (None, Some(s)) => builder.time_window(s.0),
             _ => {
                 return Err(invalid(
                     b,
@@ -1028,53 +984,32 @@ fn resolve_breaker(i: usize, b: &Spanned<RawBreaker>) -> Result<BreakerSpec, Inv
                     "give exactly one of `count` or `seconds`",
                 ));
             }
-        },
-    };
-    let spec = BreakerSpec {
-        window,
-        min_calls: raw.min_calls.map_or(DEFAULT_BREAKER_MIN_CALLS, |n| n.0),
-        failure_rate: raw.failure_rate.map_or(50.0, |p| p.0),
-        slow_call: raw.slow_call.as_ref().map(|s| (s.duration.0, s.rate.0)),
-        open_for: raw.open_for.map_or(DEFAULT_BREAKER_OPEN_FOR, |d| d.0),
-        max_open_for: raw.max_open_for.map(|d| d.0),
-        half_open_calls: raw.half_open_calls.map_or(DEFAULT_BREAKER_HALF_OPEN_CALLS, |n| n.0),
-        max_half_open_wait: raw
-            .max_half_open_wait
-            .map_or(envelope_core::circuit_breaker::DEFAULT_MAX_HALF_OPEN_WAIT, |d| d.0),
-        mode: raw.mode.unwrap_or(BreakerMode::Normal),
-    };
-    // The engine's own validation (e.g. minimum calls larger than a count window) decides.
-    spec.to_config(envelope_core::event::Listeners::new())
-        .map_err(|e| invalid(b, format!("upstream[{i}].breaker"), e.to_string()))?;
-    Ok(spec)
-}
-
-impl BreakerSpec {
-    /// The engine's breaker configuration, reporting to `listeners`.
-    pub fn to_config(
-        &self,
-        listeners: envelope_core::event::Listeners,
-    ) -> Result<envelope_core::circuit_breaker::Config, envelope_core::circuit_breaker::ConfigError> {
-        use envelope_core::circuit_breaker::{Config as BreakerConfig, Escalation, Window};
-        let mut b = BreakerConfig::builder()
-            .minimum_calls(self.min_calls)
-            .failure_rate_threshold(self.failure_rate)
-            .open_duration(self.open_for)
-            .half_open_calls(self.half_open_calls)
-            .max_half_open_wait(Some(self.max_half_open_wait))
-            .listeners(listeners);
-        b = match self.window {
-            Window::Count(n) => b.count_window(n),
-            Window::Time(s) => b.time_window(s),
         };
-        if let Some((d, rate)) = self.slow_call {
-            b = b.slow_calls(d, rate);
-        }
-        if let Some(max) = self.max_open_for {
-            b = b.escalation(Escalation { multiplier: 2.0, max, jitter: 0.1 });
-        }
-        b.build()
     }
+    if let Some(n) = raw.min_calls {
+        builder = builder.minimum_calls(n.0);
+    }
+    if let Some(p) = raw.failure_rate {
+        builder = builder.failure_rate_threshold(p.0);
+    }
+    if let Some(s) = &raw.slow_call {
+        builder = builder.slow_calls(s.duration.0, s.rate.0);
+    }
+    if let Some(d) = raw.open_for {
+        builder = builder.open_duration(d.0);
+    }
+    if let Some(max) = raw.max_open_for {
+        builder = builder.escalation(Escalation { multiplier: 2.0, max: max.0, jitter: 0.1 });
+    }
+    if let Some(n) = raw.half_open_calls {
+        builder = builder.half_open_calls(n.0);
+    }
+    if let Some(d) = raw.max_half_open_wait {
+        builder = builder.max_half_open_wait(Some(d.0));
+    }
+    // The engine's own validation (e.g. minimum calls larger than a count window) decides.
+    let config = builder.build().map_err(|e| invalid(b, format!("upstream[{i}].breaker"), e.to_string()))?;
+    Ok(BreakerSpec { config, mode: raw.mode.unwrap_or(BreakerMode::Normal) })
 }
 
 fn resolve_route(
@@ -1150,10 +1085,9 @@ pub fn tier_by_path(prefix: &str) -> Tier {
     }
 }
 
-/// Default attempts of a configured retry.
-pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
-
-fn resolve_retry(i: usize, name: &Spanned<String>, r: &RawRetry) -> Result<RetrySpec, Invalid> {
+/// A route's retry: `envelope_core`'s defaults with what the file sets, validated by the engine (its own budget,
+/// one per route).
+fn resolve_retry(i: usize, name: &Spanned<String>, r: &RawRetry) -> Result<envelope_core::retry::Config, Invalid> {
     use envelope_core::retry::{Backoff, Growth, Jitter};
     let field = |f: &str| format!("route[{i}].retry.{f}");
     let base = r.base.map_or(envelope_core::retry::DEFAULT_BASE, |d| d.0);
@@ -1201,12 +1135,11 @@ fn resolve_retry(i: usize, name: &Spanned<String>, r: &RawRetry) -> Result<Retry
             b.ttl.map_or(envelope_core::retry::DEFAULT_TTL, |d| d.0),
         ),
     };
-    envelope_core::retry::RetryBudget::new(budget.2, budget.1, budget.0)
+    let budget = envelope_core::retry::RetryBudget::new(budget.2, budget.1, budget.0)
         .map_err(|e| invalid(name, field("budget"), e.to_string()))?;
-    Ok(RetrySpec {
-        max_attempts: r.max_attempts.map_or(DEFAULT_RETRY_ATTEMPTS, |n| n.0).min(100),
-        backoff,
-        retry_on,
-        budget,
-    })
+    let mut config = envelope_core::retry::Config::builder().backoff(backoff).retry_on(retry_on).budget(budget);
+    if let Some(n) = r.max_attempts {
+        config = config.max_attempts(n.0);
+    }
+    config.build().map_err(|e| invalid(name, field("max_attempts"), e.to_string()))
 }

@@ -32,6 +32,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -240,14 +241,15 @@ fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::data::upstrea
         "endpoints": u.endpoints.iter().map(|e| format!("{}://{}", e.scheme, e.authority)).collect::<Vec<_>>(),
         "connect_timeout_ms": u.connect_timeout.as_millis() as u64,
         "bulkhead": u.bulkhead.as_ref().map(|b| json!({
-            "max_concurrent": b.max_concurrent, "queue": b.queue, "queue_timeout_ms": b.queue_timeout.as_millis() as u64,
+            "max_concurrent": b.max_concurrent, "queue": b.max_queue, "queue_timeout_ms": b.max_wait.as_millis() as u64,
         })),
         "breaker": u.breaker.as_ref().map(|b| json!({
-            "window": format!("{:?}", b.window), "min_calls": b.min_calls, "failure_rate": b.failure_rate,
-            "open_for_ms": b.open_for.as_millis() as u64, "half_open_calls": b.half_open_calls,
+            "window": format!("{:?}", b.config.window()), "min_calls": b.config.minimum_calls(),
+            "failure_rate": b.config.failure_rate_threshold(),
+            "open_for_ms": b.config.open_duration().as_millis() as u64, "half_open_calls": b.config.half_open_calls(),
         })),
         "rate_limit": u.rate_limit.as_ref().map(|r| json!({
-            "rate": r.rate, "per_ms": r.per.as_millis() as u64, "burst": r.burst, "shadow": r.shadow,
+            "rate": r.rate, "per_ms": r.period.as_millis() as u64, "burst": r.burst, "shadow": r.shadow,
         })),
     });
     if let Some(live) = live {
@@ -279,11 +281,14 @@ fn route_json(r: &crate::config::Route, c: &crate::config::Config) -> Value {
         "tier": format!("{:?}", r.tier),
         "timeout_ms": r.timeout.as_millis() as u64,
         "attempt_timeout_ms": r.attempt_timeout.map(|d| d.as_millis() as u64),
-        "retry": r.retry.as_ref().map(|x| json!({
-            "max_attempts": x.max_attempts,
-            "retry_on": x.retry_on.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
-            "budget": { "ratio": x.budget.0, "min_per_second": x.budget.1, "ttl_ms": x.budget.2.as_millis() as u64 },
-        })),
+        "retry": r.retry.as_ref().map(|x| {
+            let (ttl, min_per_second, ratio) = x.budget().map_or((Duration::ZERO, 0, 0.0), |b| b.settings());
+            json!({
+                "max_attempts": x.max_attempts(),
+                "retry_on": x.retry_on().iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+                "budget": { "ratio": ratio, "min_per_second": min_per_second, "ttl_ms": ttl.as_millis() as u64 },
+            })
+        }),
         "fail_on_status": r.fail_on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>(),
         "replay_limit": r.replay_limit,
     })

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use envelope_core::Envelope;
 use envelope_core::event::Listeners;
-use envelope_core::retry::{Config as RetryConfig, Retry, RetryBudget};
+use envelope_core::retry::Retry;
 use envelope_core::shed::{Limit, LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
@@ -149,15 +149,8 @@ impl RouteRt {
             .shed(shedder.clone(), priority(spec.tier))
             .deadline(spec.timeout)
             .listeners(events.clone());
-        if let Some(r) = &spec.retry {
-            let budget = RetryBudget::new(r.budget.2, r.budget.1, r.budget.0).expect("validated when loaded");
-            let config = RetryConfig::builder()
-                .max_attempts(r.max_attempts)
-                .backoff(r.backoff)
-                .retry_on(r.retry_on)
-                .budget(budget)
-                .listeners(events.clone());
-            b = b.retry(Retry::new(spec.name.clone(), config.build().expect("validated when loaded")));
+        if let Some(config) = &spec.retry {
+            b = b.retry(Retry::new(spec.name.clone(), config.clone().with_listeners(events.clone())));
         }
         if let Some(breaker) = &upstream.breaker {
             b = b.circuit_breaker(breaker.clone());

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use envelope_core::Outcome;
-use envelope_core::bulkhead::{Bulkhead, Config as BulkheadConfig};
+use envelope_core::bulkhead::Bulkhead;
 use envelope_core::circuit_breaker::{CircuitBreaker, State};
 use envelope_core::event::Listeners;
 use envelope_core::fault::{Fault, FaultInjector};
-use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
+use envelope_core::rate_limit::RateLimiter;
 
 use crate::config::{BreakerMode, Endpoint, Upstream};
 use crate::data::outbound::Outbound;
@@ -95,25 +95,23 @@ impl FaultSpec {
 
 impl UpstreamRt {
     pub(crate) fn new(spec: &Upstream, listeners: &Listeners) -> Arc<Self> {
+        // Built from the configs validated when the file was loaded: nothing here can fail.
         let breaker = spec.breaker.as_ref().map(|b| {
-            let config = b.to_config(listeners.clone()).expect("validated when the config was loaded");
             let state = match b.mode {
                 BreakerMode::Normal => State::Closed,
                 BreakerMode::Disabled => State::Disabled,
                 BreakerMode::MetricsOnly => State::MetricsOnly,
             };
-            CircuitBreaker::with_state(spec.name.clone(), config, state)
+            CircuitBreaker::with_state(spec.name.clone(), b.config.clone().with_listeners(listeners.clone()), state)
         });
-        let bulkhead = spec.bulkhead.as_ref().map(|b| {
-            let mut config = BulkheadConfig::new(b.max_concurrent).queue(b.queue, b.queue_timeout);
-            config.listeners = listeners.clone();
-            Bulkhead::new(spec.name.clone(), config)
-        });
-        let rate_limit = spec.rate_limit.as_ref().map(|r| {
-            let mut config = RateConfig::new(r.rate, r.per).burst(r.burst).shadow(r.shadow);
-            config.listeners = listeners.clone();
-            RateLimiter::new(spec.name.clone(), config)
-        });
+        let bulkhead = spec
+            .bulkhead
+            .as_ref()
+            .map(|c| Bulkhead::new(spec.name.clone(), c.clone().with_listeners(listeners.clone())));
+        let rate_limit = spec
+            .rate_limit
+            .as_ref()
+            .map(|c| RateLimiter::new(spec.name.clone(), c.clone().with_listeners(listeners.clone())));
         Arc::new(UpstreamRt {
             spec: spec.clone(),
             next: AtomicUsize::new(0),
