@@ -255,19 +255,21 @@ fn an_endpoint_without_a_port_is_reached_on_its_schemes_port() {
 fn policies_are_the_engines_validated_configs_with_the_engines_defaults() {
     use envelope_sidecar::envelope_http::envelope_core::{circuit_breaker, retry};
     // What the file leaves out is the library's default: one set of defaults.
-    let c = Config::parse("envelope.toml", &VALID.replace(
-        "breaker = { window = { count = 50 }, min_calls = 10, failure_rate = 50, open_for = \"10s\" }",
-        "breaker = {}",
-    ))
+    let c = Config::parse(
+        "envelope.toml",
+        &VALID.replace(
+            "breaker = { window = { count = 50 }, min_calls = 10, failure_rate = 50, open_for = \"10s\" }",
+            "breaker = {}",
+        ),
+    )
     .unwrap();
     assert_eq!(c.upstreams[0].breaker.as_ref().unwrap().config, circuit_breaker::Config::default());
     let set = Config::parse("envelope.toml", VALID).unwrap();
     let b = &set.upstreams[0].breaker.as_ref().unwrap().config;
-    assert_eq!((b.window(), b.minimum_calls(), b.open_duration()), (
-        circuit_breaker::Window::Count(50),
-        10,
-        Duration::from_secs(10)
-    ));
+    assert_eq!(
+        (b.window(), b.minimum_calls(), b.open_duration()),
+        (circuit_breaker::Window::Count(50), 10, Duration::from_secs(10))
+    );
     assert_eq!(b.half_open_calls(), circuit_breaker::DEFAULT_HALF_OPEN_CALLS, "unset: the library's default");
     let r = set.routes[0].retry.as_ref().unwrap();
     let budget = r.budget().expect("a route's retries draw from its budget").settings();

@@ -237,3 +237,118 @@ async fn a_streamed_answer_is_recorded_when_it_ends() {
         assert_eq!(log[k]["status"], 200, "{}", log[k]);
     }
 }
+
+const UPLOAD: usize = 256 * 1024;
+
+/// A request body whose pieces the test sends as it goes.
+struct Frames(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|piece| piece.map(|data| Ok(http_body::Frame::data(data))))
+    }
+}
+const FIRST_PART: usize = 192 * 1024;
+
+/// An upstream that reads each request's body to its end (by its `Content-Length` or its last chunk), counting the
+/// bytes it has received so far in `received`, then answers `200`.
+async fn counting_upstream(received: watch::Sender<usize>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                let head_end = loop {
+                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse::<usize>().unwrap());
+                let mut body = buf.split_off(head_end);
+                loop {
+                    received.send_replace(body.len());
+                    let done = match length {
+                        Some(n) => body.len() >= n,
+                        None => body.ends_with(b"0\r\n\r\n"),
+                    };
+                    if done {
+                        break;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+            });
+        }
+    });
+    addr
+}
+
+/// Waits until the upstream has received more than the replay buffer could hold and more than half the body: it
+/// cannot, unless the proxy forwards the body while the client is still sending it.
+async fn upstream_has_most_of_it(received: &mut watch::Receiver<usize>, path: &str) {
+    let got = tokio::time::timeout(BOUND, received.wait_for(|&n| n >= 128 * 1024)).await.is_ok();
+    assert!(got, "{path}: the upstream got {} bytes while the client held back the rest", *received.borrow());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_upstream_on_every_engine_path() {
+    let (tx, mut received) = watch::channel(0usize);
+    let up = counting_upstream(tx.clone()).await;
+    let env = envelope(&two_engines(""), up).await;
+    let body = vec![b'x'; UPLOAD];
+    for (engine, addr) in ["auto", "hyper"].into_iter().zip(env.addrs.clone()) {
+        // HTTP/1.1, with a Content-Length: the first part, then the rest only once the upstream has most of it.
+        tx.send_replace(0);
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {UPLOAD}\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&body[..FIRST_PART]).await.unwrap();
+        upstream_has_most_of_it(&mut received, &format!("{engine} http/1.1")).await;
+        conn.write_all(&body[FIRST_PART..]).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(BOUND, conn.read_to_end(&mut answer)).await.unwrap().unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{engine}: {}", String::from_utf8_lossy(&answer));
+
+        // HTTP/2: the same, as DATA frames.
+        tx.send_replace(0);
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, h2) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(h2);
+        let (frames, channel) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let req = http::Request::post(format!("http://{addr}/upload"))
+            .header("content-length", UPLOAD)
+            .body(Frames(channel))
+            .unwrap();
+        let answer = tokio::spawn(send.send_request(req));
+        for part in body[..FIRST_PART].chunks(16 * 1024) {
+            frames.send(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        upstream_has_most_of_it(&mut received, &format!("{engine} h2")).await;
+        frames.send(Bytes::copy_from_slice(&body[FIRST_PART..])).await.unwrap();
+        drop(frames);
+        let answer = tokio::time::timeout(BOUND, answer).await.unwrap().unwrap().unwrap();
+        assert_eq!(answer.status(), 200, "{engine} h2");
+    }
+}
