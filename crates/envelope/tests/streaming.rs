@@ -20,6 +20,22 @@ use tokio::sync::watch;
 const EVENTS: usize = 3;
 const BOUND: Duration = Duration::from_secs(10);
 
+/// Reads a request head off `s`: the head, and what came after it. `None` if the connection ends first.
+async fn read_head(s: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(at + 4);
+            return Some((buf, rest));
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 fn event(k: usize) -> String {
     format!("data: event-{k}\n\n")
 }
@@ -35,14 +51,7 @@ async fn upstream(acked: watch::Receiver<usize>) -> SocketAddr {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let mut acked = acked.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                let Some((head, _)) = read_head(&mut s).await else { return };
                 let chunked = String::from_utf8_lossy(&head).contains("/chunked");
                 let start = *acked.borrow_and_update();
                 let framing = if chunked {
@@ -146,18 +155,11 @@ async fn breaking_upstream() -> SocketAddr {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                let Some((head, _)) = read_head(&mut s).await else { return };
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789").await;
                 if String::from_utf8_lossy(&head).contains("/stall") {
                     // Holds the connection open, sending nothing more, until the proxy gives up on it.
-                    let _ = s.read(&mut chunk).await;
+                    let _ = s.read(&mut [0u8; 64]).await;
                 }
             });
         }
@@ -266,23 +268,13 @@ async fn counting_upstream(received: watch::Sender<usize>) -> SocketAddr {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let received = received.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
+                let Some((head, mut body)) = read_head(&mut s).await else { return };
                 let mut chunk = [0u8; 16 * 1024];
-                let head_end = loop {
-                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break at + 4;
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let length = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .map(|v| v.trim().parse::<usize>().unwrap());
-                let mut body = buf.split_off(head_end);
                 loop {
                     received.send_replace(body.len());
                     let done = match length {
