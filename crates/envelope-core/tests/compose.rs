@@ -11,7 +11,7 @@ use envelope_core::fallback::Fallback;
 use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::retry::{Backoff, Config as RetryConfig, Retry};
-use envelope_core::shed::{Limit, LoadShedder, Priority};
+use envelope_core::shed::{self, LoadShedder, Priority};
 use envelope_core::{
     BoxError, Envelope, EnvelopeLayer, Error, Outcome, error::is_caused_by, outcome::outcome_of_error,
 };
@@ -133,7 +133,7 @@ async fn local_rejections_do_not_count_against_the_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn shed_first_and_fallback_last() {
-    let shedder = LoadShedder::new("s", Limit::Fixed(1));
+    let shedder = LoadShedder::new("s", shed::Config::builder().fixed(1).build().unwrap());
     let env = Envelope::builder()
         .shed(shedder.clone(), Priority::Critical)
         .fallback(Fallback::new("fb"))

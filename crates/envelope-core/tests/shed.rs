@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use envelope_core::Outcome;
 use envelope_core::shed::adaptive::GradientConfig;
-use envelope_core::shed::{Limit, LoadShedder, Priority};
+use envelope_core::shed::{self, LoadShedder, Priority};
 
 #[test]
 fn fixed_limit_sheds_at_once_and_frees_on_drop() {
-    let s = LoadShedder::with_shares("s", Limit::Fixed(2), [100, 100, 100]);
+    let s = LoadShedder::new("s", shed::Config::builder().fixed(2).shares([100, 100, 100]).build().unwrap());
     let a = s.try_acquire(Priority::Default).unwrap();
     let _b = s.try_acquire(Priority::Default).unwrap();
     let err = s.try_acquire(Priority::Critical).unwrap_err();
@@ -20,7 +20,7 @@ fn fixed_limit_sheds_at_once_and_frees_on_drop() {
 
 #[test]
 fn critical_work_is_shed_last() {
-    let s = LoadShedder::new("s", Limit::Fixed(100));
+    let s = LoadShedder::new("s", shed::Config::builder().fixed(100).build().unwrap());
     let mut held = Vec::new();
     while let Ok(p) = s.try_acquire(Priority::NonCritical) {
         held.push(p);
@@ -58,7 +58,7 @@ async fn drive(s: &LoadShedder, steps: usize, offered: usize, capacity: usize) -
 async fn adaptive_limit_follows_the_dependency() {
     let mut config = GradientConfig::default();
     config.initial_limit = 50;
-    let s = LoadShedder::new("s", Limit::Adaptive(config));
+    let s = LoadShedder::new("s", shed::Config::builder().adaptive(config).build().unwrap());
     // Healthy and lightly used: 4 at a time against a capacity of 100. The limit must not drift up.
     drive(&s, 1000, 4, 100).await;
     assert!(s.limit() <= 50, "no drift while lightly used: {}", s.limit());

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use envelope_sidecar::config::{Config, ConfigError, Shedding, Tier};
+use envelope_sidecar::config::{Config, ConfigError, Tier};
+use envelope_sidecar::envelope_http::envelope_core::shed::Limit;
 
 const VALID: &str = r#"
 [[listener]]
@@ -35,7 +36,7 @@ fn error(text: &str) -> ConfigError {
 #[test]
 fn a_valid_config_resolves_with_defaults() {
     let c = Config::parse("envelope.toml", VALID).unwrap();
-    assert_eq!(c.listeners[0].shedding, Shedding::Fixed(1000));
+    assert_eq!(c.listeners[0].shedding.limit(), &Limit::Fixed(1000));
     assert_eq!(c.routes[0].tier, Tier::Critical, "tier by path pattern");
     assert_eq!(c.routes[1].tier, Tier::NonCritical);
     assert_eq!(c.routes[1].timeout, Duration::from_secs(15), "documented default route timeout");
@@ -113,7 +114,7 @@ fn environment_overrides_defaults_but_not_the_file() {
     let c = Config::parse_with_env("envelope.toml", VALID, &env).unwrap();
     assert_eq!(c.routes[1].timeout, Duration::from_secs(7), "the default came from the environment");
     assert_eq!(c.routes[0].timeout, Duration::from_secs(2), "the file wins");
-    assert_eq!(c.listeners[0].shedding, Shedding::Fixed(64));
+    assert_eq!(c.listeners[0].shedding.limit(), &Limit::Fixed(64));
 
     let bad = |name: &str| (name == "ENVELOPE_REPLAY_LIMIT").then(|| "lots".to_owned());
     let e = Config::parse_with_env("envelope.toml", VALID, &bad).unwrap_err();

@@ -222,8 +222,11 @@ fn summary(c: &Config) -> String {
     out += &format!("admin {}\n", c.admin.listen);
     for l in &c.listeners {
         out += &format!(
-            "listener {} on {} (shedding {:?}, max body {} bytes)\n",
-            l.name, l.listen, l.shedding, l.max_body_bytes
+            "listener {} on {} (shedding {}, max body {} bytes)\n",
+            l.name,
+            l.listen,
+            l.shedding.limit(),
+            l.max_body_bytes
         );
     }
     for u in &c.upstreams {

@@ -9,11 +9,12 @@
 //! and critical work last (Google SRE's criticality).
 //!
 //! ```
-//! use envelope_core::shed::{Limit, LoadShedder, Priority};
+//! use envelope_core::shed::{Config, LoadShedder, Priority};
 //!
-//! let shedder = LoadShedder::new("inbound", Limit::Fixed(100));
+//! let shedder = LoadShedder::new("inbound", Config::builder().fixed(100).build()?);
 //! let permit = shedder.try_acquire(Priority::Critical).expect("room for one");
 //! drop(permit); // or permit.record(outcome) to feed an adaptive limit
+//! # Ok::<(), envelope_core::shed::ConfigError>(())
 //! ```
 
 pub mod adaptive;
@@ -62,12 +63,129 @@ impl fmt::Display for Priority {
 pub const DEFAULT_SHARES: [u8; 3] = [75, 90, 100];
 
 /// Where the concurrency limit comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Limit {
     /// A fixed limit.
     Fixed(usize),
     /// A limit that follows the observed latency.
     Adaptive(GradientConfig),
+}
+
+/// `fixed 100`, or `adaptive 1..=1000` (the adaptive limit's range).
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::Fixed(n) => write!(f, "fixed {n}"),
+            Limit::Adaptive(g) => write!(f, "adaptive {}..={}", g.min_limit, g.max_limit),
+        }
+    }
+}
+
+/// A validated load-shedder configuration. Build one with [`Config::builder`]; the default is an adaptive limit
+/// with the gradient limiter's defaults ([`adaptive::GradientConfig`]) and [`DEFAULT_SHARES`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    limit: Limit,
+    shares: [u8; 3],
+    listeners: Listeners,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Builder::default().build().expect("defaults are valid")
+    }
+}
+
+/// Two configs are equal when their settings are: where their events go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, other: &Config) -> bool {
+        self.limit == other.limit && self.shares == other.shares
+    }
+}
+
+impl Config {
+    /// A builder starting from the documented defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> &Limit {
+        &self.limit
+    }
+
+    /// The share of the limit each priority may use, in percent: non-critical, default, critical.
+    pub fn shares(&self) -> [u8; 3] {
+        self.shares
+    }
+
+    /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+}
+
+/// Builds a shedder [`Config`]; every setter starts from the documented default.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            config: Config {
+                limit: Limit::Adaptive(GradientConfig::default()),
+                shares: DEFAULT_SHARES,
+                listeners: Listeners::new(),
+            },
+        }
+    }
+}
+
+impl Builder {
+    /// A fixed limit of `n` calls in flight.
+    pub fn fixed(self, n: usize) -> Self {
+        self.limit(Limit::Fixed(n))
+    }
+    /// An adaptive limit with these settings.
+    pub fn adaptive(self, config: GradientConfig) -> Self {
+        self.limit(Limit::Adaptive(config))
+    }
+    /// The limit.
+    pub fn limit(mut self, limit: Limit) -> Self {
+        self.config.limit = limit;
+        self
+    }
+    /// The share of the limit each priority may use, in percent (1..=100): non-critical, default, critical.
+    pub fn shares(mut self, shares: [u8; 3]) -> Self {
+        self.config.shares = shares;
+        self
+    }
+    /// Sends events to `listener` too.
+    pub fn listener(mut self, listener: impl crate::event::Listener) -> Self {
+        self.config.listeners = self.config.listeners.with(listener);
+        self
+    }
+    /// Use exactly these listeners.
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
+        self.config.listeners = listeners;
+        self
+    }
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let c = self.config;
+        if let Some(bad) = c.shares.iter().find(|s| !(1..=100).contains(*s)) {
+            return Err(ConfigError::Share(*bad));
+        }
+        match &c.limit {
+            Limit::Fixed(0) => return Err(ConfigError::ZeroLimit),
+            Limit::Fixed(_) => {}
+            Limit::Adaptive(g) => g.validate().map_err(ConfigError::Adaptive)?,
+        }
+        Ok(c)
+    }
 }
 
 /// A load shedder. Cloning is cheap and every clone shares the same limit and in-flight count.
@@ -124,41 +242,17 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl LoadShedder {
-    /// A shedder named `name` with the default priority shares. Panics on an invalid limit; see
-    /// [`LoadShedder::try_new`].
-    pub fn new(name: impl Into<std::sync::Arc<str>>, limit: Limit) -> Self {
-        Self::with_shares(name, limit, DEFAULT_SHARES)
-    }
-
-    /// A shedder with custom shares (percent of the limit per priority: non-critical, default, critical). Panics
-    /// on an invalid configuration; see [`LoadShedder::try_new`].
-    pub fn with_shares(name: impl Into<std::sync::Arc<str>>, limit: Limit, shares: [u8; 3]) -> Self {
-        match Self::try_new(name, limit, shares, Listeners::new()) {
-            Ok(s) => s,
-            Err(e) => panic!("invalid load shedder config: {e}"),
-        }
-    }
-
-    /// A shedder that reports to `listeners`, or why the configuration is invalid.
-    pub fn try_new(
-        name: impl Into<std::sync::Arc<str>>,
-        limit: Limit,
-        shares: [u8; 3],
-        listeners: Listeners,
-    ) -> Result<Self, ConfigError> {
-        if let Some(bad) = shares.iter().find(|s| !(1..=100).contains(*s)) {
-            return Err(ConfigError::Share(*bad));
-        }
+    /// A shedder named `name` (a validated configuration cannot fail).
+    pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
+        let Config { limit, shares, listeners } = config;
         let (initial, gradient) = match limit {
-            Limit::Fixed(0) => return Err(ConfigError::ZeroLimit),
             Limit::Fixed(n) => (n, None),
             Limit::Adaptive(config) => {
-                config.validate().map_err(ConfigError::Adaptive)?;
                 let g = Gradient::new(config);
                 (g.initial_limit(), Some(g))
             }
         };
-        Ok(LoadShedder {
+        LoadShedder {
             shared: Arc::new(Shared {
                 name: name.into(),
                 in_flight: AtomicUsize::new(0),
@@ -169,7 +263,7 @@ impl LoadShedder {
                 epoch: clock::now(),
                 listeners,
             }),
-        })
+        }
     }
 
     /// Admits a call of `priority`, or sheds it at once.

@@ -270,15 +270,6 @@ pub struct Admin {
     pub allowed_hosts: Vec<String>,
 }
 
-/// How a listener sheds load.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Shedding {
-    /// At a fixed number of requests in flight.
-    Fixed(usize),
-    /// At an adaptive limit that follows latency.
-    Adaptive,
-}
-
 /// A listener.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
@@ -287,7 +278,7 @@ pub struct Listener {
     /// Where it listens.
     pub listen: SocketAddr,
     /// How it sheds load.
-    pub shedding: Shedding,
+    pub shedding: envelope_core::shed::Config,
     /// Open connections allowed.
     pub max_connections: usize,
     /// Time to receive a request head, from its first byte (and a new connection's first byte).
@@ -628,11 +619,14 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             ));
         }
         let field = |f: &str| format!("listener[{i}].{f}");
+        // The engine's shedder config, validated by the engine: an adaptive limit with its defaults, or a fixed one.
+        let shed = envelope_core::shed::Config::builder();
         let shedding = match (l.adaptive_concurrency, l.max_concurrent) {
-            (Some(true), _) => Shedding::Adaptive,
-            (_, Some(n)) => Shedding::Fixed(n.0 as usize),
-            _ => Shedding::Fixed(defaults.max_concurrent as usize),
-        };
+            (Some(true), _) => shed.build(),
+            (_, Some(n)) => shed.fixed(n.0 as usize).build(),
+            _ => shed.fixed(defaults.max_concurrent as usize).build(),
+        }
+        .map_err(|e| invalid(&l.name, field("max_concurrent"), e.to_string()))?;
         listeners.push(Listener {
             name: l.name.get_ref().clone(),
             listen: l.listen,

@@ -221,7 +221,7 @@ async fn config(State(s): State<AdminState>) -> axum::Json<Value> {
         "listeners": c.listeners.iter().map(|l| json!({
             "name": l.name,
             "listen": l.listen.to_string(),
-            "shedding": format!("{:?}", l.shedding),
+            "shedding": l.shedding.limit().to_string(),
             "max_connections": l.max_connections,
             "header_read_timeout_ms": l.header_read_timeout.as_millis() as u64,
             "max_header_bytes": l.max_header_bytes,

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use envelope_core::Envelope;
 use envelope_core::event::Listeners;
 use envelope_core::retry::Retry;
-use envelope_core::shed::{Limit, LoadShedder, Priority};
+use envelope_core::shed::{LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
 
-use crate::config::{BusinessCounter, Config, Route, Shedding, Tier};
+use crate::config::{BusinessCounter, Config, Route, Tier};
 use crate::data::upstream::UpstreamRt;
 use crate::observe::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
 use crate::observe::telemetry::Spans;
@@ -76,22 +76,12 @@ impl Runtime {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let limit = match l.shedding {
-                    Shedding::Fixed(n) => Limit::Fixed(n),
-                    Shedding::Adaptive => Limit::Adaptive(Default::default()),
-                };
                 let kept = previous.and_then(|p| {
                     let same = p.config.listeners.get(i) == Some(l);
                     same.then(|| p.listeners[i].shedder.clone())
                 });
                 let shedder = kept.unwrap_or_else(|| {
-                    LoadShedder::try_new(
-                        l.name.clone(),
-                        limit,
-                        envelope_core::shed::DEFAULT_SHARES,
-                        listeners_for_events.clone(),
-                    )
-                    .expect("limits validated when the config was loaded")
+                    LoadShedder::new(l.name.clone(), l.shedding.clone().with_listeners(listeners_for_events.clone()))
                 });
                 let mut routes: Vec<Arc<RouteRt>> = config
                     .routes
