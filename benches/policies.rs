@@ -98,8 +98,8 @@ fn envelope_composite() -> Envelope {
     Envelope::builder()
         .retry(Retry::new("r", RetryConfig::default()))
         .circuit_breaker(envelope_breaker("b"))
-        .rate_limiter(RateLimiter::new("l", RateConfig::per_second(1_000_000_000)))
-        .bulkhead(Bulkhead::new("bh", BulkheadConfig::new(1000)))
+        .rate_limiter(RateLimiter::new("l", RateConfig::per_second(1_000_000_000).build().unwrap()))
+        .bulkhead(Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(1000).build().unwrap()))
         .attempt_timeout(LONG)
         .build()
 }
@@ -198,7 +198,7 @@ fn subjects() -> Vec<Subject> {
     }));
 
     // Bulkhead (free permits).
-    let bh = Bulkhead::new("bh", BulkheadConfig::new(1000));
+    let bh = Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(1000).build().unwrap());
     s.push(subject("bulkhead", "envelope", move || {
         black_box(now(bh.call(|| ready(Ok::<u64, &str>(1)))).unwrap());
     }));
@@ -212,7 +212,7 @@ fn subjects() -> Vec<Subject> {
     }));
 
     // Rate limiter (far below the limit).
-    let rl = RateLimiter::new("l", RateConfig::per_second(1_000_000_000));
+    let rl = RateLimiter::new("l", RateConfig::per_second(1_000_000_000).build().unwrap());
     s.push(subject("rate limiter", "envelope", move || {
         black_box(now(rl.call(|| ready(Ok::<u64, &str>(1)))).unwrap());
     }));

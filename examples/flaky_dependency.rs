@@ -127,15 +127,19 @@ async fn run() {
         .listeners(listeners.clone())
         .build()
         .unwrap();
-    let mut bulkhead = BulkheadConfig::new(10).queue(10, Duration::from_millis(50));
-    bulkhead.listeners = listeners.clone();
+    let bulkhead = BulkheadConfig::builder()
+        .max_concurrent(10)
+        .queue(10, Duration::from_millis(50))
+        .listeners(listeners.clone())
+        .build()
+        .unwrap();
     let envelope = Envelope::builder()
         .name("prices")
         .deadline(Duration::from_secs(1))
         .fallback(Fallback::new("prices").with_listeners(listeners.clone()))
         .retry(Retry::new("prices", retry))
         .circuit_breaker(CircuitBreaker::new("prices", breaker))
-        .rate_limiter(RateLimiter::new("prices", RateConfig::per_second(200)))
+        .rate_limiter(RateLimiter::new("prices", RateConfig::per_second(200).build().unwrap()))
         .bulkhead(Bulkhead::new("prices", bulkhead))
         .attempt_timeout(Duration::from_millis(300))
         .listeners(listeners.clone())

@@ -36,7 +36,7 @@
 //!     .deadline(Duration::from_secs(2))
 //!     .retry(Retry::new("inventory", RetryConfig::default()))
 //!     .circuit_breaker(CircuitBreaker::new("inventory", BreakerConfig::default()))
-//!     .bulkhead(Bulkhead::new("inventory", BulkheadConfig::new(32)))
+//!     .bulkhead(Bulkhead::new("inventory", BulkheadConfig::builder().max_concurrent(32).build().unwrap()))
 //!     .attempt_timeout(Duration::from_millis(500))
 //!     .build();
 //! let stock = envelope.call(|| async { Ok::<_, std::io::Error>(12) }).await.unwrap();

@@ -43,8 +43,8 @@ fn composite_happy_path_allocates_nothing() {
         .deadline(Duration::from_secs(1))
         .retry(Retry::new("r", RetryConfig::builder().budget(RetryBudget::default()).build().unwrap()))
         .circuit_breaker(CircuitBreaker::new("b", BreakerConfig::default()))
-        .rate_limiter(RateLimiter::new("l", RateConfig::per_second(1_000_000_000)))
-        .bulkhead(Bulkhead::new("bh", BulkheadConfig::new(100)))
+        .rate_limiter(RateLimiter::new("l", RateConfig::per_second(1_000_000_000).build().unwrap()))
+        .bulkhead(Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(100).build().unwrap()))
         .attempt_timeout(Duration::from_millis(500))
         .build();
     rt.block_on(async {

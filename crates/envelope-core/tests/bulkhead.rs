@@ -11,7 +11,7 @@ const MS: Duration = Duration::from_millis(1);
 
 #[tokio::test(start_paused = true)]
 async fn rejects_at_once_without_a_queue() {
-    let b = Bulkhead::new("b", Config::new(2));
+    let b = Bulkhead::new("b", Config::builder().max_concurrent(2).build().unwrap());
     let p1 = b.acquire().await.unwrap();
     let _p2 = b.acquire().await.unwrap();
     let err = b.acquire().await.unwrap_err();
@@ -23,7 +23,7 @@ async fn rejects_at_once_without_a_queue() {
 
 #[tokio::test(start_paused = true)]
 async fn queue_is_fifo_bounded_and_timed() {
-    let b = Bulkhead::new("b", Config::new(1).queue(2, 100 * MS));
+    let b = Bulkhead::new("b", Config::builder().max_concurrent(1).queue(2, 100 * MS).build().unwrap());
     let held = b.acquire_owned().await.unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
@@ -56,7 +56,7 @@ async fn queue_is_fifo_bounded_and_timed() {
 
 #[tokio::test(start_paused = true)]
 async fn resizes_live() {
-    let b = Bulkhead::new("b", Config::new(2).queue(10, Duration::from_secs(1)));
+    let b = Bulkhead::new("b", Config::builder().max_concurrent(2).queue(10, Duration::from_secs(1)).build().unwrap());
     let p: Vec<_> = vec![b.acquire_owned().await.unwrap(), b.acquire_owned().await.unwrap()];
     let waiter = {
         let b = b.clone();
@@ -79,11 +79,15 @@ async fn rejections_are_reported() {
     let seen = events.clone();
     let b = Bulkhead::new(
         "b",
-        Config::new(1).listener(move |e: &Event<'_>| {
-            if matches!(e, Event::BulkheadRejected { waited: false, .. }) {
-                seen.fetch_add(1, Ordering::SeqCst);
-            }
-        }),
+        Config::builder()
+            .max_concurrent(1)
+            .listener(move |e: &Event<'_>| {
+                if matches!(e, Event::BulkheadRejected { waited: false, .. }) {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .build()
+            .unwrap(),
     );
     let _p = b.try_acquire().unwrap();
     let _ = b.try_acquire();
@@ -95,7 +99,7 @@ async fn rejections_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_leaks_a_permit_under_cancellation_and_panics() {
     const LIMIT: usize = 4;
-    let b = Bulkhead::new("b", Config::new(LIMIT).queue(8, 2 * MS));
+    let b = Bulkhead::new("b", Config::builder().max_concurrent(LIMIT).queue(8, 2 * MS).build().unwrap());
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -150,7 +154,8 @@ async fn never_leaks_a_permit_under_cancellation_and_panics() {
 #[test]
 fn blocking_threads_share_the_limit_and_release_on_panic() {
     const LIMIT: usize = 3;
-    let b = Bulkhead::new("b", Config::new(LIMIT).queue(64, Duration::from_secs(5)));
+    let b =
+        Bulkhead::new("b", Config::builder().max_concurrent(LIMIT).queue(64, Duration::from_secs(5)).build().unwrap());
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..12)

@@ -98,7 +98,7 @@ async fn deadline_bounds_all_attempts_and_waits() {
 
 #[tokio::test(start_paused = true)]
 async fn attempt_timeout_is_per_attempt_and_releases_the_bulkhead() {
-    let bulkhead = Bulkhead::new("bh", BulkheadConfig::new(1));
+    let bulkhead = Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(1).build().unwrap());
     let env = Envelope::builder().retry(retry(3)).bulkhead(bulkhead.clone()).attempt_timeout(50 * MS).build();
     let calls = Cell::new(0);
     let r = env
@@ -120,7 +120,7 @@ async fn attempt_timeout_is_per_attempt_and_releases_the_bulkhead() {
 #[tokio::test(start_paused = true)]
 async fn local_rejections_do_not_count_against_the_breaker() {
     let b = breaker(2);
-    let limiter = RateLimiter::new("rl", RateConfig::per_second(1).burst(1));
+    let limiter = RateLimiter::new("rl", RateConfig::per_second(1).burst(1).build().unwrap());
     let env = Envelope::builder().circuit_breaker(b.clone()).rate_limiter(limiter).build();
     let ok = || async { Ok::<_, std::io::Error>(()) };
     assert!(env.call(ok).await.is_ok());
@@ -191,7 +191,7 @@ fn call_blocking_applies_the_same_policies_without_a_runtime() {
     let env = Envelope::builder()
         .retry(retry(3))
         .circuit_breaker(b.clone())
-        .bulkhead(Bulkhead::new("bh", BulkheadConfig::new(2)))
+        .bulkhead(Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(2).build().unwrap()))
         .build();
     let mut calls = 0;
     let r = env.call_blocking(|| {

@@ -9,7 +9,7 @@ const MS: Duration = Duration::from_millis(1);
 
 #[tokio::test(start_paused = true)]
 async fn burst_then_steady_rate() {
-    let l = RateLimiter::new("l", Config::per_second(10).burst(5));
+    let l = RateLimiter::new("l", Config::per_second(10).burst(5).build().unwrap());
     let allowed = (0..20).filter(|_| l.try_acquire().is_ok()).count();
     assert_eq!(allowed, 5, "a full burst, then nothing");
     let err = l.try_acquire().unwrap_err();
@@ -32,7 +32,7 @@ async fn burst_then_steady_rate() {
 
 #[tokio::test(start_paused = true)]
 async fn waits_for_a_turn_up_to_max_wait() {
-    let l = RateLimiter::new("l", Config::per_second(10).burst(1).max_wait(250 * MS));
+    let l = RateLimiter::new("l", Config::per_second(10).burst(1).max_wait(250 * MS).build().unwrap());
     let t0 = tokio::time::Instant::now();
     for expected in [0, 100, 200] {
         l.acquire().await.unwrap();
@@ -46,14 +46,14 @@ async fn waits_for_a_turn_up_to_max_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn shadow_mode_counts_but_never_rejects() {
-    let l = RateLimiter::new("l", Config::per_second(1).burst(1).shadow(true));
+    let l = RateLimiter::new("l", Config::per_second(1).burst(1).shadow(true).build().unwrap());
     assert!((0..10).all(|_| l.try_acquire().is_ok()));
     assert_eq!(l.metrics().limited, 9);
 }
 
 #[tokio::test(start_paused = true)]
 async fn keys_are_limited_separately_in_bounded_memory() {
-    let l = KeyedRateLimiter::new("per-client", Config::per_second(1).burst(2), 64).unwrap();
+    let l = KeyedRateLimiter::new("per-client", Config::per_second(1).burst(2).build().unwrap(), 64).unwrap();
     let (a, b) = (u32::MAX, u32::MAX - 1);
     assert!(l.try_acquire(&a).is_ok() && l.try_acquire(&a).is_ok());
     assert!(l.try_acquire(&a).is_err());
@@ -69,15 +69,15 @@ async fn keys_are_limited_separately_in_bounded_memory() {
 
 #[test]
 fn invalid_configs_are_rejected() {
-    assert!(RateLimiter::try_new("l", Config::per_second(0)).is_err());
-    assert!(RateLimiter::try_new("l", Config::per_second(5).burst(0)).is_err());
-    assert!(RateLimiter::try_new("l", Config::new(5, Duration::ZERO)).is_err());
-    assert!(KeyedRateLimiter::<u32>::new("l", Config::per_second(5), 0).is_err());
+    assert!(Config::per_second(0).build().is_err());
+    assert!(Config::per_second(5).burst(0).build().is_err());
+    assert!(Config::per(5, Duration::ZERO).build().is_err());
+    assert!(KeyedRateLimiter::<u32>::new("l", Config::per_second(5).build().unwrap(), 0).is_err());
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_quota_says_what_is_left_and_when_all_of_it_is_back() {
-    let limiter = RateLimiter::new("q", Config::new(5, Duration::from_secs(10)));
+    let limiter = RateLimiter::new("q", Config::per(5, Duration::from_secs(10)).build().unwrap());
     let q = limiter.quota();
     assert_eq!((q.limit, q.window, q.remaining, q.reset), (5, Duration::from_secs(10), 5, Duration::ZERO));
     for left in (0..5).rev() {

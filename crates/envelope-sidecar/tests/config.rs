@@ -42,7 +42,7 @@ fn a_valid_config_resolves_with_defaults() {
     assert_eq!(c.routes[1].timeout, Duration::from_secs(15), "documented default route timeout");
     assert_eq!(c.routes[0].retry.as_ref().unwrap().max_attempts(), 4);
     assert_eq!(c.routes[0].matcher.methods.as_ref().unwrap().len(), 2);
-    assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().max_queue, 5);
+    assert_eq!(c.upstreams[0].bulkhead.as_ref().unwrap().max_queue(), 5);
     assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
 }
 

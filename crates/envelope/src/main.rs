@@ -236,8 +236,12 @@ fn summary(c: &Config) -> String {
             u.name,
             endpoints.join(", "),
             if u.breaker.is_some() { "on" } else { "off" },
-            u.bulkhead.as_ref().map_or("off".to_owned(), |b| format!("{} + queue {}", b.max_concurrent, b.max_queue)),
-            u.rate_limit.as_ref().map_or("off".to_owned(), |r| format!("{}/{:?}", r.rate, r.period)),
+            u.bulkhead.as_ref().map_or("off".to_owned(), |b| format!(
+                "{} + queue {}",
+                b.max_concurrent(),
+                b.max_queue()
+            )),
+            u.rate_limit.as_ref().map_or("off".to_owned(), |r| format!("{}/{:?}", r.rate(), r.period())),
         );
     }
     for r in &c.routes {

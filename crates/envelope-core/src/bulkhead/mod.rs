@@ -16,7 +16,8 @@
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let bulkhead = Bulkhead::new("inventory", Config::new(10).queue(5, Duration::from_millis(50)));
+//! let config = Config::builder().max_concurrent(10).queue(5, Duration::from_millis(50)).build().unwrap();
+//! let bulkhead = Bulkhead::new("inventory", config);
 //! let answer = bulkhead.call(|| async { Ok::<_, std::io::Error>(42) }).await.unwrap();
 //! assert_eq!(answer, 42);
 //! # }
@@ -43,61 +44,18 @@ pub const DEFAULT_MAX_QUEUE: usize = 0;
 /// Default longest wait in the queue: none (reject at once).
 pub const DEFAULT_MAX_WAIT: Duration = Duration::ZERO;
 
-/// Bulkhead configuration.
-#[non_exhaustive]
+/// A validated bulkhead configuration. Build one with [`Config::builder`].
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Calls allowed to run at once (≥ 1).
-    pub max_concurrent: usize,
-    /// Calls allowed to wait for a permit.
-    pub max_queue: usize,
-    /// Longest wait for a permit.
-    pub max_wait: Duration,
-    /// Where events go.
-    pub listeners: Listeners,
+    max_concurrent: usize,
+    max_queue: usize,
+    max_wait: Duration,
+    listeners: Listeners,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config::new(DEFAULT_MAX_CONCURRENT)
-    }
-}
-
-impl Config {
-    /// `max_concurrent` calls at once, no queue.
-    pub fn new(max_concurrent: usize) -> Self {
-        Config { max_concurrent, max_queue: DEFAULT_MAX_QUEUE, max_wait: DEFAULT_MAX_WAIT, listeners: Listeners::new() }
-    }
-
-    /// Lets up to `max_queue` calls wait up to `max_wait` each.
-    pub fn queue(mut self, max_queue: usize, max_wait: Duration) -> Self {
-        self.max_queue = max_queue;
-        self.max_wait = max_wait;
-        self
-    }
-
-    /// Sends events to `listener` too.
-    pub fn listener(mut self, listener: impl Listener) -> Self {
-        self.listeners = self.listeners.with(listener);
-        self
-    }
-
-    /// The same settings, reporting to `listeners` instead.
-    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
-        self.listeners = listeners;
-        self
-    }
-
-    /// Whether a bulkhead can be made of it (what [`Bulkhead::try_new`] checks): for callers that validate a
-    /// configuration once and build from it later.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_concurrent == 0 {
-            return Err(ConfigError("max_concurrent must be at least 1"));
-        }
-        if self.max_concurrent > MAX_PERMITS {
-            return Err(ConfigError("max_concurrent is too large"));
-        }
-        Ok(())
+        Builder::default().build().expect("defaults are valid")
     }
 }
 
@@ -105,6 +63,84 @@ impl Config {
 impl PartialEq for Config {
     fn eq(&self, other: &Config) -> bool {
         (self.max_concurrent, self.max_queue, self.max_wait) == (other.max_concurrent, other.max_queue, other.max_wait)
+    }
+}
+
+impl Config {
+    /// A builder starting from the documented defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+    /// Calls allowed to run at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+    /// Calls allowed to wait for a permit.
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+    /// Longest wait for a permit.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+    /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+}
+
+/// Builds a bulkhead [`Config`]; every setter starts from the documented default.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            config: Config {
+                max_concurrent: DEFAULT_MAX_CONCURRENT,
+                max_queue: DEFAULT_MAX_QUEUE,
+                max_wait: DEFAULT_MAX_WAIT,
+                listeners: Listeners::new(),
+            },
+        }
+    }
+}
+
+impl Builder {
+    /// Calls allowed to run at once (1 ..= about 2^29).
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.config.max_concurrent = n;
+        self
+    }
+    /// Lets up to `max_queue` calls wait up to `max_wait` each.
+    pub fn queue(mut self, max_queue: usize, max_wait: Duration) -> Self {
+        self.config.max_queue = max_queue;
+        self.config.max_wait = max_wait;
+        self
+    }
+    /// Sends events to `listener` too.
+    pub fn listener(mut self, listener: impl Listener) -> Self {
+        self.config.listeners = self.config.listeners.with(listener);
+        self
+    }
+    /// Use exactly these listeners.
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
+        self.config.listeners = listeners;
+        self
+    }
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let c = self.config;
+        if c.max_concurrent == 0 {
+            return Err(ConfigError("max_concurrent must be at least 1"));
+        }
+        if c.max_concurrent > MAX_PERMITS {
+            return Err(ConfigError("max_concurrent is too large"));
+        }
+        Ok(c)
     }
 }
 
@@ -150,17 +186,8 @@ pub struct Metrics {
 }
 
 impl Bulkhead {
-    /// A bulkhead named `name`. Panics if `config` is invalid; see [`Bulkhead::try_new`].
+    /// A bulkhead named `name` (a validated configuration cannot fail).
     pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
-        match Self::try_new(name, config) {
-            Ok(b) => b,
-            Err(e) => panic!("invalid bulkhead config: {e}"),
-        }
-    }
-
-    /// A bulkhead named `name`, or why `config` is invalid.
-    pub fn try_new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Result<Self, ConfigError> {
-        config.validate()?;
         let shared = Shared {
             name: name.into(),
             semaphore: Semaphore::new(config.max_concurrent),
@@ -169,7 +196,7 @@ impl Bulkhead {
             rejected: AtomicU64::new(0),
             listeners: config.listeners,
         };
-        Ok(Bulkhead { shared: Arc::new(shared) })
+        Bulkhead { shared: Arc::new(shared) }
     }
 
     /// The bulkhead's name.

@@ -12,8 +12,9 @@
 //! ```
 //! use envelope_core::rate_limit::{Config, RateLimiter};
 //!
-//! let limiter = RateLimiter::new("llm-api", Config::per_second(50).burst(10));
+//! let limiter = RateLimiter::new("llm-api", Config::per_second(50).burst(10).build()?);
 //! assert!(limiter.try_acquire().is_ok());
+//! # Ok::<(), envelope_core::rate_limit::ConfigError>(())
 //! ```
 
 mod error;
@@ -37,72 +38,102 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::ZERO;
 /// Default number of keys a [`KeyedRateLimiter`] tracks.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
 
-/// Rate limiter configuration.
-#[non_exhaustive]
+/// A validated rate limiter configuration. Build one with [`Config::per`] or [`Config::per_second`] (a rate limit
+/// has no meaningful default rate, so there is no `Default`).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Calls allowed per period, sustained.
-    pub rate: u32,
-    /// The period.
-    pub period: Duration,
-    /// Calls allowed at once after an idle spell (≥ 1). Defaults to `rate`.
-    pub burst: u32,
-    /// Count but do not reject.
-    pub shadow: bool,
-    /// Longest time a call may wait for its turn.
-    pub max_wait: Duration,
-    /// Where events go.
-    pub listeners: Listeners,
+    rate: u32,
+    period: Duration,
+    burst: u32,
+    shadow: bool,
+    max_wait: Duration,
+    listeners: Listeners,
+    gcra: Gcra,
+}
+
+/// Two configs are equal when their settings are: where their events go is not a setting.
+impl PartialEq for Config {
+    fn eq(&self, o: &Config) -> bool {
+        (self.rate, self.period, self.burst, self.shadow, self.max_wait)
+            == (o.rate, o.period, o.burst, o.shadow, o.max_wait)
+    }
 }
 
 impl Config {
-    /// `rate` calls per `period`, burst of `rate`.
-    pub fn new(rate: u32, period: Duration) -> Self {
-        Config { rate, period, burst: rate, shadow: false, max_wait: DEFAULT_MAX_WAIT, listeners: Listeners::new() }
+    /// A builder for `rate` calls per `period`, with a burst of `rate` and the other documented defaults.
+    pub fn per(rate: u32, period: Duration) -> Builder {
+        Builder { rate, period, burst: rate, shadow: false, max_wait: DEFAULT_MAX_WAIT, listeners: Listeners::new() }
     }
-
-    /// `rate` calls per second, burst of `rate`.
-    pub fn per_second(rate: u32) -> Self {
-        Config::new(rate, Duration::from_secs(1))
+    /// A builder for `rate` calls per second.
+    pub fn per_second(rate: u32) -> Builder {
+        Config::per(rate, Duration::from_secs(1))
     }
+    /// Calls allowed per period, sustained.
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+    /// The period.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+    /// Calls allowed at once after an idle spell.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+    /// Whether calls over the limit are counted but let through.
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+    /// Longest time a call may wait for its turn.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+    /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
+    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+}
 
-    /// Allows bursts of `burst` calls.
+/// Builds a rate limiter [`Config`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    rate: u32,
+    period: Duration,
+    burst: u32,
+    shadow: bool,
+    max_wait: Duration,
+    listeners: Listeners,
+}
+
+impl Builder {
+    /// Allows bursts of `burst` calls (≥ 1; defaults to the rate).
     pub fn burst(mut self, burst: u32) -> Self {
         self.burst = burst;
         self
     }
-
     /// Counts but does not reject.
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
         self
     }
-
     /// Lets calls wait up to `max_wait` for their turn.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.max_wait = max_wait;
         self
     }
-
     /// Sends events to `listener` too.
     pub fn listener(mut self, listener: impl Listener) -> Self {
         self.listeners = self.listeners.with(listener);
         self
     }
-
-    /// The same settings, reporting to `listeners` instead.
-    pub fn with_listeners(mut self, listeners: Listeners) -> Self {
+    /// Use exactly these listeners.
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
         self.listeners = listeners;
         self
     }
-
-    /// Whether a limiter can be made of it (what [`RateLimiter::try_new`] checks): for callers that validate a
-    /// configuration once and build from it later.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.gcra().map(|_| ())
-    }
-
-    fn gcra(&self) -> Result<Gcra, ConfigError> {
+    /// Validates the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
         if self.rate == 0 {
             return Err(ConfigError("rate must be at least 1"));
         }
@@ -116,15 +147,9 @@ impl Config {
         if interval == 0 {
             return Err(ConfigError("rate is above one call per nanosecond"));
         }
-        Ok(Gcra { interval, tolerance: interval.saturating_mul(u64::from(self.burst)) })
-    }
-}
-
-/// Two configs are equal when their settings are: where their events go is not a setting.
-impl PartialEq for Config {
-    fn eq(&self, o: &Config) -> bool {
-        (self.rate, self.period, self.burst, self.shadow, self.max_wait)
-            == (o.rate, o.period, o.burst, o.shadow, o.max_wait)
+        let gcra = Gcra { interval, tolerance: interval.saturating_mul(u64::from(self.burst)) };
+        let Builder { rate, period, burst, shadow, max_wait, listeners } = self;
+        Ok(Config { rate, period, burst, shadow, max_wait, listeners, gcra })
     }
 }
 
@@ -162,17 +187,17 @@ struct Common {
 }
 
 impl Common {
-    fn new(name: std::sync::Arc<str>, config: Config) -> Result<Self, ConfigError> {
-        Ok(Common {
+    fn new(name: std::sync::Arc<str>, config: Config) -> Self {
+        Common {
             name,
-            gcra: config.gcra()?,
+            gcra: config.gcra,
             shadow: config.shadow,
             max_wait: clock::as_nanos(config.max_wait),
             epoch: clock::now(),
             allowed: AtomicU64::new(0),
             limited: AtomicU64::new(0),
             listeners: config.listeners,
-        })
+        }
     }
 
     /// Decides a call at `now` against `tat`, updating it. `Ok(wait)`: allowed after `wait` nanoseconds
@@ -234,17 +259,9 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// A limiter named `name`. Panics if `config` is invalid; see [`RateLimiter::try_new`].
+    /// A limiter named `name` (a validated configuration cannot fail).
     pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Self {
-        match Self::try_new(name, config) {
-            Ok(l) => l,
-            Err(e) => panic!("invalid rate limiter config: {e}"),
-        }
-    }
-
-    /// A limiter named `name`, or why `config` is invalid.
-    pub fn try_new(name: impl Into<std::sync::Arc<str>>, config: Config) -> Result<Self, ConfigError> {
-        Ok(RateLimiter { shared: Arc::new((Common::new(name.into(), config)?, AtomicU64::new(0))) })
+        RateLimiter { shared: Arc::new((Common::new(name.into(), config), AtomicU64::new(0))) }
     }
 
     /// The limiter's name.
@@ -348,7 +365,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         }
         Ok(KeyedRateLimiter {
             shared: Arc::new(Keyed {
-                common: Common::new(name.into(), config)?,
+                common: Common::new(name.into(), config),
                 max_per_shard: max_keys.div_ceil(SHARDS),
                 hasher: RandomState::new(),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

@@ -914,22 +914,22 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         .bulkhead
         .as_ref()
         .map(|b| {
-            let raw = b;
-            let config = envelope_core::bulkhead::Config::new(raw.max_concurrent.0 as usize)
-                .queue(raw.queue.unwrap_or(0) as usize, raw.queue_timeout.map_or(Duration::ZERO, |d| d.0));
-            config.validate().map(|()| config).map_err(|e| invalid(&u.name, field("bulkhead"), e.to_string()))
+            envelope_core::bulkhead::Config::builder()
+                .max_concurrent(b.max_concurrent.0 as usize)
+                .queue(b.queue.unwrap_or(0) as usize, b.queue_timeout.map_or(Duration::ZERO, |d| d.0))
+                .build()
+                .map_err(|e| invalid(&u.name, field("bulkhead"), e.to_string()))
         })
         .transpose()?;
     let rate_limit = u
         .rate_limit
         .as_ref()
         .map(|r| {
-            let raw = r;
-            let per = raw.per.map_or(Duration::from_secs(1), |d| d.0);
-            let config = envelope_core::rate_limit::Config::new(raw.rate.0, per)
-                .burst(raw.burst.map_or(raw.rate.0, |b| b.0))
-                .shadow(raw.shadow.unwrap_or(false));
-            config.validate().map(|()| config).map_err(|e| invalid(&u.name, field("rate_limit"), e.to_string()))
+            envelope_core::rate_limit::Config::per(r.rate.0, r.per.map_or(Duration::from_secs(1), |d| d.0))
+                .burst(r.burst.map_or(r.rate.0, |b| b.0))
+                .shadow(r.shadow.unwrap_or(false))
+                .build()
+                .map_err(|e| invalid(&u.name, field("rate_limit"), e.to_string()))
         })
         .transpose()?;
     let extra_roots = match &u.ca_file {

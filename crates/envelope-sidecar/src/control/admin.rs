@@ -241,7 +241,7 @@ fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::data::upstrea
         "endpoints": u.endpoints.iter().map(|e| format!("{}://{}", e.scheme, e.authority)).collect::<Vec<_>>(),
         "connect_timeout_ms": u.connect_timeout.as_millis() as u64,
         "bulkhead": u.bulkhead.as_ref().map(|b| json!({
-            "max_concurrent": b.max_concurrent, "queue": b.max_queue, "queue_timeout_ms": b.max_wait.as_millis() as u64,
+            "max_concurrent": b.max_concurrent(), "queue": b.max_queue(), "queue_timeout_ms": b.max_wait().as_millis() as u64,
         })),
         "breaker": u.breaker.as_ref().map(|b| json!({
             "window": format!("{:?}", b.config.window()), "min_calls": b.config.minimum_calls(),
@@ -249,7 +249,7 @@ fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::data::upstrea
             "open_for_ms": b.config.open_duration().as_millis() as u64, "half_open_calls": b.config.half_open_calls(),
         })),
         "rate_limit": u.rate_limit.as_ref().map(|r| json!({
-            "rate": r.rate, "per_ms": r.period.as_millis() as u64, "burst": r.burst, "shadow": r.shadow,
+            "rate": r.rate(), "per_ms": r.period().as_millis() as u64, "burst": r.burst(), "shadow": r.shadow(),
         })),
     });
     if let Some(live) = live {
