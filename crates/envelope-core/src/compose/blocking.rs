@@ -13,7 +13,7 @@ use crate::clock;
 use crate::error::Error;
 use crate::fault::InjectedFault;
 use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
-use crate::retry::{Attempts, Hint, Next, classified};
+use crate::retry::{Driver, Hint, classified};
 
 impl Envelope {
     /// Runs the blocking `f` (once per attempt) through every policy; classifies with [`DefaultClassifier`].
@@ -39,31 +39,17 @@ impl Envelope {
             },
             None => None,
         };
-        let own = p.retry.as_ref().and_then(|r| r.config().deadline());
-        let mut start = (p.deadline.is_some() || own.is_some()).then(clock::now);
-        let outer = p.deadline.zip(start).map(|(d, start)| start + d);
-        let own = own.zip(start).map(|(d, start)| start + d);
-        let deadline = match (outer, own) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(r) = &p.retry {
-            r.on_first_attempt(start);
-        }
-        let mut st = Attempts::default();
+        // The clock is read only when a deadline needs it.
+        let start = p.deadline.map(|_| clock::now());
+        let mut driver = Driver::new(p.retry.as_ref(), start.zip(p.deadline).map(|(s, d)| s + d), start);
         let (result, outcome) = loop {
-            // The first attempt begins when the call did.
-            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
-            st.made += 1;
+            // A blocking call cannot be cut off: the attempt's time limit is not enforced, but the deadline still
+            // decides whether another attempt may start.
+            let _ = driver.begin(None);
             let (result, outcome, hint) = self.attempt_blocking(classifier, &mut f);
-            let Some(retry) = &p.retry else { break (result, outcome) };
-            if outcome.is_ok() {
-                break (result, outcome);
-            }
-            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match retry.next(&mut st, outcome, hint, deadline) {
-                Next::RetryAfter(delay) => sleep(delay),
-                Next::GiveUp(_) => break (result, outcome),
+            match driver.after(outcome, hint) {
+                Some(delay) => sleep(delay),
+                None => break (result, outcome),
             }
         };
         if let Some(permit) = shed_permit {

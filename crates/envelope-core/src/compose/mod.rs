@@ -39,13 +39,13 @@ use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::clock::{self, Instant};
 use crate::error::Error;
-use crate::event::{Event, GiveUpReason, Listeners};
+use crate::event::{Event, Listeners};
 use crate::fallback::Fallback;
 use crate::fault::FaultInjector;
 use crate::hedge::Hedge;
 use crate::outcome::{Classify, DefaultClassifier, HasOutcome, Outcome};
 use crate::rate_limit::RateLimiter;
-use crate::retry::{Attempts, Hint, Next, Retry, classified};
+use crate::retry::{Driver, Hint, Retry, classified};
 use crate::shed::{LoadShedder, Priority};
 use crate::timeout::Elapsed;
 
@@ -297,44 +297,20 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let (cover, mut start) = cover.unzip();
-        let mut deadline = cover.map(cover::Cover::deadline);
-        if let Some(retry) = &p.retry {
-            if let Some(d) = retry.config().deadline() {
-                let own = start.unwrap_or_else(clock::now) + d;
-                deadline = Some(deadline.map_or(own, |outer| outer.min(own)));
-            }
-            retry.on_first_attempt(start);
-        }
-        let mut st = Attempts::default();
+        let (cover, start) = cover.unzip();
+        let mut driver = Driver::new(p.retry.as_ref(), cover.map(cover::Cover::deadline), start);
         loop {
-            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
-            st.made += 1;
-            let mut limit = clock::shorter(p.attempt_timeout, clock::left(deadline, began));
-            if let Some(retry) = &p.retry {
-                limit = retry.attempt_limit(limit);
-            }
+            let limit = driver.begin(p.attempt_timeout);
             // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
             // call's result to be moved through.
             let (result, outcome, hint) = match &p.hedge {
                 None => self.attempt(classifier, &mut f, limit, cover).await,
                 Some(hedge) => self.hedged(hedge, classifier, &mut f, limit, cover).await,
             };
-            let Some(retry) = &p.retry else { return (result, outcome) };
-            if outcome.is_ok() {
-                return (result, outcome);
-            }
-            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match retry.next(&mut st, outcome, hint, deadline) {
-                Next::RetryAfter(delay) => {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-                Next::GiveUp(reason) => {
-                    let _: GiveUpReason = reason;
-                    return (result, outcome);
-                }
+            match driver.after(outcome, hint) {
+                Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+                Some(_) => {}
+                None => return (result, outcome),
             }
         }
     }

@@ -254,6 +254,61 @@ impl Hint {
     }
 }
 
+/// One call's retry loop, shared by every way of calling — [`Retry::call`], the async [`crate::Envelope`] and its
+/// blocking face — so that they decide alike: which attempt may start, how long it may take, whether and how long
+/// to wait before the next. They differ only in how an attempt runs and how a wait is spent.
+#[derive(Debug)]
+pub(crate) struct Driver<'a> {
+    retry: Option<&'a Retry>,
+    st: Attempts,
+    /// The earliest of the caller's deadline and the retry policy's own.
+    deadline: Option<Instant>,
+    /// When the call began, if read already: the first attempt begins then.
+    start: Option<Instant>,
+    /// When the current attempt began (read only when there is a deadline).
+    began: Option<Instant>,
+}
+
+impl<'a> Driver<'a> {
+    /// A call under `retry` (if any), with the caller's `deadline` (if any) and the instant it began (if read).
+    /// Records the call in the retry budget.
+    pub(crate) fn new(retry: Option<&'a Retry>, mut deadline: Option<Instant>, mut start: Option<Instant>) -> Self {
+        if let Some(r) = retry {
+            if let Some(d) = r.config.deadline {
+                let own = *start.get_or_insert_with(clock::now) + d;
+                deadline = Some(deadline.map_or(own, |outer| outer.min(own)));
+            }
+            r.on_first_attempt(start);
+        }
+        Driver { retry, st: Attempts::default(), deadline, start, began: None }
+    }
+
+    /// Begins an attempt; returns how long it may take: the caller's `limit` (an attempt timeout), the retry
+    /// policy's, and the time left before the deadline, whichever is shortest.
+    pub(crate) fn begin(&mut self, limit: Option<Duration>) -> Option<Duration> {
+        self.began = self.deadline.map(|_| self.start.take().unwrap_or_else(clock::now));
+        self.st.made += 1;
+        let limit = clock::shorter(limit, clock::left(self.deadline, self.began));
+        match self.retry {
+            Some(r) => r.attempt_limit(limit),
+            None => limit,
+        }
+    }
+
+    /// The attempt ended in `outcome`: `Some(delay)` to wait that long and try again, `None` to stop with it.
+    pub(crate) fn after(&mut self, outcome: Outcome, hint: Hint) -> Option<Duration> {
+        let retry = self.retry?;
+        if outcome.is_ok() {
+            return None;
+        }
+        self.st.last_duration = self.began.map_or(Duration::ZERO, |b| b.elapsed());
+        match retry.next(&mut self.st, outcome, hint, self.deadline) {
+            Next::RetryAfter(delay) => Some(delay),
+            Next::GiveUp(_) => None,
+        }
+    }
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -344,15 +399,9 @@ impl Retry {
         C: Classify<T, E>,
     {
         // The clock is read only when a deadline needs it: a call that succeeds at once costs no clock read.
-        let mut start = self.config.deadline.map(|_| clock::now());
-        let deadline = start.zip(self.config.deadline).map(|(now, d)| now + d);
-        self.on_first_attempt(start);
-        let mut st = Attempts::default();
+        let mut driver = Driver::new(Some(self), None, None);
         loop {
-            // The first attempt begins when the call did.
-            let began = deadline.map(|_| start.take().unwrap_or_else(clock::now));
-            st.made += 1;
-            let (result, outcome, hint) = match self.attempt_limit(clock::left(deadline, began)) {
+            let (result, outcome, hint) = match driver.begin(None) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
                     Err(_) => {
@@ -361,13 +410,9 @@ impl Retry {
                 },
                 None => classified(classifier, f().await),
             };
-            if outcome.is_ok() {
-                return result;
-            }
-            st.last_duration = began.map_or(Duration::ZERO, |b| b.elapsed());
-            match self.next(&mut st, outcome, hint, deadline) {
-                Next::RetryAfter(delay) => tokio::time::sleep(delay).await,
-                Next::GiveUp(_) => return result,
+            match driver.after(outcome, hint) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return result,
             }
         }
     }
