@@ -81,6 +81,9 @@ fn retry(budget: bool, events: &Arc<Mutex<(usize, Option<GiveUpReason>)>>) -> Re
     Retry::new("r", config.build().unwrap())
 }
 
+/// Answers, in order of attempts.
+type Script = Vec<Result<u32, Failed>>;
+
 /// The answer of attempt `n` (0-based): the script's, its last one repeated after it ends.
 fn answer(script: &[Result<u32, Failed>], n: usize) -> Result<u32, Failed> {
     script[n.min(script.len() - 1)]
@@ -89,7 +92,8 @@ fn answer(script: &[Result<u32, Failed>], n: usize) -> Result<u32, Failed> {
 #[tokio::test(start_paused = true)]
 async fn every_way_of_calling_retries_alike() {
     use Outcome::{RateLimited, Upstream4xx, Upstream5xx, UpstreamReset};
-    let scripts: Vec<(&str, Vec<Result<u32, Failed>>, bool)> = vec![
+    // (name, the answers in order, whether the retry budget is spent)
+    let scripts: Vec<(&str, Script, bool)> = vec![
         ("succeeds at once", vec![Ok(1)], false),
         ("recovers on the third", vec![fail(UpstreamReset), fail(Upstream5xx), Ok(3)], false),
         ("stays down", vec![fail(Upstream5xx)], false),
