@@ -253,3 +253,51 @@ fn public_types_are_send_and_sync() {
     check::<FaultInjector>();
     check::<Error<std::io::Error>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_policy_is_a_tower_layer_on_its_own() {
+    let down = tower::service_fn(|_: ()| async { Err::<(), BoxError>("down".into()) });
+
+    // A breaker alone: two failures in a window of two open it; the third call never reaches the service.
+    let b = breaker(2);
+    let mut svc = EnvelopeLayer::from(b.clone()).layer(down);
+    for _ in 0..2 {
+        assert!(svc.ready().await.unwrap().call(()).await.is_err());
+    }
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert_eq!(outcome_of_error(err.as_ref()), Outcome::CircuitOpen);
+
+    // A bulkhead alone: one in flight, the second rejected at once.
+    let bh = Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(1).build().unwrap());
+    let slow = tower::service_fn(|_: ()| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, BoxError>(())
+    });
+    let svc = EnvelopeLayer::from(bh).layer(slow);
+    let first = tokio::spawn(svc.clone().oneshot(()));
+    tokio::task::yield_now().await;
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(outcome_of_error(err.as_ref()), Outcome::BulkheadFull);
+    assert!(first.await.unwrap().is_ok());
+
+    // A timeout alone.
+    let err = EnvelopeLayer::timeout(10 * MS).layer(slow).oneshot(()).await.unwrap_err();
+    assert_eq!(outcome_of_error(err.as_ref()), Outcome::Timeout);
+
+    // A rate limiter alone: a burst of one, then 429-like rejections.
+    let rl = RateLimiter::new("rl", RateConfig::per_second(1).burst(1).build().unwrap());
+    let ok = tower::service_fn(|_: ()| async { Ok::<_, BoxError>(()) });
+    let svc = EnvelopeLayer::from(rl).layer(ok);
+    assert!(svc.clone().oneshot(()).await.is_ok());
+    let err = svc.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(outcome_of_error(err.as_ref()), Outcome::LocalRateLimited);
+
+    // A retry alone: a flaky service answers on its third attempt.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    let flaky = tower::service_fn(move |_: ()| {
+        let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { if n < 3 { Err::<u32, BoxError>("flaky".into()) } else { Ok(n as u32) } }
+    });
+    assert_eq!(EnvelopeLayer::from(retry(3)).layer(flaky).oneshot(()).await.unwrap(), 3);
+}

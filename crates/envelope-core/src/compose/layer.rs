@@ -29,6 +29,22 @@ use crate::outcome::{Classify, DefaultClassifier};
 /// }));
 /// # let _ = service;
 /// ```
+///
+/// Every policy is also a layer on its own: `EnvelopeLayer::from(policy)` (a retry, breaker, bulkhead, rate
+/// limiter, hedge or fault injector; a shedder with the priority of its calls), or [`EnvelopeLayer::timeout`],
+/// applies just that policy, with the same semantics and errors as inside a full [`Envelope`]:
+///
+/// ```
+/// use envelope_core::EnvelopeLayer;
+/// use envelope_core::circuit_breaker::{CircuitBreaker, Config};
+/// use tower_layer::Layer;
+///
+/// let breaker = CircuitBreaker::new("api", Config::default());
+/// let service = EnvelopeLayer::from(breaker.clone()).layer(tower::service_fn(|req: u32| async move {
+///     Ok::<_, envelope_core::BoxError>(req)
+/// }));
+/// # let _ = service;
+/// ```
 #[derive(Clone)]
 pub struct EnvelopeLayer<C = DefaultClassifier> {
     envelope: Envelope,
@@ -46,6 +62,40 @@ impl<C> EnvelopeLayer<C> {
     /// A layer classifying with `classifier`.
     pub fn with_classifier(envelope: Envelope, classifier: C) -> Self {
         EnvelopeLayer { envelope, classifier }
+    }
+}
+
+// Every policy is a tower layer on its own (see `EnvelopeLayer`'s docs).
+macro_rules! layer_from {
+    ($($policy:ty => $method:ident),* $(,)?) => {$(
+        impl From<$policy> for EnvelopeLayer {
+            fn from(policy: $policy) -> Self {
+                EnvelopeLayer::new(Envelope::builder().$method(policy).build())
+            }
+        }
+    )*};
+}
+
+layer_from! {
+    crate::retry::Retry => retry,
+    crate::circuit_breaker::CircuitBreaker => circuit_breaker,
+    crate::bulkhead::Bulkhead => bulkhead,
+    crate::rate_limit::RateLimiter => rate_limiter,
+    crate::hedge::Hedge => hedge,
+    crate::fault::FaultInjector => fault,
+}
+
+/// A shedder admits each call at the given priority.
+impl From<(crate::shed::LoadShedder, crate::shed::Priority)> for EnvelopeLayer {
+    fn from((shedder, priority): (crate::shed::LoadShedder, crate::shed::Priority)) -> Self {
+        EnvelopeLayer::new(Envelope::builder().shed(shedder, priority).build())
+    }
+}
+
+impl EnvelopeLayer {
+    /// A layer that cuts each call off after `timeout` (the timeout policy alone).
+    pub fn timeout(timeout: std::time::Duration) -> Self {
+        EnvelopeLayer::new(Envelope::builder().attempt_timeout(timeout).build())
     }
 }
 
