@@ -22,6 +22,14 @@ python3 scripts/module-cycles.py crates/envelope-sidecar/src crates/envelope-htt
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace
 
+# The Python package, built from source into a virtualenv of its own (maturin, from PyPI), then its tests: pytest
+# and mypy --strict over the package and its tests.
+venv=target/python-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=0.24" "mypy>=1.10"
+VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH" maturin develop -q -m crates/envelope-python/Cargo.toml
+(cd crates/envelope-python && "../../$venv/bin/python" -m pytest -q && "../../$venv/bin/python" -m mypy --strict python/envelope tests)
+
 # The fuzz targets (request head, chunked decoder, response reader, config loader), 10 s each: they build, and the
 # seeds and what libFuzzer finds in that time cross every parser without a crash. Longer runs: scripts/fuzz.sh.
 ./scripts/fuzz.sh 10

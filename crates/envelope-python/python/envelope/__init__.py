@@ -1,0 +1,20 @@
+"""Envelope for Python: the resilience engine of the `envelope` sidecar, in process.
+
+Every decision (the breaker's state machine and window, and as the package grows, retries, budgets, bulkheads,
+rate limits, shedding and SLOs) is made by the Rust engine; this package maps Python calls onto it, for functions
+and coroutines alike. See docs/python.md.
+"""
+
+from ._breaker import CircuitBreaker
+from ._classify import classify_exception
+from ._envelope import BREAKER_STATES, OUTCOMES
+from ._errors import CircuitOpen, Rejected
+
+__all__ = [
+    "BREAKER_STATES",
+    "OUTCOMES",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Rejected",
+    "classify_exception",
+]

@@ -1,0 +1,132 @@
+"""`CircuitBreaker`: the engine's breaker around sync functions and coroutines alike."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, overload
+
+from . import _envelope
+from ._classify import classify_exception
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CircuitBreaker:
+    """A circuit breaker (the Rust engine's state machine, window and probes).
+
+    Use it as a decorator (`@breaker`, on a function or a coroutine function), or call through it
+    (`breaker.call(fn, *args)`, `await breaker.call_async(fn, *args)`). A call the breaker refuses raises
+    `CircuitOpen` without calling anything.
+
+    An exception is recorded by its outcome (`classify_exception`, or `classify=`); exceptions of the types in
+    `ignore` — and cancellation, `KeyboardInterrupt`, `SystemExit` — are not recorded at all (a probe they held is
+    handed back). Unset settings are the engine's defaults: a window of the last 100 calls, 20 calls before any
+    verdict, 50 % failures to trip, 30 s open, 3 probes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        window: int | None = None,
+        window_seconds: int | None = None,
+        min_calls: int | None = None,
+        failure_rate: float | None = None,
+        slow_call: tuple[float, float] | None = None,
+        open_for: float | None = None,
+        max_open_for: float | None = None,
+        half_open_calls: int | None = None,
+        max_half_open_wait: float | None = None,
+        ignore: tuple[type[BaseException], ...] = (),
+        classify: Callable[[BaseException], str] = classify_exception,
+    ) -> None:
+        self._core = _envelope.Breaker(
+            name,
+            window=window,
+            window_seconds=window_seconds,
+            min_calls=min_calls,
+            failure_rate=failure_rate,
+            slow_call=slow_call,
+            open_for=open_for,
+            max_open_for=max_open_for,
+            half_open_calls=half_open_calls,
+            max_half_open_wait=max_half_open_wait,
+        )
+        self._ignore = tuple(ignore)
+        self._classify = classify
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def state(self) -> str:
+        """`closed`, `open`, `half_open`, `disabled`, `forced_open`, `forced_closed` or `metrics_only`."""
+        return self._core.state
+
+    def metrics(self) -> dict[str, Any]:
+        """The window now (see `_envelope.Breaker.metrics`)."""
+        return self._core.metrics()
+
+    def force_open(self) -> None:
+        self._core.force_open()
+
+    def force_closed(self) -> None:
+        self._core.force_closed()
+
+    def reset(self) -> None:
+        self._core.reset()
+
+    def _settle(self, permit: _envelope.BreakerPermit, exc: BaseException) -> None:
+        if not isinstance(exc, Exception) or isinstance(exc, self._ignore):
+            permit.release()
+        else:
+            permit.record(self._classify(exc))
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Calls `fn` through the breaker."""
+        permit = self._core.acquire()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(permit, exc)
+            raise
+        permit.record("ok")
+        return result
+
+    async def call_async(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Awaits `fn(*args, **kwargs)` through the breaker."""
+        permit = self._core.acquire()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(permit, exc)
+            raise
+        permit.record("ok")
+        return result
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Decorates a function or a coroutine function (detected)."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call_async(fn, *args, **kwargs)
+
+            return guarded_async
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker(name={self.name!r}, state={self.state!r})"

@@ -1,0 +1,219 @@
+//! `envelope._envelope`: Envelope's policy engine for Python.
+//!
+//! Every decision — the breaker's state machine and window, and, as the bindings grow, the retry schedule, the
+//! budget, the bulkhead's queue, GCRA, shedding, SLO windows — is `envelope_core`'s; this module only maps Python
+//! values onto it. The pure-Python package `envelope` (decorators, context managers, exception types) sits on top.
+//!
+//! Each policy is exposed as a *step* API, so that one engine serves functions and coroutines alike: the Python
+//! layer asks for admission (a permit, or the package's own rejection exception), runs the call itself (awaiting
+//! it, or calling it), and records its outcome on the permit. A permit dropped unrecorded (the call was cancelled,
+//! or its exception is one the caller ignores) counts for nothing, as in Rust.
+//!
+//! | class | what |
+//! |---|---|
+//! | [`Breaker`] | a circuit breaker (`envelope_core::circuit_breaker`) |
+//! | [`BreakerPermit`] | one admitted call, to record |
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use envelope_core::Outcome;
+use envelope_core::circuit_breaker::{CircuitBreaker, Config, Escalation, OwnedPermit, State};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
+
+/// The package's `envelope.CircuitOpen`, raised from here (defined in Python, with `retry_after` and `outcome`).
+static CIRCUIT_OPEN: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// A duration in seconds from Python (a float or an int), refused if negative or not finite.
+fn seconds(field: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| PyValueError::new_err(format!("{field}: {value} is not a duration in seconds")))
+}
+
+/// An outcome by its name (`"ok"`, `"timeout"`, `"upstream_5xx"`, …).
+fn outcome(name: &str) -> PyResult<Outcome> {
+    Outcome::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        PyValueError::new_err(format!("unknown outcome `{name}`; one of {}", names.join(", ")))
+    })
+}
+
+/// A circuit breaker: the engine's state machine, window and probes.
+#[pyclass(frozen, module = "envelope._envelope")]
+struct Breaker {
+    inner: CircuitBreaker,
+}
+
+#[pymethods]
+impl Breaker {
+    /// Validates the settings with the engine (unset ones are the engine's documented defaults).
+    #[new]
+    #[pyo3(signature = (
+        name, *, window=None, window_seconds=None, min_calls=None, failure_rate=None, slow_call=None,
+        open_for=None, max_open_for=None, half_open_calls=None, max_half_open_wait=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &str,
+        window: Option<u32>,
+        window_seconds: Option<u32>,
+        min_calls: Option<u32>,
+        failure_rate: Option<f32>,
+        slow_call: Option<(f64, f32)>,
+        open_for: Option<f64>,
+        max_open_for: Option<f64>,
+        half_open_calls: Option<u32>,
+        max_half_open_wait: Option<f64>,
+    ) -> PyResult<Self> {
+        let mut b = Config::builder();
+        match (window, window_seconds) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("give `window` or `window_seconds`, not both")),
+            (Some(n), None) => b = b.count_window(n),
+            (None, Some(s)) => b = b.time_window(s),
+            (None, None) => {}
+        }
+        if let Some(n) = min_calls {
+            b = b.minimum_calls(n);
+        }
+        if let Some(p) = failure_rate {
+            b = b.failure_rate_threshold(p);
+        }
+        if let Some((d, p)) = slow_call {
+            b = b.slow_calls(seconds("slow_call", d)?, p);
+        }
+        if let Some(d) = open_for {
+            b = b.open_duration(seconds("open_for", d)?);
+        }
+        if let Some(d) = max_open_for {
+            b = b.escalation(Escalation { multiplier: 2.0, max: seconds("max_open_for", d)?, jitter: 0.1 });
+        }
+        if let Some(n) = half_open_calls {
+            b = b.half_open_calls(n);
+        }
+        if let Some(d) = max_half_open_wait {
+            b = b.max_half_open_wait(Some(seconds("max_half_open_wait", d)?));
+        }
+        let config = b.build().map_err(|e| PyValueError::new_err(format!("breaker `{name}`: {e}")))?;
+        Ok(Breaker { inner: CircuitBreaker::new(name, config) })
+    }
+
+    /// Admits a call (a permit to record its outcome on), or raises `envelope.CircuitOpen`.
+    fn acquire(&self, py: Python<'_>) -> PyResult<BreakerPermit> {
+        match self.inner.try_acquire_owned() {
+            Ok(permit) => Ok(BreakerPermit { inner: Mutex::new(Some(permit)) }),
+            Err(open) => {
+                let ty = CIRCUIT_OPEN.import(py, "envelope._errors", "CircuitOpen")?;
+                let retry_after = open.remaining().map(|d| d.as_secs_f64());
+                let message = format!("circuit breaker `{}` is {}", self.inner.name(), open.state());
+                Err(PyErr::from_type(ty.clone(), (message, retry_after, open.state().as_str())))
+            }
+        }
+    }
+
+    /// The breaker's name.
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// `closed`, `open`, `half_open`, `disabled`, `forced_open`, `forced_closed` or `metrics_only`.
+    #[getter]
+    fn state(&self) -> &'static str {
+        self.inner.state().as_str()
+    }
+
+    /// The window now: state, calls, failures, slow calls, rates in percent (once the window holds the minimum
+    /// number of calls), opens since the last close, and the time left open in seconds.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.inner.metrics();
+        let d = PyDict::new(py);
+        d.set_item("state", m.state.as_str())?;
+        d.set_item("calls", m.window.calls)?;
+        d.set_item("failures", m.window.failures)?;
+        d.set_item("slow", m.window.slow)?;
+        d.set_item("failure_rate", m.failure_rate)?;
+        d.set_item("slow_call_rate", m.slow_call_rate)?;
+        d.set_item("consecutive_opens", m.consecutive_opens)?;
+        d.set_item("remaining_open", m.remaining_open.map(|d| d.as_secs_f64()))?;
+        Ok(d)
+    }
+
+    /// Opens the breaker until [`Breaker::force_closed`] or [`Breaker::reset`].
+    fn force_open(&self) {
+        self.inner.force_open();
+    }
+
+    /// Closes the breaker and keeps it closed whatever the calls do, until [`Breaker::reset`].
+    fn force_closed(&self) {
+        self.inner.force_closed();
+    }
+
+    /// Back to closed with an empty window.
+    fn reset(&self) {
+        self.inner.reset();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("CircuitBreaker(name={:?}, state={:?})", self.inner.name(), self.inner.state().as_str())
+    }
+}
+
+/// One call admitted by a breaker. Record its outcome once; a permit never recorded counts for nothing (a probe
+/// it held is handed back).
+#[pyclass(frozen, module = "envelope._envelope")]
+struct BreakerPermit {
+    inner: Mutex<Option<OwnedPermit>>,
+}
+
+#[pymethods]
+impl BreakerPermit {
+    /// Records how the call ended, by outcome name (`"ok"`, `"failure"`, `"timeout"`, …). Only the first record
+    /// (or release) counts.
+    fn record(&self, outcome_name: &str) -> PyResult<()> {
+        let outcome = outcome(outcome_name)?;
+        if let Some(permit) = self.take()? {
+            permit.record(outcome);
+        }
+        Ok(())
+    }
+
+    /// Lets the permit go without recording anything (the call is not the dependency's doing).
+    fn release(&self) -> PyResult<()> {
+        drop(self.take()?);
+        Ok(())
+    }
+}
+
+impl BreakerPermit {
+    fn take(&self) -> PyResult<Option<OwnedPermit>> {
+        Ok(self.inner.lock().map_err(|_| PyRuntimeError::new_err("permit lock poisoned"))?.take())
+    }
+}
+
+/// The state names, for the stubs and the Python layer.
+fn state_names() -> Vec<&'static str> {
+    [
+        State::Closed,
+        State::Open,
+        State::HalfOpen,
+        State::Disabled,
+        State::ForcedOpen,
+        State::ForcedClosed,
+        State::MetricsOnly,
+    ]
+    .iter()
+    .map(|s| s.as_str())
+    .collect()
+}
+
+#[pymodule]
+fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Breaker>()?;
+    m.add_class::<BreakerPermit>()?;
+    m.add("OUTCOMES", Outcome::ALL.iter().map(|o| o.as_str()).collect::<Vec<_>>())?;
+    m.add("BREAKER_STATES", state_names())?;
+    Ok(())
+}
