@@ -63,6 +63,6 @@ pub mod slo;
 mod sync;
 pub mod timeout;
 
-pub use compose::{Envelope, EnvelopeLayer, EnvelopeService};
+pub use compose::{Envelope, EnvelopeLayer, EnvelopeService, StepAttempt, Steps};
 pub use error::{BoxError, Error};
 pub use outcome::{Classify, DefaultClassifier, HasOutcome, Outcome, OutcomeSet};

@@ -1,5 +1,6 @@
-//! One retry driver, three ways of calling: `Retry::call`, the async `Envelope` and the blocking `Envelope` make
-//! the same attempts, wait as often, and give up for the same reason, whatever the script of answers.
+//! One retry driver, four ways of calling: `Retry::call`, the async `Envelope`, the blocking `Envelope` and the
+//! step face (`Envelope::steps`, which the Python package drives) make the same attempts, wait as often, and give
+//! up for the same reason, whatever the script of answers.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -144,6 +145,25 @@ async fn every_way_of_calling_retries_alike() {
         });
         let (scheduled, gave_up) = *events.lock().unwrap();
         traces.push(("Envelope::call_blocking", Trace { attempts: made, outcome, scheduled, gave_up }));
+
+        // The step face (a caller that runs each attempt itself), waits spent by the test.
+        let events = Arc::new(Mutex::new((0, None)));
+        let envelope = Envelope::builder().retry(retry(*budget, &events)).build();
+        let mut steps = envelope.steps().unwrap();
+        let mut made = 0;
+        let outcome = loop {
+            let attempt = steps.admit().unwrap();
+            made += 1;
+            let answer = answer(script, made - 1);
+            let outcome = Scripted.classify(&answer);
+            match steps.after(attempt, outcome, Scripted.retry_after(&answer), true) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => break outcome,
+            }
+        };
+        steps.finish(outcome);
+        let (scheduled, gave_up) = *events.lock().unwrap();
+        traces.push(("Envelope::steps", Trace { attempts: made, outcome, scheduled, gave_up }));
 
         let (first, reference) = &traces[0];
         for (way, trace) in &traces[1..] {

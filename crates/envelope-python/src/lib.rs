@@ -213,7 +213,241 @@ fn state_names() -> Vec<&'static str> {
 fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Breaker>()?;
     m.add_class::<BreakerPermit>()?;
+    m.add_class::<Envelope>()?;
+    m.add_class::<Steps>()?;
+    m.add_class::<StepAttempt>()?;
     m.add("OUTCOMES", Outcome::ALL.iter().map(|o| o.as_str()).collect::<Vec<_>>())?;
     m.add("BREAKER_STATES", state_names())?;
     Ok(())
+}
+
+/// A composite envelope: the engine's policies in their documented order, driven step by step by the Python layer
+/// (`envelope.Envelope`), which runs each attempt and spends each wait itself.
+#[pyclass(frozen, module = "envelope._envelope")]
+struct Envelope {
+    inner: envelope_core::Envelope,
+}
+
+#[pymethods]
+impl Envelope {
+    #[new]
+    #[pyo3(signature = (
+        name, *, deadline=None, attempt_timeout=None, breaker=None, max_attempts=None, backoff=None,
+        retry_on=None, budget=None, bulkhead=None, rate_limit=None, fallback_on=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &str,
+        deadline: Option<f64>,
+        attempt_timeout: Option<f64>,
+        breaker: Option<&Breaker>,
+        max_attempts: Option<u32>,
+        backoff: Option<(&str, f64, f64, &str)>,
+        retry_on: Option<Vec<String>>,
+        budget: Option<(f64, u32, f32)>,
+        bulkhead: Option<(usize, usize, f64)>,
+        rate_limit: Option<(u32, f64, u32)>,
+        fallback_on: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        use envelope_core::retry::{Backoff, Growth, Jitter, Retry, RetryBudget};
+        let bad =
+            |what: &str, e: &dyn std::fmt::Display| PyValueError::new_err(format!("envelope `{name}`: {what}: {e}"));
+        let mut b = envelope_core::Envelope::builder().name(name);
+        if let Some(d) = deadline {
+            b = b.deadline(seconds("deadline", d)?);
+        }
+        if let Some(d) = attempt_timeout {
+            b = b.attempt_timeout(seconds("attempt_timeout", d)?);
+        }
+        if let Some(breaker) = breaker {
+            b = b.circuit_breaker(breaker.inner.clone());
+        }
+        if max_attempts.is_some() || backoff.is_some() || retry_on.is_some() || budget.is_some() {
+            let mut r = envelope_core::retry::Config::builder();
+            if let Some(n) = max_attempts {
+                r = r.max_attempts(n);
+            }
+            if let Some((growth, base, max_delay, jitter)) = backoff {
+                let growth = match growth {
+                    "constant" => Growth::Constant,
+                    "linear" => Growth::Linear,
+                    "exponential" => Growth::Exponential { multiplier: envelope_core::retry::DEFAULT_MULTIPLIER },
+                    other => return Err(bad("backoff", &format!("unknown growth `{other}`"))),
+                };
+                let jitter = match jitter {
+                    "none" => Jitter::None,
+                    "full" => Jitter::Full,
+                    "equal" => Jitter::Equal,
+                    "decorrelated" => Jitter::Decorrelated,
+                    other => return Err(bad("backoff", &format!("unknown jitter `{other}`"))),
+                };
+                let backoff = Backoff::new(growth, seconds("base", base)?, seconds("max_delay", max_delay)?, jitter)
+                    .map_err(|e| bad("backoff", &e))?;
+                r = r.backoff(backoff);
+            }
+            if let Some(names) = retry_on {
+                let mut set = envelope_core::OutcomeSet::EMPTY;
+                for n in &names {
+                    set = set.with(outcome(n)?);
+                }
+                r = r.retry_on(set);
+            }
+            if let Some((ttl, min_per_second, ratio)) = budget {
+                let budget = RetryBudget::new(seconds("budget ttl", ttl)?, min_per_second, ratio)
+                    .map_err(|e| bad("budget", &e))?;
+                r = r.budget(budget);
+            }
+            b = b.retry(Retry::new(name, r.build().map_err(|e| bad("retry", &e))?));
+        }
+        if let Some((max_concurrent, queue, wait)) = bulkhead {
+            let config = envelope_core::bulkhead::Config::builder()
+                .max_concurrent(max_concurrent)
+                .queue(queue, seconds("bulkhead wait", wait)?)
+                .build()
+                .map_err(|e| bad("bulkhead", &e))?;
+            b = b.bulkhead(envelope_core::bulkhead::Bulkhead::new(name, config));
+        }
+        if let Some((rate, per, burst)) = rate_limit {
+            let config = envelope_core::rate_limit::Config::per(rate, seconds("rate_limit per", per)?)
+                .burst(burst)
+                .build()
+                .map_err(|e| bad("rate_limit", &e))?;
+            b = b.rate_limiter(envelope_core::rate_limit::RateLimiter::new(name, config));
+        }
+        if let Some(names) = fallback_on {
+            let mut set = envelope_core::OutcomeSet::EMPTY;
+            for n in &names {
+                set = set.with(outcome(n)?);
+            }
+            b = b.fallback(envelope_core::fallback::Fallback::new(name).on(set));
+        }
+        Ok(Envelope { inner: b.build() })
+    }
+
+    /// Starts a call, or raises `envelope.Overloaded` (shed).
+    fn steps(&self, py: Python<'_>) -> PyResult<Steps> {
+        match self.inner.steps() {
+            Ok(steps) => Ok(Steps { inner: Mutex::new(Some(steps)) }),
+            Err(e) => Err(rejection(py, &e, Outcome::Shed)),
+        }
+    }
+}
+
+/// The package's exception for a rejection (`envelope.CircuitOpen`, `BulkheadFull`, `RateLimited`,
+/// `DeadlineExceeded`, `Overloaded`), with its message, `retry_after` (seconds, if known) and outcome.
+fn rejection(py: Python<'_>, e: &envelope_core::Error<std::convert::Infallible>, outcome: Outcome) -> PyErr {
+    use envelope_core::Error;
+    static BULKHEAD_FULL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static RATE_LIMITED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static DEADLINE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static OVERLOADED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    let (cell, class, retry_after) = match e {
+        Error::CircuitOpen(c) => (&CIRCUIT_OPEN, "CircuitOpen", c.remaining()),
+        Error::BulkheadFull(_) => (&BULKHEAD_FULL, "BulkheadFull", None),
+        Error::RateLimited(r) => (&RATE_LIMITED, "RateLimited", Some(r.retry_after())),
+        Error::Timeout(_) => (&DEADLINE, "DeadlineExceeded", None),
+        _ => (&OVERLOADED, "Overloaded", None),
+    };
+    let retry_after = retry_after.map(|d| d.as_secs_f64());
+    match cell.import(py, "envelope._errors", class) {
+        Ok(ty) => {
+            let state = match e {
+                Error::CircuitOpen(c) => c.state().as_str(),
+                _ => outcome.as_str(),
+            };
+            PyErr::from_type(ty.clone(), (e.to_string(), retry_after, state))
+        }
+        Err(import) => import,
+    }
+}
+
+/// A call in progress (see `envelope_core::compose::Steps`).
+#[pyclass(frozen, module = "envelope._envelope")]
+struct Steps {
+    inner: Mutex<Option<envelope_core::Steps>>,
+}
+
+fn poisoned<T>(_: T) -> PyErr {
+    PyRuntimeError::new_err("envelope step state poisoned")
+}
+
+#[pymethods]
+impl Steps {
+    /// Admits the next attempt, or raises the package's rejection. `blocking`: wait in a bulkhead's queue (the
+    /// interpreter is released while waiting); otherwise a full bulkhead rejects at once.
+    #[pyo3(signature = (blocking=false))]
+    fn admit(&self, py: Python<'_>, blocking: bool) -> PyResult<StepAttempt> {
+        let mut guard = self.inner.lock().map_err(poisoned)?;
+        let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
+        let admitted = if blocking { py.detach(|| steps.admit_blocking()) } else { steps.admit() };
+        match admitted {
+            Ok(attempt) => Ok(StepAttempt { inner: Mutex::new(Some(attempt)) }),
+            Err((e, outcome)) => Err(rejection(py, &e, outcome)),
+        }
+    }
+
+    /// An attempt was rejected before it ran: seconds to wait before admitting another, or `None` to stop.
+    fn rejected(&self, outcome_name: &str, retry_after: Option<f64>) -> PyResult<Option<f64>> {
+        let outcome = outcome(outcome_name)?;
+        let retry_after = retry_after.map(|s| seconds("retry_after", s)).transpose()?;
+        let mut guard = self.inner.lock().map_err(poisoned)?;
+        let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
+        Ok(steps.rejected(outcome, retry_after).map(|d| d.as_secs_f64()))
+    }
+
+    /// The attempt ended in `outcome_name`: seconds to wait before admitting another, or `None` to stop.
+    #[pyo3(signature = (attempt, outcome_name, retry_after=None, may_retry=true))]
+    fn after(
+        &self,
+        attempt: &StepAttempt,
+        outcome_name: &str,
+        retry_after: Option<f64>,
+        may_retry: bool,
+    ) -> PyResult<Option<f64>> {
+        let outcome = outcome(outcome_name)?;
+        let retry_after = retry_after.map(|s| seconds("retry_after", s)).transpose()?;
+        let attempt = attempt.inner.lock().map_err(poisoned)?.take();
+        let Some(attempt) = attempt else { return Err(PyRuntimeError::new_err("the attempt was reported already")) };
+        let mut guard = self.inner.lock().map_err(poisoned)?;
+        let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
+        Ok(steps.after(attempt, outcome, retry_after, may_retry).map(|d| d.as_secs_f64()))
+    }
+
+    /// Whether the envelope's fallback answers a call that ended in `outcome_name`.
+    fn fallback_applies(&self, outcome_name: &str) -> PyResult<bool> {
+        let outcome = outcome(outcome_name)?;
+        let guard = self.inner.lock().map_err(poisoned)?;
+        Ok(guard.as_ref().is_some_and(|s| s.fallback_applies(outcome)))
+    }
+
+    /// Seconds left before the envelope's deadline, if it has one.
+    fn time_left(&self) -> PyResult<Option<f64>> {
+        let guard = self.inner.lock().map_err(poisoned)?;
+        Ok(guard.as_ref().and_then(|s| s.time_left()).map(|d| d.as_secs_f64()))
+    }
+
+    /// The call ended in `outcome_name`.
+    fn finish(&self, outcome_name: &str) -> PyResult<()> {
+        let outcome = outcome(outcome_name)?;
+        if let Some(steps) = self.inner.lock().map_err(poisoned)?.take() {
+            steps.finish(outcome);
+        }
+        Ok(())
+    }
+}
+
+/// One admitted attempt.
+#[pyclass(frozen, module = "envelope._envelope")]
+struct StepAttempt {
+    inner: Mutex<Option<envelope_core::StepAttempt>>,
+}
+
+#[pymethods]
+impl StepAttempt {
+    /// Seconds the attempt may take, if limited.
+    #[getter]
+    fn limit(&self) -> PyResult<Option<f64>> {
+        let guard = self.inner.lock().map_err(poisoned)?;
+        Ok(guard.as_ref().and_then(|a| a.limit()).map(|d| d.as_secs_f64()))
+    }
 }

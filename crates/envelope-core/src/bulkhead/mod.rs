@@ -216,6 +216,21 @@ impl Bulkhead {
         Ok(OwnedPermit { shared: self.shared.clone() })
     }
 
+    /// Like [`try_acquire`](Self::try_acquire), with a permit that owns a handle to the bulkhead.
+    pub fn try_acquire_owned(&self) -> Result<OwnedPermit, BulkheadFull> {
+        if self.shared.semaphore.try_acquire() {
+            Ok(OwnedPermit { shared: self.shared.clone() })
+        } else {
+            Err(self.shared.reject(false))
+        }
+    }
+
+    /// Like [`acquire_blocking`](Self::acquire_blocking), with a permit that owns a handle to the bulkhead.
+    pub fn acquire_blocking_owned(&self) -> Result<OwnedPermit, BulkheadFull> {
+        self.shared.acquire_blocking()?;
+        Ok(OwnedPermit { shared: self.shared.clone() })
+    }
+
     /// Takes a permit only if one is free now.
     pub fn try_acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
         if self.shared.semaphore.try_acquire() {

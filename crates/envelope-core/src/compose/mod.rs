@@ -21,12 +21,14 @@
 //! - **Fault injection** innermost: an injected failure or delay looks exactly like the dependency's own, so every
 //!   other policy reacts to it as it would in a real incident.
 //!
-//! The three ways to use it: [`Envelope::call`] for async code, [`Envelope::call_blocking`] for blocking clients
-//! on threads without a runtime, and [`EnvelopeLayer`] for tower services.
+//! The ways to use it: [`Envelope::call`] for async code, [`Envelope::call_blocking`] for blocking clients on
+//! threads without a runtime, [`EnvelopeLayer`] for tower services, and [`Envelope::steps`] for a caller that runs
+//! each attempt itself (another language's event loop).
 
 mod blocking;
 mod cover;
 mod layer;
+mod steps;
 
 use std::fmt;
 use std::future::Future;
@@ -34,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use layer::{EnvelopeLayer, EnvelopeService, ResponseFuture};
+pub use steps::{StepAttempt, Steps};
 
 use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;

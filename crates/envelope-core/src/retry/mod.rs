@@ -254,12 +254,37 @@ impl Hint {
     }
 }
 
-/// One call's retry loop, shared by every way of calling — [`Retry::call`], the async [`crate::Envelope`] and its
-/// blocking face — so that they decide alike: which attempt may start, how long it may take, whether and how long
-/// to wait before the next. They differ only in how an attempt runs and how a wait is spent.
+/// One call's retry loop, shared by every way of calling — [`Retry::call`], the async [`crate::Envelope`], its
+/// blocking face and its step face — so that they decide alike: which attempt may start, how long it may take,
+/// whether and how long to wait before the next. They differ only in how an attempt runs and how a wait is spent.
 #[derive(Debug)]
 pub(crate) struct Driver<'a> {
     retry: Option<&'a Retry>,
+    state: DriverState,
+}
+
+impl<'a> Driver<'a> {
+    /// A call under `retry` (if any), with the caller's `deadline` (if any) and the instant it began (if read).
+    /// Records the call in the retry budget.
+    pub(crate) fn new(retry: Option<&'a Retry>, deadline: Option<Instant>, start: Option<Instant>) -> Self {
+        Driver { retry, state: DriverState::new(retry, deadline, start) }
+    }
+
+    /// Begins an attempt; returns how long it may take (see [`DriverState::begin`]).
+    pub(crate) fn begin(&mut self, limit: Option<Duration>) -> Option<Duration> {
+        self.state.begin(self.retry, limit)
+    }
+
+    /// The attempt ended in `outcome`: `Some(delay)` to wait that long and try again, `None` to stop with it.
+    pub(crate) fn after(&mut self, outcome: Outcome, hint: Hint) -> Option<Duration> {
+        self.state.after(self.retry, outcome, hint)
+    }
+}
+
+/// A [`Driver`]'s state without its policy, for a call that keeps it between steps (the step face of
+/// [`crate::Envelope`]) and passes the policy to each step.
+#[derive(Debug)]
+pub(crate) struct DriverState {
     st: Attempts,
     /// The earliest of the caller's deadline and the retry policy's own.
     deadline: Option<Instant>,
@@ -269,10 +294,9 @@ pub(crate) struct Driver<'a> {
     began: Option<Instant>,
 }
 
-impl<'a> Driver<'a> {
-    /// A call under `retry` (if any), with the caller's `deadline` (if any) and the instant it began (if read).
-    /// Records the call in the retry budget.
-    pub(crate) fn new(retry: Option<&'a Retry>, mut deadline: Option<Instant>, mut start: Option<Instant>) -> Self {
+impl DriverState {
+    /// See [`Driver::new`].
+    pub(crate) fn new(retry: Option<&Retry>, mut deadline: Option<Instant>, mut start: Option<Instant>) -> Self {
         if let Some(r) = retry {
             if let Some(d) = r.config.deadline {
                 let own = *start.get_or_insert_with(clock::now) + d;
@@ -280,24 +304,24 @@ impl<'a> Driver<'a> {
             }
             r.on_first_attempt(start);
         }
-        Driver { retry, st: Attempts::default(), deadline, start, began: None }
+        DriverState { st: Attempts::default(), deadline, start, began: None }
     }
 
     /// Begins an attempt; returns how long it may take: the caller's `limit` (an attempt timeout), the retry
     /// policy's, and the time left before the deadline, whichever is shortest.
-    pub(crate) fn begin(&mut self, limit: Option<Duration>) -> Option<Duration> {
+    pub(crate) fn begin(&mut self, retry: Option<&Retry>, limit: Option<Duration>) -> Option<Duration> {
         self.began = self.deadline.map(|_| self.start.take().unwrap_or_else(clock::now));
         self.st.made += 1;
         let limit = clock::shorter(limit, clock::left(self.deadline, self.began));
-        match self.retry {
+        match retry {
             Some(r) => r.attempt_limit(limit),
             None => limit,
         }
     }
 
     /// The attempt ended in `outcome`: `Some(delay)` to wait that long and try again, `None` to stop with it.
-    pub(crate) fn after(&mut self, outcome: Outcome, hint: Hint) -> Option<Duration> {
-        let retry = self.retry?;
+    pub(crate) fn after(&mut self, retry: Option<&Retry>, outcome: Outcome, hint: Hint) -> Option<Duration> {
+        let retry = retry?;
         if outcome.is_ok() {
             return None;
         }

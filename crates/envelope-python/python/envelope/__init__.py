@@ -8,13 +8,21 @@ and coroutines alike. See docs/python.md.
 from ._breaker import CircuitBreaker
 from ._classify import classify_exception
 from ._envelope import BREAKER_STATES, OUTCOMES
-from ._errors import CircuitOpen, Rejected
+from ._envelope_policy import Envelope, Retry, resilient_call
+from ._errors import BulkheadFull, CircuitOpen, DeadlineExceeded, Overloaded, RateLimited, Rejected
 
 __all__ = [
     "BREAKER_STATES",
     "OUTCOMES",
+    "BulkheadFull",
     "CircuitBreaker",
     "CircuitOpen",
+    "DeadlineExceeded",
+    "Envelope",
+    "Overloaded",
+    "RateLimited",
     "Rejected",
+    "Retry",
     "classify_exception",
+    "resilient_call",
 ]

@@ -4,21 +4,43 @@ from __future__ import annotations
 
 
 class Rejected(Exception):
-    """A call Envelope refused to make (or to wait for). `outcome` is the engine's outcome name."""
+    """A call Envelope refused to make (or to wait for any longer). `outcome` is the engine's outcome name;
+    `retry_after` the time in seconds after which trying again may succeed, when the engine knows it."""
 
     outcome: str = "rejected"
 
-
-class CircuitOpen(Rejected):
-    """The circuit breaker is open (or half-open with every probe taken): the call was not made.
-
-    `retry_after` is the time in seconds until the breaker admits probes again, when known; `state` is the
-    breaker's state (`open`, `half_open` or `forced_open`).
-    """
-
-    outcome = "circuit_open"
-
-    def __init__(self, message: str, retry_after: float | None = None, state: str = "open") -> None:
+    def __init__(self, message: str, retry_after: float | None = None, state: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.state = state
+
+
+class CircuitOpen(Rejected):
+    """The circuit breaker is open (or half-open with every probe taken): the call was not made. `state` is the
+    breaker's state (`open`, `half_open` or `forced_open`)."""
+
+    outcome = "circuit_open"
+
+
+class BulkheadFull(Rejected):
+    """Too many calls in flight to the dependency, and no room (or no time left) in the bulkhead's queue."""
+
+    outcome = "bulkhead_full"
+
+
+class RateLimited(Rejected):
+    """The local rate limit is reached; `retry_after` says when the next turn is free."""
+
+    outcome = "local_rate_limited"
+
+
+class DeadlineExceeded(Rejected):
+    """The call's deadline passed (an attempt was cut off, or no attempt could finish in the time left)."""
+
+    outcome = "timeout"
+
+
+class Overloaded(Rejected):
+    """Shed: the envelope is at its concurrency limit for calls of this priority."""
+
+    outcome = "shed"

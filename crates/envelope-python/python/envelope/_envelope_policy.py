@@ -1,0 +1,202 @@
+"""`Envelope`: the engine's policies composed in their documented order, around functions and coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, cast, overload
+
+from . import _envelope
+from ._breaker import CircuitBreaker
+from ._classify import classify_exception
+from ._errors import DeadlineExceeded, Rejected
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry settings (the engine decides: attempts, backoff and jitter, `Retry-After`, deadline, budget).
+
+    `backoff` is `"exponential"` (doubling), `"linear"` or `"constant"` from `base` up to `max_delay` seconds, with
+    `jitter` `"full"`, `"equal"`, `"decorrelated"` or `"none"`. `retry_on` names the outcomes retried (by default
+    the engine's transient ones: timeouts, connection errors and resets, 5xx, 429). `budget` is `(ttl seconds,
+    retries always allowed per second, retries per live call)`.
+    """
+
+    max_attempts: int = 3
+    backoff: str = "exponential"
+    base: float = 0.1
+    max_delay: float = 2.0
+    jitter: str = "full"
+    retry_on: tuple[str, ...] | None = None
+    budget: tuple[float, int, float] | None = (10.0, 10, 0.2)
+
+
+class Envelope:
+    """Policies composed in the engine's documented order, whatever order they are given in:
+    deadline → fallback → retry → breaker → rate limit → bulkhead → attempt timeout → the call.
+
+    Use it as a decorator (`@envelope`, on a function or a coroutine function) or call through it
+    (`envelope.call(fn, *args)`, `await envelope.call_async(fn, *args)`). A coroutine is cancelled when its
+    attempt's time is up (`attempt_timeout`, or the time left before `deadline`); a function cannot be stopped
+    from outside, so its attempt runs to its end and the timeout decides only whether another attempt starts (see
+    docs/python.md). `fallback` answers a call that failed for an outcome in `fallback_on` (by default: the
+    breaker open, retries exhausted on a transient failure, a timeout, a full bulkhead, shed).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        deadline: float | None = None,
+        attempt_timeout: float | None = None,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | None = None,
+        bulkhead: tuple[int, int, float] | None = None,
+        rate_limit: tuple[int, float, int] | None = None,
+        fallback: Callable[..., Any] | None = None,
+        fallback_on: tuple[str, ...] = (
+            "circuit_open",
+            "timeout",
+            "connect_error",
+            "upstream_reset",
+            "upstream_5xx",
+            "bulkhead_full",
+            "shed",
+        ),
+        classify: Callable[[BaseException], str] = classify_exception,
+        ignore: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.name = name
+        self._fallback = fallback
+        self._classify = classify
+        self._ignore = tuple(ignore)
+        self._core = _envelope.Envelope(
+            name,
+            deadline=deadline,
+            attempt_timeout=attempt_timeout,
+            breaker=breaker._core if breaker is not None else None,
+            max_attempts=retry.max_attempts if retry else None,
+            backoff=(retry.backoff, retry.base, retry.max_delay, retry.jitter) if retry else None,
+            retry_on=list(retry.retry_on) if retry and retry.retry_on is not None else None,
+            budget=retry.budget if retry else None,
+            bulkhead=bulkhead,
+            rate_limit=rate_limit,
+            fallback_on=list(fallback_on) if fallback is not None else None,
+        )
+
+    def _outcome(self, exc: BaseException) -> str | None:
+        """The outcome of a failed attempt, or `None` if it is not recorded (ignored types, cancellation)."""
+        if not isinstance(exc, Exception) or isinstance(exc, self._ignore):
+            return None
+        return self._classify(exc)
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Calls `fn` through the envelope (waits block the thread; the interpreter is released meanwhile)."""
+        steps = self._core.steps()
+        while True:
+            try:
+                attempt = steps.admit(blocking=True)
+            except Rejected as rejected:
+                wait = steps.rejected(rejected.outcome, rejected.retry_after)
+                if wait is None:
+                    return cast(R, self._give_up(steps, rejected, args, kwargs))
+                time.sleep(wait)
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                outcome = self._outcome(exc)
+                if outcome is None:
+                    steps.finish("client_cancelled")
+                    raise
+                wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
+                if wait is None:
+                    return cast(R, self._give_up(steps, exc, args, kwargs, outcome))
+                time.sleep(wait)
+                continue
+            steps.after(attempt, "ok")
+            steps.finish("ok")
+            return result
+
+    async def call_async(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Awaits `fn(*args, **kwargs)` through the envelope; each attempt is cancelled when its time is up."""
+        steps = self._core.steps()
+        while True:
+            try:
+                attempt = steps.admit()
+            except Rejected as rejected:
+                wait = steps.rejected(rejected.outcome, rejected.retry_after)
+                if wait is None:
+                    return cast(R, self._give_up(steps, rejected, args, kwargs))
+                await asyncio.sleep(wait)
+                continue
+            limit = attempt.limit
+            try:
+                if limit is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    result = await asyncio.wait_for(fn(*args, **kwargs), limit)
+            except BaseException as exc:
+                outcome = self._outcome(exc)
+                if outcome is None:
+                    steps.finish("client_cancelled")
+                    raise
+                wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
+                if wait is None:
+                    return cast(R, self._give_up(steps, exc, args, kwargs, outcome))
+                await asyncio.sleep(wait)
+                continue
+            steps.after(attempt, "ok")
+            steps.finish("ok")
+            return result
+
+    def _give_up(
+        self,
+        steps: _envelope.Steps,
+        exc: BaseException,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outcome: str | None = None,
+    ) -> Any:
+        """The call failed for good: the fallback's answer if the engine says it applies, else the error."""
+        outcome = outcome or str(getattr(exc, "outcome", "failure"))
+        fallback = self._fallback is not None and steps.fallback_applies(outcome)
+        steps.finish(outcome)
+        if fallback and self._fallback is not None:
+            return self._fallback(*args, **kwargs)
+        if outcome == "timeout" and not isinstance(exc, Rejected):
+            raise DeadlineExceeded(f"envelope `{self.name}`: no answer in time") from exc
+        raise exc
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Decorates a function or a coroutine function (detected)."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.call_async(fn, *args, **kwargs)
+
+            return guarded_async
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded
+
+
+def resilient_call(fn: Callable[..., R], /, *args: Any, policy: Envelope, **kwargs: Any) -> R:
+    """Calls `fn(*args, **kwargs)` through `policy` (a function; for a coroutine use
+    `await policy.call_async(fn, ...)`)."""
+    return policy.call(fn, *args, **kwargs)
