@@ -10,6 +10,7 @@ from ._classify import classify_exception
 from ._envelope import BREAKER_STATES, OUTCOMES
 from ._envelope_policy import Envelope, Retry, resilient_call
 from ._errors import BulkheadFull, CircuitOpen, DeadlineExceeded, Overloaded, RateLimited, Rejected
+from ._single import bulkhead, fallback, rate_limit, retry, timeout
 
 __all__ = [
     "BREAKER_STATES",
@@ -23,6 +24,11 @@ __all__ = [
     "RateLimited",
     "Rejected",
     "Retry",
+    "bulkhead",
     "classify_exception",
+    "fallback",
+    "rate_limit",
     "resilient_call",
+    "retry",
+    "timeout",
 ]

@@ -113,19 +113,27 @@ class CircuitBreaker:
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorates a function or a coroutine function (detected)."""
+        """Decorates a function or a coroutine function (detected). Stacked with envelope decorators (`@retry`,
+        `@timeout`, …), it joins their envelope, so the breaker runs in its documented place."""
+        if getattr(fn, "__envelope__", None) is not None:
+            from ._envelope_policy import Envelope
+
+            return Envelope(self.name, breaker=self)(fn)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 return await self.call_async(fn, *args, **kwargs)
 
+            guarded_async.__envelope_breaker__ = self  # type: ignore[attr-defined]
             return guarded_async
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
             return self.call(fn, *args, **kwargs)
 
+        # An envelope decorator stacked over this one takes the breaker into its own envelope.
+        guarded.__envelope_breaker__ = self  # type: ignore[attr-defined]
         return guarded
 
     def __repr__(self) -> str:

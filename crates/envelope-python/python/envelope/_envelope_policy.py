@@ -74,6 +74,19 @@ class Envelope:
         ignore: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.name = name
+        # The settings as given, so that stacked single-policy decorators can be merged into one envelope.
+        self._settings: dict[str, Any] = {
+            "deadline": deadline,
+            "attempt_timeout": attempt_timeout,
+            "retry": retry,
+            "breaker": breaker,
+            "bulkhead": bulkhead,
+            "rate_limit": rate_limit,
+            "fallback": fallback,
+            "fallback_on": fallback_on,
+            "classify": classify,
+            "ignore": ignore,
+        }
         self._fallback = fallback
         self._classify = classify
         self._ignore = tuple(ignore)
@@ -180,20 +193,60 @@ class Envelope:
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorates a function or a coroutine function (detected)."""
+        """Decorates a function or a coroutine function (detected).
+
+        Stacked on a function another envelope decorates, the two merge into one envelope (so the policies run in
+        the documented order, whatever order the decorators are written in); a policy given by both is an error.
+        """
+        inner: Envelope | None = getattr(fn, "__envelope__", None)
+        breaker: CircuitBreaker | None = getattr(fn, "__envelope_breaker__", None)
+        if breaker is not None:
+            inner = Envelope(breaker.name, breaker=breaker)
+        if inner is not None:
+            merged = merge(inner, self)
+            return merged(fn.__wrapped__)  # type: ignore[attr-defined]
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 return await self.call_async(fn, *args, **kwargs)
 
+            guarded_async.__envelope__ = self  # type: ignore[attr-defined]
             return guarded_async
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
             return self.call(fn, *args, **kwargs)
 
+        guarded.__envelope__ = self  # type: ignore[attr-defined]
         return guarded
+
+
+_DEFAULTS: dict[str, Any] = {
+    "deadline": None,
+    "attempt_timeout": None,
+    "retry": None,
+    "breaker": None,
+    "bulkhead": None,
+    "rate_limit": None,
+    "fallback": None,
+}
+
+
+def merge(inner: Envelope, outer: Envelope) -> Envelope:
+    """One envelope with the policies of both (each policy from the one that gives it; both giving one is an
+    error), named after the inner one."""
+    settings = dict(inner._settings)
+    for key, default in _DEFAULTS.items():
+        value = outer._settings[key]
+        if value is default:
+            continue
+        if settings[key] is not default:
+            raise ValueError(f"`{key}` is given by two stacked envelope decorators ({inner.name!r}, {outer.name!r})")
+        settings[key] = value
+        if key == "fallback":
+            settings["fallback_on"] = outer._settings["fallback_on"]
+    return Envelope(inner.name, **settings)
 
 
 def resilient_call(fn: Callable[..., R], /, *args: Any, policy: Envelope, **kwargs: Any) -> R:
