@@ -16,8 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The modules of the sidecar, the HTTP layer and the binary never import each other in a circle.
-python3 scripts/module-cycles.py crates/envelope-sidecar/src crates/envelope-http/src crates/envelope/src
+# No two modules of a crate import each other in a circle.
+python3 scripts/module-cycles.py crates/envelope-core/src crates/envelope-http/src crates/envelope-sidecar/src crates/envelope/src crates/envelope-python/src
 
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace

@@ -2,13 +2,13 @@
 
 use std::fmt;
 
-use crate::bulkhead::BulkheadFull;
-use crate::circuit_breaker::CircuitOpen;
+use crate::bulkhead::error::BulkheadFull;
+use crate::circuit_breaker::error::CircuitOpen;
 use crate::fault::InjectedFault;
 use crate::outcome::{HasOutcome, Outcome};
-use crate::rate_limit::RateLimited;
-use crate::shed::Overloaded;
-use crate::timeout::Elapsed;
+use crate::rate_limit::error::RateLimited;
+use crate::shed::error::Overloaded;
+use crate::timeout::error::Elapsed;
 
 /// A boxed error, as tower services return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -114,7 +114,7 @@ from_policy_error!(Elapsed => Timeout, CircuitOpen => CircuitOpen, BulkheadFull 
     RateLimited => RateLimited, Overloaded => Shed, InjectedFault => Injected);
 
 /// The outcome of `e` if it is one of Envelope's own policy errors.
-pub(crate) fn own_outcome(e: &(dyn std::error::Error + 'static)) -> Option<Outcome> {
+fn own_outcome(e: &(dyn std::error::Error + 'static)) -> Option<Outcome> {
     if e.is::<Elapsed>() {
         Some(Outcome::Timeout)
     } else if e.is::<CircuitOpen>() {
@@ -127,6 +127,28 @@ pub(crate) fn own_outcome(e: &(dyn std::error::Error + 'static)) -> Option<Outco
         Some(Outcome::Shed)
     } else {
         e.downcast_ref::<InjectedFault>().map(|f| f.outcome())
+    }
+}
+
+/// Finds the outcome of a (boxed) error by walking its source chain for Envelope's own error types and
+/// [`std::io::Error`]; anything else is [`Outcome::Failure`].
+pub fn outcome_of_error(error: &(dyn std::error::Error + 'static)) -> Outcome {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = own_outcome(e) {
+            return found;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return crate::outcome::io_outcome(io);
+        }
+        current = e.source();
+    }
+    Outcome::Failure
+}
+
+impl HasOutcome for Box<dyn std::error::Error + Send + Sync> {
+    fn outcome(&self) -> Outcome {
+        outcome_of_error(self.as_ref())
     }
 }
 

@@ -23,7 +23,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::circuit_breaker::State;
+use crate::circuit_breaker::state::State;
 use crate::outcome::Outcome;
 
 /// Something a policy did. Borrowed, so emitting never allocates.
@@ -101,7 +101,7 @@ pub enum Event<'a> {
         /// The shedder's name.
         name: &'a str,
         /// The priority of the rejected call.
-        priority: crate::shed::Priority,
+        priority: crate::shed::priority::Priority,
         /// The concurrency limit in force.
         limit: usize,
     },

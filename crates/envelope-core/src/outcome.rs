@@ -267,7 +267,7 @@ pub trait Classify<T, E> {
 }
 
 /// `Ok` is [`Outcome::Ok`]; an `Err` carries its own outcome when it is one of Envelope's errors or an
-/// [`std::io::Error`] (see [`outcome_of_error`]), and is [`Outcome::Failure`] otherwise.
+/// [`std::io::Error`] (see [`crate::error::outcome_of_error`]), and is [`Outcome::Failure`] otherwise.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
 
@@ -306,12 +306,6 @@ impl HasOutcome for std::io::Error {
     }
 }
 
-impl HasOutcome for Box<dyn std::error::Error + Send + Sync> {
-    fn outcome(&self) -> Outcome {
-        outcome_of_error(self.as_ref())
-    }
-}
-
 impl HasOutcome for String {
     fn outcome(&self) -> Outcome {
         Outcome::Failure
@@ -330,7 +324,8 @@ impl HasOutcome for () {
     }
 }
 
-fn io_outcome(e: &std::io::Error) -> Outcome {
+/// The outcome an I/O error stands for: a timeout, a connection that failed, or a failure.
+pub(crate) fn io_outcome(e: &std::io::Error) -> Outcome {
     use std::io::ErrorKind::*;
     match e.kind() {
         TimedOut => Outcome::Timeout,
@@ -339,22 +334,6 @@ fn io_outcome(e: &std::io::Error) -> Outcome {
         }
         _ => Outcome::Failure,
     }
-}
-
-/// Finds the outcome of a (boxed) error by walking its source chain for Envelope's own error types and
-/// [`std::io::Error`]; anything else is [`Outcome::Failure`].
-pub fn outcome_of_error(error: &(dyn std::error::Error + 'static)) -> Outcome {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = crate::error::own_outcome(e) {
-            return found;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return io_outcome(io);
-        }
-        current = e.source();
-    }
-    Outcome::Failure
 }
 
 #[cfg(test)]

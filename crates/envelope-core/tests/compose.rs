@@ -12,9 +12,7 @@ use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::{Config as RateConfig, RateLimiter};
 use envelope_core::retry::{Backoff, Config as RetryConfig, Retry};
 use envelope_core::shed::{self, LoadShedder, Priority};
-use envelope_core::{
-    BoxError, Envelope, EnvelopeLayer, Error, Outcome, error::is_caused_by, outcome::outcome_of_error,
-};
+use envelope_core::{BoxError, Envelope, EnvelopeLayer, Error, Outcome, error::is_caused_by, error::outcome_of_error};
 use tower::{Service, ServiceExt};
 use tower_layer::Layer;
 

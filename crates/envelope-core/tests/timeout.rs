@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use envelope_core::event::{Event, Listeners};
 use envelope_core::timeout::Timeout;
-use envelope_core::{Error, Outcome, outcome::outcome_of_error};
+use envelope_core::{Error, Outcome, error::outcome_of_error};
 
 struct DropFlag(Arc<AtomicBool>);
 impl Drop for DropFlag {

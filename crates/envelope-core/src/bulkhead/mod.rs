@@ -23,7 +23,7 @@
 //! # }
 //! ```
 
-mod error;
+pub(crate) mod error;
 pub(crate) mod semaphore;
 
 use std::fmt;

@@ -46,9 +46,9 @@
 //! ```
 
 mod config;
-mod error;
+pub(crate) mod error;
 mod registry;
-mod state;
+pub(crate) mod state;
 mod window;
 
 use std::fmt;

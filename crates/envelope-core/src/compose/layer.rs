@@ -16,7 +16,7 @@ use crate::outcome::{Classify, DefaultClassifier};
 ///
 /// Errors are boxed, tower-style: Envelope's own rejections are its policy error types ([`crate::timeout::Elapsed`],
 /// [`crate::circuit_breaker::CircuitOpen`], …), found with [`crate::error::is_caused_by`] or
-/// [`crate::outcome::outcome_of_error`]; the service's own errors are passed through boxed.
+/// [`crate::error::outcome_of_error`]; the service's own errors are passed through boxed.
 ///
 /// ```
 /// use envelope_core::{Envelope, EnvelopeLayer};

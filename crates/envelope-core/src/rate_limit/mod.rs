@@ -17,7 +17,7 @@
 //! # Ok::<(), envelope_core::rate_limit::ConfigError>(())
 //! ```
 
-mod error;
+pub(crate) mod error;
 mod gcra;
 
 use std::collections::HashMap;

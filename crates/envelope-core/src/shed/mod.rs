@@ -18,46 +18,20 @@
 //! ```
 
 pub mod adaptive;
-mod error;
+pub(crate) mod error;
+pub(crate) mod priority;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use error::Overloaded;
+pub use priority::Priority;
 
 use self::adaptive::{Gradient, GradientConfig, InvalidGradient};
 use crate::clock::{self, Instant};
 use crate::event::{Event, Listeners};
 use crate::outcome::Outcome;
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Ordering};
-
-/// How important a call is; lower priorities are shed first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Priority {
-    /// Analytics, reports, prefetch: shed first.
-    NonCritical,
-    /// Ordinary API traffic.
-    Default,
-    /// Authentication, payments: shed last.
-    Critical,
-}
-
-impl Priority {
-    /// The stable name used in metrics and config.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Priority::NonCritical => "non_critical",
-            Priority::Default => "default",
-            Priority::Critical => "critical",
-        }
-    }
-}
-
-impl fmt::Display for Priority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Default share of the limit usable by each priority, in percent: non-critical, default, critical.
 pub const DEFAULT_SHARES: [u8; 3] = [75, 90, 100];

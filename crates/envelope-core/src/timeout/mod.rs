@@ -19,7 +19,7 @@
 //! # }
 //! ```
 
-mod error;
+pub(crate) mod error;
 mod future;
 
 use std::future::Future;
