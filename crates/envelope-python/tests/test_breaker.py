@@ -182,3 +182,15 @@ def test_invalid_settings_are_refused_by_the_engine_with_the_reason() -> None:
         CircuitBreaker("db", open_for=-1)
     with pytest.raises(ValueError, match="not both"):
         CircuitBreaker("db", window=10, window_seconds=10)
+
+
+def test_the_registry_shares_one_breaker_per_name_and_lists_them() -> None:
+    a = envelope.breaker("registry-db", window=10, min_calls=5)
+    b = envelope.breaker("registry-db")
+    assert a is b, "one breaker per name"
+    assert envelope.breakers()["registry-db"] is a
+    a.force_open()
+    assert envelope.breakers()["registry-db"].state == "forced_open"
+    for name, found in envelope.breakers().items():
+        found.reset()
+        assert found.state == "closed", name

@@ -5,7 +5,7 @@ rate limits, shedding and SLOs) is made by the Rust engine; this package maps Py
 and coroutines alike. See docs/python.md.
 """
 
-from ._breaker import CircuitBreaker
+from ._breaker import CircuitBreaker, breaker, breakers
 from ._classify import classify_exception
 from ._envelope import BREAKER_STATES, OUTCOMES
 from ._envelope_policy import Envelope, Retry, resilient_call
@@ -24,6 +24,8 @@ __all__ = [
     "RateLimited",
     "Rejected",
     "Retry",
+    "breaker",
+    "breakers",
     "bulkhead",
     "classify_exception",
     "fallback",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -138,3 +140,24 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self.state!r})"
+
+
+_registry: weakref.WeakValueDictionary[str, CircuitBreaker] = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
+
+
+def breaker(name: str, **settings: Any) -> CircuitBreaker:
+    """The breaker named `name`, made with `settings` the first time it is asked for (later calls return it as it
+    is: give the settings once). Every part of an application that names the same dependency shares one breaker."""
+    with _registry_lock:
+        found = _registry.get(name)
+        if found is None:
+            found = CircuitBreaker(name, **settings)
+            _registry[name] = found
+        return found
+
+
+def breakers() -> dict[str, CircuitBreaker]:
+    """Every breaker made with `breaker(name)` and still in use, by name (to list, inspect, force or reset)."""
+    with _registry_lock:
+        return dict(_registry)

@@ -155,7 +155,7 @@ class Envelope:
                 if limit is None:
                     result = await fn(*args, **kwargs)
                 else:
-                    result = await asyncio.wait_for(fn(*args, **kwargs), limit)
+                    result = await _within(limit, fn(*args, **kwargs))
             except BaseException as exc:
                 outcome = self._outcome(exc)
                 if outcome is None:
@@ -220,6 +220,20 @@ class Envelope:
 
         guarded.__envelope__ = self  # type: ignore[attr-defined]
         return guarded
+
+
+if hasattr(asyncio, "timeout"):
+
+    async def _within(limit: float, awaitable: Awaitable[R]) -> R:
+        """Awaits `awaitable`, cancelled after `limit` seconds (`TimeoutError`): in the same task, so an attempt
+        costs no task of its own (Python 3.11+)."""
+        async with asyncio.timeout(limit):
+            return await awaitable
+
+else:  # Python 3.10
+
+    async def _within(limit: float, awaitable: Awaitable[R]) -> R:
+        return await asyncio.wait_for(awaitable, limit)
 
 
 _DEFAULTS: dict[str, Any] = {

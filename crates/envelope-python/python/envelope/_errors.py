@@ -5,14 +5,26 @@ from __future__ import annotations
 
 class Rejected(Exception):
     """A call Envelope refused to make (or to wait for any longer). `outcome` is the engine's outcome name;
-    `retry_after` the time in seconds after which trying again may succeed, when the engine knows it."""
+    `retry_after` the time in seconds after which trying again may succeed, when the engine knows it.
+
+    Raised as `Rejected(message, retry_after, state)`; the attributes read the arguments, so that raising one costs
+    no Python-level `__init__` (a rejection is the fast path of an open breaker).
+    """
 
     outcome: str = "rejected"
 
-    def __init__(self, message: str, retry_after: float | None = None, state: str | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.state = state
+    @property
+    def retry_after(self) -> float | None:
+        value = self.args[1] if len(self.args) > 1 else None
+        return float(value) if value is not None else None
+
+    @property
+    def state(self) -> str | None:
+        value = self.args[2] if len(self.args) > 2 else None
+        return str(value) if value is not None else None
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.outcome
 
 
 class CircuitOpen(Rejected):
