@@ -413,6 +413,17 @@ impl Steps {
         Ok(steps.after(attempt, outcome, retry_after, may_retry).map(|d| d.as_secs_f64()))
     }
 
+    /// The attempt answered: records it and ends the call (`after(attempt, "ok")` and `finish("ok")` in one step).
+    fn succeeded(&self, attempt: &StepAttempt) -> PyResult<()> {
+        let attempt = attempt.inner.lock().map_err(poisoned)?.take();
+        let Some(attempt) = attempt else { return Err(PyRuntimeError::new_err("the attempt was reported already")) };
+        if let Some(mut steps) = self.inner.lock().map_err(poisoned)?.take() {
+            let _ = steps.after(attempt, Outcome::Ok, None, true);
+            steps.finish(Outcome::Ok);
+        }
+        Ok(())
+    }
+
     /// Whether the envelope's fallback answers a call that ended in `outcome_name`.
     fn fallback_applies(&self, outcome_name: &str) -> PyResult<bool> {
         let outcome = outcome(outcome_name)?;

@@ -162,3 +162,22 @@ def test_invalid_settings_are_refused_by_the_engine() -> None:
         Envelope("db", retry=Retry(max_attempts=0))
     with pytest.raises(ValueError, match="bulkhead"):
         Envelope("db", bulkhead=(0, 0, 0.0))
+
+
+async def test_a_coroutine_cancelled_from_outside_stays_cancelled_and_is_not_retried() -> None:
+    started = 0
+    running = asyncio.Event()
+
+    @Envelope("api", attempt_timeout=30.0, retry=FAST)
+    async def hangs() -> None:
+        nonlocal started
+        started += 1
+        running.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(hangs())
+    await running.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert started == 1, "a cancellation is the caller's, not a timeout: no retry"
