@@ -8,6 +8,8 @@ Measured on a trivial function (returns at once) and a trivial coroutine, per ca
                     aiobreaker, and asyncio.wait_for as the timeout
   breaker alone     envelope.CircuitBreaker against pybreaker.CircuitBreaker (sync)
   open rejection    a call refused by an open breaker, exception raised and caught: envelope against pybreaker
+  threads           calls per second through one breaker from 1 thread and from 8 threads (each thread a batch of
+                    calls), envelope against pybreaker: whether eight threads scale or serialise
 
 Each measurement is a batch of calls timed with time.perf_counter_ns; the batches of the compared variants
 alternate (rounds), and the report gives, per variant, the median over rounds and the ratio envelope / peer per
@@ -135,6 +137,13 @@ def main():
             mine, peer = (a, b) if r % 2 == 0 else (b, a)
             results[name][0].append(mine)
             results[name][1].append(peer)
+    threads = {1: ([], []), 8: ([], [])}
+    for r in range(args.rounds):
+        for n in threads:
+            for k, call in enumerate((eb_sync, pb_sync) if r % 2 == 0 else (pb_sync, eb_sync)):
+                mine = (k == 0) == (r % 2 == 0)
+                threads[n][0 if mine else 1].append(rate(call, n, args.calls // n))
+
     print("| measure | envelope ns/call | peers ns/call | envelope / peers per round |")
     print("|---|---|---|---|")
     for name, (mine, peer) in results.items():
@@ -144,6 +153,30 @@ def main():
             f"| {statistics.median(peer):.0f} ({min(peer):.0f}–{max(peer):.0f}) "
             f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |"
         )
+    print()
+    print("| threads on one breaker | envelope calls/s | pybreaker calls/s |")
+    print("|---|---|---|")
+    for n, (mine, peer) in threads.items():
+        print(f"| {n} | {statistics.median(mine):,.0f} | {statistics.median(peer):,.0f} |")
+
+
+def rate(call, threads, calls):
+    """Calls per second through `call` from `threads` threads, `calls` each."""
+    barrier = threading.Barrier(threads + 1)
+
+    def worker():
+        barrier.wait()
+        for _ in range(calls):
+            call()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in pool:
+        t.join()
+    return threads * calls / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
