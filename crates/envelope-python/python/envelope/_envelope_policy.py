@@ -20,6 +20,13 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True)
+class _Answer:
+    """The call's answer when it ends without the function's own (the fallback's)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
 class Retry:
     """Retry settings (the engine decides: attempts, backoff and jitter, `Retry-After`, deadline, budget).
 
@@ -117,25 +124,18 @@ class Envelope:
             try:
                 attempt = steps.admit(blocking=True)
             except Rejected as rejected:
-                wait = steps.rejected(rejected.outcome, rejected.retry_after)
-                if wait is None:
-                    return cast(R, self._give_up(steps, rejected, args, kwargs))
-                time.sleep(wait)
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                outcome = self._outcome(exc)
-                if outcome is None:
-                    steps.finish("client_cancelled")
-                    raise
-                wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
-                if wait is None:
-                    return cast(R, self._give_up(steps, exc, args, kwargs, outcome))
-                time.sleep(wait)
-                continue
-            steps.succeeded(attempt)
-            return result
+                next_step = self._failed(steps, None, rejected, args, kwargs)
+            else:
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    next_step = self._failed(steps, attempt, exc, args, kwargs)
+                else:
+                    steps.succeeded(attempt)
+                    return result
+            if isinstance(next_step, _Answer):
+                return cast(R, next_step.value)
+            time.sleep(next_step)
 
     async def call_async(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Awaits `fn(*args, **kwargs)` through the envelope; each attempt is cancelled when its time is up."""
@@ -144,29 +144,43 @@ class Envelope:
             try:
                 attempt = steps.admit()
             except Rejected as rejected:
-                wait = steps.rejected(rejected.outcome, rejected.retry_after)
-                if wait is None:
-                    return cast(R, self._give_up(steps, rejected, args, kwargs))
-                await asyncio.sleep(wait)
-                continue
-            limit = attempt.limit
-            try:
-                if limit is None:
-                    result = await fn(*args, **kwargs)
+                next_step = self._failed(steps, None, rejected, args, kwargs)
+            else:
+                limit = attempt.limit
+                try:
+                    result = await (fn(*args, **kwargs) if limit is None else _within(limit, fn(*args, **kwargs)))
+                except BaseException as exc:
+                    next_step = self._failed(steps, attempt, exc, args, kwargs)
                 else:
-                    result = await _within(limit, fn(*args, **kwargs))
-            except BaseException as exc:
-                outcome = self._outcome(exc)
-                if outcome is None:
-                    steps.finish("client_cancelled")
-                    raise
-                wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
-                if wait is None:
-                    return cast(R, self._give_up(steps, exc, args, kwargs, outcome))
-                await asyncio.sleep(wait)
-                continue
-            steps.succeeded(attempt)
-            return result
+                    steps.succeeded(attempt)
+                    return result
+            if isinstance(next_step, _Answer):
+                return cast(R, next_step.value)
+            await asyncio.sleep(next_step)
+
+    def _failed(
+        self,
+        steps: _envelope.Steps,
+        attempt: _envelope.StepAttempt | None,
+        exc: BaseException,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> float | _Answer:
+        """An attempt failed (or was refused, `attempt` `None`): the wait before the next one, or the call's end —
+        the fallback's answer, or the error raised again."""
+        if attempt is None:
+            wait = steps.rejected(getattr(exc, "outcome", "failure"), getattr(exc, "retry_after", None))
+            if wait is None:
+                return _Answer(self._give_up(steps, exc, args, kwargs))
+            return wait
+        outcome = self._outcome(exc)
+        if outcome is None:
+            steps.finish("client_cancelled")
+            raise exc
+        wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
+        if wait is None:
+            return _Answer(self._give_up(steps, exc, args, kwargs, outcome))
+        return wait
 
     def _give_up(
         self,
