@@ -14,8 +14,9 @@
 //! | [`Breaker`] | a circuit breaker (`envelope_core::circuit_breaker`) |
 //! | [`BreakerPermit`] | one admitted call, to record |
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use envelope_core::Outcome;
 use envelope_core::circuit_breaker::{CircuitBreaker, Config, Escalation, OwnedPermit, State};
@@ -39,6 +40,30 @@ fn outcome(name: &str) -> PyResult<Outcome> {
         let names: Vec<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
         PyValueError::new_err(format!("unknown outcome `{name}`; one of {}", names.join(", ")))
     })
+}
+
+/// The request duration buckets, in seconds: the sidecar's (`envelope_http::observe::DURATION_BUCKETS`), so that
+/// the rules and dashboards `envelope generate` writes apply to an application's own metrics unchanged.
+const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// What an envelope's calls did, counted where they end: calls by outcome, their durations, attempts made.
+#[derive(Debug, Default)]
+struct Meter {
+    calls: [AtomicU64; Outcome::ALL.len()],
+    /// Per bucket (not cumulative), the last one for calls over the largest bound.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    attempts: AtomicU64,
+}
+
+impl Meter {
+    fn record(&self, outcome: Outcome, elapsed: Duration) {
+        self.calls[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        let bucket = DURATION_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// A circuit breaker: the engine's state machine, window and probes.
@@ -226,6 +251,7 @@ fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Envelope {
     inner: envelope_core::Envelope,
+    meter: Arc<Meter>,
 }
 
 #[pymethods]
@@ -321,15 +347,42 @@ impl Envelope {
             }
             b = b.fallback(envelope_core::fallback::Fallback::new(name).on(set));
         }
-        Ok(Envelope { inner: b.build() })
+        Ok(Envelope { inner: b.build(), meter: Arc::default() })
     }
 
     /// Starts a call, or raises `envelope.Overloaded` (shed).
     fn steps(&self, py: Python<'_>) -> PyResult<Steps> {
+        let start = Instant::now();
         match self.inner.steps() {
-            Ok(steps) => Ok(Steps { inner: Mutex::new(Some(steps)) }),
-            Err(e) => Err(rejection(py, &e, Outcome::Shed)),
+            Ok(steps) => Ok(Steps { inner: Mutex::new(Some(steps)), meter: self.meter.clone(), start }),
+            Err(e) => {
+                self.meter.record(Outcome::Shed, start.elapsed());
+                Err(rejection(py, &e, Outcome::Shed))
+            }
         }
+    }
+
+    /// What the envelope's calls did so far: `calls` by outcome name, `buckets` as `(upper bound in seconds,
+    /// cumulative count)` ending with `+Inf`, `sum` of durations in seconds, `count`, and `attempts`.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = &*self.meter;
+        let d = PyDict::new(py);
+        let calls = PyDict::new(py);
+        for o in Outcome::ALL {
+            calls.set_item(o.as_str(), m.calls[o as usize].load(Ordering::Relaxed))?;
+        }
+        d.set_item("calls", calls)?;
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
+        for (i, n) in m.buckets.iter().enumerate() {
+            cumulative += n.load(Ordering::Relaxed);
+            buckets.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+        }
+        d.set_item("buckets", buckets)?;
+        d.set_item("count", cumulative)?;
+        d.set_item("sum", m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
+        d.set_item("attempts", m.attempts.load(Ordering::Relaxed))?;
+        Ok(d)
     }
 }
 
@@ -365,6 +418,8 @@ fn rejection(py: Python<'_>, e: &envelope_core::Error<std::convert::Infallible>,
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Steps {
     inner: Mutex<Option<envelope_core::Steps>>,
+    meter: Arc<Meter>,
+    start: Instant,
 }
 
 fn poisoned<T>(_: T) -> PyErr {
@@ -380,6 +435,9 @@ impl Steps {
         let mut guard = self.inner.lock().map_err(poisoned)?;
         let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
         let admitted = if blocking { py.detach(|| steps.admit_blocking()) } else { steps.admit() };
+        if admitted.is_ok() {
+            self.meter.attempts.fetch_add(1, Ordering::Relaxed);
+        }
         match admitted {
             Ok(attempt) => Ok(StepAttempt { inner: Mutex::new(Some(attempt)) }),
             Err((e, outcome)) => Err(rejection(py, &e, outcome)),
@@ -420,6 +478,7 @@ impl Steps {
         if let Some(mut steps) = self.inner.lock().map_err(poisoned)?.take() {
             let _ = steps.after(attempt, Outcome::Ok, None, true);
             steps.finish(Outcome::Ok);
+            self.meter.record(Outcome::Ok, self.start.elapsed());
         }
         Ok(())
     }
@@ -442,6 +501,7 @@ impl Steps {
         let outcome = outcome(outcome_name)?;
         if let Some(steps) = self.inner.lock().map_err(poisoned)?.take() {
             steps.finish(outcome);
+            self.meter.record(outcome, self.start.elapsed());
         }
         Ok(())
     }

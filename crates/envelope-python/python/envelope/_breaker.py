@@ -59,6 +59,9 @@ class CircuitBreaker:
         )
         self._ignore = tuple(ignore)
         self._classify = classify
+        from . import metrics
+
+        metrics.track_breaker(self)
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from . import _envelope
+from . import _envelope, metrics
 from ._breaker import CircuitBreaker
 from ._classify import classify_exception
 from ._errors import DeadlineExceeded, Rejected
@@ -110,6 +110,7 @@ class Envelope:
             rate_limit=rate_limit,
             fallback_on=list(fallback_on) if fallback is not None else None,
         )
+        metrics.track_envelope(self)
 
     def _outcome(self, exc: BaseException) -> str | None:
         """The outcome of a failed attempt, or `None` if it is not recorded (ignored types, cancellation)."""

@@ -1,0 +1,98 @@
+"""Prometheus metrics under the sidecar's names and labels, through `prometheus_client`.
+
+`envelope.metrics.register()` adds a collector to a `prometheus_client` registry (the default one unless given).
+At each scrape it reads what every live `Envelope` and `CircuitBreaker` of the process counted in the engine:
+
+| metric | type | labels |
+|---|---|---|
+| `envelope_requests_total` | counter | `listener` (`python`), `route` (the envelope's name), `outcome`, `code` (`none`) |
+| `envelope_request_duration_seconds` | histogram (the sidecar's buckets, 5 ms … 10 s) | `route` |
+| `envelope_upstream_attempts_total` | counter | `route`, `upstream` (both the envelope's name) |
+| `envelope_breaker_state` | gauge (1 for the current state) | `upstream` (the breaker's name), `state` |
+
+So the Prometheus rules and the Grafana dashboard `envelope generate` writes for a route apply unchanged to an
+envelope of the same name in an application that uses only the Python package. Requires `prometheus_client`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _envelope
+
+if TYPE_CHECKING:
+    from ._breaker import CircuitBreaker
+    from ._envelope_policy import Envelope
+
+_envelopes: weakref.WeakSet[Envelope] = weakref.WeakSet()
+_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def track_envelope(envelope: Envelope) -> None:
+    with _lock:
+        _envelopes.add(envelope)
+
+
+def track_breaker(breaker: CircuitBreaker) -> None:
+    with _lock:
+        _breakers.add(breaker)
+
+
+class EnvelopeCollector:
+    """A `prometheus_client` collector of every live envelope's and breaker's counts."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        with _lock:
+            envelopes = list(_envelopes)
+            breakers = list(_breakers)
+        requests = CounterMetricFamily(
+            "envelope_requests",
+            "Requests answered, by route, outcome and status class",
+            labels=["listener", "route", "outcome", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "envelope_request_duration_seconds", "Time to answer a request", labels=["route"]
+        )
+        attempts = CounterMetricFamily(
+            "envelope_upstream_attempts", "Attempts sent to upstreams", labels=["route", "upstream"]
+        )
+        for env in envelopes:
+            m = env._core.metrics()
+            for outcome, n in m["calls"].items():
+                if n:
+                    requests.add_metric(["python", env.name, outcome, "none"], n)
+            buckets = [(_bound(b), n) for b, n in m["buckets"]]
+            duration.add_metric([env.name], buckets, m["sum"])
+            attempts.add_metric([env.name, env.name], m["attempts"])
+        state = GaugeMetricFamily(
+            "envelope_breaker_state", "Circuit breaker state (1 for the current state)", labels=["upstream", "state"]
+        )
+        for breaker in breakers:
+            current = breaker.state
+            for name in _envelope.BREAKER_STATES:
+                state.add_metric([breaker.name, name], 1.0 if name == current else 0.0)
+        yield requests
+        yield duration
+        yield attempts
+        yield state
+
+
+def _bound(b: float) -> str:
+    return "+Inf" if b == float("inf") else repr(b)
+
+
+def register(registry: Any = None) -> EnvelopeCollector:
+    """Adds the collector to `registry` (`prometheus_client.REGISTRY` by default) and returns it."""
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    collector = EnvelopeCollector()
+    registry.register(collector)
+    return collector
