@@ -66,6 +66,112 @@ impl Meter {
     }
 }
 
+impl Meter {
+    /// The counts as Python sees them (see [`Envelope::metrics`]).
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let calls = PyDict::new(py);
+        for o in Outcome::ALL {
+            calls.set_item(o.as_str(), self.calls[o as usize].load(Ordering::Relaxed))?;
+        }
+        d.set_item("calls", calls)?;
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
+        for (i, n) in self.buckets.iter().enumerate() {
+            cumulative += n.load(Ordering::Relaxed);
+            buckets.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+        }
+        d.set_item("buckets", buckets)?;
+        d.set_item("count", cumulative)?;
+        d.set_item("sum", self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
+        d.set_item("attempts", self.attempts.load(Ordering::Relaxed))?;
+        Ok(d)
+    }
+}
+
+/// Counts of requests by outcome and duration, for what is not an `Envelope` call (the ASGI middleware's routes).
+#[pyclass(frozen, name = "Meter", module = "envelope._envelope")]
+struct PyMeter {
+    inner: Meter,
+}
+
+#[pymethods]
+impl PyMeter {
+    #[new]
+    fn new() -> Self {
+        PyMeter { inner: Meter::default() }
+    }
+
+    /// Counts one request that ended in `outcome_name` after `seconds`.
+    fn record(&self, outcome_name: &str, seconds: f64) -> PyResult<()> {
+        self.inner.record(outcome(outcome_name)?, seconds_or_zero(seconds));
+        Ok(())
+    }
+
+    /// The counts (as `Envelope.metrics`).
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.inner.snapshot(py)
+    }
+}
+
+fn seconds_or_zero(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or_default()
+}
+
+/// The request id of a request: its own `X-Request-ID` if valid (kept: `True`), else a new one — the sidecar's
+/// rules (`envelope_http::request_id`): 1 to 128 characters from letters, digits and `-_.:/+=`.
+#[pyfunction]
+#[pyo3(signature = (incoming=None))]
+fn request_id(incoming: Option<&[u8]>) -> (String, bool) {
+    use envelope_http::request_id::RequestId;
+    let parsed = incoming.and_then(|v| http::HeaderValue::from_bytes(v).ok()).and_then(|v| RequestId::parse(&v));
+    match parsed {
+        Some(id) => (id.as_str().to_owned(), true),
+        None => (RequestId::generate().as_str().to_owned(), false),
+    }
+}
+
+/// A problem document (RFC 9457), the sidecar's: `(status, headers, body)` for `outcome_name` with `detail`,
+/// the request id, and `Retry-After` (seconds, spread as the sidecar spreads it). `status` overrides the outcome's.
+#[pyfunction]
+#[pyo3(signature = (outcome_name, detail, request_id=None, retry_after=None, status=None))]
+fn problem(
+    outcome_name: &str,
+    detail: &str,
+    request_id: Option<&str>,
+    retry_after: Option<f64>,
+    status: Option<u16>,
+) -> PyResult<(u16, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>)> {
+    use envelope_http::request_id::RequestId;
+    let outcome = outcome(outcome_name)?;
+    let id = request_id.and_then(|v| http::HeaderValue::from_str(v).ok()).and_then(|v| RequestId::parse(&v));
+    let retry_after = retry_after.map(seconds_or_zero);
+    let status = match status {
+        Some(s) => http::StatusCode::from_u16(s).map_err(|e| PyValueError::new_err(e.to_string()))?,
+        None => envelope_http::problem::status_for(outcome),
+    };
+    let response = envelope_http::problem::problem_with_status(status, outcome, detail, id.as_ref(), retry_after);
+    let headers =
+        response.headers().iter().map(|(n, v)| (n.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())).collect();
+    let body = http_body_util_collect(response.into_body());
+    Ok((status.as_u16(), headers, body))
+}
+
+/// The bytes of a `Full` body (always ready).
+fn http_body_util_collect(body: http_body_util::Full<bytes::Bytes>) -> Vec<u8> {
+    use http_body::Body as _;
+    let mut body = std::pin::pin!(body);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut out = Vec::new();
+    while let std::task::Poll::Ready(Some(Ok(frame))) = body.as_mut().poll_frame(&mut cx) {
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    out
+}
+
 /// A circuit breaker: the engine's state machine, window and probes.
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Breaker {
@@ -241,6 +347,9 @@ fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Envelope>()?;
     m.add_class::<Steps>()?;
     m.add_class::<StepAttempt>()?;
+    m.add_class::<PyMeter>()?;
+    m.add_function(wrap_pyfunction!(request_id, m)?)?;
+    m.add_function(wrap_pyfunction!(problem, m)?)?;
     m.add("OUTCOMES", Outcome::ALL.iter().map(|o| o.as_str()).collect::<Vec<_>>())?;
     m.add("BREAKER_STATES", state_names())?;
     Ok(())
@@ -365,24 +474,7 @@ impl Envelope {
     /// What the envelope's calls did so far: `calls` by outcome name, `buckets` as `(upper bound in seconds,
     /// cumulative count)` ending with `+Inf`, `sum` of durations in seconds, `count`, and `attempts`.
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let m = &*self.meter;
-        let d = PyDict::new(py);
-        let calls = PyDict::new(py);
-        for o in Outcome::ALL {
-            calls.set_item(o.as_str(), m.calls[o as usize].load(Ordering::Relaxed))?;
-        }
-        d.set_item("calls", calls)?;
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
-        for (i, n) in m.buckets.iter().enumerate() {
-            cumulative += n.load(Ordering::Relaxed);
-            buckets.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
-        }
-        d.set_item("buckets", buckets)?;
-        d.set_item("count", cumulative)?;
-        d.set_item("sum", m.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
-        d.set_item("attempts", m.attempts.load(Ordering::Relaxed))?;
-        Ok(d)
+        self.meter.snapshot(py)
     }
 }
 

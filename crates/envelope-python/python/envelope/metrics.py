@@ -5,7 +5,7 @@ At each scrape it reads what every live `Envelope` and `CircuitBreaker` of the p
 
 | metric | type | labels |
 |---|---|---|
-| `envelope_requests_total` | counter | `listener` (`python`), `route` (the envelope's name), `outcome`, `code` (`none`) |
+| `envelope_requests_total` | counter | `listener` (`python`; `asgi` for the middleware), `route` (the envelope's name, or the route template), `outcome`, `code` (`none`) |
 | `envelope_request_duration_seconds` | histogram (the sidecar's buckets, 5 ms … 10 s) | `route` |
 | `envelope_upstream_attempts_total` | counter | `route`, `upstream` (both the envelope's name) |
 | `envelope_breaker_state` | gauge (1 for the current state) | `upstream` (the breaker's name), `state` |
@@ -29,7 +29,17 @@ if TYPE_CHECKING:
 
 _envelopes: weakref.WeakSet[Envelope] = weakref.WeakSet()
 _breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_routes: dict[str, _envelope.Meter] = {}
 _lock = threading.Lock()
+
+
+def route_meter(route: str) -> _envelope.Meter:
+    """The meter of a route template (the ASGI middleware's), made the first time."""
+    meter = _routes.get(route)
+    if meter is None:
+        with _lock:
+            meter = _routes.setdefault(route, _envelope.Meter())
+    return meter
 
 
 def track_envelope(envelope: Envelope) -> None:
@@ -51,6 +61,7 @@ class EnvelopeCollector:
         with _lock:
             envelopes = list(_envelopes)
             breakers = list(_breakers)
+            routes = list(_routes.items())
         requests = CounterMetricFamily(
             "envelope_requests",
             "Requests answered, by route, outcome and status class",
@@ -70,6 +81,12 @@ class EnvelopeCollector:
             buckets = [(_bound(b), n) for b, n in m["buckets"]]
             duration.add_metric([env.name], buckets, m["sum"])
             attempts.add_metric([env.name, env.name], m["attempts"])
+        for route, meter in routes:
+            m = meter.metrics()
+            for outcome, n in m["calls"].items():
+                if n:
+                    requests.add_metric(["asgi", route, outcome, "none"], n)
+            duration.add_metric([route], [(_bound(b), n) for b, n in m["buckets"]], m["sum"])
         state = GaugeMetricFamily(
             "envelope_breaker_state", "Circuit breaker state (1 for the current state)", labels=["upstream", "state"]
         )

@@ -1,0 +1,122 @@
+"""`EnvelopeMiddleware`: what the sidecar does at the edge, inside an ASGI application (Starlette, FastAPI, any).
+
+In this order, for each HTTP request:
+1. **Request id**: the client's `X-Request-ID` if valid (the sidecar's rules, from the engine), else a new one;
+   echoed on the response, set in `envelope.asgi.REQUEST_ID` (a contextvar) while the request is handled, and put
+   on every log record the application writes by `RequestIdFilter`.
+2. **Timeout → 504**: the handler is cancelled when `timeout` seconds have passed (the whole response, body
+   included, as the sidecar's route timeout); if nothing was sent yet, the client gets a 504 problem document.
+3. **Errors → problem+json**: an exception escaping the application is logged in full and answered with a 500
+   problem document (RFC 9457, the sidecar's) that says nothing of its internals.
+4. **RED metrics per route template**: requests by outcome and their durations, under the sidecar's names, by the
+   route's *template* (FastAPI's and Starlette's route path, e.g. `/items/{item_id}`; `unmatched` when no route
+   matched — never the raw path), exported by `envelope.metrics`.
+
+Responses pass through as they are sent: a streamed body (server-sent events) is not held back.
+Not yet: shedding by tier (429) and per-route SLO state (issue "Envelope for Python").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+from . import _envelope, metrics
+from ._envelope_policy import _within
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("envelope_request_id", default=None)
+"""The request id of the request being handled (None outside one)."""
+
+logger = logging.getLogger("envelope.asgi")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the request id of the request being handled on each record, as `record.request_id` (`-` outside a
+    request). Add it to the application's handlers (`handler.addFilter(RequestIdFilter())`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+def _outcome_of_status(status: int) -> str:
+    """The outcome of an answer the application gave, as the sidecar classifies an upstream's."""
+    if status >= 500:
+        return "upstream_5xx"
+    if status == 429:
+        return "rate_limited"
+    if status >= 400:
+        return "upstream_4xx"
+    return "ok"
+
+
+class EnvelopeMiddleware:
+    """The edge policies for an ASGI application; see the module docs.
+
+    `name` names the application in logs. `timeout` (seconds, `None` for none) bounds each request.
+    """
+
+    def __init__(self, app: ASGIApp, *, name: str = "app", timeout: float | None = 30.0) -> None:
+        self.app = app
+        self.name = name
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope.get("headers", ()) if k.lower() == b"x-request-id"), None)
+        request_id, _kept = _envelope.request_id(incoming)
+        token = REQUEST_ID.set(request_id)
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        began = time.perf_counter()
+        outcome = "ok"
+        try:
+            if self.timeout is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                await _within(self.timeout, self.app(scope, receive, send_with_id))
+        except TimeoutError:
+            outcome = "timeout"
+            if status is None:
+                detail = f"no answer within {self.timeout:g} s"
+                await self._problem(send, "timeout", detail, request_id, None)
+                status = 504
+        except Exception:
+            outcome = "failure"
+            logger.exception("%s: unhandled error", self.name)
+            if status is None:
+                await self._problem(send, "failure", "the service failed to answer", request_id, 500)
+                status = 500
+        else:
+            outcome = _outcome_of_status(status or 500)
+        finally:
+            REQUEST_ID.reset(token)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.route_meter(route).record(outcome, time.perf_counter() - began)
+
+    @staticmethod
+    async def _problem(send: Send, outcome: str, detail: str, request_id: str, status: int | None) -> None:
+        code, headers, body = _envelope.problem(outcome, detail, request_id, None, status)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

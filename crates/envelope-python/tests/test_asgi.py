@@ -1,0 +1,97 @@
+"""The ASGI middleware around a FastAPI application, driven in process through httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
+
+import envelope.metrics
+from envelope.asgi import REQUEST_ID, EnvelopeMiddleware, RequestIdFilter
+
+log = logging.getLogger("test.app")
+
+
+def make_app(cancelled: list[bool]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, object]:
+        log.warning("serving item %s", item_id)
+        return {"item": item_id, "request_id": REQUEST_ID.get()}
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return {"late": "yes"}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals: password=hunter2")
+
+    app.add_middleware(EnvelopeMiddleware, name="shop", timeout=0.05)
+    return app
+
+
+async def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
+
+
+async def test_request_ids_are_kept_when_valid_made_when_not_and_on_the_apps_log_records(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.handler.addFilter(RequestIdFilter())
+    async with await client(make_app([])) as c:
+        kept = await c.get("/items/1", headers={"x-request-id": "abc-123"})
+        assert kept.status_code == 200
+        assert kept.headers["x-request-id"] == "abc-123"
+        assert kept.json()["request_id"] == "abc-123", "the handler sees it in the contextvar"
+
+        made = await c.get("/items/2", headers={"x-request-id": "bad id with spaces"})
+        made_id = made.headers["x-request-id"]
+        assert made_id != "bad id with spaces" and len(made_id) == 36, "an invalid id is replaced by a new one"
+        assert made.json()["request_id"] == made_id
+    ids = [getattr(r, "request_id", None) for r in caplog.records if r.name == "test.app"]
+    assert ids == ["abc-123", made_id]
+
+
+async def test_a_slow_handler_is_cancelled_and_answered_504_as_a_problem() -> None:
+    cancelled: list[bool] = []
+    async with await client(make_app(cancelled)) as c:
+        r = await c.get("/slow")
+    assert r.status_code == 504
+    assert r.headers["content-type"] == "application/problem+json"
+    doc = r.json()
+    assert (doc["status"], doc["outcome"]) == (504, "timeout")
+    assert doc["request_id"] == r.headers["x-request-id"]
+    assert cancelled == [True], "the handler was cancelled"
+
+
+async def test_an_unhandled_error_is_a_500_problem_without_internals(caplog: pytest.LogCaptureFixture) -> None:
+    async with await client(make_app([])) as c:
+        r = await c.get("/boom")
+    assert r.status_code == 500
+    assert r.json()["status"] == 500 and r.json()["title"] == "Internal Server Error"
+    assert "hunter2" not in r.text and "RuntimeError" not in r.text
+    assert any("hunter2" in (r.exc_text or "") for r in caplog.records), "the cause is logged in full"
+
+
+async def test_red_metrics_are_by_route_template_never_by_raw_path() -> None:
+    registry = CollectorRegistry()
+    envelope.metrics.register(registry)
+    async with await client(make_app([])) as c:
+        for i in range(3):
+            assert (await c.get(f"/items/{i}")).status_code == 200
+        assert (await c.get("/nowhere")).status_code == 404
+    text = generate_latest(registry).decode()
+    assert 'envelope_requests_total{code="none",listener="asgi",outcome="ok",route="/items/{item_id}"}' in text
+    assert 'route="unmatched"' in text
+    assert "/items/1" not in text and "/nowhere" not in text
