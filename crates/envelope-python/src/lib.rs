@@ -131,6 +131,9 @@ fn request_id(incoming: Option<&[u8]>) -> (String, bool) {
     }
 }
 
+/// A status, header lines and a body, as an ASGI application sends them.
+type ProblemAnswer = (u16, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>);
+
 /// A problem document (RFC 9457), the sidecar's: `(status, headers, body)` for `outcome_name` with `detail`,
 /// the request id, and `Retry-After` (seconds, spread as the sidecar spreads it). `status` overrides the outcome's.
 #[pyfunction]
@@ -141,7 +144,7 @@ fn problem(
     request_id: Option<&str>,
     retry_after: Option<f64>,
     status: Option<u16>,
-) -> PyResult<(u16, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>)> {
+) -> PyResult<ProblemAnswer> {
     use envelope_http::request_id::RequestId;
     let outcome = outcome(outcome_name)?;
     let id = request_id.and_then(|v| http::HeaderValue::from_str(v).ok()).and_then(|v| RequestId::parse(&v));
