@@ -6,12 +6,14 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests talk to, installed (one apt run) on a machine without them:
 # - procps: the end-to-end tests signal the sidecar with kill(1);
 # - prometheus: the generated rules are checked with promtool, and a real Prometheus scrapes the sidecar;
-# - chromium, chromium-driver: the dashboard page is driven in headless Chromium through WebDriver.
+# - chromium, chromium-driver: the dashboard page is driven in headless Chromium through WebDriver;
+# - redis-server: the Python package's tests wrap a real Redis in an envelope.
 missing=()
 command -v /usr/bin/kill >/dev/null 2>&1 || command -v /bin/kill >/dev/null 2>&1 || missing+=(procps)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
@@ -26,7 +28,7 @@ cargo test --workspace
 # and mypy --strict over the package and its tests.
 venv=target/python-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=0.24" "mypy>=1.10" "prometheus-client>=0.20" "fastapi>=0.110" "httpx>=0.27" "uvicorn>=0.30"
+"$venv/bin/pip" install -q "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=0.24" "mypy>=1.10" "prometheus-client>=0.20" "fastapi>=0.110" "httpx>=0.27" "uvicorn>=0.30" "redis>=5"
 VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH" maturin develop -q -m crates/envelope-python/Cargo.toml
 (cd crates/envelope-python && "../../$venv/bin/python" -m pytest -q && "../../$venv/bin/python" -m mypy --strict python/envelope tests)
 

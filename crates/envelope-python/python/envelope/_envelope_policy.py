@@ -197,8 +197,6 @@ class Envelope:
         steps.finish(outcome)
         if fallback and self._fallback is not None:
             return self._fallback(*args, **kwargs)
-        if outcome == "timeout" and not isinstance(exc, Rejected):
-            raise DeadlineExceeded(f"envelope `{self.name}`: no answer in time") from exc
         raise exc
 
     @overload
@@ -244,7 +242,8 @@ if hasattr(asyncio.Task, "uncancel"):
 
     async def _within(limit: float, awaitable: Awaitable[R]) -> R:
         """Awaits `awaitable` in the caller's task, cancelled after `limit` seconds and then raising
-        `TimeoutError` (a cancellation from elsewhere stays a cancellation). One timer handle per attempt: no task
+        `DeadlineExceeded` (a cancellation from elsewhere stays a cancellation; the function's own `TimeoutError`
+        stays its own). One timer handle per attempt: no task
         of its own (as `asyncio.wait_for` makes) and none of `asyncio.timeout`'s bookkeeping, which cost about
         2 µs more per attempt here (BENCHMARKS.md)."""
         task = asyncio.current_task()
@@ -256,7 +255,7 @@ if hasattr(asyncio.Task, "uncancel"):
             return await awaitable
         except asyncio.CancelledError:
             if fired and task.uncancel() == 0:
-                raise TimeoutError from None
+                raise DeadlineExceeded(f"no answer within {limit:g} s") from None
             raise
         finally:
             handle.cancel()
@@ -264,7 +263,10 @@ if hasattr(asyncio.Task, "uncancel"):
 else:  # Python 3.10: no Task.uncancel to tell our cancellation from another
 
     async def _within(limit: float, awaitable: Awaitable[R]) -> R:
-        return await asyncio.wait_for(awaitable, limit)
+        try:
+            return await asyncio.wait_for(awaitable, limit)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no answer within {limit:g} s") from None
 
 
 _DEFAULTS: dict[str, Any] = {

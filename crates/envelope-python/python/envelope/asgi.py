@@ -26,6 +26,7 @@ from typing import Any
 
 from . import _envelope, metrics
 from ._envelope_policy import _within
+from ._errors import DeadlineExceeded
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -95,7 +96,7 @@ class EnvelopeMiddleware:
                 await self.app(scope, receive, send_with_id)
             else:
                 await _within(self.timeout, self.app(scope, receive, send_with_id))
-        except TimeoutError:
+        except DeadlineExceeded:
             outcome = "timeout"
             if status is None:
                 detail = f"no answer within {self.timeout:g} s"
