@@ -30,7 +30,7 @@ venv=target/python-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=0.24" "mypy>=1.10" "prometheus-client>=0.20" "fastapi>=0.110" "httpx>=0.27" "uvicorn>=0.30" "redis>=5"
 VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH" maturin develop -q -m crates/envelope-python/Cargo.toml
-(cd crates/envelope-python && "../../$venv/bin/python" -m pytest -q && "../../$venv/bin/python" -m mypy --strict python/envelope tests)
+(cd crates/envelope-python && "../../$venv/bin/python" -m pytest -q && "../../$venv/bin/python" -m mypy --strict python/envelope tests ../../examples/python)
 
 # The fuzz targets (request head, chunked decoder, response reader, config loader), 10 s each: they build, and the
 # seeds and what libFuzzer finds in that time cross every parser without a crash. Longer runs: scripts/fuzz.sh.
