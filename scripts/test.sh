@@ -31,6 +31,12 @@ venv=target/python-venv
 "$venv/bin/pip" install -q "maturin>=1.9,<2" "pytest>=8" "pytest-asyncio>=0.24" "mypy>=1.10" "prometheus-client>=0.20" "fastapi>=0.110" "httpx>=0.27" "uvicorn>=0.30" "redis>=5"
 VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH" maturin develop -q -m crates/envelope-python/Cargo.toml
 (cd crates/envelope-python && "../../$venv/bin/python" -m pytest -q && "../../$venv/bin/python" -m mypy --strict python/envelope tests ../../examples/python)
+# And as a newcomer installs it: `pip install` from the repository into a fresh virtualenv (a release build through
+# maturin's PEP 517 backend), then a call through an envelope.
+fresh=target/python-fresh
+rm -rf "$fresh" && python3 -m venv "$fresh"
+"$fresh/bin/pip" install -q ./crates/envelope-python
+(cd /tmp && "$OLDPWD/$fresh/bin/python" -c 'import envelope; assert envelope.Envelope("e", retry=envelope.Retry(2)).call(lambda: 42) == 42; print("pip install: ok")')
 
 # The fuzz targets (request head, chunked decoder, response reader, config loader), 10 s each: they build, and the
 # seeds and what libFuzzer finds in that time cross every parser without a crash. Longer runs: scripts/fuzz.sh.
