@@ -187,7 +187,7 @@ impl Breaker {
     #[new]
     #[pyo3(signature = (
         name, *, window=None, window_seconds=None, min_calls=None, failure_rate=None, slow_call=None,
-        open_for=None, max_open_for=None, half_open_calls=None, max_half_open_wait=None
+        open_for=None, max_open_for=None, half_open_calls=None, max_half_open_wait=None, on_state_change=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -201,8 +201,22 @@ impl Breaker {
         max_open_for: Option<f64>,
         half_open_calls: Option<u32>,
         max_half_open_wait: Option<f64>,
+        on_state_change: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let mut b = Config::builder();
+        if let Some(callback) = on_state_change {
+            // Called by the engine on the thread that decided, outside the breaker's locks: `callback(name, from,
+            // to)`, with the interpreter held; an exception it raises is reported as unraisable, never to the call.
+            b = b.listener(move |e: &envelope_core::event::Event<'_>| {
+                if let envelope_core::event::Event::StateTransition { name, from, to } = e {
+                    Python::attach(|py| {
+                        if let Err(err) = callback.call1(py, (*name, from.as_str(), to.as_str())) {
+                            err.write_unraisable(py, Some(callback.bind(py)));
+                        }
+                    });
+                }
+            });
+        }
         match (window, window_seconds) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err("give `window` or `window_seconds`, not both")),
             (Some(n), None) => b = b.count_window(n),

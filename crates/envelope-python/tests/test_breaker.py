@@ -194,3 +194,31 @@ def test_the_registry_shares_one_breaker_per_name_and_lists_them() -> None:
     for name, found in envelope.breakers().items():
         found.reset()
         assert found.state == "closed", name
+
+
+def test_state_changes_are_reported_to_a_callback() -> None:
+    seen: list[tuple[str, str, str]] = []
+    breaker = CircuitBreaker(
+        "events-db", window=2, min_calls=2, failure_rate=50, open_for=0.001, half_open_calls=1,
+        on_state_change=lambda name, old, new: seen.append((name, old, new)),
+    )
+    trip(breaker, 2)
+    wait_open_over(breaker)
+    breaker.call(lambda: None)
+    assert seen == [
+        ("events-db", "closed", "open"),
+        ("events-db", "open", "half_open"),
+        ("events-db", "half_open", "closed"),
+    ]
+
+
+def test_a_failing_callback_never_fails_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(name: str, old: str, new: str) -> None:
+        raise RuntimeError("callback bug")
+
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr("sys.unraisablehook", lambda u: reported.append(u.exc_value))
+    breaker = CircuitBreaker("events-db2", window=2, min_calls=2, failure_rate=50, on_state_change=broken)
+    trip(breaker, 2)  # the calls raise their own error (Down), not the callback's
+    assert breaker.state == "open"
+    assert len(reported) == 1 and isinstance(reported[0], RuntimeError), "reported as unraisable"

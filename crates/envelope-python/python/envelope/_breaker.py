@@ -27,6 +27,9 @@ class CircuitBreaker:
     `ignore` — and cancellation, `KeyboardInterrupt`, `SystemExit` — are not recorded at all (a probe they held is
     handed back). Unset settings are the engine's defaults: a window of the last 100 calls, 20 calls before any
     verdict, 50 % failures to trip, 30 s open, 3 probes.
+
+    `on_state_change(name, from_state, to_state)` is called at every transition (by the engine, on the thread
+    that caused it, outside the breaker's locks); an exception it raises is reported, never raised to the call.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class CircuitBreaker:
         max_half_open_wait: float | None = None,
         ignore: tuple[type[BaseException], ...] = (),
         classify: Callable[[BaseException], str] = classify_exception,
+        on_state_change: Callable[[str, str, str], object] | None = None,
     ) -> None:
         self._core = _envelope.Breaker(
             name,
@@ -56,6 +60,7 @@ class CircuitBreaker:
             max_open_for=max_open_for,
             half_open_calls=half_open_calls,
             max_half_open_wait=max_half_open_wait,
+            on_state_change=on_state_change,
         )
         self._ignore = tuple(ignore)
         self._classify = classify

@@ -1,5 +1,6 @@
 """Type stubs of the extension module `envelope._envelope` (the Rust engine)."""
 
+from collections.abc import Callable
 from typing import Any
 
 OUTCOMES: list[str]
@@ -19,6 +20,7 @@ class Breaker:
         max_open_for: float | None = None,
         half_open_calls: int | None = None,
         max_half_open_wait: float | None = None,
+        on_state_change: Callable[[str, str, str], object] | None = None,
     ) -> None: ...
     def acquire(self) -> BreakerPermit: ...
     @property
