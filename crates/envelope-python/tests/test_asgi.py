@@ -95,3 +95,37 @@ async def test_red_metrics_are_by_route_template_never_by_raw_path() -> None:
     assert 'envelope_requests_total{code="none",listener="asgi",outcome="ok",route="/items/{item_id}"}' in text
     assert 'route="unmatched"' in text
     assert "/items/1" not in text and "/nowhere" not in text
+
+
+async def test_one_json_access_line_per_request_with_the_sidecars_fields() -> None:
+    import io
+    import json
+
+    import envelope.logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(envelope.logs.JsonFormatter())
+    access = logging.getLogger("envelope.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        async with await client(make_app([])) as c:
+            await c.get("/items/7", headers={"x-request-id": "req-7", "authorization": "Bearer secret"})
+            await c.get("/slow")
+    finally:
+        access.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 2
+    first, second = lines
+    assert {k: first[k] for k in ("request_id", "listener", "route", "method", "status", "outcome")} == {
+        "request_id": "req-7",
+        "listener": "shop",
+        "route": "/items/{item_id}",
+        "method": "GET",
+        "status": 200,
+        "outcome": "ok",
+    }
+    assert first["duration_ms"] >= 0 and "ts_ms" in first
+    assert (second["status"], second["outcome"]) == (504, "timeout")
+    assert "secret" not in stream.getvalue(), "header values are never logged"

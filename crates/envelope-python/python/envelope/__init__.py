@@ -11,6 +11,7 @@ from ._envelope import BREAKER_STATES, OUTCOMES
 from ._envelope_policy import Envelope, Retry, resilient_call
 from ._errors import BulkheadFull, CircuitOpen, DeadlineExceeded, Overloaded, RateLimited, Rejected
 from ._single import bulkhead, fallback, rate_limit, retry, timeout
+from . import logs, metrics
 
 __all__ = [
     "BREAKER_STATES",

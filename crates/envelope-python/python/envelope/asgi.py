@@ -38,6 +38,7 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("envelope_request_id", default=N
 """The request id of the request being handled (None outside one)."""
 
 logger = logging.getLogger("envelope.asgi")
+access_logger = logging.getLogger("envelope.access")
 
 
 class RequestIdFilter(logging.Filter):
@@ -63,13 +64,18 @@ def _outcome_of_status(status: int) -> str:
 class EnvelopeMiddleware:
     """The edge policies for an ASGI application; see the module docs.
 
-    `name` names the application in logs. `timeout` (seconds, `None` for none) bounds each request.
+    `name` names the application in logs. `timeout` (seconds, `None` for none) bounds each request. With
+    `access_log`, one record per request goes to the `envelope.access` logger, at INFO, carrying the sidecar's
+    access-log fields (render them with `envelope.logs.JsonFormatter`).
     """
 
-    def __init__(self, app: ASGIApp, *, name: str = "app", timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, app: ASGIApp, *, name: str = "app", timeout: float | None = 30.0, access_log: bool = True
+    ) -> None:
         self.app = app
         self.name = name
         self.timeout = timeout
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,9 +117,21 @@ class EnvelopeMiddleware:
         else:
             outcome = _outcome_of_status(status or 500)
         finally:
-            REQUEST_ID.reset(token)
+            elapsed = time.perf_counter() - began
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics.route_meter(route).record(outcome, time.perf_counter() - began)
+            metrics.route_meter(route).record(outcome, elapsed)
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                access = {
+                    "request_id": request_id,
+                    "listener": self.name,
+                    "route": route,
+                    "method": scope.get("method"),
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "outcome": outcome,
+                }
+                access_logger.info("%s %s %s", scope.get("method"), route, status, extra={"envelope_access": access})
+            REQUEST_ID.reset(token)
 
     @staticmethod
     async def _problem(send: Send, outcome: str, detail: str, request_id: str, status: int | None) -> None:
