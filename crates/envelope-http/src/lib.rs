@@ -12,6 +12,7 @@
 //! | [`headers`] | hop-by-hop headers, `X-Forwarded-For` |
 //! | [`observe`] | RED metrics and a JSON access log as tower layers |
 //! | [`trace`] | W3C `traceparent`: continue or start a trace, pass it on |
+//! | [`tier`] | the priority of a request by its path (critical, default, non-critical) |
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -22,6 +23,7 @@ pub mod idempotency;
 pub mod observe;
 pub mod problem;
 pub mod request_id;
+pub mod tier;
 pub mod trace;
 
 pub use envelope_core;

@@ -118,6 +118,76 @@ fn seconds_or_zero(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or_default()
 }
 
+/// The priority of a request by its path (`critical`, `default`, `non_critical`): the sidecar's rule
+/// (`envelope_http::tier`).
+#[pyfunction]
+fn priority_by_path(path: &str) -> &'static str {
+    envelope_http::tier::priority_by_path(path).as_str()
+}
+
+/// A load shedder: a fixed limit of requests in flight, or the engine's adaptive limit, shared by priority
+/// (non-critical work is shed first).
+#[pyclass(frozen, module = "envelope._envelope")]
+struct Shedder {
+    inner: envelope_core::shed::LoadShedder,
+}
+
+#[pymethods]
+impl Shedder {
+    /// `limit`: that many in flight; `None`: the engine's adaptive limit with its defaults.
+    #[new]
+    #[pyo3(signature = (name, limit=None))]
+    fn new(name: &str, limit: Option<usize>) -> PyResult<Self> {
+        let b = envelope_core::shed::Config::builder();
+        let b = match limit {
+            Some(n) => b.fixed(n),
+            None => b,
+        };
+        let config = b.build().map_err(|e| PyValueError::new_err(format!("shedder `{name}`: {e}")))?;
+        Ok(Shedder { inner: envelope_core::shed::LoadShedder::new(name, config) })
+    }
+
+    /// Admits a call of `priority` (`critical`, `default`, `non_critical`), or raises `envelope.Overloaded`.
+    fn acquire(&self, py: Python<'_>, priority: &str) -> PyResult<ShedPermit> {
+        use envelope_core::shed::Priority;
+        let priority = match priority {
+            "critical" => Priority::Critical,
+            "default" => Priority::Default,
+            "non_critical" => Priority::NonCritical,
+            other => return Err(PyValueError::new_err(format!("unknown priority `{other}`"))),
+        };
+        match self.inner.try_acquire(priority) {
+            Ok(permit) => Ok(ShedPermit { inner: Mutex::new(Some(permit)) }),
+            Err(e) => Err(rejection(py, &envelope_core::Error::Shed(e), Outcome::Shed)),
+        }
+    }
+
+    /// The limit in force now.
+    #[getter]
+    fn limit(&self) -> usize {
+        self.inner.limit()
+    }
+}
+
+/// A slot in a shedder: record the call's outcome (an adaptive limit learns its latency); freed when recorded or
+/// dropped.
+#[pyclass(frozen, module = "envelope._envelope")]
+struct ShedPermit {
+    inner: Mutex<Option<envelope_core::shed::Permit>>,
+}
+
+#[pymethods]
+impl ShedPermit {
+    /// Frees the slot; an adaptive limit learns the call's latency unless the outcome carries none.
+    fn record(&self, outcome_name: &str) -> PyResult<()> {
+        let outcome = outcome(outcome_name)?;
+        if let Some(permit) = self.inner.lock().map_err(poisoned)?.take() {
+            permit.record(outcome);
+        }
+        Ok(())
+    }
+}
+
 /// The request id of a request: its own `X-Request-ID` if valid (kept: `True`), else a new one — the sidecar's
 /// rules (`envelope_http::request_id`): 1 to 128 characters from letters, digits and `-_.:/+=`.
 #[pyfunction]
@@ -365,6 +435,9 @@ fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Steps>()?;
     m.add_class::<StepAttempt>()?;
     m.add_class::<PyMeter>()?;
+    m.add_class::<Shedder>()?;
+    m.add_class::<ShedPermit>()?;
+    m.add_function(wrap_pyfunction!(priority_by_path, m)?)?;
     m.add_function(wrap_pyfunction!(request_id, m)?)?;
     m.add_function(wrap_pyfunction!(problem, m)?)?;
     m.add("OUTCOMES", Outcome::ALL.iter().map(|o| o.as_str()).collect::<Vec<_>>())?;

@@ -129,3 +129,38 @@ async def test_one_json_access_line_per_request_with_the_sidecars_fields() -> No
     assert first["duration_ms"] >= 0 and "ts_ms" in first
     assert (second["status"], second["outcome"]) == (504, "timeout")
     assert "secret" not in stream.getvalue(), "header values are never logged"
+
+
+async def test_under_load_non_critical_paths_are_shed_first_with_429_and_retry_after() -> None:
+    gate = asyncio.Event()
+    held = 0
+    app = FastAPI()
+
+    @app.get("/reports/{n}")
+    async def report(n: int) -> dict[str, int]:
+        nonlocal held
+        held += 1
+        await gate.wait()
+        return {"n": n}
+
+    @app.get("/auth/token")
+    async def token() -> dict[str, str]:
+        return {"token": "t"}
+
+    # A limit of 10: non-critical work may use 75 % of it (8), critical all of it.
+    app.add_middleware(EnvelopeMiddleware, name="shop", timeout=None, max_concurrent=10)
+    async with await client(app) as c:
+        busy = [asyncio.create_task(c.get(f"/reports/{i}")) for i in range(8)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while held < 8 and loop.time() < deadline:  # a bounded poll
+            await asyncio.sleep(0.001)
+        assert held == 8, "eight non-critical requests in flight"
+        shed = await c.get("/reports/9")
+        assert shed.status_code == 429
+        assert shed.json()["outcome"] == "shed"
+        assert 1 <= int(shed.headers["retry-after"]) <= 3, "the expected wait, spread"
+        assert (await c.get("/auth/token")).status_code == 200, "critical work still gets in"
+        gate.set()
+        assert all(r.status_code == 200 for r in await asyncio.gather(*busy))
+    assert envelope._envelope.priority_by_path("/auth/token") == "critical"

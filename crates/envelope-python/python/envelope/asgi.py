@@ -8,12 +8,16 @@ In this order, for each HTTP request:
    included, as the sidecar's route timeout); if nothing was sent yet, the client gets a 504 problem document.
 3. **Errors → problem+json**: an exception escaping the application is logged in full and answered with a 500
    problem document (RFC 9457, the sidecar's) that says nothing of its internals.
-4. **RED metrics per route template**: requests by outcome and their durations, under the sidecar's names, by the
+4. **Load shedding → 429 by tier** (with `max_concurrent`, or `adaptive=True` for the engine's adaptive limit):
+   a request the shedder refuses is answered 429 with `Retry-After` (spread, as the sidecar's) before the
+   application sees it; non-critical paths are shed first and critical ones last, by the sidecar's rule
+   (`/auth*`, `/login*`, `/payment*`, `/checkout*` critical; `/analytics*`, `/report*`, `/export*` non-critical).
+5. **RED metrics per route template**: requests by outcome and their durations, under the sidecar's names, by the
    route's *template* (FastAPI's and Starlette's route path, e.g. `/items/{item_id}`; `unmatched` when no route
    matched — never the raw path), exported by `envelope.metrics`.
 
 Responses pass through as they are sent: a streamed body (server-sent events) is not held back.
-Not yet: shedding by tier (429) and per-route SLO state (issue "Envelope for Python").
+Not yet: per-route SLO state (issue "Envelope for Python").
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from . import _envelope, metrics
 from ._envelope_policy import _within
-from ._errors import DeadlineExceeded
+from ._errors import DeadlineExceeded, Overloaded
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,12 +74,21 @@ class EnvelopeMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, name: str = "app", timeout: float | None = 30.0, access_log: bool = True
+        self,
+        app: ASGIApp,
+        *,
+        name: str = "app",
+        timeout: float | None = 30.0,
+        max_concurrent: int | None = None,
+        adaptive: bool = False,
+        access_log: bool = True,
     ) -> None:
         self.app = app
         self.name = name
         self.timeout = timeout
         self.access_log = access_log
+        shedding = adaptive or max_concurrent is not None
+        self.shedder = _envelope.Shedder(name, None if adaptive else max_concurrent) if shedding else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,7 +110,15 @@ class EnvelopeMiddleware:
 
         began = time.perf_counter()
         outcome = "ok"
+        permit: _envelope.ShedPermit | None = None
         try:
+            if self.shedder is not None:
+                try:
+                    permit = self.shedder.acquire(_envelope.priority_by_path(scope.get("path", "/")))
+                except Overloaded:
+                    outcome = "shed"
+                    await self._problem(send_with_id, "shed", "the service is overloaded", request_id, None)
+                    return
             if self.timeout is None:
                 await self.app(scope, receive, send_with_id)
             else:
@@ -117,6 +138,8 @@ class EnvelopeMiddleware:
         else:
             outcome = _outcome_of_status(status or 500)
         finally:
+            if permit is not None:
+                permit.record(outcome)
             elapsed = time.perf_counter() - began
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             metrics.route_meter(route).record(outcome, elapsed)

@@ -1066,16 +1066,14 @@ fn resolve_route(
 }
 
 /// The tier of a route without one in the config: `/auth*` and `/payments*` are critical, `/analytics*` and
-/// `/reports*` non-critical, everything else default.
+/// `/reports*` non-critical, everything else default (`envelope_http::tier`, the rule the Python middleware
+/// applies too).
 pub fn tier_by_path(prefix: &str) -> Tier {
-    let first = prefix.trim_start_matches('/').split('/').next().unwrap_or("");
-    let starts = |names: &[&str]| names.iter().any(|n| first.starts_with(n));
-    if starts(&["auth", "login", "payment", "checkout"]) {
-        Tier::Critical
-    } else if starts(&["analytics", "report", "export"]) {
-        Tier::NonCritical
-    } else {
-        Tier::Default
+    use envelope_core::shed::Priority;
+    match envelope_http::tier::priority_by_path(prefix) {
+        Priority::Critical => Tier::Critical,
+        Priority::Default => Tier::Default,
+        Priority::NonCritical => Tier::NonCritical,
     }
 }
 
