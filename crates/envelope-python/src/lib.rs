@@ -118,6 +118,64 @@ fn seconds_or_zero(s: f64) -> Duration {
     Duration::try_from_secs_f64(s).unwrap_or_default()
 }
 
+/// A service level objective in the engine's rolling windows (5 m … 30 d): the tier's availability and latency
+/// targets (`critical`, `default`, `non_critical`, as the sidecar's tiers).
+#[pyclass(frozen, module = "envelope._envelope")]
+struct Slo {
+    inner: envelope_core::slo::Slo,
+}
+
+fn alert_name(a: envelope_core::slo::Alert) -> &'static str {
+    match a {
+        envelope_core::slo::Alert::None => "none",
+        envelope_core::slo::Alert::Ticket => "ticket",
+        envelope_core::slo::Alert::Page => "page",
+    }
+}
+
+#[pymethods]
+impl Slo {
+    #[new]
+    fn new(tier: &str) -> PyResult<Self> {
+        use envelope_core::slo::Objective;
+        let objective = match tier {
+            "critical" => Objective::CRITICAL,
+            "default" => Objective::DEFAULT,
+            "non_critical" => Objective::NON_CRITICAL,
+            other => return Err(PyValueError::new_err(format!("unknown tier `{other}`"))),
+        };
+        let inner = envelope_core::slo::Slo::new(objective).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(Slo { inner })
+    }
+
+    /// Counts a call that ended in `outcome_name` after `seconds` (against availability as the sidecar counts:
+    /// failures and timeouts, not the caller's 4xx or its cancellations).
+    fn record(&self, outcome_name: &str, seconds: f64) -> PyResult<()> {
+        let outcome = outcome(outcome_name)?;
+        if outcome != Outcome::ClientCancelled {
+            self.inner.record(outcome.counts_against_availability(), seconds_or_zero(seconds));
+        }
+        Ok(())
+    }
+
+    /// The state now: `availability` and `budget_remaining` over 30 days, `burn_rates` per window
+    /// (`5m`, `30m`, `1h`, `6h`, `3d`, `30d`), `alert` (`none`, `ticket`, `page`), and the same for latency.
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.inner.report();
+        let d = PyDict::new(py);
+        d.set_item("availability", r.availability)?;
+        d.set_item("budget_remaining", r.budget_remaining)?;
+        d.set_item("burn_rates", r.burn_rates.to_vec())?;
+        d.set_item("alert", alert_name(r.alert))?;
+        d.set_item("latency_budget_remaining", r.latency_budget_remaining)?;
+        d.set_item("latency_burn_rates", r.latency_burn_rates.to_vec())?;
+        d.set_item("latency_alert", alert_name(r.latency_alert))?;
+        d.set_item("total", r.windows[5].total)?;
+        d.set_item("errors", r.windows[5].errors)?;
+        Ok(d)
+    }
+}
+
 /// The priority of a request by its path (`critical`, `default`, `non_critical`): the sidecar's rule
 /// (`envelope_http::tier`).
 #[pyfunction]
@@ -436,6 +494,7 @@ fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StepAttempt>()?;
     m.add_class::<PyMeter>()?;
     m.add_class::<Shedder>()?;
+    m.add_class::<Slo>()?;
     m.add_class::<ShedPermit>()?;
     m.add_function(wrap_pyfunction!(priority_by_path, m)?)?;
     m.add_function(wrap_pyfunction!(request_id, m)?)?;

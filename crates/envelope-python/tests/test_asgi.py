@@ -164,3 +164,21 @@ async def test_under_load_non_critical_paths_are_shed_first_with_429_and_retry_a
         gate.set()
         assert all(r.status_code == 200 for r in await asyncio.gather(*busy))
     assert envelope._envelope.priority_by_path("/auth/token") == "critical"
+
+
+async def test_each_route_has_its_slo_in_its_tier_and_failures_spend_its_budget() -> None:
+    registry = CollectorRegistry()
+    envelope.metrics.register(registry)
+    async with await client(make_app([])) as c:
+        for i in range(5):
+            assert (await c.get(f"/items/{i}")).status_code == 200
+        assert (await c.get("/boom")).status_code == 500
+    state = envelope.metrics.slo_state()
+    assert state["/items/{item_id}"]["errors"] == 0
+    assert state["/items/{item_id}"]["budget_remaining"] == 1.0
+    boom = state["/boom"]
+    assert boom["errors"] >= 1 and boom["budget_remaining"] < 0, "one failure overspends a 99.9 % budget"
+    assert boom["alert"] == "page"
+    text = generate_latest(registry).decode()
+    assert 'envelope_slo_error_budget_remaining{route="/boom"}' in text
+    assert 'envelope_slo_burn_rate{route="/boom",window="5m"}' in text

@@ -12,12 +12,14 @@ In this order, for each HTTP request:
    a request the shedder refuses is answered 429 with `Retry-After` (spread, as the sidecar's) before the
    application sees it; non-critical paths are shed first and critical ones last, by the sidecar's rule
    (`/auth*`, `/login*`, `/payment*`, `/checkout*` critical; `/analytics*`, `/report*`, `/export*` non-critical).
-5. **RED metrics per route template**: requests by outcome and their durations, under the sidecar's names, by the
+5. **SLO state per route template**, in the route's tier by the same path rule (the sidecar's tier objectives:
+   critical 99.99 % / p95 100 ms, default 99.9 % / 200 ms, non-critical 99 % / 500 ms): `envelope.metrics.
+   slo_state()` and the `envelope_slo_*` gauges.
+6. **RED metrics per route template**: requests by outcome and their durations, under the sidecar's names, by the
    route's *template* (FastAPI's and Starlette's route path, e.g. `/items/{item_id}`; `unmatched` when no route
    matched — never the raw path), exported by `envelope.metrics`.
 
 Responses pass through as they are sent: a streamed body (server-sent events) is not held back.
-Not yet: per-route SLO state (issue "Envelope for Python").
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class EnvelopeMiddleware:
             elapsed = time.perf_counter() - began
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             metrics.route_meter(route).record(outcome, elapsed)
+            metrics.route_slo(route).record(outcome, elapsed)
             if self.access_log and access_logger.isEnabledFor(logging.INFO):
                 access = {
                     "request_id": request_id,

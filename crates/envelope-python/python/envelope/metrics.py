@@ -9,6 +9,8 @@ At each scrape it reads what every live `Envelope` and `CircuitBreaker` of the p
 | `envelope_request_duration_seconds` | histogram (the sidecar's buckets, 5 ms … 10 s) | `route` |
 | `envelope_upstream_attempts_total` | counter | `route`, `upstream` (both the envelope's name) |
 | `envelope_breaker_state` | gauge (1 for the current state) | `upstream` (the breaker's name), `state` |
+| `envelope_slo_error_budget_remaining` | gauge | `route` (the middleware's route templates) |
+| `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 
 So the Prometheus rules and the Grafana dashboard `envelope generate` writes for a route apply unchanged to an
 envelope of the same name in an application that uses only the Python package. Requires `prometheus_client`.
@@ -30,7 +32,26 @@ if TYPE_CHECKING:
 _envelopes: weakref.WeakSet[Envelope] = weakref.WeakSet()
 _breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _routes: dict[str, _envelope.Meter] = {}
+_slos: dict[str, _envelope.Slo] = {}
 _lock = threading.Lock()
+
+BURN_WINDOWS = ("5m", "30m", "1h", "6h", "3d", "30d")
+
+
+def route_slo(route: str) -> _envelope.Slo:
+    """The SLO of a route template (the ASGI middleware's), in its tier by the sidecar's path rule."""
+    slo = _slos.get(route)
+    if slo is None:
+        with _lock:
+            slo = _slos.setdefault(route, _envelope.Slo(_envelope.priority_by_path(route)))
+    return slo
+
+
+def slo_state() -> dict[str, dict[str, Any]]:
+    """Every route's SLO state now (availability, error budget left, burn rates per window, alerts)."""
+    with _lock:
+        slos = list(_slos.items())
+    return {route: slo.report() for route, slo in slos}
 
 
 def route_meter(route: str) -> _envelope.Meter:
@@ -62,6 +83,7 @@ class EnvelopeCollector:
             envelopes = list(_envelopes)
             breakers = list(_breakers)
             routes = list(_routes.items())
+            slos = list(_slos.items())
         requests = CounterMetricFamily(
             "envelope_requests",
             "Requests answered, by route, outcome and status class",
@@ -94,10 +116,21 @@ class EnvelopeCollector:
             current = breaker.state
             for name in _envelope.BREAKER_STATES:
                 state.add_metric([breaker.name, name], 1.0 if name == current else 0.0)
+        budget = GaugeMetricFamily(
+            "envelope_slo_error_budget_remaining", "Share of the availability error budget left", labels=["route"]
+        )
+        burn = GaugeMetricFamily("envelope_slo_burn_rate", "Availability burn rate per window", labels=["route", "window"])
+        for route, slo in slos:
+            report = slo.report()
+            budget.add_metric([route], report["budget_remaining"])
+            for window, rate in zip(BURN_WINDOWS, report["burn_rates"]):
+                burn.add_metric([route, window], rate)
         yield requests
         yield duration
         yield attempts
         yield state
+        yield budget
+        yield burn
 
 
 def _bound(b: float) -> str:
