@@ -188,6 +188,7 @@ fn priority_by_path(path: &str) -> &'static str {
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Shedder {
     inner: envelope_core::shed::LoadShedder,
+    name: String,
 }
 
 #[pymethods]
@@ -202,7 +203,7 @@ impl Shedder {
             None => b,
         };
         let config = b.build().map_err(|e| PyValueError::new_err(format!("shedder `{name}`: {e}")))?;
-        Ok(Shedder { inner: envelope_core::shed::LoadShedder::new(name, config) })
+        Ok(Shedder { inner: envelope_core::shed::LoadShedder::new(name, config), name: name.to_owned() })
     }
 
     /// Admits a call of `priority` (`critical`, `default`, `non_critical`), or raises `envelope.Overloaded`.
@@ -216,7 +217,7 @@ impl Shedder {
         };
         match self.inner.try_acquire(priority) {
             Ok(permit) => Ok(ShedPermit { inner: Mutex::new(Some(permit)) }),
-            Err(e) => Err(rejection(py, &envelope_core::Error::Shed(e), Outcome::Shed)),
+            Err(e) => Err(rejection(py, &self.name, &envelope_core::Error::Shed(e))),
         }
     }
 
@@ -380,12 +381,7 @@ impl Breaker {
     fn acquire(&self, py: Python<'_>) -> PyResult<BreakerPermit> {
         match self.inner.try_acquire_owned() {
             Ok(permit) => Ok(BreakerPermit { inner: Mutex::new(Some(permit)) }),
-            Err(open) => {
-                let ty = CIRCUIT_OPEN.import(py, "envelope._errors", "CircuitOpen")?;
-                let retry_after = open.remaining().map(|d| d.as_secs_f64());
-                let message = format!("circuit breaker `{}` is {}", self.inner.name(), open.state());
-                Err(PyErr::from_type(ty.clone(), (message, retry_after, open.state().as_str())))
-            }
+            Err(open) => Err(rejection(py, self.inner.name(), &envelope_core::Error::CircuitOpen(open))),
         }
     }
 
@@ -509,6 +505,7 @@ fn _envelope(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Envelope {
     inner: envelope_core::Envelope,
+    name: Arc<str>,
     meter: Arc<Meter>,
 }
 
@@ -605,17 +602,19 @@ impl Envelope {
             }
             b = b.fallback(envelope_core::fallback::Fallback::new(name).on(set));
         }
-        Ok(Envelope { inner: b.build(), meter: Arc::default() })
+        Ok(Envelope { inner: b.build(), name: name.into(), meter: Arc::default() })
     }
 
     /// Starts a call, or raises `envelope.Overloaded` (shed).
     fn steps(&self, py: Python<'_>) -> PyResult<Steps> {
         let start = Instant::now();
         match self.inner.steps() {
-            Ok(steps) => Ok(Steps { inner: Mutex::new(Some(steps)), meter: self.meter.clone(), start }),
+            Ok(steps) => {
+                Ok(Steps { inner: Mutex::new(Some(steps)), name: self.name.clone(), meter: self.meter.clone(), start })
+            }
             Err(e) => {
                 self.meter.record(Outcome::Shed, start.elapsed());
-                Err(rejection(py, &e, Outcome::Shed))
+                Err(rejection(py, &self.name, &e))
             }
         }
     }
@@ -629,28 +628,22 @@ impl Envelope {
 
 /// The package's exception for a rejection (`envelope.CircuitOpen`, `BulkheadFull`, `RateLimited`,
 /// `DeadlineExceeded`, `Overloaded`), with its message, `retry_after` (seconds, if known) and outcome.
-fn rejection(py: Python<'_>, e: &envelope_core::Error<std::convert::Infallible>, outcome: Outcome) -> PyErr {
+fn rejection(py: Python<'_>, name: &str, e: &envelope_core::Error<std::convert::Infallible>) -> PyErr {
     use envelope_core::Error;
     static BULKHEAD_FULL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static RATE_LIMITED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static DEADLINE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static OVERLOADED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-    let (cell, class, retry_after) = match e {
-        Error::CircuitOpen(c) => (&CIRCUIT_OPEN, "CircuitOpen", c.remaining()),
-        Error::BulkheadFull(_) => (&BULKHEAD_FULL, "BulkheadFull", None),
-        Error::RateLimited(r) => (&RATE_LIMITED, "RateLimited", Some(r.retry_after())),
-        Error::Timeout(_) => (&DEADLINE, "DeadlineExceeded", None),
-        _ => (&OVERLOADED, "Overloaded", None),
+    let (cell, class, retry_after, state) = match e {
+        Error::CircuitOpen(c) => (&CIRCUIT_OPEN, "CircuitOpen", c.remaining(), Some(c.state().as_str())),
+        Error::BulkheadFull(_) => (&BULKHEAD_FULL, "BulkheadFull", None, None),
+        Error::RateLimited(r) => (&RATE_LIMITED, "RateLimited", Some(r.retry_after()), None),
+        Error::Timeout(_) => (&DEADLINE, "DeadlineExceeded", None, None),
+        _ => (&OVERLOADED, "Overloaded", None, None),
     };
     let retry_after = retry_after.map(|d| d.as_secs_f64());
     match cell.import(py, "envelope._errors", class) {
-        Ok(ty) => {
-            let state = match e {
-                Error::CircuitOpen(c) => c.state().as_str(),
-                _ => outcome.as_str(),
-            };
-            PyErr::from_type(ty.clone(), (e.to_string(), retry_after, state))
-        }
+        Ok(ty) => PyErr::from_type(ty.clone(), (format!("`{name}`: {e}"), retry_after, state)),
         Err(import) => import,
     }
 }
@@ -659,6 +652,8 @@ fn rejection(py: Python<'_>, e: &envelope_core::Error<std::convert::Infallible>,
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Steps {
     inner: Mutex<Option<envelope_core::Steps>>,
+    /// The envelope's name, for the messages of rejections.
+    name: Arc<str>,
     meter: Arc<Meter>,
     start: Instant,
 }
@@ -681,7 +676,7 @@ impl Steps {
         }
         match admitted {
             Ok(attempt) => Ok(StepAttempt { inner: Mutex::new(Some(attempt)) }),
-            Err((e, outcome)) => Err(rejection(py, &e, outcome)),
+            Err((e, _)) => Err(rejection(py, &self.name, &e)),
         }
     }
 

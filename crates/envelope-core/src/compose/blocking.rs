@@ -45,9 +45,9 @@ impl Envelope {
         let (result, outcome) = loop {
             // A blocking call cannot be cut off: the attempt's time limit is not enforced, but the deadline still
             // decides whether another attempt may start.
-            let _ = driver.begin(None);
+            let _ = driver.begin(p.retry.as_ref(), None);
             let (result, outcome, hint) = self.attempt_blocking(classifier, &mut f);
-            match driver.after(outcome, hint) {
+            match driver.after(p.retry.as_ref(), outcome, hint) {
                 Some(delay) => sleep(delay),
                 None => break (result, outcome),
             }

@@ -303,14 +303,14 @@ impl Envelope {
         let (cover, start) = cover.unzip();
         let mut driver = Driver::new(p.retry.as_ref(), cover.map(cover::Cover::deadline), start);
         loop {
-            let limit = driver.begin(p.attempt_timeout);
+            let limit = driver.begin(p.retry.as_ref(), p.attempt_timeout);
             // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
             // call's result to be moved through.
             let (result, outcome, hint) = match &p.hedge {
                 None => self.attempt(classifier, &mut f, limit, cover).await,
                 Some(hedge) => self.hedged(hedge, classifier, &mut f, limit, cover).await,
             };
-            match driver.after(outcome, hint) {
+            match driver.after(p.retry.as_ref(), outcome, hint) {
                 Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
                 Some(_) => {}
                 None => return (result, outcome),

@@ -17,7 +17,7 @@ use crate::circuit_breaker;
 use crate::clock::{self, Instant};
 use crate::error::Error;
 use crate::outcome::Outcome;
-use crate::retry::{DriverState, Hint};
+use crate::retry::{Driver, Hint};
 use crate::shed;
 
 /// A call in progress, driven step by step (see the module docs). Dropping it unfinished counts as a cancelled
@@ -26,7 +26,7 @@ use crate::shed;
 pub struct Steps {
     envelope: Envelope,
     shed: Option<shed::Permit>,
-    driver: DriverState,
+    driver: Driver,
     /// The envelope's deadline, if it has one.
     deadline: Option<Instant>,
 }
@@ -36,7 +36,7 @@ pub struct Steps {
 #[derive(Debug)]
 pub struct StepAttempt {
     breaker: Option<circuit_breaker::OwnedPermit>,
-    _bulkhead: Option<bulkhead::OwnedPermit>,
+    bulkhead: Option<bulkhead::OwnedPermit>,
     limit: Option<Duration>,
 }
 
@@ -58,7 +58,7 @@ impl Envelope {
         };
         let start = p.deadline.map(|_| clock::now());
         let deadline = start.zip(p.deadline).map(|(s, d)| s + d);
-        let driver = DriverState::new(p.retry.as_ref(), deadline, start);
+        let driver = Driver::new(p.retry.as_ref(), deadline, start);
         Ok(Steps { envelope: self.clone(), shed, driver, deadline })
     }
 }
@@ -96,7 +96,7 @@ impl Steps {
             Some(b) => Some(bulkhead(b).map_err(|e| (Error::BulkheadFull(e), Outcome::BulkheadFull))?),
             None => None,
         };
-        Ok(StepAttempt { breaker, _bulkhead: bulkhead, limit })
+        Ok(StepAttempt { breaker, bulkhead, limit })
     }
 
     /// The attempt ended in `outcome` (`retry_after`: the dependency's requested wait; `may_retry`: whether this
@@ -108,10 +108,11 @@ impl Steps {
         retry_after: Option<Duration>,
         may_retry: bool,
     ) -> Option<Duration> {
-        if let Some(permit) = attempt.breaker {
+        let StepAttempt { breaker, bulkhead, .. } = attempt;
+        if let Some(permit) = breaker {
             permit.record(outcome);
         }
-        drop(attempt._bulkhead);
+        drop(bulkhead);
         self.decide(outcome, Hint { retry_after, may_retry })
     }
 
@@ -140,10 +141,5 @@ impl Steps {
         if let Some(permit) = self.shed.take() {
             permit.record(outcome);
         }
-    }
-
-    /// The error of a call that ran out of time (for the caller's own deadline checks).
-    pub fn timed_out(&self) -> Error<std::convert::Infallible> {
-        self.envelope.timed_out(self.envelope.inner.deadline.unwrap_or_default())
     }
 }

@@ -257,34 +257,10 @@ impl Hint {
 /// One call's retry loop, shared by every way of calling — [`Retry::call`], the async [`crate::Envelope`], its
 /// blocking face and its step face — so that they decide alike: which attempt may start, how long it may take,
 /// whether and how long to wait before the next. They differ only in how an attempt runs and how a wait is spent.
+/// The policy is passed to each step (`None`: no retry policy), so a call that keeps its state between steps needs
+/// no borrow of it.
 #[derive(Debug)]
-pub(crate) struct Driver<'a> {
-    retry: Option<&'a Retry>,
-    state: DriverState,
-}
-
-impl<'a> Driver<'a> {
-    /// A call under `retry` (if any), with the caller's `deadline` (if any) and the instant it began (if read).
-    /// Records the call in the retry budget.
-    pub(crate) fn new(retry: Option<&'a Retry>, deadline: Option<Instant>, start: Option<Instant>) -> Self {
-        Driver { retry, state: DriverState::new(retry, deadline, start) }
-    }
-
-    /// Begins an attempt; returns how long it may take (see [`DriverState::begin`]).
-    pub(crate) fn begin(&mut self, limit: Option<Duration>) -> Option<Duration> {
-        self.state.begin(self.retry, limit)
-    }
-
-    /// The attempt ended in `outcome`: `Some(delay)` to wait that long and try again, `None` to stop with it.
-    pub(crate) fn after(&mut self, outcome: Outcome, hint: Hint) -> Option<Duration> {
-        self.state.after(self.retry, outcome, hint)
-    }
-}
-
-/// A [`Driver`]'s state without its policy, for a call that keeps it between steps (the step face of
-/// [`crate::Envelope`]) and passes the policy to each step.
-#[derive(Debug)]
-pub(crate) struct DriverState {
+pub(crate) struct Driver {
     st: Attempts,
     /// The earliest of the caller's deadline and the retry policy's own.
     deadline: Option<Instant>,
@@ -294,8 +270,9 @@ pub(crate) struct DriverState {
     began: Option<Instant>,
 }
 
-impl DriverState {
-    /// See [`Driver::new`].
+impl Driver {
+    /// A call under `retry` (if any), with the caller's `deadline` (if any) and the instant it began (if read).
+    /// Records the call in the retry budget.
     pub(crate) fn new(retry: Option<&Retry>, mut deadline: Option<Instant>, mut start: Option<Instant>) -> Self {
         if let Some(r) = retry {
             if let Some(d) = r.config.deadline {
@@ -304,7 +281,7 @@ impl DriverState {
             }
             r.on_first_attempt(start);
         }
-        DriverState { st: Attempts::default(), deadline, start, began: None }
+        Driver { st: Attempts::default(), deadline, start, began: None }
     }
 
     /// Begins an attempt; returns how long it may take: the caller's `limit` (an attempt timeout), the retry
@@ -425,7 +402,7 @@ impl Retry {
         // The clock is read only when a deadline needs it: a call that succeeds at once costs no clock read.
         let mut driver = Driver::new(Some(self), None, None);
         loop {
-            let (result, outcome, hint) = match driver.begin(None) {
+            let (result, outcome, hint) = match driver.begin(Some(self), None) {
                 Some(limit) => match crate::timeout::lazy(limit, f()).await {
                     Ok(r) => classified(classifier, r),
                     Err(_) => {
@@ -434,7 +411,7 @@ impl Retry {
                 },
                 None => classified(classifier, f().await),
             };
-            match driver.after(outcome, hint) {
+            match driver.after(Some(self), outcome, hint) {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => return result,
             }

@@ -129,14 +129,12 @@ class EnvelopeMiddleware:
             outcome = "timeout"
             if status is None:
                 detail = f"no answer within {self.timeout:g} s"
-                await self._problem(send, "timeout", detail, request_id, None)
-                status = 504
+                await self._problem(send_with_id, "timeout", detail, request_id, None)
         except Exception:
             outcome = "failure"
             logger.exception("%s: unhandled error", self.name)
             if status is None:
-                await self._problem(send, "failure", "the service failed to answer", request_id, 500)
-                status = 500
+                await self._problem(send_with_id, "failure", "the service failed to answer", request_id, 500)
         else:
             outcome = _outcome_of_status(status or 500)
         finally:

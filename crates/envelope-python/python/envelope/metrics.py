@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _envelope
 
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
     from ._envelope_policy import Envelope
+
+T = TypeVar("T")
 
 _envelopes: weakref.WeakSet[Envelope] = weakref.WeakSet()
 _breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
@@ -40,11 +42,18 @@ BURN_WINDOWS = ("5m", "30m", "1h", "6h", "3d", "30d")
 
 def route_slo(route: str) -> _envelope.Slo:
     """The SLO of a route template (the ASGI middleware's), in its tier by the sidecar's path rule."""
-    slo = _slos.get(route)
-    if slo is None:
+    return _get_or_make(_slos, route, lambda: _envelope.Slo(_envelope.priority_by_path(route)))
+
+
+def _get_or_make(table: dict[str, T], key: str, make: Callable[[], T]) -> T:
+    """`table[key]`, made once under the lock the first time (reads take no lock)."""
+    found = table.get(key)
+    if found is None:
         with _lock:
-            slo = _slos.setdefault(route, _envelope.Slo(_envelope.priority_by_path(route)))
-    return slo
+            found = table.get(key)
+            if found is None:
+                found = table[key] = make()
+    return found
 
 
 def slo_state() -> dict[str, dict[str, Any]]:
@@ -56,11 +65,7 @@ def slo_state() -> dict[str, dict[str, Any]]:
 
 def route_meter(route: str) -> _envelope.Meter:
     """The meter of a route template (the ASGI middleware's), made the first time."""
-    meter = _routes.get(route)
-    if meter is None:
-        with _lock:
-            meter = _routes.setdefault(route, _envelope.Meter())
-    return meter
+    return _get_or_make(_routes, route, _envelope.Meter)
 
 
 def track_envelope(envelope: Envelope) -> None:
