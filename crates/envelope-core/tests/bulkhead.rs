@@ -184,3 +184,36 @@ fn blocking_threads_share_the_limit_and_release_on_panic() {
     assert!(peak.load(Ordering::SeqCst) <= LIMIT);
     assert_eq!(b.metrics().active, 0);
 }
+
+/// The queue ticket for callers with their own event loop: FIFO with the async and blocking waiters, a dropped
+/// ticket passes on a permit granted meanwhile, and `leave` after the wait ran out is a counted rejection.
+#[test]
+fn queue_tickets_wait_in_the_same_fifo() {
+    use envelope_core::bulkhead::Admission;
+    use std::task::{Context, Poll, Waker};
+    let b = Bulkhead::new("b", Config::builder().max_concurrent(1).queue(3, 100 * MS).build().unwrap());
+    let Ok(Admission::Acquired(held)) = b.acquire_or_queue() else { panic!("a free permit is taken at once") };
+    let Ok(Admission::Queued(mut first)) = b.acquire_or_queue() else { panic!("queued") };
+    let Ok(Admission::Queued(second)) = b.acquire_or_queue() else { panic!("queued") };
+    let Ok(Admission::Queued(third)) = b.acquire_or_queue() else { panic!("queued") };
+    assert!(!b.acquire_or_queue().unwrap_err().waited(), "the queue of 3 is full");
+    assert_eq!(first.max_wait(), 100 * MS);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(std::pin::Pin::new(&mut first).poll(&mut cx).is_pending());
+    drop(held);
+    let Poll::Ready(permit) = std::pin::Pin::new(&mut first).poll(&mut cx) else { panic!("first in line") };
+    assert_eq!(b.metrics().queued, 2);
+    // The second gives up after its permit was granted: the permit goes on to the third, not lost.
+    drop(permit);
+    drop(second);
+    let permit = third.leave().expect("granted before the wait ran out");
+    assert_eq!(b.metrics().active, 1);
+    assert_eq!(b.metrics().rejected, 1);
+    // A ticket whose wait ran out ungranted is a rejection that waited.
+    let Ok(Admission::Queued(late)) = b.acquire_or_queue() else { panic!("queued") };
+    let err = late.leave().unwrap_err();
+    assert!(err.waited());
+    assert_eq!((b.metrics().queued, b.metrics().rejected), (0, 2));
+    drop(permit);
+    assert_eq!(b.metrics().active, 0);
+}

@@ -299,3 +299,53 @@ async fn each_policy_is_a_tower_layer_on_its_own() {
     });
     assert_eq!(EnvelopeLayer::from(retry(3)).layer(flaky).oneshot(()).await.unwrap(), 3);
 }
+
+/// The step face's bulkhead queue, for callers that wait on their own event loop: the queued attempt waits at most
+/// the queue's wait or the time left before the deadline, runs with only the rest of the deadline, and a wait that
+/// ran out is the deadline's timeout or the bulkhead's rejection.
+#[tokio::test(start_paused = true)]
+async fn steps_wait_in_the_bulkhead_queue_within_the_deadline() {
+    use std::task::{Context, Poll, Waker};
+    let bulkhead = Bulkhead::new("bh", BulkheadConfig::builder().max_concurrent(1).queue(2, 500 * MS).build().unwrap());
+    let env = Envelope::builder().deadline(300 * MS).attempt_timeout(200 * MS).bulkhead(bulkhead.clone()).build();
+    let mut cx = Context::from_waker(Waker::noop());
+
+    let mut holder = env.steps().unwrap();
+    let held = holder.admit_or_queue().unwrap();
+    assert_eq!(held.queue_wait(), None, "a free permit: no wait");
+    let mut waiter = env.steps().unwrap();
+    let mut queued = waiter.admit_or_queue().unwrap();
+    assert_eq!(queued.queue_wait(), Some(300 * MS), "the deadline is shorter than the queue's wait");
+    assert!(queued.poll_queue(&mut cx).is_pending());
+    assert!(env.steps().unwrap().admit().is_err(), "admit() never queues");
+
+    tokio::time::advance(150 * MS).await;
+    assert_eq!(queued.queue_wait(), Some(150 * MS));
+    assert_eq!(holder.after(held, Outcome::Ok, None, true), None);
+    assert_eq!(queued.poll_queue(&mut cx), Poll::Ready(()));
+    assert_eq!(queued.limit(), Some(150 * MS), "only the rest of the deadline");
+    assert_eq!(bulkhead.metrics().active, 1);
+
+    // Another waits behind it; its wait runs out with the deadline: a timeout, and its place is given up.
+    let mut late = env.steps().unwrap();
+    let stuck = late.admit_or_queue().unwrap();
+    tokio::time::advance(300 * MS).await;
+    let (_, outcome) = late.queue_timed_out(stuck).unwrap_err();
+    assert_eq!(outcome, Outcome::Timeout);
+    assert_eq!(bulkhead.metrics().queued, 0);
+    assert_eq!(waiter.after(queued, Outcome::Ok, None, true), None);
+    assert_eq!(bulkhead.metrics().active, 0);
+
+    // Without a deadline, the queue's own wait: a rejection that waited.
+    let env = Envelope::builder().bulkhead(bulkhead.clone()).build();
+    let mut a = env.steps().unwrap();
+    let held = a.admit_or_queue().unwrap();
+    let mut b = env.steps().unwrap();
+    let waiting = b.admit_or_queue().unwrap();
+    assert_eq!(waiting.queue_wait(), Some(500 * MS));
+    let (e, outcome) = b.queue_timed_out(waiting).unwrap_err();
+    assert_eq!(outcome, Outcome::BulkheadFull);
+    assert!(matches!(e, Error::BulkheadFull(f) if f.waited()));
+    drop(held);
+    assert_eq!(bulkhead.metrics().active, 0);
+}

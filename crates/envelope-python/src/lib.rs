@@ -507,6 +507,7 @@ struct Envelope {
     inner: envelope_core::Envelope,
     name: Arc<str>,
     meter: Arc<Meter>,
+    bulkhead: Option<envelope_core::bulkhead::Bulkhead>,
 }
 
 #[pymethods]
@@ -580,13 +581,15 @@ impl Envelope {
             }
             b = b.retry(Retry::new(name, r.build().map_err(|e| bad("retry", &e))?));
         }
+        let mut shared_bulkhead = None;
         if let Some((max_concurrent, queue, wait)) = bulkhead {
             let config = envelope_core::bulkhead::Config::builder()
                 .max_concurrent(max_concurrent)
                 .queue(queue, seconds("bulkhead wait", wait)?)
                 .build()
                 .map_err(|e| bad("bulkhead", &e))?;
-            b = b.bulkhead(envelope_core::bulkhead::Bulkhead::new(name, config));
+            shared_bulkhead = Some(envelope_core::bulkhead::Bulkhead::new(name, config));
+            b = b.bulkhead(shared_bulkhead.clone().expect("just set"));
         }
         if let Some((rate, per, burst)) = rate_limit {
             let config = envelope_core::rate_limit::Config::per(rate, seconds("rate_limit per", per)?)
@@ -602,7 +605,7 @@ impl Envelope {
             }
             b = b.fallback(envelope_core::fallback::Fallback::new(name).on(set));
         }
-        Ok(Envelope { inner: b.build(), name: name.into(), meter: Arc::default() })
+        Ok(Envelope { inner: b.build(), name: name.into(), meter: Arc::default(), bulkhead: shared_bulkhead })
     }
 
     /// Starts a call, or raises `envelope.Overloaded` (shed).
@@ -620,9 +623,20 @@ impl Envelope {
     }
 
     /// What the envelope's calls did so far: `calls` by outcome name, `buckets` as `(upper bound in seconds,
-    /// cumulative count)` ending with `+Inf`, `sum` of durations in seconds, `count`, and `attempts`.
+    /// cumulative count)` ending with `+Inf`, `sum` of durations in seconds, `count`, and `attempts`; with a
+    /// bulkhead, `bulkhead`: its `max_concurrent`, `active`, `queued` and `rejected` now.
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        self.meter.snapshot(py)
+        let d = self.meter.snapshot(py)?;
+        if let Some(b) = &self.bulkhead {
+            let m = b.metrics();
+            let bd = PyDict::new(py);
+            bd.set_item("max_concurrent", m.max_concurrent)?;
+            bd.set_item("active", m.active)?;
+            bd.set_item("queued", m.queued)?;
+            bd.set_item("rejected", m.rejected)?;
+            d.set_item("bulkhead", bd)?;
+        }
+        Ok(d)
     }
 }
 
@@ -665,17 +679,42 @@ fn poisoned<T>(_: T) -> PyErr {
 #[pymethods]
 impl Steps {
     /// Admits the next attempt, or raises the package's rejection. `blocking`: wait in a bulkhead's queue (the
-    /// interpreter is released while waiting); otherwise a full bulkhead rejects at once.
-    #[pyo3(signature = (blocking=false))]
-    fn admit(&self, py: Python<'_>, blocking: bool) -> PyResult<StepAttempt> {
+    /// interpreter is released while waiting); `queue`: join the bulkhead's queue and return an attempt whose
+    /// `queue_wait` says how long it may wait there (on the caller's event loop, see `StepAttempt.ready`);
+    /// otherwise a full bulkhead rejects at once.
+    #[pyo3(signature = (blocking=false, queue=false))]
+    fn admit(&self, py: Python<'_>, blocking: bool, queue: bool) -> PyResult<StepAttempt> {
         let mut guard = self.inner.lock().map_err(poisoned)?;
         let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
-        let admitted = if blocking { py.detach(|| steps.admit_blocking()) } else { steps.admit() };
+        let admitted = if blocking {
+            py.detach(|| steps.admit_blocking())
+        } else if queue {
+            steps.admit_or_queue()
+        } else {
+            steps.admit()
+        };
         if admitted.is_ok() {
             self.meter.attempts.fetch_add(1, Ordering::Relaxed);
         }
         match admitted {
             Ok(attempt) => Ok(StepAttempt { inner: Mutex::new(Some(attempt)) }),
+            Err((e, _)) => Err(rejection(py, &self.name, &e)),
+        }
+    }
+
+    /// The attempt's wait in the bulkhead's queue ran out: returns if its permit came meanwhile, else raises the
+    /// rejection (`BulkheadFull`, or `DeadlineExceeded` when the deadline ended the wait); report that with
+    /// `rejected`.
+    fn queue_timed_out(&self, py: Python<'_>, attempt: &StepAttempt) -> PyResult<()> {
+        let mut slot = attempt.inner.lock().map_err(poisoned)?;
+        let Some(taken) = slot.take() else { return Err(PyRuntimeError::new_err("the attempt was reported already")) };
+        let mut guard = self.inner.lock().map_err(poisoned)?;
+        let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
+        match steps.queue_timed_out(taken) {
+            Ok(admitted) => {
+                *slot = Some(admitted);
+                Ok(())
+            }
             Err((e, _)) => Err(rejection(py, &self.name, &e)),
         }
     }
@@ -751,10 +790,65 @@ struct StepAttempt {
 
 #[pymethods]
 impl StepAttempt {
-    /// Seconds the attempt may take, if limited.
+    /// Seconds the attempt may take from now, if limited.
     #[getter]
     fn limit(&self) -> PyResult<Option<f64>> {
         let guard = self.inner.lock().map_err(poisoned)?;
         Ok(guard.as_ref().and_then(|a| a.limit()).map(|d| d.as_secs_f64()))
+    }
+
+    /// If the attempt waits in the bulkhead's queue: the most seconds it may wait from now.
+    #[getter]
+    fn queue_wait(&self) -> PyResult<Option<f64>> {
+        let guard = self.inner.lock().map_err(poisoned)?;
+        Ok(guard.as_ref().and_then(|a| a.queue_wait()).map(|d| d.as_secs_f64()))
+    }
+
+    /// Whether the attempt holds its bulkhead permit (true at once if it never queued). If not, and `event_loop`
+    /// and `callback` are given, `callback` is scheduled on `event_loop` (`call_soon_threadsafe`) when the permit
+    /// comes; call `ready()` again then.
+    #[pyo3(signature = (event_loop=None, callback=None))]
+    fn ready(&self, event_loop: Option<Py<PyAny>>, callback: Option<Py<PyAny>>) -> PyResult<bool> {
+        let mut guard = self.inner.lock().map_err(poisoned)?;
+        let Some(attempt) = guard.as_mut() else { return Ok(false) };
+        let waker = match (event_loop, callback) {
+            (Some(event_loop), Some(callback)) => Arc::new(LoopWaker { event_loop, callback }).into(),
+            _ => std::task::Waker::noop().clone(),
+        };
+        Ok(attempt.poll_queue(&mut std::task::Context::from_waker(&waker)).is_ready())
+    }
+}
+
+/// Wakes a Python event loop: the engine's bulkhead calls `wake` when it grants a queued permit, from whichever
+/// thread returned the permit, possibly while it holds the queue's lock. Taking the interpreter there could
+/// deadlock against a Python thread waiting for that lock, so the wake is handed to one notifier thread, which
+/// holds nothing else when it attaches to the interpreter and schedules the callback on the loop.
+struct LoopWaker {
+    event_loop: Py<PyAny>,
+    callback: Py<PyAny>,
+}
+
+impl std::task::Wake for LoopWaker {
+    fn wake(self: Arc<Self>) {
+        static NOTIFIER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Arc<LoopWaker>>>> =
+            std::sync::OnceLock::new();
+        let sender = NOTIFIER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Arc<LoopWaker>>();
+            std::thread::Builder::new()
+                .name("envelope-notifier".into())
+                .spawn(move || {
+                    for waker in rx {
+                        // A closed loop, or an interpreter shutting down, has no one left to wake.
+                        let _ = Python::try_attach(|py| {
+                            waker.event_loop.call_method1(py, "call_soon_threadsafe", (waker.callback.clone_ref(py),))
+                        });
+                    }
+                })
+                .expect("spawn the notifier thread");
+            Mutex::new(tx)
+        });
+        if let Ok(sender) = sender.lock() {
+            let _ = sender.send(self);
+        }
     }
 }

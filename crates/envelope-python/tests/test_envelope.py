@@ -181,3 +181,116 @@ async def test_a_coroutine_cancelled_from_outside_stays_cancelled_and_is_not_ret
     with pytest.raises(asyncio.CancelledError):
         await task
     assert started == 1, "a cancellation is the caller's, not a timeout: no retry"
+
+
+async def test_coroutines_wait_in_the_bulkhead_queue_in_order() -> None:
+    from envelope import Bulkhead
+
+    env = Envelope("db", bulkhead=Bulkhead(1, max_queue=3, max_wait=5.0))
+    release = asyncio.Event()
+    order: list[int] = []
+
+    async def holder() -> None:
+        await release.wait()
+
+    async def queued(i: int) -> int:
+        order.append(i)
+        return i
+
+    first = asyncio.create_task(env.call_async(holder))
+    await asyncio.sleep(0)
+    waiters = []
+    for i in range(3):
+        waiters.append(asyncio.create_task(env.call_async(queued, i)))
+        await asyncio.sleep(0)
+    # The queue of 3 is full: a fourth is refused at once.
+    with pytest.raises(BulkheadFull):
+        await env.call_async(queued, 99)
+    assert order == []
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [0, 1, 2]
+    await first
+    assert order == [0, 1, 2], "first come, first served"
+
+
+async def test_a_queued_coroutine_that_waits_too_long_is_refused_and_a_cancelled_one_loses_no_permit() -> None:
+    from envelope import Bulkhead
+
+    env = Envelope("db", bulkhead=Bulkhead(1, max_queue=2, max_wait=0.05))
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        await release.wait()
+
+    async def quick() -> str:
+        return "ok"
+
+    first = asyncio.create_task(env.call_async(holder))
+    await asyncio.sleep(0)
+    with pytest.raises(BulkheadFull) as refused:
+        await env.call_async(quick)
+    assert refused.value.outcome == "bulkhead_full"
+    assert env.metrics()["bulkhead"]["rejected"] == 1
+    release.set()
+    await first
+
+    # A waiter cancelled in the queue gives its place up: the permit goes to the next one, and none is lost.
+    env = Envelope("db", bulkhead=Bulkhead(1, max_queue=2, max_wait=5.0))
+    release = asyncio.Event()
+    first = asyncio.create_task(env.call_async(holder))
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(env.call_async(quick))
+    await asyncio.sleep(0)
+    behind = asyncio.create_task(env.call_async(quick))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    release.set()
+    assert await asyncio.wait_for(behind, 5) == "ok"
+    await first
+    assert env.metrics()["bulkhead"] == {"max_concurrent": 1, "active": 0, "queued": 0, "rejected": 0}
+
+
+async def test_threads_and_coroutines_share_the_bulkhead_queue() -> None:
+    """A thread blocked in the queue (interpreter released) and a coroutine behind it: the thread is served first,
+    then the coroutine, woken on its loop from the thread that returned the permit."""
+    import threading
+
+    from envelope import Bulkhead
+
+    env = Envelope("db", bulkhead=Bulkhead(1, max_queue=2, max_wait=5.0))
+    order: list[str] = []
+    release = threading.Event()
+    held = threading.Event()
+
+    def holder() -> None:
+        held.set()
+        release.wait(5)
+
+    def in_thread() -> None:
+        env.call(lambda: order.append("thread"))
+
+    threads = [threading.Thread(target=env.call, args=(holder,))]
+    threads[0].start()
+    assert held.wait(5)
+    threads.append(threading.Thread(target=in_thread))
+    threads[1].start()
+    for _ in range(500):  # bounded poll: the thread is in the queue
+        if env.metrics()["bulkhead"]["queued"] == 1:
+            break
+        await asyncio.sleep(0.01)
+
+    async def in_coroutine() -> None:
+        order.append("coroutine")
+
+    task = asyncio.create_task(env.call_async(in_coroutine))
+    for _ in range(500):
+        if env.metrics()["bulkhead"]["queued"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.wait_for(task, 5)
+    for t in threads:
+        t.join(5)
+    assert order == ["thread", "coroutine"]

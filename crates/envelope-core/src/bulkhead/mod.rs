@@ -231,6 +231,22 @@ impl Bulkhead {
         Ok(OwnedPermit { shared: self.shared.clone() })
     }
 
+    /// Takes a permit if one is free, or joins the queue (as the configuration allows) and returns the place in it,
+    /// for callers that wait on their own event loop: poll the [`Queued`] with a waker of that loop, and when its
+    /// [`max_wait`](Queued::max_wait) runs out, [`leave`](Queued::leave) it. Async Rust callers use
+    /// [`acquire`](Self::acquire), which does exactly this with tokio's timer.
+    pub fn acquire_or_queue(&self) -> Result<Admission, BulkheadFull> {
+        if self.shared.semaphore.try_acquire() {
+            return Ok(Admission::Acquired(OwnedPermit { shared: self.shared.clone() }));
+        }
+        match self.shared.join_queue()? {
+            None => Ok(Admission::Acquired(OwnedPermit { shared: self.shared.clone() })),
+            Some((slot, max_wait)) => {
+                Ok(Admission::Queued(Queued { shared: self.shared.clone(), slot: Some(slot), max_wait }))
+            }
+        }
+    }
+
     /// Takes a permit only if one is free now.
     pub fn try_acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
         if self.shared.semaphore.try_acquire() {
@@ -386,5 +402,72 @@ impl Drop for OwnedPermit {
 impl fmt::Debug for OwnedPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("bulkhead::OwnedPermit")
+    }
+}
+
+/// A permit taken at once, or a place in the queue (see [`Bulkhead::acquire_or_queue`]).
+#[derive(Debug)]
+pub enum Admission {
+    /// A permit was free.
+    Acquired(OwnedPermit),
+    /// The caller waits in the queue, at most [`Queued::max_wait`].
+    Queued(Queued),
+}
+
+/// A place in a bulkhead's queue. It resolves to a permit when the permits ahead of it are returned; dropped
+/// before that, it leaves the queue (passing on any permit granted meanwhile), so no permit is ever lost to a
+/// caller that gave up.
+pub struct Queued {
+    shared: Arc<Shared>,
+    slot: Option<Arc<Slot>>,
+    max_wait: Duration,
+}
+
+impl Queued {
+    /// The longest this caller may wait, from when it joined the queue.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// The wait ran out: leaves the queue with the permit if it was granted meanwhile, or the rejection (counted
+    /// and reported to the listeners as a timed-out wait).
+    pub fn leave(mut self) -> Result<OwnedPermit, BulkheadFull> {
+        let slot = self.slot.take().expect("a queued place is left once");
+        if self.shared.semaphore.dequeue(&slot) {
+            Ok(OwnedPermit { shared: self.shared.clone() })
+        } else {
+            Err(self.shared.reject(true))
+        }
+    }
+}
+
+impl Future for Queued {
+    type Output = OwnedPermit;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<OwnedPermit> {
+        let Some(slot) = &self.slot else { panic!("`Queued` polled after it resolved") };
+        match slot.poll_granted(cx) {
+            std::task::Poll::Ready(()) => {
+                self.slot = None;
+                std::task::Poll::Ready(OwnedPermit { shared: self.shared.clone() })
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take()
+            && self.shared.semaphore.dequeue(&slot)
+        {
+            self.shared.semaphore.release();
+        }
+    }
+}
+
+impl fmt::Debug for Queued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("bulkhead::Queued").field("max_wait", &self.max_wait).finish()
     }
 }

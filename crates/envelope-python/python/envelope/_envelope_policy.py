@@ -45,6 +45,27 @@ class Retry:
     budget: tuple[float, int, float] | None = (10.0, 10, 0.2)
 
 
+@dataclass(frozen=True)
+class Bulkhead:
+    """At most `max_concurrent` calls in flight; up to `max_queue` more wait (FIFO, the engine's queue, shared by
+    threads and coroutines) at most `max_wait` seconds each. Without a queue a call over the limit is refused at
+    once (`BulkheadFull`)."""
+
+    max_concurrent: int
+    max_queue: int = 0
+    max_wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `rate` calls per `per` seconds, spaced evenly (GCRA), with bursts of up to `burst` calls (by default
+    `rate`). Over the limit, a call is refused at once (`RateLimited`, with `retry_after`)."""
+
+    rate: int
+    per: float = 1.0
+    burst: int | None = None
+
+
 class Envelope:
     """Policies composed in the engine's documented order, whatever order they are given in:
     deadline → fallback → retry → breaker → rate limit → bulkhead → attempt timeout → the call.
@@ -65,8 +86,8 @@ class Envelope:
         attempt_timeout: float | None = None,
         retry: Retry | None = None,
         breaker: CircuitBreaker | None = None,
-        bulkhead: tuple[int, int, float] | None = None,
-        rate_limit: tuple[int, float, int] | None = None,
+        bulkhead: Bulkhead | tuple[int, int, float] | None = None,
+        rate_limit: RateLimit | tuple[int, float, int] | None = None,
         fallback: Callable[..., Any] | None = None,
         fallback_on: tuple[str, ...] = (
             "circuit_open",
@@ -106,11 +127,16 @@ class Envelope:
             backoff=(retry.backoff, retry.base, retry.max_delay, retry.jitter) if retry else None,
             retry_on=list(retry.retry_on) if retry and retry.retry_on is not None else None,
             budget=retry.budget if retry else None,
-            bulkhead=bulkhead,
-            rate_limit=rate_limit,
+            bulkhead=_bulkhead(bulkhead),
+            rate_limit=_rate_limit(rate_limit),
             fallback_on=list(fallback_on) if fallback is not None else None,
         )
         metrics.track_envelope(self)
+
+    def metrics(self) -> dict[str, Any]:
+        """What the envelope's calls did so far (calls by outcome, durations, attempts) and, with a bulkhead, its
+        `active`, `queued` and `rejected` now."""
+        return self._core.metrics()
 
     def _outcome(self, exc: BaseException) -> str | None:
         """The outcome of a failed attempt, or `None` if it is not recorded (ignored types, cancellation)."""
@@ -143,7 +169,10 @@ class Envelope:
         steps = self._core.steps()
         while True:
             try:
-                attempt = steps.admit()
+                attempt = steps.admit(queue=True)
+                wait = attempt.queue_wait
+                if wait is not None:
+                    await _wait_in_queue(steps, attempt, wait)
             except Rejected as rejected:
                 next_step = self._failed(steps, None, rejected, args, kwargs)
             else:
@@ -231,6 +260,39 @@ class Envelope:
 
         guarded.__envelope__ = self  # type: ignore[attr-defined]
         return guarded
+
+
+def _bulkhead(b: Bulkhead | tuple[int, int, float] | None) -> tuple[int, int, float] | None:
+    if isinstance(b, Bulkhead):
+        return (b.max_concurrent, b.max_queue, b.max_wait)
+    return b
+
+
+def _rate_limit(r: RateLimit | tuple[int, float, int] | None) -> tuple[int, float, int] | None:
+    if isinstance(r, RateLimit):
+        return (r.rate, r.per, r.rate if r.burst is None else r.burst)
+    return r
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _wait_in_queue(steps: _envelope.Steps, attempt: _envelope.StepAttempt, wait: float) -> None:
+    """Waits (at most `wait` seconds) in the bulkhead's queue, the engine's FIFO: the engine schedules a callback
+    on this loop when it grants the permit. When the wait runs out the engine decides: the permit if it came
+    meanwhile, else the rejection it raises. Cancelled, the attempt is dropped and its place given up."""
+    loop = asyncio.get_running_loop()
+    granted: asyncio.Future[None] = loop.create_future()
+    if attempt.ready(loop, functools.partial(_resolve, granted)):
+        return
+    try:
+        await asyncio.wait_for(granted, wait)
+    except asyncio.TimeoutError:
+        steps.queue_timed_out(attempt)
+        return
+    attempt.ready()
 
 
 def _fire(task: asyncio.Task[Any], fired: list[bool]) -> None:

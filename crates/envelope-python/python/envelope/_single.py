@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._envelope_policy import Envelope, Retry
+from ._envelope_policy import Bulkhead, Envelope, RateLimit, Retry
 
 
 def retry(
@@ -34,13 +34,14 @@ def timeout(seconds: float, *, name: str = "timeout") -> Envelope:
 
 
 def bulkhead(max_concurrent: int, *, queue: int = 0, max_wait: float = 0.0, name: str = "bulkhead") -> Envelope:
-    """At most `max_concurrent` calls in flight; `queue` more may wait up to `max_wait` seconds (functions)."""
-    return Envelope(name, bulkhead=(max_concurrent, queue, max_wait))
+    """At most `max_concurrent` calls in flight; `queue` more may wait up to `max_wait` seconds, in one FIFO for
+    threads and coroutines."""
+    return Envelope(name, bulkhead=Bulkhead(max_concurrent, queue, max_wait))
 
 
 def rate_limit(rate: int, per: float = 1.0, *, burst: int | None = None, name: str = "rate_limit") -> Envelope:
     """At most `rate` calls per `per` seconds (GCRA), bursts of `burst` (default: `rate`)."""
-    return Envelope(name, rate_limit=(rate, per, burst if burst is not None else rate))
+    return Envelope(name, rate_limit=RateLimit(rate, per, burst))
 
 
 def fallback(
