@@ -294,3 +294,80 @@ async def test_threads_and_coroutines_share_the_bulkhead_queue() -> None:
     for t in threads:
         t.join(5)
     assert order == ["thread", "coroutine"]
+
+
+def test_results_are_classified_and_the_last_one_is_the_answer() -> None:
+    """`classify_result` turns a returned value into an outcome (an HTTP status, say), with the dependency's
+    Retry-After honoured; when the engine stops trying, the caller gets the last result as it was."""
+    from envelope import Event
+
+    answers = [(503, None), (429, 0.02), (200, None)]
+    seen: list[Event] = []
+
+    def fetch() -> tuple[int, float | None]:
+        return answers.pop(0)
+
+    def by_status(response: tuple[int, float | None]) -> tuple[str, float | None] | None:
+        status, retry_after = response
+        if status == 429:
+            return ("rate_limited", retry_after)
+        return ("upstream_5xx", None) if status >= 500 else None
+
+    retry = Retry(max_attempts=3, base=0.001, max_delay=1.0, jitter="none", budget=None)
+    env = Envelope("api", retry=retry, classify_result=by_status, on_event=seen.append)
+    assert env.call(fetch) == (200, None)
+    assert [(e.kind, e.outcome, e.attempt) for e in seen] == [("retry", "upstream_5xx", 1), ("retry", "rate_limited", 2)]
+    assert seen[1].wait == pytest.approx(0.02), "the server's Retry-After, not the backoff"
+
+    # Always 503: three attempts, then the last 503 itself is the answer (as the sidecar passes the last one on).
+    calls = 0
+
+    def down() -> tuple[int, float | None]:
+        nonlocal calls
+        calls += 1
+        return (503, None)
+
+    seen.clear()
+    assert env.call(down) == (503, None)
+    assert calls == 3
+    assert seen[-1].kind == "gave_up" and seen[-1].outcome == "upstream_5xx"
+
+    # A Retry-After longer than the retry policy's cap is not waited for: the call gives up instead.
+    calls = 0
+    answers[:] = [(429, 30.0), (200, None)]
+    seen.clear()
+    assert env.call(fetch) == (429, 30.0)
+    assert [e.kind for e in seen] == ["gave_up"]
+
+
+def test_retry_on_exception_types_retries_those_only() -> None:
+    retry = Retry(max_attempts=3, base=0.001, max_delay=0.002, budget=None, retry_on=(ConnectionResetError,))
+    breaker = CircuitBreaker("typed", window=10, min_calls=10)
+    env = Envelope("typed", retry=retry, breaker=breaker)
+    flaky = Flaky(2)
+    assert env.call(flaky) == "ok"
+    assert flaky.calls == 3
+    # A timeout is transient for the engine, but not a type this policy retries: one attempt, still recorded.
+    timing_out = Flaky(5, TimeoutError)
+    with pytest.raises(TimeoutError):
+        env.call(timing_out)
+    assert timing_out.calls == 1
+    assert breaker.metrics()["calls"] == 4
+
+
+async def test_events_name_rejections_and_fallbacks() -> None:
+    from envelope import Event
+
+    seen: list[Event] = []
+    breaker = CircuitBreaker("evt", window=2, min_calls=2, open_for=60)
+    env = Envelope("evt", breaker=breaker, fallback=lambda: "cached", on_event=seen.append)
+    breaker.force_open()
+
+    async def never() -> str:
+        raise AssertionError("not called while open")
+
+    assert await env.call_async(never) == "cached"
+    assert [(e.kind, e.outcome, e.envelope) for e in seen] == [
+        ("rejected", "circuit_open", "evt"),
+        ("fallback", "circuit_open", "evt"),
+    ]

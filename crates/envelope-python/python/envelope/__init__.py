@@ -8,7 +8,7 @@ and coroutines alike. See docs/python.md.
 from ._breaker import CircuitBreaker, breaker, breakers
 from ._classify import classify_exception
 from ._envelope import BREAKER_STATES, OUTCOMES
-from ._envelope_policy import Bulkhead, Envelope, RateLimit, Retry, resilient_call
+from ._envelope_policy import Bulkhead, Envelope, Event, RateLimit, Retry, resilient_call
 from ._errors import BulkheadFull, CircuitOpen, DeadlineExceeded, Overloaded, RateLimited, Rejected
 from ._single import bulkhead, fallback, rate_limit, retry, timeout
 from . import logs, metrics
@@ -22,6 +22,7 @@ __all__ = [
     "CircuitOpen",
     "DeadlineExceeded",
     "Envelope",
+    "Event",
     "Overloaded",
     "RateLimit",
     "RateLimited",

@@ -32,8 +32,9 @@ class Retry:
 
     `backoff` is `"exponential"` (doubling), `"linear"` or `"constant"` from `base` up to `max_delay` seconds, with
     `jitter` `"full"`, `"equal"`, `"decorrelated"` or `"none"`. `retry_on` names the outcomes retried (by default
-    the engine's transient ones: timeouts, connection errors and resets, 5xx, 429). `budget` is `(ttl seconds,
-    retries always allowed per second, retries per live call)`.
+    the engine's transient ones: timeouts, connection errors and resets, 5xx, 429) and may also give exception
+    types: an exception that is none of them is then not retried (it still counts for the breaker). `budget` is
+    `(ttl seconds, retries always allowed per second, retries per live call)`.
     """
 
     max_attempts: int = 3
@@ -41,8 +42,35 @@ class Retry:
     base: float = 0.1
     max_delay: float = 2.0
     jitter: str = "full"
-    retry_on: tuple[str, ...] | None = None
+    retry_on: tuple[str | type[BaseException], ...] | None = None
     budget: tuple[float, int, float] | None = (10.0, 10, 0.2)
+
+    def outcomes(self) -> list[str] | None:
+        """The outcome names in `retry_on`, for the engine (`None`: its default set)."""
+        if self.retry_on is None:
+            return None
+        names = [r for r in self.retry_on if isinstance(r, str)]
+        return names if names or not self.exception_types() else None
+
+    def exception_types(self) -> tuple[type[BaseException], ...]:
+        """The exception types in `retry_on` (empty: any exception whose outcome the engine retries)."""
+        return tuple(r for r in self.retry_on or () if isinstance(r, type))
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened in a call through an envelope, for `on_event` callbacks.
+
+    `kind` is `"retry"` (attempt `attempt` ended in `outcome`; the next starts after `wait` seconds),
+    `"rejected"` (a policy refused attempt `attempt` before it ran: `outcome` says which), `"gave_up"` (the call
+    failed for good with `outcome`) or `"fallback"` (the fallback answered a call that failed with `outcome`).
+    """
+
+    kind: str
+    envelope: str
+    outcome: str
+    attempt: int
+    wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +127,9 @@ class Envelope:
             "shed",
         ),
         classify: Callable[[BaseException], str] = classify_exception,
+        classify_result: Callable[[Any], str | tuple[str, float | None] | None] | None = None,
         ignore: tuple[type[BaseException], ...] = (),
+        on_event: Callable[[Event], object] | None = None,
     ) -> None:
         self.name = name
         # The settings as given, so that stacked single-policy decorators can be merged into one envelope.
@@ -113,11 +143,16 @@ class Envelope:
             "fallback": fallback,
             "fallback_on": fallback_on,
             "classify": classify,
+            "classify_result": classify_result,
             "ignore": ignore,
+            "on_event": on_event,
         }
         self._fallback = fallback
         self._classify = classify
+        self._classify_result = classify_result
         self._ignore = tuple(ignore)
+        self._retry_types = retry.exception_types() if retry else ()
+        self._on_event = on_event
         self._core = _envelope.Envelope(
             name,
             deadline=deadline,
@@ -125,7 +160,7 @@ class Envelope:
             breaker=breaker._core if breaker is not None else None,
             max_attempts=retry.max_attempts if retry else None,
             backoff=(retry.backoff, retry.base, retry.max_delay, retry.jitter) if retry else None,
-            retry_on=list(retry.retry_on) if retry and retry.retry_on is not None else None,
+            retry_on=retry.outcomes() if retry else None,
             budget=retry.budget if retry else None,
             bulkhead=_bulkhead(bulkhead),
             rate_limit=_rate_limit(rate_limit),
@@ -147,19 +182,20 @@ class Envelope:
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Calls `fn` through the envelope (waits block the thread; the interpreter is released meanwhile)."""
         steps = self._core.steps()
+        made = 0
         while True:
             try:
                 attempt = steps.admit(blocking=True)
             except Rejected as rejected:
-                next_step = self._failed(steps, None, rejected, args, kwargs)
+                next_step = self._refused(steps, made + 1, rejected, args, kwargs)
             else:
+                made += 1
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
-                    next_step = self._failed(steps, attempt, exc, args, kwargs)
+                    next_step = self._failed(steps, attempt, made, exc, args, kwargs)
                 else:
-                    steps.succeeded(attempt)
-                    return result
+                    next_step = self._answered(steps, attempt, made, result, args, kwargs)
             if isinstance(next_step, _Answer):
                 return cast(R, next_step.value)
             time.sleep(next_step)
@@ -167,6 +203,7 @@ class Envelope:
     async def call_async(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Awaits `fn(*args, **kwargs)` through the envelope; each attempt is cancelled when its time is up."""
         steps = self._core.steps()
+        made = 0
         while True:
             try:
                 attempt = steps.admit(queue=True)
@@ -174,59 +211,105 @@ class Envelope:
                 if wait is not None:
                     await _wait_in_queue(steps, attempt, wait)
             except Rejected as rejected:
-                next_step = self._failed(steps, None, rejected, args, kwargs)
+                next_step = self._refused(steps, made + 1, rejected, args, kwargs)
             else:
+                made += 1
                 limit = attempt.limit
                 try:
                     result = await (fn(*args, **kwargs) if limit is None else _within(limit, fn(*args, **kwargs)))
                 except BaseException as exc:
-                    next_step = self._failed(steps, attempt, exc, args, kwargs)
+                    next_step = self._failed(steps, attempt, made, exc, args, kwargs)
                 else:
-                    steps.succeeded(attempt)
-                    return result
+                    next_step = self._answered(steps, attempt, made, result, args, kwargs)
             if isinstance(next_step, _Answer):
                 return cast(R, next_step.value)
             await asyncio.sleep(next_step)
 
+    def _answered(
+        self,
+        steps: _envelope.Steps,
+        attempt: _envelope.StepAttempt,
+        made: int,
+        result: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> float | _Answer:
+        """An attempt returned: the call's answer, unless `classify_result` says the result is a failure (then as
+        for a failed attempt; when the engine stops trying, the last result is the answer, or the fallback's)."""
+        verdict = self._classify_result(result) if self._classify_result is not None else None
+        outcome, retry_after = verdict if isinstance(verdict, tuple) else (verdict, None)
+        if outcome is None or outcome == "ok":
+            steps.succeeded(attempt)
+            return _Answer(result)
+        wait = steps.after(attempt, outcome, retry_after)
+        if wait is None:
+            return _Answer(self._give_up(steps, made, outcome, args, kwargs, result=_Answer(result)))
+        self._emit("retry", outcome, made, wait)
+        return wait
+
+    def _refused(
+        self,
+        steps: _envelope.Steps,
+        made: int,
+        rejected: Rejected,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> float | _Answer:
+        """A policy refused the attempt before it ran: the wait before the next one, or the call's end."""
+        self._emit("rejected", rejected.outcome, made)
+        wait = steps.rejected(rejected.outcome, rejected.retry_after)
+        if wait is None:
+            return _Answer(self._give_up(steps, made, rejected.outcome, args, kwargs, error=rejected))
+        return wait
+
     def _failed(
         self,
         steps: _envelope.Steps,
-        attempt: _envelope.StepAttempt | None,
+        attempt: _envelope.StepAttempt,
+        made: int,
         exc: BaseException,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> float | _Answer:
-        """An attempt failed (or was refused, `attempt` `None`): the wait before the next one, or the call's end —
-        the fallback's answer, or the error raised again."""
-        if attempt is None:
-            wait = steps.rejected(getattr(exc, "outcome", "failure"), getattr(exc, "retry_after", None))
-            if wait is None:
-                return _Answer(self._give_up(steps, exc, args, kwargs))
-            return wait
+        """An attempt raised: the wait before the next one, or the call's end — the fallback's answer, or the
+        error raised again. An exception not recorded (ignored, cancellation) ends the call at once."""
         outcome = self._outcome(exc)
         if outcome is None:
             steps.finish("client_cancelled")
             raise exc
-        wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None))
+        may_retry = not self._retry_types or isinstance(exc, self._retry_types)
+        wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None), may_retry)
         if wait is None:
-            return _Answer(self._give_up(steps, exc, args, kwargs, outcome))
+            return _Answer(self._give_up(steps, made, outcome, args, kwargs, error=exc))
+        self._emit("retry", outcome, made, wait)
         return wait
 
     def _give_up(
         self,
         steps: _envelope.Steps,
-        exc: BaseException,
+        made: int,
+        outcome: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        outcome: str | None = None,
+        *,
+        error: BaseException | None = None,
+        result: _Answer | None = None,
     ) -> Any:
-        """The call failed for good: the fallback's answer if the engine says it applies, else the error."""
-        outcome = outcome or str(getattr(exc, "outcome", "failure"))
+        """The call failed for good: the fallback's answer if the engine says it applies, else the error raised (or
+        the last result returned)."""
         fallback = self._fallback is not None and steps.fallback_applies(outcome)
         steps.finish(outcome)
         if fallback and self._fallback is not None:
+            self._emit("fallback", outcome, made)
             return self._fallback(*args, **kwargs)
-        raise exc
+        self._emit("gave_up", outcome, made)
+        if error is not None:
+            raise error
+        return result.value if result is not None else None
+
+    def _emit(self, kind: str, outcome: str, attempt: int, wait: float | None = None) -> None:
+        if self._on_event is not None:
+            self._on_event(Event(kind, self.name, outcome, attempt, wait))
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]: ...
@@ -339,6 +422,8 @@ _DEFAULTS: dict[str, Any] = {
     "bulkhead": None,
     "rate_limit": None,
     "fallback": None,
+    "classify_result": None,
+    "on_event": None,
 }
 
 
