@@ -19,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # No two modules of a crate import each other in a circle.
-python3 scripts/module-cycles.py crates/envelope-core/src crates/envelope-http/src crates/envelope-sidecar/src crates/envelope/src crates/envelope-python/src
+python3 scripts/module-cycles.py crates/envelope-core/src crates/envelope-http/src crates/envelope-config/src crates/envelope-sidecar/src crates/envelope/src crates/envelope-python/src
 
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace

@@ -534,6 +534,10 @@ impl Envelope {
         use envelope_core::retry::{Backoff, Growth, Jitter, Retry, RetryBudget};
         let bad =
             |what: &str, e: &dyn std::fmt::Display| PyValueError::new_err(format!("envelope `{name}`: {what}: {e}"));
+        let overrides = Overrides::from_env(name)?;
+        let deadline = overrides.deadline.map(|d| d.as_secs_f64()).or(deadline);
+        let attempt_timeout = overrides.attempt_timeout.map(|d| d.as_secs_f64()).or(attempt_timeout);
+        let max_attempts = overrides.max_attempts.or(max_attempts);
         let mut b = envelope_core::Envelope::builder().name(name);
         if let Some(d) = deadline {
             b = b.deadline(seconds("deadline", d)?);
@@ -608,6 +612,93 @@ impl Envelope {
         Ok(Envelope { inner: b.build(), name: name.into(), meter: Arc::default(), bulkhead: shared_bulkhead })
     }
 
+    /// The envelope of route `name` in the config file at `path`, read and validated exactly as the sidecar reads
+    /// it (an error names the file, line, column and field): the route's timeout as the deadline, its attempt
+    /// timeout and retry, and its upstream's breaker, bulkhead and rate limit. `name` may also name an upstream
+    /// (its policies only). `breakers`: the breakers the caller has, by name; the upstream's is used if there (routes to one
+    /// upstream share it, as in the sidecar). Returns the envelope, the breaker it uses, if any, and the
+    /// upstream's name. The `ENVELOPE_<NAME>_*` overrides apply as to any envelope.
+    #[staticmethod]
+    #[pyo3(signature = (path, name, breakers=None))]
+    fn from_config(
+        path: &str,
+        name: &str,
+        breakers: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(Envelope, Option<Breaker>, String)> {
+        use envelope_config::BreakerMode;
+        let config = envelope_config::Config::load(std::path::Path::new(path))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let (route, upstream) = match config.routes.iter().find(|r| r.name == name) {
+            Some(r) => (Some(r), &config.upstreams[r.upstream]),
+            None => match config.upstreams.iter().find(|u| u.name == name) {
+                Some(u) => (None, u),
+                None => {
+                    let routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+                    let upstreams: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+                    return Err(PyValueError::new_err(format!(
+                        "{path}: no route or upstream named `{name}` (routes: {}; upstreams: {})",
+                        routes.join(", "),
+                        upstreams.join(", ")
+                    )));
+                }
+            },
+        };
+        let overrides = Overrides::from_env(name)?;
+        let known = match breakers.map(|d| d.get_item(&upstream.name)).transpose()?.flatten() {
+            Some(found) => Some(found.extract::<PyRef<'_, Breaker>>()?.inner.clone()),
+            None => None,
+        };
+        let breaker = match (known, &upstream.breaker) {
+            (Some(inner), _) => Some(Breaker { inner }),
+            (None, Some(spec)) => {
+                let state = match spec.mode {
+                    BreakerMode::Normal => State::Closed,
+                    BreakerMode::Disabled => State::Disabled,
+                    BreakerMode::MetricsOnly => State::MetricsOnly,
+                };
+                Some(Breaker { inner: CircuitBreaker::with_state(upstream.name.clone(), spec.config.clone(), state) })
+            }
+            (None, None) => None,
+        };
+        let mut b = envelope_core::Envelope::builder().name(name);
+        if let Some(b2) = &breaker {
+            b = b.circuit_breaker(b2.inner.clone());
+        }
+        let mut shared_bulkhead = None;
+        if let Some(c) = &upstream.bulkhead {
+            let bulkhead = envelope_core::bulkhead::Bulkhead::new(upstream.name.clone(), c.clone());
+            shared_bulkhead = Some(bulkhead.clone());
+            b = b.bulkhead(bulkhead);
+        }
+        if let Some(c) = &upstream.rate_limit {
+            b = b.rate_limiter(envelope_core::rate_limit::RateLimiter::new(upstream.name.clone(), c.clone()));
+        }
+        let deadline = overrides.deadline.or(route.map(|r| r.timeout));
+        if let Some(d) = deadline {
+            b = b.deadline(d);
+        }
+        if let Some(d) = overrides.attempt_timeout.or(route.and_then(|r| r.attempt_timeout)) {
+            b = b.attempt_timeout(d);
+        }
+        let retry = route.and_then(|r| r.retry.clone());
+        let retry = match (retry, overrides.max_attempts) {
+            (retry, None) => retry,
+            (retry, Some(n)) => Some(
+                retry
+                    .map_or_else(envelope_core::retry::Config::builder, |c| c.to_builder())
+                    .max_attempts(n)
+                    .build()
+                    .map_err(|e| PyValueError::new_err(format!("envelope `{name}`: retry: {e}")))?,
+            ),
+        };
+        if let Some(c) = retry {
+            b = b.retry(envelope_core::retry::Retry::new(name, c));
+        }
+        let envelope =
+            Envelope { inner: b.build(), name: name.into(), meter: Arc::default(), bulkhead: shared_bulkhead };
+        Ok((envelope, breaker, upstream.name.clone()))
+    }
+
     /// Starts a call, or raises `envelope.Overloaded` (shed).
     fn steps(&self, py: Python<'_>) -> PyResult<Steps> {
         let start = Instant::now();
@@ -637,6 +728,43 @@ impl Envelope {
             d.set_item("bulkhead", bd)?;
         }
         Ok(d)
+    }
+}
+
+/// Settings an operator overrides for one envelope through the environment, over what the code or the config file
+/// says: `ENVELOPE_<NAME>_DEADLINE`, `ENVELOPE_<NAME>_ATTEMPT_TIMEOUT` (durations as in the config file, `"250ms"`,
+/// `"5s"`) and `ENVELOPE_<NAME>_MAX_ATTEMPTS`, `<NAME>` being the envelope's name in upper case with every
+/// character other than a letter or digit as `_`.
+#[derive(Default)]
+struct Overrides {
+    deadline: Option<Duration>,
+    attempt_timeout: Option<Duration>,
+    max_attempts: Option<u32>,
+}
+
+impl Overrides {
+    fn from_env(name: &str) -> PyResult<Overrides> {
+        let prefix: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        let read = |setting: &str| {
+            let var = format!("ENVELOPE_{prefix}_{setting}");
+            std::env::var(&var).ok().map(|v| (var, v))
+        };
+        let duration = |setting: &str| -> PyResult<Option<Duration>> {
+            match read(setting) {
+                None => Ok(None),
+                Some((var, v)) => envelope_config::Dur::parse(&v)
+                    .map(|d| Some(d.0))
+                    .map_err(|e| PyValueError::new_err(format!("environment variable {var}: {e}"))),
+            }
+        };
+        let max_attempts = match read("MAX_ATTEMPTS") {
+            None => None,
+            Some((var, v)) => Some(v.trim().parse().map_err(|_| {
+                PyValueError::new_err(format!("environment variable {var}: invalid number of attempts `{v}`"))
+            })?),
+        };
+        Ok(Overrides { deadline: duration("DEADLINE")?, attempt_timeout: duration("ATTEMPT_TIMEOUT")?, max_attempts })
     }
 }
 

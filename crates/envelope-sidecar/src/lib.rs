@@ -12,7 +12,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
-pub mod config;
+/// The config file, validated once (its own crate, shared with the Python package).
+pub use envelope_config as config;
 mod control;
 mod data;
 #[doc(hidden)]

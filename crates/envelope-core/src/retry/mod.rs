@@ -87,6 +87,11 @@ impl Config {
         Builder::default()
     }
 
+    /// A builder holding these settings, to change some and validate again.
+    pub fn to_builder(&self) -> Builder {
+        Builder { config: self.clone() }
+    }
+
     /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
     pub fn with_listeners(mut self, listeners: Listeners) -> Self {
         self.listeners = listeners;

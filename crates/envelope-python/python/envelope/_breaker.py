@@ -68,6 +68,24 @@ class CircuitBreaker:
 
         metrics.track_breaker(self)
 
+    @classmethod
+    def _wrap(
+        cls,
+        core: _envelope.Breaker,
+        *,
+        ignore: tuple[type[BaseException], ...] = (),
+        classify: Callable[[BaseException], str] = classify_exception,
+    ) -> CircuitBreaker:
+        """A breaker around an engine breaker made elsewhere (from a config file)."""
+        self = cls.__new__(cls)
+        self._core = core
+        self._ignore = tuple(ignore)
+        self._classify = classify
+        from . import metrics
+
+        metrics.track_breaker(self)
+        return self
+
     @property
     def name(self) -> str:
         return self._core.name

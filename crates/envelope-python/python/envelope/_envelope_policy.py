@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ class RateLimit:
     burst: int | None = None
 
 
+# The outcomes a fallback answers by default: the dependency is down or too slow, or the envelope refused the call.
+_FALLBACK_ON = ("circuit_open", "timeout", "connect_error", "upstream_reset", "upstream_5xx", "bulkhead_full", "shed")
+
+
 class Envelope:
     """Policies composed in the engine's documented order, whatever order they are given in:
     deadline → fallback → retry → breaker → rate limit → bulkhead → attempt timeout → the call.
@@ -117,19 +122,12 @@ class Envelope:
         bulkhead: Bulkhead | tuple[int, int, float] | None = None,
         rate_limit: RateLimit | tuple[int, float, int] | None = None,
         fallback: Callable[..., Any] | None = None,
-        fallback_on: tuple[str, ...] = (
-            "circuit_open",
-            "timeout",
-            "connect_error",
-            "upstream_reset",
-            "upstream_5xx",
-            "bulkhead_full",
-            "shed",
-        ),
+        fallback_on: tuple[str, ...] = _FALLBACK_ON,
         classify: Callable[[BaseException], str] = classify_exception,
         classify_result: Callable[[Any], str | tuple[str, float | None] | None] | None = None,
         ignore: tuple[type[BaseException], ...] = (),
         on_event: Callable[[Event], object] | None = None,
+        _core: _envelope.Envelope | None = None,
     ) -> None:
         self.name = name
         # The settings as given, so that stacked single-policy decorators can be merged into one envelope.
@@ -153,7 +151,8 @@ class Envelope:
         self._ignore = tuple(ignore)
         self._retry_types = retry.exception_types() if retry else ()
         self._on_event = on_event
-        self._core = _envelope.Envelope(
+        self._from_config = _core is not None
+        self._core = _core or _envelope.Envelope(
             name,
             deadline=deadline,
             attempt_timeout=attempt_timeout,
@@ -167,6 +166,47 @@ class Envelope:
             fallback_on=list(fallback_on) if fallback is not None else None,
         )
         metrics.track_envelope(self)
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        fallback: Callable[..., Any] | None = None,
+        fallback_on: tuple[str, ...] = _FALLBACK_ON,
+        classify: Callable[[BaseException], str] = classify_exception,
+        classify_result: Callable[[Any], str | tuple[str, float | None] | None] | None = None,
+        ignore: tuple[type[BaseException], ...] = (),
+        on_event: Callable[[Event], object] | None = None,
+    ) -> Envelope:
+        """The envelope of route `name` (or of upstream `name`) in the sidecar's config file at `path`, read and
+        validated by the sidecar's own parser (`ValueError` naming file, line, column and field): the route's
+        `timeout` is the deadline, its `attempt_timeout` and `retry` apply, and its upstream's `breaker`,
+        `bulkhead` and `rate_limit`. The upstream's breaker is the registry's `breaker(<upstream>)`, so every
+        envelope made for routes to one upstream shares it, as in the sidecar. What a file cannot say (the
+        fallback, the classification, callbacks) is given here."""
+        from ._breaker import _registry, _registry_lock
+
+        with _registry_lock:
+            known = {n: b._core for n, b in _registry.items()}
+            core, breaker_core, upstream = _envelope.Envelope.from_config(os.fspath(path), name, known)
+            breaker = _registry.get(upstream)
+            if breaker_core is not None and breaker is None:
+                breaker = CircuitBreaker._wrap(breaker_core, ignore=ignore, classify=classify)
+                _registry[upstream] = breaker
+        env = cls(
+            name,
+            breaker=breaker,
+            fallback=fallback,
+            fallback_on=fallback_on,
+            classify=classify,
+            classify_result=classify_result,
+            ignore=ignore,
+            on_event=on_event,
+            _core=core,
+        )
+        return env
 
     def metrics(self) -> dict[str, Any]:
         """What the envelope's calls did so far (calls by outcome, durations, attempts) and, with a bulkhead, its
@@ -430,6 +470,11 @@ _DEFAULTS: dict[str, Any] = {
 def merge(inner: Envelope, outer: Envelope) -> Envelope:
     """One envelope with the policies of both (each policy from the one that gives it; both giving one is an
     error), named after the inner one."""
+    if inner._from_config or outer._from_config:
+        raise ValueError(
+            f"an envelope read from a config file is complete: give the other policies in the file "
+            f"({inner.name!r}, {outer.name!r})"
+        )
     settings = dict(inner._settings)
     for key, default in _DEFAULTS.items():
         value = outer._settings[key]

@@ -1,5 +1,6 @@
-//! Configuration in two stages: the file as written (`raw`) and the validated config the sidecar runs on
-//! ([`Config`]). Every error names the file, line, column and field path, and nothing is bound or started
+//! Envelope's config file in two stages: the file as written (`raw`) and the validated config the sidecar runs on
+//! ([`Config`]), which the Python package reads too (`Envelope.from_config`), so that both accept exactly the same
+//! files. Every error names the file, line, column and field path, and nothing is bound or started
 //! before the whole config is valid.
 
 pub(crate) mod raw;
