@@ -164,6 +164,30 @@ pub enum GiveUpReason {
     RetryAfterTooLong,
 }
 
+impl GiveUpReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [GiveUpReason; 6] = [
+        GiveUpReason::NotRetryable,
+        GiveUpReason::NotReplayable,
+        GiveUpReason::AttemptsExhausted,
+        GiveUpReason::BudgetExhausted,
+        GiveUpReason::DeadlineTooClose,
+        GiveUpReason::RetryAfterTooLong,
+    ];
+
+    /// The reason's name in metrics (`reason` label of `envelope_retries_given_up_total`) and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GiveUpReason::NotRetryable => "not_retryable",
+            GiveUpReason::NotReplayable => "not_replayable",
+            GiveUpReason::AttemptsExhausted => "attempts_exhausted",
+            GiveUpReason::BudgetExhausted => "budget_exhausted",
+            GiveUpReason::DeadlineTooClose => "deadline",
+            GiveUpReason::RetryAfterTooLong => "retry_after_too_long",
+        }
+    }
+}
+
 /// Receives events. Implemented for every `Fn(&Event<'_>) + Send + Sync`.
 pub trait Listener: Send + Sync + 'static {
     /// Called synchronously, on the thread that made the decision, outside any lock of the policy.

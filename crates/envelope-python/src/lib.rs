@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use envelope_core::Outcome;
 use envelope_core::circuit_breaker::{CircuitBreaker, Config, Escalation, OwnedPermit, State};
+use envelope_core::event::{GiveUpReason, Listeners};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -86,6 +87,84 @@ impl Meter {
         d.set_item("sum", self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9)?;
         d.set_item("attempts", self.attempts.load(Ordering::Relaxed))?;
         Ok(d)
+    }
+}
+
+/// The engine's events for one envelope's or one breaker's policies, counted as the sidecar counts them for its
+/// metric families (`envelope_retries_total`, `envelope_retries_given_up_total`, `envelope_timeouts_total`,
+/// `envelope_bulkhead_rejections_total`, `envelope_rate_limited_total`, `envelope_breaker_transitions_total`,
+/// `envelope_breaker_rejections_total`). A listener on the policies' own configs: the engine reports, nothing
+/// here decides.
+#[derive(Debug, Default)]
+struct Tally {
+    retries: AtomicU64,
+    /// By [`GiveUpReason::ALL`] index.
+    gave_up: [AtomicU64; GiveUpReason::ALL.len()],
+    /// `[queue full, waited and the wait ran out]`.
+    bulkhead_rejected: [AtomicU64; 2],
+    /// `[enforced, shadow]`.
+    rate_limited: [AtomicU64; 2],
+    timeouts: AtomicU64,
+    breaker_rejections: AtomicU64,
+    /// Breaker transitions seen, by `(from, to)`.
+    transitions: Mutex<Vec<(&'static str, &'static str, u64)>>,
+}
+
+impl envelope_core::event::Listener for Tally {
+    fn on_event(&self, e: &envelope_core::event::Event<'_>) {
+        use envelope_core::event::Event;
+        match *e {
+            Event::RetryScheduled { .. } => {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::RetryGaveUp { reason, .. } => {
+                if let Some(i) = GiveUpReason::ALL.iter().position(|r| *r == reason) {
+                    self.gave_up[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::BulkheadRejected { waited, .. } => {
+                self.bulkhead_rejected[usize::from(waited)].fetch_add(1, Ordering::Relaxed);
+            }
+            Event::RateLimited { shadow, .. } => {
+                self.rate_limited[usize::from(shadow)].fetch_add(1, Ordering::Relaxed);
+            }
+            Event::CallNotPermitted { .. } => {
+                self.breaker_rejections.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::StateTransition { from, to, .. } => {
+                let mut seen = self.transitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match seen.iter_mut().find(|(f, t, _)| *f == from.as_str() && *t == to.as_str()) {
+                    Some((_, _, n)) => *n += 1,
+                    None => seen.push((from.as_str(), to.as_str(), 1)),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Tally {
+    fn listeners(self: &Arc<Self>) -> Listeners {
+        Listeners::new().with_arc(self.clone())
+    }
+
+    /// The counts as Python sees them (keys of `Envelope.metrics()` and `Breaker.metrics()`).
+    fn fill(&self, d: &Bound<'_, PyDict>) -> PyResult<()> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let py = d.py();
+        d.set_item("retries", load(&self.retries))?;
+        let gave_up = PyDict::new(py);
+        for (reason, n) in GiveUpReason::ALL.iter().zip(&self.gave_up) {
+            gave_up.set_item(reason.as_str(), load(n))?;
+        }
+        d.set_item("gave_up", gave_up)?;
+        d.set_item("timeouts", load(&self.timeouts))?;
+        d.set_item("bulkhead_rejected", (load(&self.bulkhead_rejected[0]), load(&self.bulkhead_rejected[1])))?;
+        d.set_item("rate_limited", (load(&self.rate_limited[0]), load(&self.rate_limited[1])))?;
+        d.set_item("breaker_rejections", load(&self.breaker_rejections))?;
+        let seen = self.transitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        d.set_item("transitions", seen)?;
+        Ok(())
     }
 }
 
@@ -308,6 +387,7 @@ fn http_body_util_collect(body: http_body_util::Full<bytes::Bytes>) -> Vec<u8> {
 #[pyclass(frozen, module = "envelope._envelope")]
 struct Breaker {
     inner: CircuitBreaker,
+    tally: Arc<Tally>,
 }
 
 #[pymethods]
@@ -332,11 +412,12 @@ impl Breaker {
         max_half_open_wait: Option<f64>,
         on_state_change: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        let mut b = Config::builder();
+        let tally = Arc::<Tally>::default();
+        let mut listeners = tally.listeners();
         if let Some(callback) = on_state_change {
             // Called by the engine on the thread that decided, outside the breaker's locks: `callback(name, from,
             // to)`, with the interpreter held; an exception it raises is reported as unraisable, never to the call.
-            b = b.listener(move |e: &envelope_core::event::Event<'_>| {
+            listeners = listeners.with(move |e: &envelope_core::event::Event<'_>| {
                 if let envelope_core::event::Event::StateTransition { name, from, to } = e {
                     Python::attach(|py| {
                         if let Err(err) = callback.call1(py, (*name, from.as_str(), to.as_str())) {
@@ -346,6 +427,7 @@ impl Breaker {
                 }
             });
         }
+        let mut b = Config::builder().listeners(listeners);
         match (window, window_seconds) {
             (Some(_), Some(_)) => return Err(PyValueError::new_err("give `window` or `window_seconds`, not both")),
             (Some(n), None) => b = b.count_window(n),
@@ -374,7 +456,7 @@ impl Breaker {
             b = b.max_half_open_wait(Some(seconds("max_half_open_wait", d)?));
         }
         let config = b.build().map_err(|e| PyValueError::new_err(format!("breaker `{name}`: {e}")))?;
-        Ok(Breaker { inner: CircuitBreaker::new(name, config) })
+        Ok(Breaker { inner: CircuitBreaker::new(name, config), tally })
     }
 
     /// Admits a call (a permit to record its outcome on), or raises `envelope.CircuitOpen`.
@@ -410,6 +492,9 @@ impl Breaker {
         d.set_item("slow_call_rate", m.slow_call_rate)?;
         d.set_item("consecutive_opens", m.consecutive_opens)?;
         d.set_item("remaining_open", m.remaining_open.map(|d| d.as_secs_f64()))?;
+        d.set_item("rejections", self.tally.breaker_rejections.load(Ordering::Relaxed))?;
+        let transitions = self.tally.transitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        d.set_item("transitions", transitions)?;
         Ok(d)
     }
 
@@ -507,6 +592,11 @@ struct Envelope {
     inner: envelope_core::Envelope,
     name: Arc<str>,
     meter: Arc<Meter>,
+    /// The engine's events for this envelope's retry, bulkhead and rate limit (its breaker counts its own).
+    tally: Arc<Tally>,
+    /// The name the bulkhead and rate limit report under (the `upstream` label): the envelope's, or the config
+    /// file's upstream.
+    upstream: Arc<str>,
     bulkhead: Option<envelope_core::bulkhead::Bulkhead>,
 }
 
@@ -538,6 +628,7 @@ impl Envelope {
         let deadline = overrides.deadline.map(|d| d.as_secs_f64()).or(deadline);
         let attempt_timeout = overrides.attempt_timeout.map(|d| d.as_secs_f64()).or(attempt_timeout);
         let max_attempts = overrides.max_attempts.or(max_attempts);
+        let tally = Arc::<Tally>::default();
         let mut b = envelope_core::Envelope::builder().name(name);
         if let Some(d) = deadline {
             b = b.deadline(seconds("deadline", d)?);
@@ -583,23 +674,27 @@ impl Envelope {
                     .map_err(|e| bad("budget", &e))?;
                 r = r.budget(budget);
             }
-            b = b.retry(Retry::new(name, r.build().map_err(|e| bad("retry", &e))?));
+            let config = r.build().map_err(|e| bad("retry", &e))?.with_listeners(tally.listeners());
+            b = b.retry(Retry::new(name, config));
         }
         let mut shared_bulkhead = None;
         if let Some((max_concurrent, queue, wait)) = bulkhead {
             let config = envelope_core::bulkhead::Config::builder()
                 .max_concurrent(max_concurrent)
                 .queue(queue, seconds("bulkhead wait", wait)?)
+                .listeners(tally.listeners())
                 .build()
                 .map_err(|e| bad("bulkhead", &e))?;
-            shared_bulkhead = Some(envelope_core::bulkhead::Bulkhead::new(name, config));
-            b = b.bulkhead(shared_bulkhead.clone().expect("just set"));
+            let bulkhead = envelope_core::bulkhead::Bulkhead::new(name, config);
+            shared_bulkhead = Some(bulkhead.clone());
+            b = b.bulkhead(bulkhead);
         }
         if let Some((rate, per, burst)) = rate_limit {
             let config = envelope_core::rate_limit::Config::per(rate, seconds("rate_limit per", per)?)
                 .burst(burst)
                 .build()
-                .map_err(|e| bad("rate_limit", &e))?;
+                .map_err(|e| bad("rate_limit", &e))?
+                .with_listeners(tally.listeners());
             b = b.rate_limiter(envelope_core::rate_limit::RateLimiter::new(name, config));
         }
         if let Some(names) = fallback_on {
@@ -609,7 +704,14 @@ impl Envelope {
             }
             b = b.fallback(envelope_core::fallback::Fallback::new(name).on(set));
         }
-        Ok(Envelope { inner: b.build(), name: name.into(), meter: Arc::default(), bulkhead: shared_bulkhead })
+        Ok(Envelope {
+            inner: b.build(),
+            name: name.into(),
+            meter: Arc::default(),
+            tally,
+            upstream: name.into(),
+            bulkhead: shared_bulkhead,
+        })
     }
 
     /// The envelope of route `name` in the config file at `path`, read and validated exactly as the sidecar reads
@@ -645,18 +747,25 @@ impl Envelope {
         };
         let overrides = Overrides::from_env(name)?;
         let known = match breakers.map(|d| d.get_item(&upstream.name)).transpose()?.flatten() {
-            Some(found) => Some(found.extract::<PyRef<'_, Breaker>>()?.inner.clone()),
+            Some(found) => {
+                let found = found.extract::<PyRef<'_, Breaker>>()?;
+                Some(Breaker { inner: found.inner.clone(), tally: found.tally.clone() })
+            }
             None => None,
         };
+        let tally = Arc::<Tally>::default();
         let breaker = match (known, &upstream.breaker) {
-            (Some(inner), _) => Some(Breaker { inner }),
+            (Some(known), _) => Some(known),
             (None, Some(spec)) => {
                 let state = match spec.mode {
                     BreakerMode::Normal => State::Closed,
                     BreakerMode::Disabled => State::Disabled,
                     BreakerMode::MetricsOnly => State::MetricsOnly,
                 };
-                Some(Breaker { inner: CircuitBreaker::with_state(upstream.name.clone(), spec.config.clone(), state) })
+                let breaker_tally = Arc::<Tally>::default();
+                let config = spec.config.clone().with_listeners(breaker_tally.listeners());
+                let inner = CircuitBreaker::with_state(upstream.name.clone(), config, state);
+                Some(Breaker { inner, tally: breaker_tally })
             }
             (None, None) => None,
         };
@@ -666,12 +775,14 @@ impl Envelope {
         }
         let mut shared_bulkhead = None;
         if let Some(c) = &upstream.bulkhead {
-            let bulkhead = envelope_core::bulkhead::Bulkhead::new(upstream.name.clone(), c.clone());
+            let config = c.clone().with_listeners(tally.listeners());
+            let bulkhead = envelope_core::bulkhead::Bulkhead::new(upstream.name.clone(), config);
             shared_bulkhead = Some(bulkhead.clone());
             b = b.bulkhead(bulkhead);
         }
         if let Some(c) = &upstream.rate_limit {
-            b = b.rate_limiter(envelope_core::rate_limit::RateLimiter::new(upstream.name.clone(), c.clone()));
+            let config = c.clone().with_listeners(tally.listeners());
+            b = b.rate_limiter(envelope_core::rate_limit::RateLimiter::new(upstream.name.clone(), config));
         }
         let deadline = overrides.deadline.or(route.map(|r| r.timeout));
         if let Some(d) = deadline {
@@ -692,10 +803,16 @@ impl Envelope {
             ),
         };
         if let Some(c) = retry {
-            b = b.retry(envelope_core::retry::Retry::new(name, c));
+            b = b.retry(envelope_core::retry::Retry::new(name, c.with_listeners(tally.listeners())));
         }
-        let envelope =
-            Envelope { inner: b.build(), name: name.into(), meter: Arc::default(), bulkhead: shared_bulkhead };
+        let envelope = Envelope {
+            inner: b.build(),
+            name: name.into(),
+            meter: Arc::default(),
+            tally,
+            upstream: upstream.name.as_str().into(),
+            bulkhead: shared_bulkhead,
+        };
         Ok((envelope, breaker, upstream.name.clone()))
     }
 
@@ -704,7 +821,8 @@ impl Envelope {
         let start = Instant::now();
         match self.inner.steps() {
             Ok(steps) => {
-                Ok(Steps { inner: Mutex::new(Some(steps)), name: self.name.clone(), meter: self.meter.clone(), start })
+                let (name, meter, tally) = (self.name.clone(), self.meter.clone(), self.tally.clone());
+                Ok(Steps { inner: Mutex::new(Some(steps)), name, meter, tally, start })
             }
             Err(e) => {
                 self.meter.record(Outcome::Shed, start.elapsed());
@@ -718,6 +836,8 @@ impl Envelope {
     /// bulkhead, `bulkhead`: its `max_concurrent`, `active`, `queued` and `rejected` now.
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = self.meter.snapshot(py)?;
+        self.tally.fill(&d)?;
+        d.set_item("upstream", &*self.upstream)?;
         if let Some(b) = &self.bulkhead {
             let m = b.metrics();
             let bd = PyDict::new(py);
@@ -797,11 +917,23 @@ struct Steps {
     /// The envelope's name, for the messages of rejections.
     name: Arc<str>,
     meter: Arc<Meter>,
+    tally: Arc<Tally>,
     start: Instant,
 }
 
 fn poisoned<T>(_: T) -> PyErr {
     PyRuntimeError::new_err("envelope step state poisoned")
+}
+
+impl Steps {
+    /// The rejection of an attempt, as the package's exception; a deadline that ended the call is counted as a
+    /// timeout that fired.
+    fn refused(&self, py: Python<'_>, e: &envelope_core::Error<std::convert::Infallible>, outcome: Outcome) -> PyErr {
+        if outcome == Outcome::Timeout {
+            self.tally.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        rejection(py, &self.name, e)
+    }
 }
 
 #[pymethods]
@@ -826,7 +958,7 @@ impl Steps {
         }
         match admitted {
             Ok(attempt) => Ok(StepAttempt { inner: Mutex::new(Some(attempt)) }),
-            Err((e, _)) => Err(rejection(py, &self.name, &e)),
+            Err((e, outcome)) => Err(self.refused(py, &e, outcome)),
         }
     }
 
@@ -843,7 +975,7 @@ impl Steps {
                 *slot = Some(admitted);
                 Ok(())
             }
-            Err((e, _)) => Err(rejection(py, &self.name, &e)),
+            Err((e, outcome)) => Err(self.refused(py, &e, outcome)),
         }
     }
 
@@ -871,6 +1003,9 @@ impl Steps {
         let Some(attempt) = attempt else { return Err(PyRuntimeError::new_err("the attempt was reported already")) };
         let mut guard = self.inner.lock().map_err(poisoned)?;
         let steps = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the call has finished"))?;
+        if outcome == Outcome::Timeout {
+            self.tally.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(steps.after(attempt, outcome, retry_after, may_retry).map(|d| d.as_secs_f64()))
     }
 

@@ -39,3 +39,44 @@ def test_calls_are_counted_under_the_sidecars_names() -> None:
     assert got[("envelope_upstream_attempts_total", (("route", "checkout"), ("upstream", "checkout")))] == 3
     assert got[("envelope_breaker_state", (("state", "closed"), ("upstream", "metrics-db")))] == 1.0
     assert got[("envelope_breaker_state", (("state", "open"), ("upstream", "metrics-db")))] == 0.0
+
+
+def test_the_engines_events_are_counted_as_the_sidecar_counts_them() -> None:
+    """Retries, give-ups by reason, timeouts, bulkhead and rate-limit rejections, breaker transitions and
+    rejections: the engine's listeners count them, under the sidecar's families and labels."""
+    import asyncio
+
+    registry = CollectorRegistry()
+    envelope.metrics.register(registry)
+    breaker = envelope.CircuitBreaker("events-db", window=2, min_calls=2, open_for=60)
+    retry = envelope.Retry(max_attempts=2, base=0.001, max_delay=0.002, budget=None)
+    env = envelope.Envelope("events", retry=retry, breaker=breaker, attempt_timeout=0.01)
+
+    async def hangs() -> None:
+        await asyncio.sleep(10)
+
+    with pytest.raises(envelope.DeadlineExceeded):
+        asyncio.run(env.call_async(hangs))  # two attempts cut off: the breaker opens
+    with pytest.raises(envelope.CircuitOpen):
+        env.call(lambda: 1)
+
+    limited = envelope.Envelope("events-limited", rate_limit=envelope.RateLimit(1, per=60.0))
+    limited.call(lambda: 1)
+    with pytest.raises(envelope.RateLimited):
+        limited.call(lambda: 1)
+    full = envelope.Envelope("events-full", bulkhead=envelope.Bulkhead(1))
+    with pytest.raises(envelope.BulkheadFull):
+        full.call(lambda: full.call(lambda: 1))
+
+    got = samples(registry)
+    assert got[("envelope_retries_total", (("route", "events"),))] == 1
+    gave_up = ("envelope_retries_given_up_total", (("reason", "attempts_exhausted"), ("route", "events")))
+    assert got[gave_up] == 1
+    assert got[("envelope_timeouts_total", (("route", "events"),))] == 2
+    opened = ("envelope_breaker_transitions_total", (("from", "closed"), ("to", "open"), ("upstream", "events-db")))
+    assert got[opened] == 1
+    assert got[("envelope_breaker_rejections_total", (("upstream", "events-db"),))] == 1
+    assert got[("envelope_rate_limited_total", (("shadow", "false"), ("upstream", "events-limited")))] == 1
+    assert got[("envelope_bulkhead_rejections_total", (("upstream", "events-full"), ("waited", "false")))] == 1
+    # No series for what never happened.
+    assert ("envelope_rate_limited_total", (("shadow", "true"), ("upstream", "events-limited"))) not in got

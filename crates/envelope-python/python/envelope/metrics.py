@@ -1,14 +1,22 @@
 """Prometheus metrics under the sidecar's names and labels, through `prometheus_client`.
 
 `envelope.metrics.register()` adds a collector to a `prometheus_client` registry (the default one unless given).
-At each scrape it reads what every live `Envelope` and `CircuitBreaker` of the process counted in the engine:
+At each scrape it reads what every live `Envelope` and `CircuitBreaker` of the process counted in the engine (the
+counters of engine events are the engine's own listeners, as in the sidecar; a series appears once it counts):
 
 | metric | type | labels |
 |---|---|---|
 | `envelope_requests_total` | counter | `listener` (`python`; `asgi` for the middleware), `route` (the envelope's name, or the route template), `outcome`, `code` (`none`) |
 | `envelope_request_duration_seconds` | histogram (the sidecar's buckets, 5 ms … 10 s) | `route` |
-| `envelope_upstream_attempts_total` | counter | `route`, `upstream` (both the envelope's name) |
+| `envelope_upstream_attempts_total` | counter | `route`, `upstream` (the envelope's name; from a config file, the route's upstream) |
 | `envelope_breaker_state` | gauge (1 for the current state) | `upstream` (the breaker's name), `state` |
+| `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
+| `envelope_breaker_rejections_total` | counter | `upstream` (calls an open breaker refused) |
+| `envelope_retries_total` | counter | `route` (retries scheduled) |
+| `envelope_retries_given_up_total` | counter | `route`, `reason` (`attempts_exhausted`, `budget_exhausted`, `deadline`, `not_retryable`, `retry_after_too_long`, …) |
+| `envelope_timeouts_total` | counter | `route` (attempts cut off or calls ended by their deadline) |
+| `envelope_bulkhead_rejections_total` | counter | `upstream`, `waited` |
+| `envelope_rate_limited_total` | counter | `upstream`, `shadow` |
 | `envelope_slo_error_budget_remaining` | gauge | `route` (the middleware's route templates) |
 | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 
@@ -100,6 +108,8 @@ class EnvelopeCollector:
         attempts = CounterMetricFamily(
             "envelope_upstream_attempts", "Attempts sent to upstreams", labels=["route", "upstream"]
         )
+        # Envelopes and breakers of one name (several envelopes of one config upstream) add up to one series.
+        events: dict[str, dict[tuple[str, ...], float]] = {name: {} for name, _, _ in _EVENT_FAMILIES}
         for env in envelopes:
             m = env._core.metrics()
             for outcome, n in m["calls"].items():
@@ -107,7 +117,15 @@ class EnvelopeCollector:
                     requests.add_metric(["python", env.name, outcome, "none"], n)
             buckets = [(_bound(b), n) for b, n in m["buckets"]]
             duration.add_metric([env.name], buckets, m["sum"])
-            attempts.add_metric([env.name, env.name], m["attempts"])
+            attempts.add_metric([env.name, m["upstream"]], m["attempts"])
+            _add(events["envelope_retries"], (env.name,), m["retries"])
+            for reason, n in m["gave_up"].items():
+                _add(events["envelope_retries_given_up"], (env.name, reason), n)
+            _add(events["envelope_timeouts"], (env.name,), m["timeouts"])
+            for waited, n in zip(("false", "true"), m["bulkhead_rejected"]):
+                _add(events["envelope_bulkhead_rejections"], (m["upstream"], waited), n)
+            for shadow, n in zip(("false", "true"), m["rate_limited"]):
+                _add(events["envelope_rate_limited"], (m["upstream"], shadow), n)
         for route, meter in routes:
             m = meter.metrics()
             for outcome, n in m["calls"].items():
@@ -117,10 +135,16 @@ class EnvelopeCollector:
         state = GaugeMetricFamily(
             "envelope_breaker_state", "Circuit breaker state (1 for the current state)", labels=["upstream", "state"]
         )
+        states: dict[str, str] = {}
         for breaker in breakers:
-            current = breaker.state
+            b = breaker.metrics()
+            states[breaker.name] = b["state"]
+            _add(events["envelope_breaker_rejections"], (breaker.name,), b["rejections"])
+            for from_state, to_state, n in b["transitions"]:
+                _add(events["envelope_breaker_transitions"], (breaker.name, from_state, to_state), n)
+        for upstream, current in states.items():
             for name in _envelope.BREAKER_STATES:
-                state.add_metric([breaker.name, name], 1.0 if name == current else 0.0)
+                state.add_metric([upstream, name], 1.0 if name == current else 0.0)
         budget = GaugeMetricFamily(
             "envelope_slo_error_budget_remaining", "Share of the availability error budget left", labels=["route"]
         )
@@ -134,8 +158,30 @@ class EnvelopeCollector:
         yield duration
         yield attempts
         yield state
+        for name, documentation, labels in _EVENT_FAMILIES:
+            family = CounterMetricFamily(name, documentation, labels=list(labels))
+            for values, n in events[name].items():
+                if n:
+                    family.add_metric(list(values), n)
+            yield family
         yield budget
         yield burn
+
+
+# The counters of engine events: the sidecar's names, help texts and labels.
+_EVENT_FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("envelope_breaker_transitions", "Circuit breaker state changes", ("upstream", "from", "to")),
+    ("envelope_breaker_rejections", "Calls rejected by an open circuit breaker", ("upstream",)),
+    ("envelope_retries", "Retries scheduled", ("route",)),
+    ("envelope_retries_given_up", "Calls whose retries stopped, by reason", ("route", "reason")),
+    ("envelope_timeouts", "Deadlines and attempt timeouts that fired", ("route",)),
+    ("envelope_bulkhead_rejections", "Calls rejected by a full bulkhead", ("upstream", "waited")),
+    ("envelope_rate_limited", "Calls over a local rate limit", ("upstream", "shadow")),
+)
+
+
+def _add(table: dict[tuple[str, ...], float], key: tuple[str, ...], n: float) -> None:
+    table[key] = table.get(key, 0) + n
 
 
 def _bound(b: float) -> str:

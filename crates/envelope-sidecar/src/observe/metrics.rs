@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use envelope_core::Outcome;
 use envelope_core::circuit_breaker::State;
-use envelope_core::event::{Event, GiveUpReason, Listeners};
+use envelope_core::event::{Event, Listeners};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
@@ -412,15 +412,7 @@ impl Metrics {
                 self.retries.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
             }
             Event::RetryGaveUp { name, reason, .. } => {
-                let reason = match reason {
-                    GiveUpReason::NotRetryable => "not_retryable",
-                    GiveUpReason::NotReplayable => "not_replayable",
-                    GiveUpReason::AttemptsExhausted => "attempts_exhausted",
-                    GiveUpReason::BudgetExhausted => "budget_exhausted",
-                    GiveUpReason::DeadlineTooClose => "deadline",
-                    GiveUpReason::RetryAfterTooLong => "retry_after_too_long",
-                    _ => "other",
-                };
+                let reason = reason.as_str();
                 self.retries_given_up.get_or_create(&GiveUpLabels { route: name.to_owned(), reason }).inc();
             }
             Event::BulkheadRejected { name, waited } => {
