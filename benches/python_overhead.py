@@ -5,7 +5,8 @@ Measured on a trivial function (returns at once) and a trivial coroutine, per ca
   envelope          envelope.Envelope(retry + breaker + bulkhead + attempt timeout) around the call
   peers             pybreaker's CircuitBreaker and tenacity's @retry stacked (the teams' decorators), plus a
                     threading.Semaphore as the bulkhead (sync); for the coroutine, tenacity's AsyncRetrying with
-                    aiobreaker, and asyncio.wait_for as the timeout
+                    aiobreaker, and asyncio.wait_for as the timeout; and the same with purgatory's breaker instead
+                    of aiobreaker
   breaker alone     envelope.CircuitBreaker against pybreaker.CircuitBreaker (sync)
   open rejection    a call refused by an open breaker, exception raised and caught: envelope against pybreaker
   threads           calls per second through one breaker from 1 thread and from 8 threads (each thread a batch of
@@ -15,7 +16,7 @@ Each measurement is a batch of calls timed with time.perf_counter_ns; the batche
 alternate (rounds), and the report gives, per variant, the median over rounds and the ratio envelope / peer per
 round (median, min–max). Bounded: --rounds × --calls per variant. Run after building the extension in release mode:
 
-  python3 -m venv /tmp/pybench && /tmp/pybench/bin/pip install maturin pybreaker tenacity aiobreaker
+  python3 -m venv /tmp/pybench && /tmp/pybench/bin/pip install maturin pybreaker tenacity aiobreaker purgatory
   (. /tmp/pybench/bin/activate && maturin develop --release -m crates/envelope-python/Cargo.toml)
   /tmp/pybench/bin/python benches/python_overhead.py --rounds 15 --calls 20000
 """
@@ -26,6 +27,7 @@ import threading
 import time
 
 import aiobreaker
+import purgatory
 import pybreaker
 import tenacity
 
@@ -102,6 +104,19 @@ def main():
             with attempt:
                 return await ab.call_async(lambda: asyncio.wait_for(trivial_async(), 5.0))
 
+    purgatory_breakers = purgatory.AsyncCircuitBreakerFactory(default_threshold=20, default_ttl=30)
+
+    @purgatory_breakers("bench")
+    async def purgatory_guarded():
+        return await asyncio.wait_for(trivial_async(), 5.0)
+
+    async def peers_async_purgatory():
+        async for attempt in tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_random_exponential(0.1, 2)
+        ):
+            with attempt:
+                return await purgatory_guarded()
+
     # Breakers alone.
     eb = envelope.CircuitBreaker("alone", window=100, min_calls=20)
     eb_sync = eb(trivial)
@@ -121,6 +136,10 @@ def main():
         "composite, coroutine": (
             lambda: time_async(env_async, args.calls // 4),
             lambda: time_async(peers_async, args.calls // 4),
+        ),
+        "composite, coroutine (purgatory)": (
+            lambda: time_async(env_async, args.calls // 4),
+            lambda: time_async(peers_async_purgatory, args.calls // 4),
         ),
         "breaker alone, function": (lambda: time_sync(eb_sync, args.calls), lambda: time_sync(pb_sync, args.calls)),
         "open-breaker rejection": (

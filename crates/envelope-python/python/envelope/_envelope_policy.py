@@ -20,11 +20,14 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
 class _Answer:
-    """The call's answer when it ends without the function's own (the fallback's)."""
+    """The call's answer when the loop ends other than by a plain success (the fallback's, or a result
+    `classify_result` called a failure)."""
 
-    value: Any
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,9 @@ class Envelope:
                 except BaseException as exc:
                     next_step = self._failed(steps, attempt, made, exc, args, kwargs)
                 else:
+                    if self._classify_result is None:  # the common case, without a call more
+                        steps.succeeded(attempt)
+                        return result
                     next_step = self._answered(steps, attempt, made, result, args, kwargs)
             if isinstance(next_step, _Answer):
                 return cast(R, next_step.value)
@@ -260,6 +266,9 @@ class Envelope:
                 except BaseException as exc:
                     next_step = self._failed(steps, attempt, made, exc, args, kwargs)
                 else:
+                    if self._classify_result is None:  # the common case, without a call more
+                        steps.succeeded(attempt)
+                        return result
                     next_step = self._answered(steps, attempt, made, result, args, kwargs)
             if isinstance(next_step, _Answer):
                 return cast(R, next_step.value)
