@@ -465,6 +465,14 @@ impl StepAttempt {
         Ok(guard.as_ref().and_then(|a| a.limit()).map(|d| d.as_secs_f64()))
     }
 
+    /// Gives the attempt up unreported: its bulkhead permit (or its place in the queue) and any breaker probe it
+    /// held are handed back at once, counting for nothing. For an attempt that was cancelled: waiting for the
+    /// object to be collected could take long (an exception's traceback keeps it alive).
+    fn release(&self) -> PyResult<()> {
+        drop(self.inner.lock().map_err(poisoned)?.take());
+        Ok(())
+    }
+
     /// If the attempt waits in the bulkhead's queue: the most seconds it may wait from now.
     #[getter]
     fn queue_wait(&self) -> PyResult<Option<f64>> {

@@ -222,3 +222,31 @@ def test_a_failing_callback_never_fails_the_call(monkeypatch: pytest.MonkeyPatch
     trip(breaker, 2)  # the calls raise their own error (Down), not the callback's
     assert breaker.state == "open"
     assert len(reported) == 1 and isinstance(reported[0], RuntimeError), "reported as unraisable"
+
+
+async def test_half_open_admits_exactly_the_configured_probes_under_asyncio() -> None:
+    """Sixteen coroutines reach a half-open breaker together, inside an envelope with retries (a rejected probe
+    is not retried into the half-open state): exactly three run, the rest are refused, twenty times over."""
+    from envelope import Envelope, Retry
+
+    for _ in range(20):
+        breaker = CircuitBreaker("db", window=2, min_calls=2, failure_rate=50, open_for=0.001, half_open_calls=3)
+        trip(breaker, 2)
+        wait_open_over(breaker)
+        env = Envelope("db", breaker=breaker, retry=Retry(max_attempts=3, base=0.001, max_delay=0.002, budget=None))
+        release = asyncio.Event()
+        entered = 0
+
+        async def probe() -> None:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+
+        calls = [asyncio.create_task(env.call_async(probe)) for _ in range(16)]
+        for _ in range(100):  # every caller has either entered or been refused
+            await asyncio.sleep(0)
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert entered == 3, f"exactly 3 probes, got {entered}"
+        assert sum(isinstance(r, CircuitOpen) for r in results) == 13
+        assert breaker.state == "closed", "three successful probes close it"

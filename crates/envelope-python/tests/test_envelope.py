@@ -371,3 +371,51 @@ async def test_events_name_rejections_and_fallbacks() -> None:
         ("rejected", "circuit_open", "evt"),
         ("fallback", "circuit_open", "evt"),
     ]
+
+
+async def test_no_bulkhead_permit_is_lost_to_exceptions_cancellation_or_timeouts() -> None:
+    """Coroutines and threads hammer one bulkhead (2 in flight, a queue of 4): some raise, some are cut off by the
+    attempt timeout, some are cancelled from outside, some wait in the queue. Afterwards nothing is held or
+    queued, and the bulkhead still admits its full two at once."""
+    import random
+    import threading
+
+    from envelope import Bulkhead
+
+    env = Envelope("db", bulkhead=Bulkhead(2, max_queue=4, max_wait=0.05), attempt_timeout=0.02)
+    rng = random.Random(7)
+
+    async def work(kind: int) -> None:
+        if kind == 0:
+            raise ValueError("the call's own error")
+        await asyncio.sleep(0.001 if kind == 1 else 1.0)  # 2: cut off by the attempt timeout
+
+    def in_thread(kind: int) -> None:
+        for _ in range(20):
+            try:
+                env.call(lambda: (_ for _ in ()).throw(ValueError("own")) if kind == 0 else None)
+            except (ValueError, BulkheadFull):
+                pass
+
+    threads = [threading.Thread(target=in_thread, args=(k % 2,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(env.call_async(work, rng.randrange(3))) for _ in range(200)]
+    for task in tasks[::7]:
+        await asyncio.sleep(0)
+        task.cancel()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    for t in threads:
+        t.join(10)
+    bulkhead = env.metrics()["bulkhead"]
+    assert (bulkhead["active"], bulkhead["queued"]) == (0, 0)
+    held = asyncio.Event()
+
+    async def hold() -> None:
+        await held.wait()
+
+    both = [asyncio.create_task(env.call_async(hold)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert env.metrics()["bulkhead"]["active"] == 2
+    held.set()
+    await asyncio.gather(*both)

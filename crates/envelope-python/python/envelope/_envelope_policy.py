@@ -324,6 +324,7 @@ class Envelope:
         error raised again. An exception not recorded (ignored, cancellation) ends the call at once."""
         outcome = self._outcome(exc)
         if outcome is None:
+            attempt.release()
             steps.finish("client_cancelled")
             raise exc
         may_retry = not self._retry_types or isinstance(exc, self._retry_types)
@@ -424,6 +425,9 @@ async def _wait_in_queue(steps: _envelope.Steps, attempt: _envelope.StepAttempt,
     except asyncio.TimeoutError:
         steps.queue_timed_out(attempt)
         return
+    except BaseException:
+        attempt.release()  # cancelled: the place in the queue (or a permit granted meanwhile) goes on now
+        raise
     attempt.ready()
 
 
