@@ -121,6 +121,33 @@ pub enum Event<'a> {
         /// The timeout that fired.
         after: Duration,
     },
+    /// Distributed mode: a shared breaker moved with its fleet. `instance` names the instance that decided (this
+    /// one, or another).
+    FleetTransition {
+        /// The breaker's name.
+        name: &'a str,
+        /// The state it left here.
+        from: State,
+        /// The state it entered.
+        to: State,
+        /// The instance whose decision it was (empty when none decided: the fleet's first state).
+        instance: &'a str,
+    },
+    /// Distributed mode: the shared state cannot be reached; every shared breaker decides alone, from its own
+    /// window, until it can.
+    SharedStateDegraded {
+        /// The store (its address, without credentials).
+        store: &'a str,
+        /// What failed.
+        error: &'a str,
+    },
+    /// Distributed mode: the shared state is reachable again and the shared breakers follow their fleet.
+    SharedStateRestored {
+        /// The store.
+        store: &'a str,
+        /// How long it could not be reached.
+        after: Duration,
+    },
     /// A fallback answered instead of the call.
     FallbackUsed {
         /// The policy's name.

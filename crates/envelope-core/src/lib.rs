@@ -50,6 +50,7 @@ pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod clock;
 pub mod compose;
+pub mod distributed;
 pub mod error;
 pub mod event;
 pub mod fallback;

@@ -47,6 +47,7 @@
 
 mod config;
 pub(crate) mod error;
+pub(crate) mod fleet;
 mod registry;
 pub(crate) mod state;
 mod window;
@@ -61,6 +62,7 @@ pub use config::{
     DEFAULT_WINDOW, Escalation, MAX_COUNT_WINDOW, MAX_HALF_OPEN_CALLS, MAX_TIME_WINDOW_SECS, Window,
 };
 pub use error::CircuitOpen;
+pub use fleet::Delta;
 pub use registry::Registry;
 pub use state::{Snapshot, State};
 
@@ -87,6 +89,10 @@ struct Shared {
     deadline: AtomicU64,
     window: SlidingWindow,
     transitions: Mutex<Transitions>,
+    /// Probes admitted in this half-open state: the config's `half_open_calls`, or what the fleet granted.
+    allowance: AtomicU64,
+    /// The link to the fleet, for a breaker shared in distributed mode.
+    fleet: Option<fleet::Link>,
 }
 
 /// State that only changes under the transition lock.
@@ -128,17 +134,35 @@ impl CircuitBreaker {
 
     /// A breaker that starts in `state` (for instance [`State::Disabled`] from configuration).
     pub fn with_state(name: impl Into<std::sync::Arc<str>>, config: Config, state: State) -> Self {
+        Self::make(name.into(), config, state, None)
+    }
+
+    /// A breaker whose state is shared by a fleet of instances (distributed mode): it admits calls by itself, as
+    /// any breaker, and a [`crate::distributed::Fleet`] syncing it makes its transitions the fleet's. Until the
+    /// fleet is reached (and whenever it cannot be), it behaves exactly as [`CircuitBreaker::with_state`].
+    pub fn linked(name: impl Into<std::sync::Arc<str>>, config: Config, state: State) -> Self {
+        Self::make(name.into(), config, state, Some(fleet::Link::default()))
+    }
+
+    fn make(name: std::sync::Arc<str>, config: Config, state: State, fleet: Option<fleet::Link>) -> Self {
         let state = if state == State::HalfOpen || state == State::Open { State::Closed } else { state };
         let shared = Shared {
-            name: name.into(),
+            name,
             epoch: clock::now(),
             word: AtomicU64::new(Word::initial(state).pack()),
             deadline: AtomicU64::new(0),
             window: SlidingWindow::new(config.window),
             transitions: Mutex::new(Transitions::default()),
+            allowance: AtomicU64::new(u64::from(config.half_open_calls)),
+            fleet,
             config,
         };
         CircuitBreaker { shared: Arc::new(shared) }
+    }
+
+    /// Whether this breaker is shared by a fleet ([`CircuitBreaker::linked`]).
+    pub fn is_linked(&self) -> bool {
+        self.shared.fleet.is_some()
     }
 
     /// The breaker's name.
@@ -223,8 +247,12 @@ impl CircuitBreaker {
     }
 
     /// Moves to `state` now, whatever the current state: an operator's manual transition. Entering
-    /// [`State::Closed`] clears the window and the escalation; entering [`State::Open`] counts as an open.
+    /// [`State::Closed`] clears the window and the escalation; entering [`State::Open`] counts as an open. On a
+    /// linked breaker the transition also goes to the fleet, so that every instance makes it.
     pub fn transition_to(&self, state: State) {
+        if let Some(link) = &self.shared.fleet {
+            link.set_intent(state);
+        }
         self.shared.transition(None, state, clock::now());
     }
 
@@ -241,6 +269,83 @@ impl CircuitBreaker {
     /// Back to closed with an empty window and no escalation.
     pub fn reset(&self) {
         self.transition_to(State::Closed);
+    }
+}
+
+/// Distributed mode's hooks ([`crate::distributed`]): only a linked breaker has them.
+impl CircuitBreaker {
+    /// Whether the fleet decides this breaker's transitions (`on`), or the breaker alone (the fleet cannot be
+    /// reached). Returns whether it changed.
+    pub(crate) fn delegate(&self, on: bool) -> bool {
+        match &self.shared.fleet {
+            Some(link) => link.delegated.swap(on, Ordering::AcqRel) != on,
+            None => false,
+        }
+    }
+
+    /// The outcomes recorded since the last take.
+    pub(crate) fn take_delta(&self) -> Delta {
+        self.shared.fleet.as_ref().map(fleet::Link::take).unwrap_or_default()
+    }
+
+    /// An operator's transition made here and not yet sent to the fleet.
+    pub(crate) fn take_intent(&self) -> Option<State> {
+        self.shared.fleet.as_ref().and_then(fleet::Link::take_intent)
+    }
+
+    /// Puts back an operator's transition whose sending failed, unless a newer one was made meanwhile.
+    pub(crate) fn restore_intent(&self, state: State) {
+        if let Some(link) = &self.shared.fleet {
+            let mut intent = crate::sync::lock(&link.intent);
+            if intent.is_none() {
+                *intent = Some(state);
+            }
+        }
+    }
+
+    /// Half-open probes handed out now (0 in any other state).
+    pub(crate) fn probes_issued(&self) -> u32 {
+        let word = Word::unpack(self.shared.word.load(Ordering::Acquire));
+        if word.state == State::HalfOpen { u32::from(word.issued) } else { 0 }
+    }
+
+    /// The fleet epoch this breaker follows now (0: none yet).
+    pub(crate) fn fleet_epoch(&self) -> u64 {
+        self.shared.fleet.as_ref().map_or(0, |l| l.epoch.load(Ordering::Acquire))
+    }
+
+    /// Applies the fleet's state: `to` in fleet epoch `epoch`, with `remaining` (open: until probes may start;
+    /// half-open: until the fleet gives up on its probes) and, in half-open, the probes granted to this instance.
+    /// Returns the local transition it made, if any.
+    pub(crate) fn follow(&self, to: State, epoch: u64, remaining: Duration, allowance: u32) -> Option<(State, State)> {
+        let link = self.shared.fleet.as_ref()?;
+        let s = &*self.shared;
+        let now = clock::now();
+        let mut t = lock(&s.transitions);
+        let current = Word::unpack(s.word.load(Ordering::Acquire));
+        if link.epoch.load(Ordering::Acquire) == epoch && current.state == to {
+            if to == State::HalfOpen {
+                s.allowance.store(u64::from(allowance), Ordering::Release);
+            }
+            return None;
+        }
+        link.epoch.store(epoch, Ordering::Release);
+        if current.state == to && to == State::Closed {
+            return None;
+        }
+        let from = s.enter(&mut t, current, to, now);
+        let until = clock::nanos_since(s.epoch, now).saturating_add(clock::as_nanos(remaining));
+        match to {
+            State::Open => s.deadline.store(until, Ordering::Release),
+            State::HalfOpen => {
+                s.deadline.store(until, Ordering::Release);
+                s.allowance.store(u64::from(allowance), Ordering::Release);
+            }
+            _ => {}
+        }
+        drop(t);
+        s.config.listeners.emit(Event::StateTransition { name: &s.name, from, to });
+        Some((from, to))
     }
 }
 
@@ -290,10 +395,14 @@ impl Shared {
                     if now_nanos < until {
                         return Err(self.reject(State::Open, until - now_nanos));
                     }
+                    if self.delegated() {
+                        // The fleet moves to half-open and grants the probes; until then, still open.
+                        return Err(self.reject(State::Open, 0));
+                    }
                     self.transition(Some(word), State::HalfOpen, now);
                 }
                 State::HalfOpen => {
-                    if u32::from(word.issued) < self.config.half_open_calls {
+                    if u64::from(word.issued) < self.allowance.load(Ordering::Acquire) {
                         let next = Word { issued: word.issued + 1, ..word };
                         match self.word.compare_exchange_weak(bits, next.pack(), Ordering::AcqRel, Ordering::Acquire) {
                             Ok(_) => return Ok(Token { generation: word.generation, probe: true, start: start() }),
@@ -304,7 +413,7 @@ impl Shared {
                         }
                     }
                     let now = now.unwrap_or_else(clock::now);
-                    if clock::nanos_since(self.epoch, now) < self.deadline.load(Ordering::Acquire) {
+                    if clock::nanos_since(self.epoch, now) < self.deadline.load(Ordering::Acquire) || self.delegated() {
                         return Err(self.reject(State::HalfOpen, u64::MAX));
                     }
                     // A probe hung past the half-open limit: re-open rather than wait forever.
@@ -313,6 +422,12 @@ impl Shared {
             }
             bits = self.word.load(Ordering::Acquire);
         }
+    }
+
+    /// Whether the fleet decides this breaker's transitions now.
+    #[inline]
+    fn delegated(&self) -> bool {
+        self.fleet.as_ref().is_some_and(fleet::Link::is_delegated)
     }
 
     #[inline]
@@ -350,7 +465,12 @@ impl Shared {
             return;
         }
         let now_nanos = now.map_or(0, |now| clock::nanos_since(self.epoch, now));
-        if let Some(snapshot) = self.window.record(failed, slow, now_nanos) {
+        if let Some(link) = &self.fleet {
+            link.add(failed, slow);
+        }
+        if let Some(snapshot) = self.window.record(failed, slow, now_nanos)
+            && !self.delegated()
+        {
             self.judge(word, snapshot, now);
         }
     }
@@ -389,6 +509,12 @@ impl Shared {
         t.probes.calls += 1;
         t.probes.failures += u32::from(failed);
         t.probes.slow += u32::from(slow);
+        if let Some(link) = &self.fleet {
+            link.add_probe(failed, slow);
+            if link.is_delegated() {
+                return; // the fleet judges every instance's probes together
+            }
+        }
         if t.probes.calls < self.config.half_open_calls {
             return;
         }
@@ -445,6 +571,7 @@ impl Shared {
             }
             State::HalfOpen => {
                 t.probes = Snapshot::default();
+                self.allowance.store(u64::from(self.config.half_open_calls), Ordering::Release);
                 let give_up =
                     self.config.max_half_open_wait.map_or(u64::MAX, |d| now_nanos.saturating_add(clock::as_nanos(d)));
                 self.deadline.store(give_up, Ordering::Release);
