@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # - procps: the end-to-end tests signal the sidecar with kill(1);
 # - prometheus: the generated rules are checked with promtool, and a real Prometheus scrapes the sidecar;
 # - chromium, chromium-driver: the dashboard page is driven in headless Chromium through WebDriver;
-# - redis-server: the Python package's tests wrap a real Redis in an envelope.
+# - redis-server (with redis-cli): distributed mode's store is tested against a real Redis, and the Python
+#   package's tests wrap one in an envelope.
 missing=()
 command -v /usr/bin/kill >/dev/null 2>&1 || command -v /bin/kill >/dev/null 2>&1 || missing+=(procps)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
@@ -19,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # No two modules of a crate import each other in a circle.
-python3 scripts/module-cycles.py crates/envelope-core/src crates/envelope-http/src crates/envelope-config/src crates/envelope-sidecar/src crates/envelope/src crates/envelope-python/src
+python3 scripts/module-cycles.py crates/envelope-core/src crates/envelope-http/src crates/envelope-config/src crates/envelope-redis/src crates/envelope-sidecar/src crates/envelope/src crates/envelope-python/src
 
 # Unit, integration and doc tests of every crate (paused-clock tests run in memory).
 cargo test --workspace

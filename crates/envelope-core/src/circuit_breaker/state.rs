@@ -50,6 +50,11 @@ impl State {
         }
     }
 
+    /// The state named `name` ([`State::as_str`]'s names).
+    pub fn from_name(name: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     const fn from_bits(bits: u8) -> State {
         match bits {
             0 => State::Closed,

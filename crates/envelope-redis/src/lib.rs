@@ -1,0 +1,272 @@
+//! Envelope's distributed mode over Redis: [`RedisStore`], the shared-breaker store of
+//! [`envelope_core::distributed`], usable with or without the sidecar.
+//!
+//! Each step of the protocol is one Lua script, so it is atomic however many instances run it at once: `sync`
+//! adds an instance's counts (once per sequence number) and reads the fleet's window, `transition` moves the
+//! breaker only if it is still at the epoch the caller saw, `claim` hands out half-open probes. Time is Redis's
+//! own (`TIME`), so the instances' clocks never need to agree.
+//!
+//! # Keys
+//! Per breaker, under the prefix (default `envelope:`), with the breaker's name as a hash tag so that the three
+//! keys share one cluster slot: `{prefix}{<name>}:state` (a hash: state, epoch, deadline, probes, opens, who
+//! decided), `{prefix}{<name>}:window` (a hash of one-second buckets of this epoch) and `{prefix}{<name>}:seq`
+//! (each instance's last sequence number). Every write sets a TTL (the state and sequence keys an hour, the
+//! window its length plus a minute), refreshed by every sync, so a breaker no instance uses any more leaves
+//! nothing behind.
+//!
+//! # Connection
+//! One multiplexed connection, made on first use and made again after an I/O error; never before: a sidecar
+//! starts while Redis is down. Every operation's timeout is the caller's ([`envelope_core::distributed::Fleet`]
+//! puts each one within its `op_timeout`).
+
+use std::time::Duration;
+
+use envelope_core::circuit_breaker::{Snapshot, State};
+use envelope_core::distributed::{BoxFuture, BreakerStore, FleetView, StoreError, SyncRequest, TransitionRequest};
+use redis::aio::MultiplexedConnection;
+use redis::{Client, Script};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "envelope:";
+/// How long the state and sequence keys live after the last sync.
+const STATE_TTL: Duration = Duration::from_secs(3600);
+
+/// The shared-breaker store in Redis (see the crate docs).
+pub struct RedisStore {
+    client: Client,
+    prefix: String,
+    describe: String,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    sync: Script,
+    transition: Script,
+    claim: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("at", &self.describe).field("prefix", &self.prefix).finish()
+    }
+}
+
+/// Creates the breaker's state if the store has none; then `epoch` and `state` hold its current values.
+const ENSURE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'epoch', 1, 'until', 0, 'probes_left', 0,
+    'pc', 0, 'pf', 0, 'ps', 0, 'opens', 0, 'by', '')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local sec = tonumber(t[1])
+local function view(made, window_c, window_f, window_s)
+  local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'until', 'pc', 'pf', 'ps', 'probes_left', 'opens', 'by')
+  return {tostring(made), h[1], h[2], h[3], tostring(now), tostring(window_c), tostring(window_f),
+    tostring(window_s), h[4], h[5], h[6], h[7], h[8], h[9]}
+end
+"#;
+
+/// KEYS: state, window, seq. ARGV: instance, seq, epoch, calls, failures, slow, probe calls, probe failures, probe
+/// slow, window seconds, state TTL ms.
+const SYNC: &str = r#"
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local state = redis.call('HGET', KEYS[1], 'state')
+local seen = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+local seq = tonumber(ARGV[2])
+local ws = tonumber(ARGV[10])
+if seq > seen then
+  redis.call('HSET', KEYS[3], ARGV[1], seq)
+  if tonumber(ARGV[3]) == epoch then
+    if tonumber(ARGV[4]) > 0 then
+      redis.call('HINCRBY', KEYS[2], sec .. ':c', ARGV[4])
+      if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], sec .. ':f', ARGV[5]) end
+      if tonumber(ARGV[6]) > 0 then redis.call('HINCRBY', KEYS[2], sec .. ':s', ARGV[6]) end
+    end
+    if state == 'half_open' and tonumber(ARGV[7]) > 0 then
+      redis.call('HINCRBY', KEYS[1], 'pc', ARGV[7])
+      redis.call('HINCRBY', KEYS[1], 'pf', ARGV[8])
+      redis.call('HINCRBY', KEYS[1], 'ps', ARGV[9])
+    end
+  end
+end
+local c, f, s = 0, 0, 0
+local fields = redis.call('HGETALL', KEYS[2])
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  local colon = string.find(name, ':', 1, true)
+  local bucket = tonumber(string.sub(name, 1, colon - 1))
+  if bucket + ws <= sec then
+    redis.call('HDEL', KEYS[2], name)
+  else
+    local kind = string.sub(name, colon + 1)
+    local v = tonumber(fields[i + 1])
+    if kind == 'c' then c = c + v elseif kind == 'f' then f = f + v else s = s + v end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[11])
+redis.call('PEXPIRE', KEYS[3], ARGV[11])
+if #fields > 0 then redis.call('PEXPIRE', KEYS[2], (ws + 60) * 1000) end
+return view(0, c, f, s)
+"#;
+
+/// KEYS: state, window. ARGV: instance, from epoch ('' for any), to, duration ms ('' for none), probes, opens,
+/// state TTL ms.
+const TRANSITION: &str = r#"
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local made = 0
+if ARGV[2] == '' or tonumber(ARGV[2]) == epoch then
+  local to = ARGV[3]
+  local deadline = 0
+  if (to == 'open' or to == 'half_open') and ARGV[4] ~= '' then deadline = now + tonumber(ARGV[4]) end
+  local probes = 0
+  if to == 'half_open' then probes = tonumber(ARGV[5]) end
+  redis.call('HSET', KEYS[1], 'state', to, 'epoch', epoch + 1, 'until', deadline, 'probes_left', probes,
+    'pc', 0, 'pf', 0, 'ps', 0, 'opens', ARGV[6], 'by', ARGV[1])
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  made = 1
+end
+return view(made, 0, 0, 0)
+"#;
+
+/// KEYS: state. ARGV: epoch, want.
+const CLAIM: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'probes_left')
+if h[1] ~= 'half_open' or tonumber(h[2]) ~= tonumber(ARGV[1]) then return 0 end
+local granted = math.min(tonumber(ARGV[2]), tonumber(h[3]))
+if granted > 0 then redis.call('HINCRBY', KEYS[1], 'probes_left', -granted) end
+return granted
+"#;
+
+impl RedisStore {
+    /// A store at `url` (`redis://[user:password@]host:port/db`), its keys under `prefix`. Nothing is connected
+    /// yet: the first operation connects.
+    pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(|e| StoreError(format!("invalid Redis address: {e}")))?;
+        let describe = format!("redis://{}", client.get_connection_info().addr());
+        Ok(RedisStore {
+            client,
+            prefix: prefix.to_owned(),
+            describe,
+            conn: tokio::sync::Mutex::new(None),
+            sync: Script::new(&format!("{ENSURE}{SYNC}")),
+            transition: Script::new(&format!("{ENSURE}{TRANSITION}")),
+            claim: Script::new(CLAIM),
+        })
+    }
+
+    /// The key of `part` (`state`, `window`, `seq`) of breaker `name`.
+    pub fn key(&self, name: &str, part: &str) -> String {
+        format!("{}{{{}}}:{}", self.prefix, name, part)
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = &*slot {
+            return Ok(conn.clone());
+        }
+        let conn = self.client.get_multiplexed_async_connection().await.map_err(|e| self.failed(e))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets the connection after an error that may have broken it.
+    async fn forget(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+            *self.conn.lock().await = None;
+        }
+    }
+
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        StoreError(format!("{}: {e}", self.describe))
+    }
+
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.connection().await?;
+        match invocation.invoke_async::<Vec<String>>(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.forget(&e).await;
+                Err(self.failed(e))
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+/// The script's answer as a view: `(made, view)`.
+fn parse(v: &[String]) -> Result<(bool, FleetView), StoreError> {
+    let bad = || StoreError(format!("unexpected answer from the store's script: {v:?}"));
+    if v.len() != 14 {
+        return Err(bad());
+    }
+    let n = |i: usize| v[i].parse::<u64>().map_err(|_| bad());
+    let n32 = |i: usize| n(i).map(|x| u32::try_from(x).unwrap_or(u32::MAX));
+    let state = State::from_name(&v[1]).ok_or_else(bad)?;
+    let (until, now) = (n(3)?, n(4)?);
+    let remaining = match (state, until) {
+        (State::HalfOpen, 0) => Duration::MAX,
+        (_, 0) => Duration::ZERO,
+        (_, until) => Duration::from_millis(until.saturating_sub(now)),
+    };
+    let view = FleetView {
+        state,
+        epoch: n(2)?,
+        remaining,
+        window: Snapshot { calls: n32(5)?, failures: n32(6)?, slow: n32(7)? },
+        probes: Snapshot { calls: n32(8)?, failures: n32(9)?, slow: n32(10)? },
+        probes_left: n32(11)?,
+        opens: n32(12)?,
+        decided_by: v[13].clone(),
+    };
+    Ok((v[0] == "1", view))
+}
+
+impl BreakerStore for RedisStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn sync<'a>(&'a self, req: SyncRequest<'a>) -> BoxFuture<'a, Result<FleetView, StoreError>> {
+        Box::pin(async move {
+            let (w, p) = (req.delta.window, req.delta.probes);
+            let mut inv = self.sync.prepare_invoke();
+            inv.key(self.key(req.breaker, "state"))
+                .key(self.key(req.breaker, "window"))
+                .key(self.key(req.breaker, "seq"));
+            inv.arg(req.instance).arg(req.seq).arg(req.epoch);
+            inv.arg(w.calls).arg(w.failures).arg(w.slow).arg(p.calls).arg(p.failures).arg(p.slow);
+            inv.arg(req.window_secs).arg(millis(STATE_TTL));
+            parse(&self.run(inv).await?).map(|(_, view)| view)
+        })
+    }
+
+    fn transition<'a>(&'a self, req: TransitionRequest<'a>) -> BoxFuture<'a, Result<(bool, FleetView), StoreError>> {
+        Box::pin(async move {
+            let mut inv = self.transition.prepare_invoke();
+            inv.key(self.key(req.breaker, "state")).key(self.key(req.breaker, "window"));
+            inv.arg(req.instance);
+            inv.arg(req.from_epoch.map(|e| e.to_string()).unwrap_or_default());
+            inv.arg(req.to.as_str());
+            inv.arg(if req.duration == Duration::MAX { String::new() } else { millis(req.duration) });
+            inv.arg(req.probes).arg(req.opens).arg(millis(STATE_TTL));
+            parse(&self.run(inv).await?)
+        })
+    }
+
+    fn claim_probes<'a>(&'a self, breaker: &'a str, epoch: u64, want: u32) -> BoxFuture<'a, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let mut inv = self.claim.prepare_invoke();
+            inv.key(self.key(breaker, "state")).arg(epoch).arg(want);
+            match inv.invoke_async::<u32>(&mut conn).await {
+                Ok(granted) => Ok(granted),
+                Err(e) => {
+                    self.forget(&e).await;
+                    Err(self.failed(e))
+                }
+            }
+        })
+    }
+}

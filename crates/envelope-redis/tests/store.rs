@@ -1,0 +1,272 @@
+//! The Redis store against a real `redis-server` on 127.0.0.1, and the same scenarios against the in-memory store
+//! (the reference semantics): both must give the same answers.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envelope_core::Outcome;
+use envelope_core::circuit_breaker::{CircuitBreaker, Config, Delta, State};
+use envelope_core::distributed::{BreakerStore, Fleet, FleetConfig, MemoryStore, SyncRequest};
+use envelope_core::event::{Event, Listeners};
+use envelope_redis::RedisStore;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// A `redis-server` of the test's own, on a free port, killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (the test command installs it: apt-get install redis-server)");
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+            std::thread::sleep(10 * MS);
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(minimum_calls: u32, open: Duration) -> Config {
+    Config::builder()
+        .time_window(10)
+        .minimum_calls(minimum_calls)
+        .failure_rate_threshold(50.0)
+        .open_duration(open)
+        .half_open_calls(3)
+        .max_half_open_wait(Some(Duration::from_secs(30)))
+        .build()
+        .unwrap()
+}
+
+struct Instance {
+    fleet: Fleet,
+    breaker: CircuitBreaker,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+fn instance(store: &Arc<dyn BreakerStore>, name: &str, breaker: &str, config: Config) -> Instance {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let mut fc = FleetConfig::new(name);
+    fc.op_timeout = Duration::from_millis(200);
+    fc.listeners = Listeners::new().with(move |e: &Event<'_>| {
+        let line = match e {
+            Event::FleetTransition { from, to, instance, .. } => format!("{from} -> {to} by {instance}"),
+            Event::SharedStateDegraded { .. } => "degraded".to_owned(),
+            Event::SharedStateRestored { .. } => "restored".to_owned(),
+            _ => return,
+        };
+        log.lock().unwrap().push(line);
+    });
+    let fleet = Fleet::new(store.clone(), fc);
+    let breaker = CircuitBreaker::linked(breaker, config, State::Closed);
+    fleet.join(breaker.clone()).unwrap();
+    Instance { fleet, breaker, seen }
+}
+
+fn fail(b: &CircuitBreaker, n: usize) {
+    for _ in 0..n {
+        b.try_acquire().expect("admitted").record(Outcome::Failure);
+    }
+}
+
+/// Both stores, each scenario run against each.
+fn stores(redis: &Redis) -> Vec<Arc<dyn BreakerStore>> {
+    vec![Arc::new(MemoryStore::new()), Arc::new(RedisStore::new(&redis.url(), "envelope:").unwrap())]
+}
+
+#[tokio::test]
+async fn a_trip_through_one_instance_opens_the_other_on_both_stores() {
+    let redis = Redis::start();
+    for store in stores(&redis) {
+        let (a, b) = (
+            instance(&store, "a", "trip", config(4, 60_000 * MS)),
+            instance(&store, "b", "trip", config(4, 60_000 * MS)),
+        );
+        a.fleet.sync_once().await.unwrap();
+        b.fleet.sync_once().await.unwrap();
+        fail(&a.breaker, 4);
+        a.fleet.sync_once().await.unwrap();
+        b.fleet.sync_once().await.unwrap();
+        assert_eq!(b.breaker.try_acquire().unwrap_err().state(), State::Open, "{}", store.describe());
+        assert_eq!(*b.seen.lock().unwrap(), ["closed -> open by a"], "{}", store.describe());
+    }
+}
+
+#[tokio::test]
+async fn counts_from_two_instances_add_up_exactly_on_both_stores() {
+    let redis = Redis::start();
+    for store in stores(&redis) {
+        let a = instance(&store, "a", "counts", config(100_000, 60_000 * MS));
+        let b = instance(&store, "b", "counts", config(100_000, 60_000 * MS));
+        a.fleet.sync_once().await.unwrap();
+        b.fleet.sync_once().await.unwrap();
+        // 1,000 concurrent failures through each, synced while they are being recorded.
+        let (ab, bb) = (a.breaker.clone(), b.breaker.clone());
+        let t1 = std::thread::spawn(move || fail(&ab, 1000));
+        let t2 = std::thread::spawn(move || fail(&bb, 1000));
+        while !(t1.is_finished() && t2.is_finished()) {
+            a.fleet.sync_once().await.unwrap();
+            b.fleet.sync_once().await.unwrap();
+        }
+        t1.join().unwrap();
+        t2.join().unwrap();
+        a.fleet.sync_once().await.unwrap();
+        b.fleet.sync_once().await.unwrap();
+        let look = SyncRequest {
+            breaker: "counts",
+            instance: "observer",
+            seq: 1,
+            epoch: 1,
+            delta: Delta::default(),
+            window_secs: 10,
+        };
+        let view = store.sync(look).await.unwrap();
+        assert_eq!((view.window.calls, view.window.failures), (2000, 2000), "{}", store.describe());
+
+        // Exactly: what a fleet sends once is counted once, a repeated (instance, seq) is not counted again.
+        let mut delta = Delta::default();
+        delta.window.calls = 5;
+        let again = SyncRequest { seq: 2, delta, ..look };
+        store.sync(again).await.unwrap();
+        let after = store.sync(again).await.unwrap();
+        assert_eq!(after.window.calls, view.window.calls + 5, "{}", store.describe());
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_sends_exactly_the_configured_probes_on_both_stores() {
+    let redis = Redis::start();
+    for store in stores(&redis) {
+        for round in 0..10 {
+            let name = format!("probes-{round}");
+            let fleet: Vec<Instance> =
+                (0..3).map(|i| instance(&store, &format!("i{i}"), &name, config(4, 50 * MS))).collect();
+            for i in &fleet {
+                i.fleet.sync_once().await.unwrap();
+            }
+            fail(&fleet[0].breaker, 4);
+            for i in &fleet {
+                i.fleet.sync_once().await.unwrap();
+                assert_eq!(i.breaker.state(), State::Open);
+            }
+            tokio::time::sleep(60 * MS).await;
+            let mut probes = Vec::new();
+            for tick in 0..6 {
+                for k in 0..3 {
+                    let i = &fleet[(k + round + tick) % 3];
+                    i.fleet.sync_once().await.unwrap();
+                    for _ in 0..5 {
+                        if let Ok(p) = i.breaker.try_acquire_owned() {
+                            probes.push(p);
+                        }
+                    }
+                }
+            }
+            assert_eq!(probes.len(), 3, "{} round {round}: exactly 3 probes fleet-wide", store.describe());
+            for p in probes {
+                p.record(Outcome::Ok);
+            }
+            for _ in 0..2 {
+                for i in &fleet {
+                    i.fleet.sync_once().await.unwrap();
+                }
+            }
+            for i in &fleet {
+                assert_eq!(i.breaker.state(), State::Closed, "{} round {round}", store.describe());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn keys_stay_under_the_prefix_and_expire() {
+    let redis = Redis::start();
+    let store: Arc<dyn BreakerStore> = Arc::new(RedisStore::new(&redis.url(), "shop:").unwrap());
+    let a = instance(&store, "a", "db", config(4, 60_000 * MS));
+    a.fleet.sync_once().await.unwrap();
+    fail(&a.breaker, 2);
+    a.fleet.sync_once().await.unwrap();
+    let keys = redis.cli(&["--scan"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert_eq!(keys.len(), 3, "state, window and sequence numbers: {keys:?}");
+    for key in keys {
+        assert!(key.starts_with("shop:{db}:"), "{key}");
+        let ttl: i64 = redis.cli(&["PTTL", key]).parse().unwrap();
+        assert!(ttl > 0, "{key} has a TTL ({ttl})");
+    }
+}
+
+#[tokio::test]
+async fn a_paused_or_killed_redis_puts_breakers_on_their_own_and_they_follow_again_when_it_is_back() {
+    let mut redis = Redis::start();
+    let store: Arc<dyn BreakerStore> = Arc::new(RedisStore::new(&redis.url(), "envelope:").unwrap());
+    let a = instance(&store, "a", "db", config(4, 60_000 * MS));
+    a.fleet.sync_once().await.unwrap();
+    assert!(a.fleet.status().synced);
+
+    // Paused: the sync fails at its timeout, not later; calls are admitted as before.
+    redis.signal("-STOP");
+    let began = Instant::now();
+    assert!(a.fleet.sync_once().await.is_err());
+    assert!(began.elapsed() < Duration::from_secs(1), "bounded by the operation timeout");
+    assert!(!a.fleet.status().synced);
+    assert!(a.breaker.try_acquire().is_ok());
+    redis.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.fleet.sync_once().await.is_err() {
+        assert!(Instant::now() < deadline, "resynced within 5 s of Redis coming back");
+        tokio::time::sleep(50 * MS).await;
+    }
+    assert_eq!(*a.seen.lock().unwrap(), ["degraded", "restored"]);
+
+    // Killed, then restarted on the same port: the connection is made again.
+    let port = redis.port;
+    drop(redis);
+    assert!(a.fleet.sync_once().await.is_err());
+    redis = Redis::start_on(port);
+    let back = Instant::now();
+    while a.fleet.sync_once().await.is_err() {
+        assert!(back.elapsed() < Duration::from_secs(5), "resynced within 5 s of Redis coming back");
+        tokio::time::sleep(50 * MS).await;
+    }
+    assert!(a.fleet.status().synced);
+    assert_eq!(redis.cli(&["EXISTS", "envelope:{db}:state"]), "1", "the fleet's state is made again");
+}
