@@ -16,7 +16,7 @@ use envelope_core::{Outcome, OutcomeSet};
 use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
-use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawUpstream};
+use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawShared, RawUpstream};
 pub use self::raw::{BreakerMode, Engine, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
 
@@ -112,6 +112,30 @@ pub struct Config {
     pub scenarios: Vec<Scenario>,
     /// Span export, if configured.
     pub tracing: Option<Tracing>,
+    /// Distributed mode: the store shared breakers sync through (`[shared]`), if configured.
+    pub shared: Option<Shared>,
+}
+
+/// Default key prefix in the shared store.
+pub const DEFAULT_KEY_PREFIX: &str = "envelope:";
+/// Default time one operation on the shared store may take.
+pub const DEFAULT_SHARED_OP_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default time between two syncs with the shared store.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Distributed mode (`[shared]`): where the breakers marked `shared = true` share their state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    /// The Redis address: `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS).
+    pub redis: String,
+    /// Prefix of every key the sidecar writes.
+    pub key_prefix: String,
+    /// Time one store operation may take before it counts as failed.
+    pub op_timeout: Duration,
+    /// Time between two syncs.
+    pub sync_interval: Duration,
+    /// This instance's name in the fleet (default: the host name and process id, made at start).
+    pub instance: Option<String>,
 }
 
 /// Default `service.name` of exported spans.
@@ -324,6 +348,8 @@ pub struct BreakerSpec {
     pub config: envelope_core::circuit_breaker::Config,
     /// Normal, disabled or metrics-only.
     pub mode: BreakerMode,
+    /// Shared with every instance through `[shared]` (distributed mode).
+    pub shared: bool,
 }
 
 /// An upstream.
@@ -728,7 +754,65 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             })
         }
     };
-    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing })
+    let shared = raw.shared.as_ref().map(resolve_shared).transpose()?;
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        if let Some(b) = &u.breaker
+            && b.get_ref().shared == Some(true)
+            && shared.is_none()
+        {
+            return Err(invalid(
+                b,
+                format!("upstream[{i}].breaker.shared"),
+                "a shared breaker needs the store it is shared through: add `[shared]` with `redis = \"redis://host:6379\"`",
+            ));
+        }
+    }
+    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing, shared })
+}
+
+/// `[shared]`: a Redis address the sidecar can use as it is (so what `check` accepts, `run` can connect to).
+fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
+    let r = raw.get_ref();
+    let url = r.redis.get_ref();
+    let uri = url.parse::<Uri>().ok();
+    let scheme_ok = uri.as_ref().is_some_and(|u| matches!(u.scheme_str(), Some("redis" | "rediss")));
+    let authority = uri.as_ref().and_then(|u| u.authority()).map(|a| a.host().to_owned()).unwrap_or_default();
+    let db_ok = uri.as_ref().is_some_and(|u| {
+        let path = u.path().trim_start_matches('/');
+        path.is_empty() || path.parse::<u32>().is_ok()
+    }) && uri.as_ref().is_some_and(|u| u.query().is_none());
+    if !scheme_ok || authority.is_empty() || !db_ok {
+        return Err(invalid(
+            &r.redis,
+            "shared.redis",
+            "must be a Redis address: `redis://[user:password@]host[:port][/db]` or `rediss://…` for TLS",
+        ));
+    }
+    let key_prefix = match &r.key_prefix {
+        Some(p) if p.get_ref().is_empty() || p.get_ref().chars().any(|c| c.is_whitespace() || c == '{' || c == '}') => {
+            return Err(invalid(p, "shared.key_prefix", "must be non-empty, without spaces or braces"));
+        }
+        Some(p) => p.get_ref().clone(),
+        None => DEFAULT_KEY_PREFIX.to_owned(),
+    };
+    let instance = match &r.instance {
+        Some(n) if n.get_ref().is_empty() || n.get_ref().len() > 128 => {
+            return Err(invalid(n, "shared.instance", "must be 1 to 128 characters"));
+        }
+        Some(n) => Some(n.get_ref().clone()),
+        None => None,
+    };
+    let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
+    if sync_interval < Duration::from_millis(10) {
+        return Err(invalid(raw, "shared.sync_interval", "must be at least 10ms"));
+    }
+    Ok(Shared {
+        redis: url.clone(),
+        key_prefix,
+        op_timeout: r.op_timeout.map_or(DEFAULT_SHARED_OP_TIMEOUT, |d| d.0),
+        sync_interval,
+        instance,
+    })
 }
 
 fn resolve_scenario(
@@ -1004,7 +1088,17 @@ fn resolve_breaker(i: usize, b: &Spanned<RawBreaker>) -> Result<BreakerSpec, Inv
     }
     // The engine's own validation (e.g. minimum calls larger than a count window) decides.
     let config = builder.build().map_err(|e| invalid(b, format!("upstream[{i}].breaker"), e.to_string()))?;
-    Ok(BreakerSpec { config, mode: raw.mode.unwrap_or(BreakerMode::Normal) })
+    let mode = raw.mode.unwrap_or(BreakerMode::Normal);
+    let shared = raw.shared == Some(true);
+    if shared {
+        if let Err(why) = envelope_core::distributed::shared_window(&config) {
+            return Err(invalid(b, format!("upstream[{i}].breaker.window"), why));
+        }
+        if mode != BreakerMode::Normal {
+            return Err(invalid(b, format!("upstream[{i}].breaker.mode"), "a shared breaker is in the normal mode"));
+        }
+    }
+    Ok(BreakerSpec { config, mode, shared })
 }
 
 fn resolve_route(

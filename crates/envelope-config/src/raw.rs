@@ -27,6 +27,17 @@ pub(crate) struct RawConfig {
     #[serde(default, rename = "scenario")]
     pub(crate) scenarios: Vec<RawScenario>,
     pub(crate) tracing: Option<RawTracing>,
+    pub(crate) shared: Option<Spanned<RawShared>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawShared {
+    pub(crate) redis: Spanned<String>,
+    pub(crate) key_prefix: Option<Spanned<String>>,
+    pub(crate) op_timeout: Option<PositiveDur>,
+    pub(crate) sync_interval: Option<PositiveDur>,
+    pub(crate) instance: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +176,7 @@ pub(crate) struct RawBreaker {
     pub(crate) half_open_calls: Option<NonZero>,
     pub(crate) max_half_open_wait: Option<PositiveDur>,
     pub(crate) mode: Option<BreakerMode>,
+    pub(crate) shared: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

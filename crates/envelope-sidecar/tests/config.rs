@@ -289,3 +289,39 @@ fn policies_are_the_engines_validated_configs_with_the_engines_defaults() {
     assert_eq!(e.field, "upstream[0].rate_limit", "{e}");
     assert!(e.message.contains("nanosecond"), "{e}");
 }
+
+#[test]
+fn shared_breakers_need_a_store_a_time_window_and_the_normal_mode() {
+    let shared = VALID.replace(
+        r#"breaker = { window = { count = 50 }, min_calls = 10, failure_rate = 50, open_for = "10s" }"#,
+        r#"breaker = { window = { seconds = 30 }, min_calls = 10, shared = true }"#,
+    );
+    let e = error(&shared);
+    assert_eq!((e.line, e.field.as_str()), (9, "upstream[0].breaker.shared"));
+    assert!(e.message.contains("[shared]"), "{e}");
+
+    let with_store = format!("[shared]\nredis = \"redis://10.0.0.7:6379/2\"\n{shared}");
+    let c = Config::parse("envelope.toml", &with_store).unwrap();
+    let s = c.shared.as_ref().unwrap();
+    assert_eq!(
+        (s.redis.as_str(), s.key_prefix.as_str(), s.op_timeout, s.sync_interval),
+        ("redis://10.0.0.7:6379/2", "envelope:", Duration::from_millis(50), Duration::from_millis(200))
+    );
+    assert!(c.upstreams[0].breaker.as_ref().unwrap().shared);
+
+    let counted = with_store.replace("window = { seconds = 30 }", "window = { count = 30 }");
+    let e = error(&counted);
+    assert_eq!(e.field, "upstream[0].breaker.window");
+    assert!(e.message.contains("time window"), "{e}");
+    let metrics_only = with_store.replace("shared = true", "shared = true, mode = \"metrics_only\"");
+    assert_eq!(error(&metrics_only).field, "upstream[0].breaker.mode");
+
+    for bad in ["http://10.0.0.7:6379", "redis://", "redis://host/db", "redis://host:6379/0?x=1", "10.0.0.7"] {
+        let e = error(&with_store.replace("redis://10.0.0.7:6379/2", bad));
+        assert_eq!((e.line, e.field.as_str()), (2, "shared.redis"), "{bad}");
+    }
+    let e = error(&with_store.replace("[shared]\n", "[shared]\nkey_prefix = \"a b\"\n"));
+    assert_eq!(e.field, "shared.key_prefix");
+    let e = error(&with_store.replace("[shared]\n", "[shared]\nsync_interval = \"1ms\"\n"));
+    assert_eq!(e.field, "shared.sync_interval");
+}

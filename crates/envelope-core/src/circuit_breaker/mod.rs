@@ -160,6 +160,11 @@ impl CircuitBreaker {
         CircuitBreaker { shared: Arc::new(shared) }
     }
 
+    /// Whether `other` is a clone of this breaker (the same state), not merely one of the same name.
+    pub fn same_as(&self, other: &CircuitBreaker) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether this breaker is shared by a fleet ([`CircuitBreaker::linked`]).
     pub fn is_linked(&self) -> bool {
         self.shared.fleet.is_some()

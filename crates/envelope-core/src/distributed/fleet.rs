@@ -135,6 +135,23 @@ impl Fleet {
         Ok(())
     }
 
+    /// Shares exactly `breakers` (after a config reload): a breaker already shared keeps its place (its sequence
+    /// number and probes), a new one joins, one no longer given leaves and decides alone.
+    pub fn share_exactly(&self, breakers: &[CircuitBreaker]) -> Result<(), &'static str> {
+        let windows = breakers.iter().map(check).collect::<Result<Vec<_>, _>>()?;
+        let mut members = lock(&self.inner.members);
+        for m in members.iter().filter(|m| !breakers.iter().any(|b| b.same_as(&m.breaker))) {
+            m.breaker.delegate(false);
+        }
+        members.retain(|m| breakers.iter().any(|b| b.same_as(&m.breaker)));
+        for (b, window_secs) in breakers.iter().zip(windows) {
+            if !members.iter().any(|m| m.breaker.same_as(b)) {
+                members.push(Member { breaker: b.clone(), window_secs, seq: 0, claimed: (0, 0) });
+            }
+        }
+        Ok(())
+    }
+
     /// Stops sharing the breaker named `name` (it decides alone from now).
     pub fn leave(&self, name: &str) {
         let mut members = lock(&self.inner.members);

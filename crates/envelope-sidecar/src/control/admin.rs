@@ -49,6 +49,8 @@ use crate::observe::metrics::Metrics;
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
+    /// Distributed mode's fleet, if any.
+    pub(crate) shared: crate::control::shared::SharedSlot,
     pub(crate) runtime: Arc<arc_swap::ArcSwap<Runtime>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) token: Option<String>,
@@ -68,6 +70,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/upstreams", get(upstreams))
         .route("/api/v1/breakers", get(breakers))
+        .route("/api/v1/shared", get(shared))
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/history", get(history))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
@@ -382,6 +385,24 @@ async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
 async fn upstreams(State(s): State<AdminState>) -> axum::Json<Value> {
     let all: Vec<Value> = s.runtime.load().upstreams.iter().map(|u| upstream_json(&u.spec, Some(u))).collect();
     axum::Json(json!(all))
+}
+
+/// Distributed mode: whether the shared breakers follow their fleet or decide alone, and why. Readiness does not
+/// depend on it (a sidecar whose store is down still serves).
+async fn shared(State(s): State<AdminState>) -> axum::Json<Value> {
+    let status = crate::control::shared::lock_shared(&s.shared).as_ref().map(|f| f.status());
+    axum::Json(match status {
+        None => json!({ "enabled": false }),
+        Some(st) => json!({
+            "enabled": true,
+            "store": st.store,
+            "instance": st.instance,
+            "synced": st.synced,
+            "degraded_for_ms": st.degraded_for.map(|d| d.as_millis() as u64),
+            "last_error": st.last_error,
+            "breakers": st.breakers,
+        }),
+    })
 }
 
 async fn breakers(State(s): State<AdminState>) -> axum::Json<Value> {

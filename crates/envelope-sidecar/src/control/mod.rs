@@ -2,3 +2,4 @@
 
 pub(crate) mod admin;
 pub mod server;
+pub(crate) mod shared;

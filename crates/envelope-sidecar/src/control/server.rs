@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError};
 use crate::control::admin;
+use crate::control::shared::{SharedSlot, SharedState, lock_shared};
 use crate::data::inbound;
 use crate::data::runtime::Runtime;
 use crate::observe::history::History;
@@ -38,6 +39,8 @@ pub enum RunError {
     Signal(std::io::Error),
     /// The span exporter could not be set up.
     Tracing(String),
+    /// Distributed mode's store could not be set up.
+    Shared(envelope_core::distributed::StoreError),
 }
 
 impl fmt::Display for RunError {
@@ -48,6 +51,7 @@ impl fmt::Display for RunError {
             }
             RunError::Signal(e) => write!(f, "cannot wait for signals: {e}"),
             RunError::Tracing(e) => f.write_str(e),
+            RunError::Shared(e) => write!(f, "shared state: {e}"),
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Sidecar {
     done: tokio::task::JoinHandle<()>,
     history: Arc<History>,
     history_task: tokio::task::JoinHandle<()>,
+    /// Distributed mode's fleet, with `[shared]`.
+    shared: SharedSlot,
 }
 
 impl fmt::Debug for Sidecar {
@@ -102,7 +108,7 @@ fn bind_error(listener: &str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -
 impl Sidecar {
     /// Binds every listener of `config` and the admin listener (all or nothing) and starts serving.
     pub async fn start(config: Config) -> Result<Sidecar, RunError> {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(config.shared.is_some());
         let spans = config
             .tracing
             .as_ref()
@@ -124,12 +130,19 @@ impl Sidecar {
         let settings = &rt.config.history;
         let history = History::open(settings.path.as_deref(), settings.retention, metrics.tallies.clone());
         let history_task = tokio::spawn(history.clone().run(settings.flush_interval, signal.clone()));
+        let shared: SharedSlot = Arc::default();
+        if let Some(settings) = &rt.config.shared {
+            let fleet = SharedState::start(settings, metrics.listener_for_events()).map_err(RunError::Shared)?;
+            fleet.follow(&rt);
+            *lock_shared(&shared) = Some(fleet);
+        }
         let admin = admin::router(admin::AdminState {
             runtime: runtime.clone(),
             metrics: metrics.clone(),
             token: std::env::var(&rt.config.admin.token_env).ok().filter(|t| !t.is_empty()),
             draining: draining.clone(),
             history: history.clone(),
+            shared: shared.clone(),
         });
         tokio::spawn(async move {
             let _ = axum::serve(admin_socket, admin).await;
@@ -143,7 +156,7 @@ impl Sidecar {
                 let _ = l.await;
             }
         });
-        Ok(Sidecar { runtime, metrics, addrs, admin_addr, draining, shutdown, done, history, history_task })
+        Ok(Sidecar { runtime, metrics, addrs, admin_addr, draining, shutdown, done, history, history_task, shared })
     }
 
     /// The bound addresses of the listeners, in config order.
@@ -165,7 +178,28 @@ impl Sidecar {
             return Err(ReloadError::ListenersChanged);
         }
         self.history.set_retention(config.history.retention);
-        self.runtime.store(Arc::new(Runtime::build(config, &self.metrics, old.spans.clone(), Some(&old))));
+        let settings = config.shared.clone();
+        let new = Arc::new(Runtime::build(config, &self.metrics, old.spans.clone(), Some(&old)));
+        {
+            // Shared breakers kept by the reload keep their place in the fleet; a changed `[shared]` starts a new
+            // fleet (the old one stops, its breakers deciding alone until the new one has synced).
+            let mut shared = lock_shared(&self.shared);
+            match (&settings, shared.as_ref()) {
+                (None, _) => *shared = None,
+                (Some(s), Some(running)) if running.runs(s) => {}
+                (Some(s), _) => {
+                    *shared = None;
+                    match SharedState::start(s, self.metrics.listener_for_events()) {
+                        Ok(fleet) => *shared = Some(fleet),
+                        Err(e) => eprintln!("envelope: shared state: {e}; shared breakers decide alone"),
+                    }
+                }
+            }
+            if let Some(fleet) = shared.as_ref() {
+                fleet.follow(&new);
+            }
+        }
+        self.runtime.store(new);
         self.metrics.reload(true);
         Ok(())
     }

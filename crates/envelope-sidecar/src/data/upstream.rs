@@ -102,7 +102,13 @@ impl UpstreamRt {
                 BreakerMode::Disabled => State::Disabled,
                 BreakerMode::MetricsOnly => State::MetricsOnly,
             };
-            CircuitBreaker::with_state(spec.name.clone(), b.config.clone().with_listeners(listeners.clone()), state)
+            let config = b.config.clone().with_listeners(listeners.clone());
+            if b.shared {
+                // Admits by itself as any breaker; the fleet (`control::shared`) makes its transitions the fleet's.
+                CircuitBreaker::linked(spec.name.clone(), config, state)
+            } else {
+                CircuitBreaker::with_state(spec.name.clone(), config, state)
+            }
         });
         let bulkhead = spec
             .bulkhead

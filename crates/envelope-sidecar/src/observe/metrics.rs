@@ -27,6 +27,8 @@
 //! | `envelope_slo_error_budget_remaining` | gauge | `route` |
 //! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 //! | `envelope_business_events_total` | counter | `counter` (the `[[counter]]` name) |
+//! | `envelope_shared_state_up` | gauge (1: synced with the fleet, 0: deciding alone) | (only with `[shared]`) |
+//! | `envelope_shared_state_degradations_total` | counter | (times the shared store became unreachable) |
 //!
 //! The same events also go to the history's tallies (`crate::observe::history`), which keep per-minute rollups.
 
@@ -174,6 +176,8 @@ pub(crate) struct Metrics {
     slo_budget: Family<RouteLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     slo_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     business: Family<CounterLabel, Counter>,
+    shared_up: Gauge,
+    shared_degradations: Counter,
     /// What the history will roll up at its next flush.
     pub(crate) tallies: Arc<Tallies>,
     /// The latest breaker transitions, newest last (at most [`RECENT_EVENTS`]).
@@ -232,7 +236,8 @@ pub(crate) struct ListenerMetrics {
 const CODES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl Metrics {
-    pub(crate) fn new() -> Arc<Metrics> {
+    /// The metrics; `shared`: the sidecar runs in distributed mode (`[shared]`), which has metrics of its own.
+    pub(crate) fn new(shared: bool) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("envelope");
         let m = Metrics {
             requests: Family::default(),
@@ -254,6 +259,8 @@ impl Metrics {
             slo_budget: Family::default(),
             slo_burn: Family::default(),
             business: Family::default(),
+            shared_up: Gauge::default(),
+            shared_degradations: Counter::default(),
             tallies: Arc::default(),
             recent: Default::default(),
             registry: Registry::default(),
@@ -298,6 +305,18 @@ impl Metrics {
         );
         registry.register("slo_burn_rate", "Availability burn rate per window", m.slo_burn.clone());
         registry.register("business_events", "Requests counted by a business counter", m.business.clone());
+        if shared {
+            registry.register(
+                "shared_state_up",
+                "Whether shared breakers follow the fleet (1) or decide alone (0)",
+                m.shared_up.clone(),
+            );
+            registry.register(
+                "shared_state_degradations",
+                "Times the shared store became unreachable",
+                m.shared_degradations.clone(),
+            );
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -435,6 +454,23 @@ impl Metrics {
             Event::TimedOut { name, .. } => {
                 self.timeouts.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
             }
+            Event::FleetTransition { name, from, to, instance } => {
+                let by = if instance.is_empty() { "the fleet's first state" } else { instance };
+                eprintln!("envelope: shared breaker `{name}`: {from} -> {to} (decided by {by})");
+            }
+            Event::SharedStateDegraded { store, error } => {
+                self.shared_up.set(0);
+                self.shared_degradations.inc();
+                eprintln!(
+                    "envelope: shared state at {store} unreachable ({error}); shared breakers decide alone until it is back"
+                );
+            }
+            Event::SharedStateRestored { store, after } => {
+                self.shared_up.set(1);
+                eprintln!(
+                    "envelope: shared state at {store} reachable again after {after:.1?}; shared breakers follow the fleet"
+                );
+            }
             _ => {}
         }
     }
@@ -516,7 +552,7 @@ mod tests {
 
     #[test]
     fn a_bucket_takes_a_new_exemplar_at_most_once_a_second() {
-        let m = super::Metrics::new();
+        let m = super::Metrics::new(false);
         let r = m.route("l", "r", "u");
         let now = tokio::time::Instant::now();
         assert!(r.exemplar_due(0.001, now), "the first observation of a bucket");
