@@ -6,6 +6,9 @@
 //! breaker only if it is still at the epoch the caller saw, `claim` hands out half-open probes. Time is Redis's
 //! own (`TIME`), so the instances' clocks never need to agree.
 //!
+//! A shared rate limit is one key, `{prefix}{<name>}:limit`: its GCRA arrival time, in Redis's microseconds,
+//! expiring when the limit is full again.
+//!
 //! # Keys
 //! Per breaker, under the prefix (default `envelope:`), with the breaker's name as a hash tag so that the three
 //! keys share one cluster slot: `{prefix}{<name>}:state` (a hash: state, epoch, deadline, probes, opens, who
@@ -22,7 +25,9 @@
 use std::time::Duration;
 
 use envelope_core::circuit_breaker::{Snapshot, State};
-use envelope_core::distributed::{BoxFuture, BreakerStore, FleetView, StoreError, SyncRequest, TransitionRequest};
+use envelope_core::distributed::{
+    BoxFuture, BreakerStore, FleetView, LimitStore, StoreError, SyncRequest, TransitionRequest,
+};
 use redis::aio::MultiplexedConnection;
 use redis::{Client, Script};
 
@@ -40,6 +45,7 @@ pub struct RedisStore {
     sync: Script,
     transition: Script,
     claim: Script,
+    take: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -127,6 +133,20 @@ end
 return view(made, 0, 0, 0)
 "#;
 
+/// GCRA. KEYS: the limit's key. ARGV: interval µs, burst. Returns 0 when admitted, else the wait in µs.
+const TAKE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local next = tat + interval
+local allow_at = next - interval * tonumber(ARGV[2])
+if allow_at > now then return allow_at - now end
+redis.call('SET', KEYS[1], next, 'PX', math.floor((next - now) / 1000) + 1)
+return 0
+"#;
+
 /// KEYS: state. ARGV: epoch, want.
 const CLAIM: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'state', 'epoch', 'probes_left')
@@ -150,12 +170,18 @@ impl RedisStore {
             sync: Script::new(&format!("{ENSURE}{SYNC}")),
             transition: Script::new(&format!("{ENSURE}{TRANSITION}")),
             claim: Script::new(CLAIM),
+            take: Script::new(TAKE),
         })
     }
 
     /// The key of `part` (`state`, `window`, `seq`) of breaker `name`.
     pub fn key(&self, name: &str, part: &str) -> String {
         format!("{}{{{}}}:{}", self.prefix, name, part)
+    }
+
+    /// The key of the shared rate limit `name`.
+    pub fn limit_key(&self, name: &str) -> String {
+        format!("{}{{{}}}:limit", self.prefix, name)
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
@@ -262,6 +288,29 @@ impl BreakerStore for RedisStore {
             inv.key(self.key(breaker, "state")).arg(epoch).arg(want);
             match inv.invoke_async::<u32>(&mut conn).await {
                 Ok(granted) => Ok(granted),
+                Err(e) => {
+                    self.forget(&e).await;
+                    Err(self.failed(e))
+                }
+            }
+        })
+    }
+}
+
+impl LimitStore for RedisStore {
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        interval: Duration,
+        burst: u32,
+    ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.connection().await?;
+            let mut inv = self.take.prepare_invoke();
+            inv.key(self.limit_key(key)).arg(interval.as_micros().max(1).to_string()).arg(burst);
+            match inv.invoke_async::<u64>(&mut conn).await {
+                Ok(0) => Ok(Ok(())),
+                Ok(wait) => Ok(Err(Duration::from_micros(wait))),
                 Err(e) => {
                     self.forget(&e).await;
                     Err(self.failed(e))

@@ -270,3 +270,71 @@ async fn a_paused_or_killed_redis_puts_breakers_on_their_own_and_they_follow_aga
     assert!(a.fleet.status().synced);
     assert_eq!(redis.cli(&["EXISTS", "envelope:{db}:state"]), "1", "the fleet's state is made again");
 }
+
+fn global(store: &Arc<MemoryOrRedis>, per_minute: u32) -> envelope_core::distributed::GlobalLimiter {
+    let config = envelope_core::rate_limit::Config::per(per_minute, Duration::from_secs(60)).build().unwrap();
+    let health = CircuitBreaker::new("store", Config::builder().count_window(3).minimum_calls(3).build().unwrap());
+    envelope_core::distributed::GlobalLimiter::new(
+        "app",
+        "app",
+        config,
+        store.limits(),
+        health,
+        Duration::from_millis(200),
+    )
+}
+
+/// A store as both seams.
+enum MemoryOrRedis {
+    Memory(Arc<MemoryStore>),
+    Redis(Arc<RedisStore>),
+}
+
+impl MemoryOrRedis {
+    fn limits(&self) -> Arc<dyn envelope_core::distributed::LimitStore> {
+        match self {
+            MemoryOrRedis::Memory(m) => m.clone(),
+            MemoryOrRedis::Redis(r) => r.clone(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_admits_its_rate_across_two_instances_on_both_stores() {
+    let redis = Redis::start();
+    let stores = [
+        Arc::new(MemoryOrRedis::Memory(Arc::new(MemoryStore::new()))),
+        Arc::new(MemoryOrRedis::Redis(Arc::new(RedisStore::new(&redis.url(), "envelope:").unwrap()))),
+    ];
+    for store in stores {
+        // 100 a minute (bursts of 100), two instances sending 200 each at once.
+        let (a, b) = (global(&store, 100), global(&store, 100));
+        let mut calls = Vec::new();
+        for limiter in [a.clone(), b.clone()] {
+            for _ in 0..200 {
+                let l = limiter.clone();
+                calls.push(tokio::spawn(async move { l.acquire().await.is_ok() }));
+            }
+        }
+        let mut admitted = 0;
+        for c in calls {
+            admitted += usize::from(c.await.unwrap());
+        }
+        assert!((100..=102).contains(&admitted), "admitted {admitted} across the fleet");
+        let refused = a.acquire().await.unwrap_err();
+        assert!(refused.retry_after() > Duration::ZERO && refused.retry_after() <= Duration::from_secs(1));
+    }
+}
+
+#[tokio::test]
+async fn with_the_store_unreachable_each_instance_limits_alone() {
+    let store = Arc::new(MemoryStore::new());
+    let both = Arc::new(MemoryOrRedis::Memory(store.clone()));
+    let (a, b) = (global(&both, 10), global(&both, 10));
+    store.set_down(true);
+    let mut admitted = 0;
+    for _ in 0..20 {
+        admitted += usize::from(a.acquire().await.is_ok()) + usize::from(b.acquire().await.is_ok());
+    }
+    assert_eq!(admitted, 20, "each instance's own limit of 10: never a failure because of the store");
+}

@@ -68,6 +68,12 @@ impl Envelope {
             Ok(permit) => permit,
             Err(rejected) => return rejected,
         };
+        // A shared rate limit cannot be asked from a blocked thread: its local fallback decides.
+        if let Some(global) = &p.global_limit
+            && let Err(e) = global.local().try_acquire()
+        {
+            return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after())));
+        }
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire_blocking() {
                 Ok(permit) => Some(permit),

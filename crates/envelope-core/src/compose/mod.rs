@@ -68,6 +68,7 @@ struct Policies {
     hedge: Option<Hedge>,
     breaker: Option<CircuitBreaker>,
     rate_limit: Option<RateLimiter>,
+    global_limit: Option<crate::distributed::GlobalLimiter>,
     bulkhead: Option<Bulkhead>,
     attempt_timeout: Option<Duration>,
     fault: Option<FaultInjector>,
@@ -126,6 +127,16 @@ impl Builder {
     /// (8) Limits the rate of attempts.
     pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
         self.p.rate_limit = Some(limiter);
+        self.p.global_limit = None;
+        self
+    }
+    /// (8) Limits the rate of attempts with a limit shared by a fleet (distributed mode), instead of an
+    /// instance's own: each attempt asks the store (within its operation timeout; the instance's own limiter
+    /// decides while the store cannot answer). Applied by the async face ([`Envelope::call`]); the blocking and
+    /// step faces use the limiter's local fallback.
+    pub fn shared_rate_limit(mut self, limiter: crate::distributed::GlobalLimiter) -> Self {
+        self.p.rate_limit = Some(limiter.local().clone());
+        self.p.global_limit = Some(limiter);
         self
     }
     /// (9) Limits concurrent attempts.
@@ -171,6 +182,10 @@ impl Envelope {
     /// The bulkhead, if any.
     pub fn bulkhead(&self) -> Option<&Bulkhead> {
         self.inner.bulkhead.as_ref()
+    }
+    /// The rate limiter shared by a fleet, if any.
+    pub fn shared_rate_limiter(&self) -> Option<&crate::distributed::GlobalLimiter> {
+        self.inner.global_limit.as_ref()
     }
     /// The rate limiter, if any.
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
@@ -360,6 +375,12 @@ impl Envelope {
             Ok(permit) => permit,
             Err(rejected) => return rejected,
         };
+        // (8) A rate limit shared by the fleet: the store decides (the breaker's permit goes back if it refuses).
+        if let Some(global) = &p.global_limit
+            && let Err(e) = global.admit().await
+        {
+            return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after())));
+        }
         // (9) Bulkhead; the permit is held until this function returns or is cancelled.
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire().await {
@@ -408,7 +429,8 @@ impl Envelope {
             },
             None => None,
         };
-        if let Some(limiter) = &p.rate_limit
+        if p.global_limit.is_none()
+            && let Some(limiter) = &p.rate_limit
             && let Err(e) = limiter.try_acquire()
         {
             return Err((Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after()))));

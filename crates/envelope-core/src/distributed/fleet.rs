@@ -161,6 +161,12 @@ impl Fleet {
         members.retain(|m| m.breaker.name() != name);
     }
 
+    /// The store's breaker: shared rate limits ([`super::GlobalLimiter`]) on the same store use it too, so that
+    /// a store the syncs found failing is not asked on the call path either.
+    pub fn store_health(&self) -> CircuitBreaker {
+        self.inner.store_breaker.clone()
+    }
+
     /// What the fleet knows about itself now.
     pub fn status(&self) -> FleetStatus {
         let h = lock(&self.inner.health);

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{BoxFuture, BreakerStore, FleetView, StoreError, SyncRequest, TransitionRequest};
+use super::{BoxFuture, BreakerStore, FleetView, LimitStore, StoreError, SyncRequest, TransitionRequest};
 use crate::circuit_breaker::{Snapshot, State};
 use crate::clock::{self, Instant};
 
@@ -15,6 +15,8 @@ use crate::clock::{self, Instant};
 pub struct MemoryStore {
     start: Instant,
     breakers: Mutex<HashMap<String, Entry>>,
+    /// Each shared rate limit's theoretical arrival time (GCRA).
+    limits: Mutex<HashMap<String, Instant>>,
     /// When set, every operation fails (to test the fallback).
     down: std::sync::atomic::AtomicBool,
 }
@@ -36,7 +38,12 @@ struct Entry {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore { start: clock::now(), breakers: Mutex::default(), down: Default::default() }
+        MemoryStore {
+            start: clock::now(),
+            breakers: Mutex::default(),
+            limits: Mutex::default(),
+            down: Default::default(),
+        }
     }
 }
 
@@ -176,6 +183,33 @@ impl BreakerStore for MemoryStore {
             }
             _ => 0,
         });
+        Box::pin(std::future::ready(result))
+    }
+}
+
+impl LimitStore for MemoryStore {
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        interval: Duration,
+        burst: u32,
+    ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>> {
+        let result = if self.down.load(std::sync::atomic::Ordering::Acquire) {
+            Err(StoreError("the store is down".into()))
+        } else {
+            let now = clock::now();
+            let mut limits = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tat = limits.get(key).copied().unwrap_or(now).max(now);
+            let next = tat + interval;
+            // Admitted while the new arrival time is within `burst` intervals of now.
+            let allow_at = next.checked_sub(interval * burst).unwrap_or(now);
+            if allow_at > now {
+                Ok(Err(allow_at - now))
+            } else {
+                limits.insert(key.to_owned(), next);
+                Ok(Ok(()))
+            }
+        };
         Box::pin(std::future::ready(result))
     }
 }

@@ -88,6 +88,11 @@ impl Config {
     pub fn max_wait(&self) -> Duration {
         self.max_wait
     }
+    /// Where the limiter's events go.
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
     /// The same settings, reporting to `listeners` instead (listeners are not validated: this cannot fail).
     pub fn with_listeners(mut self, listeners: Listeners) -> Self {
         self.listeners = listeners;
