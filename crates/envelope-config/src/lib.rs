@@ -17,7 +17,7 @@ use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
 use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawShared, RawUpstream};
-pub use self::raw::{BreakerMode, Engine, Tier, Underscores};
+pub use self::raw::{BreakerMode, Engine, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
 
 /// Default admin listener: loopback only.
@@ -373,6 +373,8 @@ pub struct Upstream {
     pub breaker: Option<BreakerSpec>,
     /// Rate limit, if any (validated).
     pub rate_limit: Option<envelope_core::rate_limit::Config>,
+    /// Whose limit the rate limit is: this instance's, or the fleet's (`scope = "global"`, through `[shared]`).
+    pub rate_limit_scope: Scope,
 }
 
 /// One segment of a path template.
@@ -682,6 +684,7 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
         });
     }
 
+    let shared = raw.shared.as_ref().map(resolve_shared).transpose()?;
     let mut upstreams = Vec::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
         if raw.upstreams[..i].iter().any(|o| o.name.get_ref() == u.name.get_ref()) {
@@ -691,7 +694,7 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
                 format!("duplicate upstream `{}`", u.name.get_ref()),
             ));
         }
-        upstreams.push(resolve_upstream(i, u, defaults)?);
+        upstreams.push(resolve_upstream(i, u, defaults, shared.is_some())?);
     }
 
     let mut routes = Vec::new();
@@ -754,7 +757,6 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             })
         }
     };
-    let shared = raw.shared.as_ref().map(resolve_shared).transpose()?;
     for (i, u) in raw.upstreams.iter().enumerate() {
         if let Some(b) = &u.breaker
             && b.get_ref().shared == Some(true)
@@ -964,7 +966,8 @@ fn resolve_match(field: &str, matcher: &Spanned<raw::RawMatch>) -> Result<PathMa
     Ok(PathMatch { path_prefix, template, methods })
 }
 
-fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Upstream, Invalid> {
+/// `shared`: the config has `[shared]` (a global limit needs it).
+fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults, shared: bool) -> Result<Upstream, Invalid> {
     let field = |f: &str| format!("upstream[{i}].{f}");
     if u.endpoints.get_ref().is_empty() {
         return Err(invalid(&u.endpoints, field("endpoints"), "an upstream needs at least one endpoint"));
@@ -1017,6 +1020,17 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
                 .map_err(|e| invalid(&u.name, field("rate_limit"), e.to_string()))
         })
         .transpose()?;
+    let rate_limit_scope = match u.rate_limit.as_ref().and_then(|r| r.scope.as_ref()) {
+        Some(scope) if *scope.get_ref() == Scope::Global && !shared => {
+            return Err(invalid(
+                scope,
+                field("rate_limit.scope"),
+                "a global limit needs the store it is shared through: add `[shared]` with `redis = \"redis://host:6379\"`",
+            ));
+        }
+        Some(scope) => *scope.get_ref(),
+        None => Scope::Local,
+    };
     let extra_roots = match &u.ca_file {
         None => Vec::new(),
         Some(path) => {
@@ -1043,6 +1057,7 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults) -> Result<Up
         bulkhead,
         breaker,
         rate_limit,
+        rate_limit_scope,
     })
 }
 

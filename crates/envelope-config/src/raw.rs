@@ -235,6 +235,17 @@ pub(crate) struct RawRateLimit {
     pub(crate) per: Option<PositiveDur>,
     pub(crate) burst: Option<NonZero>,
     pub(crate) shadow: Option<bool>,
+    pub(crate) scope: Option<Spanned<Scope>>,
+}
+
+/// Whose limit a rate limit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Each instance's own.
+    Local,
+    /// One limit for every instance, through `[shared]`.
+    Global,
 }
 
 #[derive(Debug, Deserialize)]

@@ -325,3 +325,16 @@ fn shared_breakers_need_a_store_a_time_window_and_the_normal_mode() {
     let e = error(&with_store.replace("[shared]\n", "[shared]\nsync_interval = \"1ms\"\n"));
     assert_eq!(e.field, "shared.sync_interval");
 }
+
+#[test]
+fn a_global_rate_limit_needs_the_shared_store() {
+    let global = VALID.replace(
+        r#"bulkhead = { max_concurrent = 20, queue = 5, queue_timeout = "50ms" }"#,
+        r#"rate_limit = { rate = 100, per = "1m", scope = "global" }"#,
+    );
+    let e = error(&global);
+    assert_eq!((e.line, e.field.as_str()), (10, "upstream[0].rate_limit.scope"));
+    let c = Config::parse("envelope.toml", &format!("[shared]\nredis = \"redis://127.0.0.1:6379\"\n{global}")).unwrap();
+    assert_eq!(c.upstreams[0].rate_limit_scope, envelope_sidecar::config::Scope::Global);
+    assert!(error(&global.replace("\"global\"", "\"planet\"")).message.contains("unknown variant"));
+}

@@ -232,3 +232,36 @@ async fn a_paused_redis_fails_and_delays_no_request_and_the_instance_resyncs_whe
     let said = a.errors.lock().unwrap().iter().filter(|l| l.contains("unreachable")).count();
     assert_eq!(said, 1, "said once in the log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_of_100_a_minute_admits_100_to_102_across_two_instances_sending_200_each() {
+    let redis = Redis::start();
+    let up = FaultUpstream::start().await;
+    let breaker = r#"window = { seconds = 10 }, min_calls = 1000"#;
+    let limited = config(&redis, breaker)
+        .replace("breaker = {", "rate_limit = { rate = 100, per = \"1m\", scope = \"global\" }\nbreaker = {");
+    let (a, b) = (envelope(&limited, up.addr).await, envelope(&limited, up.addr).await);
+    let mut calls = Vec::new();
+    for e in [&a, &b] {
+        for _ in 0..200 {
+            let addr = e.addr;
+            calls.push(tokio::spawn(async move { send(get(addr, "/api/x")).await }));
+        }
+    }
+    let (mut admitted, mut limited_answers) = (0, 0);
+    for c in calls {
+        let (status, headers, _) = c.await.unwrap();
+        match status {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited_answers += 1;
+                assert!(headers.contains_key("retry-after"));
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!((100..=102).contains(&admitted), "admitted {admitted} across the two instances");
+    assert_eq!(admitted + limited_answers, 400);
+    assert_eq!(up.count("GET", "/api/x"), admitted);
+    assert!(redis.cli(&["PTTL", "shop:{app}:limit"]).parse::<i64>().unwrap() > 0, "the limit's key expires");
+}

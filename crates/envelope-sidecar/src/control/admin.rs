@@ -253,7 +253,9 @@ fn upstream_json(u: &crate::config::Upstream, live: Option<&crate::data::upstrea
         })),
         "rate_limit": u.rate_limit.as_ref().map(|r| json!({
             "rate": r.rate(), "per_ms": r.period().as_millis() as u64, "burst": r.burst(), "shadow": r.shadow(),
+            "scope": if u.rate_limit_scope == crate::config::Scope::Global { "global" } else { "local" },
         })),
+        "breaker_shared": u.breaker.as_ref().is_some_and(|b| b.shared),
     });
     if let Some(live) = live {
         v["endpoints_healthy"] = json!((0..u.endpoints.len()).map(|i| live.healthy(i)).collect::<Vec<_>>());

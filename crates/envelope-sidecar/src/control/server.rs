@@ -115,8 +115,18 @@ impl Sidecar {
             .map(crate::observe::telemetry::Spans::start)
             .transpose()
             .map_err(RunError::Tracing)?;
-        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, spans, None)));
+        // Distributed mode first: the upstreams' global rate limits are built on its store.
+        let shared: SharedSlot = Arc::default();
+        if let Some(settings) = &config.shared {
+            let fleet = SharedState::start(settings, metrics.listener_for_events()).map_err(RunError::Shared)?;
+            *lock_shared(&shared) = Some(fleet);
+        }
+        let links = lock_shared(&shared).as_ref().map(SharedState::links);
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, &metrics, spans, None, links.as_ref())));
         let rt = runtime.load_full();
+        if let Some(fleet) = lock_shared(&shared).as_ref() {
+            fleet.follow(&rt);
+        }
         let mut sockets = Vec::new();
         for l in &rt.config.listeners {
             sockets.push(TcpListener::bind(l.listen).await.map_err(bind_error(&l.name, l.listen))?);
@@ -130,12 +140,6 @@ impl Sidecar {
         let settings = &rt.config.history;
         let history = History::open(settings.path.as_deref(), settings.retention, metrics.tallies.clone());
         let history_task = tokio::spawn(history.clone().run(settings.flush_interval, signal.clone()));
-        let shared: SharedSlot = Arc::default();
-        if let Some(settings) = &rt.config.shared {
-            let fleet = SharedState::start(settings, metrics.listener_for_events()).map_err(RunError::Shared)?;
-            fleet.follow(&rt);
-            *lock_shared(&shared) = Some(fleet);
-        }
         let admin = admin::router(admin::AdminState {
             runtime: runtime.clone(),
             metrics: metrics.clone(),
@@ -178,27 +182,26 @@ impl Sidecar {
             return Err(ReloadError::ListenersChanged);
         }
         self.history.set_retention(config.history.retention);
-        let settings = config.shared.clone();
-        let new = Arc::new(Runtime::build(config, &self.metrics, old.spans.clone(), Some(&old)));
-        {
-            // Shared breakers kept by the reload keep their place in the fleet; a changed `[shared]` starts a new
-            // fleet (the old one stops, its breakers deciding alone until the new one has synced).
-            let mut shared = lock_shared(&self.shared);
-            match (&settings, shared.as_ref()) {
-                (None, _) => *shared = None,
-                (Some(s), Some(running)) if running.runs(s) => {}
-                (Some(s), _) => {
-                    *shared = None;
-                    match SharedState::start(s, self.metrics.listener_for_events()) {
-                        Ok(fleet) => *shared = Some(fleet),
-                        Err(e) => eprintln!("envelope: shared state: {e}; shared breakers decide alone"),
-                    }
+        let mut shared = lock_shared(&self.shared);
+        // Shared breakers kept by the reload keep their place in the fleet; a changed `[shared]` starts a new
+        // fleet (the old one stops, its breakers deciding alone until the new one has synced).
+        match (&config.shared, shared.as_ref()) {
+            (None, _) => *shared = None,
+            (Some(s), Some(running)) if running.runs(s) => {}
+            (Some(s), _) => {
+                *shared = None;
+                match SharedState::start(s, self.metrics.listener_for_events()) {
+                    Ok(fleet) => *shared = Some(fleet),
+                    Err(e) => eprintln!("envelope: shared state: {e}; shared breakers decide alone"),
                 }
             }
-            if let Some(fleet) = shared.as_ref() {
-                fleet.follow(&new);
-            }
         }
+        let links = shared.as_ref().map(SharedState::links);
+        let new = Arc::new(Runtime::build(config, &self.metrics, old.spans.clone(), Some(&old), links.as_ref()));
+        if let Some(fleet) = shared.as_ref() {
+            fleet.follow(&new);
+        }
+        drop(shared);
         self.runtime.store(new);
         self.metrics.reload(true);
         Ok(())

@@ -11,6 +11,7 @@ use envelope_redis::RedisStore;
 
 use crate::config::Shared;
 use crate::data::runtime::Runtime;
+use crate::data::upstream::SharedLinks;
 
 /// The running fleet, if any, shared by the sidecar and its admin API.
 pub(crate) type SharedSlot = Arc<std::sync::Mutex<Option<SharedState>>>;
@@ -23,6 +24,7 @@ pub(crate) fn lock_shared(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Option
 pub(crate) struct SharedState {
     settings: Shared,
     fleet: Fleet,
+    store: Arc<RedisStore>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,14 +32,14 @@ impl SharedState {
     /// Starts syncing through the store `settings` name (nothing is connected yet: a sidecar starts while Redis
     /// is down, its shared breakers deciding alone until it is up).
     pub(crate) fn start(settings: &Shared, events: Listeners) -> Result<SharedState, StoreError> {
-        let store = RedisStore::new(&settings.redis, &settings.key_prefix)?;
+        let store = Arc::new(RedisStore::new(&settings.redis, &settings.key_prefix)?);
         let mut config = FleetConfig::new(settings.instance.clone().unwrap_or_else(default_instance));
         config.sync_interval = settings.sync_interval;
         config.op_timeout = settings.op_timeout;
         config.listeners = events;
-        let fleet = Fleet::new(Arc::new(store), config);
+        let fleet = Fleet::new(store.clone(), config);
         let task = tokio::spawn(fleet.clone().run());
-        Ok(SharedState { settings: settings.clone(), fleet, task })
+        Ok(SharedState { settings: settings.clone(), fleet, store, task })
     }
 
     /// Whether this fleet runs with `settings`.
@@ -51,6 +53,15 @@ impl SharedState {
             runtime.upstreams.iter().filter_map(|u| u.breaker.clone()).filter(CircuitBreaker::is_linked).collect();
         // Validated with the config: every shared breaker has a time window.
         let _ = self.fleet.share_exactly(&breakers);
+    }
+
+    /// What the upstreams' global rate limits need: the store, and its health as the fleet sees it.
+    pub(crate) fn links(&self) -> SharedLinks {
+        SharedLinks {
+            limits: self.store.clone(),
+            health: self.fleet.store_health(),
+            op_timeout: self.settings.op_timeout,
+        }
     }
 
     pub(crate) fn status(&self) -> FleetStatus {

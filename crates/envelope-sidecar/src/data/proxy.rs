@@ -311,8 +311,10 @@ pub(crate) async fn handle_passing(
         }
     };
 
-    // A rate-limited upstream's routes say their quota on every answer (IETF RateLimit fields).
+    // A rate-limited upstream's routes say their quota on every answer (IETF RateLimit fields); a global limit's
+    // quota is the fleet's, which this instance does not know without asking the store.
     if let Some(route) = &route
+        && route.upstream.global_limit.is_none()
         && let Some(limiter) = &route.upstream.rate_limit
     {
         rate_limit_fields(&mut response, &route.upstream.spec.name, limiter.quota());

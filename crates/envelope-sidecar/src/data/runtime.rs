@@ -12,7 +12,7 @@ use envelope_http::classify::StatusClassifier;
 use http::Method;
 
 use crate::config::{BusinessCounter, Config, Route, Tier};
-use crate::data::upstream::UpstreamRt;
+use crate::data::upstream::{SharedLinks, UpstreamRt};
 use crate::observe::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
 use crate::observe::telemetry::Spans;
 use envelope_core::slo::{Objective, Slo};
@@ -55,6 +55,7 @@ impl Runtime {
         metrics: &Arc<Metrics>,
         spans: Option<Arc<Spans>>,
         previous: Option<&Runtime>,
+        shared: Option<&SharedLinks>,
     ) -> Runtime {
         let events = metrics.listener_for_events();
         let listeners_for_events = &events;
@@ -63,7 +64,7 @@ impl Runtime {
             .iter()
             .map(|u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.spec == *u)) {
                 Some(kept) => kept.clone(),
-                None => UpstreamRt::new(u, listeners_for_events),
+                None => UpstreamRt::new(u, listeners_for_events, shared),
             })
             .collect();
         for u in &upstreams {
@@ -145,7 +146,9 @@ impl RouteRt {
         if let Some(breaker) = &upstream.breaker {
             b = b.circuit_breaker(breaker.clone());
         }
-        if let Some(limiter) = &upstream.rate_limit {
+        if let Some(global) = &upstream.global_limit {
+            b = b.shared_rate_limit(global.clone());
+        } else if let Some(limiter) = &upstream.rate_limit {
             b = b.rate_limiter(limiter.clone());
         }
         if let Some(bulkhead) = &upstream.bulkhead {

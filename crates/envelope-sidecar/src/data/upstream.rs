@@ -11,11 +11,12 @@ use tokio::time::Instant;
 use envelope_core::Outcome;
 use envelope_core::bulkhead::Bulkhead;
 use envelope_core::circuit_breaker::{CircuitBreaker, State};
+use envelope_core::distributed::{GlobalLimiter, LimitStore};
 use envelope_core::event::Listeners;
 use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::RateLimiter;
 
-use crate::config::{BreakerMode, Endpoint, Upstream};
+use crate::config::{BreakerMode, Endpoint, Scope, Upstream};
 use crate::data::outbound::Outbound;
 
 /// Consecutive connection failures after which an endpoint is taken out of rotation.
@@ -31,6 +32,15 @@ pub(crate) struct EndpointHealth {
     ejected_until: AtomicU64,
 }
 
+/// What distributed mode gives the upstreams: the store shared rate limits live in, and its health.
+#[derive(Clone)]
+pub(crate) struct SharedLinks {
+    pub(crate) limits: Arc<dyn LimitStore>,
+    /// The store's breaker, shared with the fleet's syncs.
+    pub(crate) health: CircuitBreaker,
+    pub(crate) op_timeout: Duration,
+}
+
 /// An upstream, ready to take requests.
 pub(crate) struct UpstreamRt {
     pub(crate) spec: Upstream,
@@ -42,6 +52,8 @@ pub(crate) struct UpstreamRt {
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
     pub(crate) rate_limit: Option<RateLimiter>,
+    /// The fleet's rate limit (`scope = "global"`), whose local fallback is `rate_limit`.
+    pub(crate) global_limit: Option<GlobalLimiter>,
     /// Faults injected into every attempt to this upstream (set through the admin API, always with an expiry).
     pub(crate) faults: FaultInjector,
     /// The status an injected abort answers with (the fault's outcome stands for it inside the envelope).
@@ -94,7 +106,7 @@ impl FaultSpec {
 }
 
 impl UpstreamRt {
-    pub(crate) fn new(spec: &Upstream, listeners: &Listeners) -> Arc<Self> {
+    pub(crate) fn new(spec: &Upstream, listeners: &Listeners, shared: Option<&SharedLinks>) -> Arc<Self> {
         // Built from the configs validated when the file was loaded: nothing here can fail.
         let breaker = spec.breaker.as_ref().map(|b| {
             let state = match b.mode {
@@ -114,10 +126,25 @@ impl UpstreamRt {
             .bulkhead
             .as_ref()
             .map(|c| Bulkhead::new(spec.name.clone(), c.clone().with_listeners(listeners.clone())));
-        let rate_limit = spec
-            .rate_limit
-            .as_ref()
-            .map(|c| RateLimiter::new(spec.name.clone(), c.clone().with_listeners(listeners.clone())));
+        // A global limit without the store (which `check` refuses) would be each instance's own.
+        let global_limit = match (&spec.rate_limit, spec.rate_limit_scope, shared) {
+            (Some(c), Scope::Global, Some(links)) => Some(GlobalLimiter::new(
+                spec.name.clone(),
+                spec.name.clone(),
+                c.clone().with_listeners(listeners.clone()),
+                links.limits.clone(),
+                links.health.clone(),
+                links.op_timeout,
+            )),
+            _ => None,
+        };
+        let rate_limit = match &global_limit {
+            Some(global) => Some(global.local().clone()),
+            None => spec
+                .rate_limit
+                .as_ref()
+                .map(|c| RateLimiter::new(spec.name.clone(), c.clone().with_listeners(listeners.clone()))),
+        };
         Arc::new(UpstreamRt {
             spec: spec.clone(),
             next: AtomicUsize::new(0),
@@ -127,6 +154,7 @@ impl UpstreamRt {
             breaker,
             bulkhead,
             rate_limit,
+            global_limit,
             faults: FaultInjector::with_listeners(spec.name.clone(), listeners.clone()),
             fault_status: AtomicU16::new(503),
         })
