@@ -265,3 +265,49 @@ async fn a_global_limit_of_100_a_minute_admits_100_to_102_across_two_instances_s
     assert_eq!(up.count("GET", "/api/x"), admitted);
     assert!(redis.cli(&["PTTL", "shop:{app}:limit"]).parse::<i64>().unwrap() > 0, "the limit's key expires");
 }
+
+fn post(addr: std::net::SocketAddr, path: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(format!("http://{addr}{path}"))
+        .header("authorization", "Bearer s3cret")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_force_open_on_one_instance_applies_to_all_and_a_reload_keeps_the_fleets_state() {
+    let redis = Redis::start();
+    let up = FaultUpstream::start().await;
+    let breaker = r#"window = { seconds = 10 }, min_calls = 5, failure_rate = 50, open_for = "30s""#;
+    let token = [("ENVELOPE_ADMIN_TOKEN", "s3cret")];
+    let a = support::envelope_with_env(&config(&redis, breaker), up.addr, &token).await;
+    let b = support::envelope_with_env(&config(&redis, breaker), up.addr, &token).await;
+    synced(&a).await;
+    synced(&b).await;
+    assert_eq!(send(post(a.admin, "/api/v1/breakers/app/force-open")).await.0, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while breaker_state(&b).await != "forced_open" {
+        assert!(Instant::now() < deadline, "b is forced open by a's operator within 2 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send(get(b.addr, "/api/x")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(up.count("GET", "/api/x"), 0);
+
+    // A reload that changes something else keeps the shared breaker, its state and its place in the fleet.
+    b.rewrite_config(&config(&redis, breaker).replace("name = \"api\"", "name = \"api\"\ntimeout = \"9s\""), up.addr);
+    b.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.errors.lock().unwrap().iter().any(|l| l.contains("config reloaded")) {
+        assert!(Instant::now() < deadline, "b reloads");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(breaker_state(&b).await, "forced_open");
+    assert_eq!(admin_json(b.admin, "/api/v1/shared").await["breakers"], serde_json::json!(["app"]));
+    // The operator releases it on b: a follows.
+    assert_eq!(send(post(b.admin, "/api/v1/breakers/app/reset")).await.0, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while breaker_state(&a).await != "closed" {
+        assert!(Instant::now() < deadline, "a follows b's reset within 2 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send(get(a.addr, "/api/x")).await.0, StatusCode::OK);
+}
