@@ -375,6 +375,8 @@ pub struct Upstream {
     pub rate_limit: Option<envelope_core::rate_limit::Config>,
     /// Whose limit the rate limit is: this instance's, or the fleet's (`scope = "global"`, through `[shared]`).
     pub rate_limit_scope: Scope,
+    /// A global limit's lease: calls taken from the store at once (1: every call asks the store).
+    pub rate_limit_lease: u32,
 }
 
 /// One segment of a path template.
@@ -1031,6 +1033,20 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults, shared: bool
         Some(scope) => *scope.get_ref(),
         None => Scope::Local,
     };
+    let rate_limit_lease = match u.rate_limit.as_ref().and_then(|r| r.lease.as_ref().map(|l| (r, l))) {
+        None => 1,
+        Some((_, lease)) if rate_limit_scope != Scope::Global => {
+            return Err(invalid(
+                lease,
+                field("rate_limit.lease"),
+                "a lease is for a global limit (`scope = \"global\"`)",
+            ));
+        }
+        Some((r, lease)) if lease.get_ref().0 > r.burst.map_or(r.rate.0, |b| b.0) => {
+            return Err(invalid(lease, field("rate_limit.lease"), "a lease is at most the burst"));
+        }
+        Some((_, lease)) => lease.get_ref().0,
+    };
     let extra_roots = match &u.ca_file {
         None => Vec::new(),
         Some(path) => {
@@ -1058,6 +1074,7 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults, shared: bool
         breaker,
         rate_limit,
         rate_limit_scope,
+        rate_limit_lease,
     })
 }
 

@@ -236,6 +236,7 @@ pub(crate) struct RawRateLimit {
     pub(crate) burst: Option<NonZero>,
     pub(crate) shadow: Option<bool>,
     pub(crate) scope: Option<Spanned<Scope>>,
+    pub(crate) lease: Option<Spanned<NonZero>>,
 }
 
 /// Whose limit a rate limit is.

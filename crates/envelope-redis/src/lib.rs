@@ -133,14 +133,14 @@ end
 return view(made, 0, 0, 0)
 "#;
 
-/// GCRA. KEYS: the limit's key. ARGV: interval µs, burst. Returns 0 when admitted, else the wait in µs.
+/// GCRA. KEYS: the limit's key. ARGV: interval µs, burst, cost. Returns 0 when admitted, else the wait in µs.
 const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local next = tat + interval
+local next = tat + interval * tonumber(ARGV[3])
 local allow_at = next - interval * tonumber(ARGV[2])
 if allow_at > now then return allow_at - now end
 redis.call('SET', KEYS[1], next, 'PX', math.floor((next - now) / 1000) + 1)
@@ -303,11 +303,12 @@ impl LimitStore for RedisStore {
         key: &'a str,
         interval: Duration,
         burst: u32,
+        cost: u32,
     ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>> {
         Box::pin(async move {
             let mut conn = self.connection().await?;
             let mut inv = self.take.prepare_invoke();
-            inv.key(self.limit_key(key)).arg(interval.as_micros().max(1).to_string()).arg(burst);
+            inv.key(self.limit_key(key)).arg(interval.as_micros().max(1).to_string()).arg(burst).arg(cost);
             match inv.invoke_async::<u64>(&mut conn).await {
                 Ok(0) => Ok(Ok(())),
                 Ok(wait) => Ok(Err(Duration::from_micros(wait))),

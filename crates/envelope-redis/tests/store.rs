@@ -338,3 +338,58 @@ async fn with_the_store_unreachable_each_instance_limits_alone() {
     }
     assert_eq!(admitted, 20, "each instance's own limit of 10: never a failure because of the store");
 }
+
+/// Counts the store's rate-limit operations.
+struct Counting {
+    inner: Arc<dyn envelope_core::distributed::LimitStore>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl envelope_core::distributed::LimitStore for Counting {
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        interval: Duration,
+        burst: u32,
+        cost: u32,
+    ) -> envelope_core::distributed::BoxFuture<'a, Result<Result<(), Duration>, envelope_core::distributed::StoreError>>
+    {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.take(key, interval, burst, cost)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_asks_the_store_once_per_lease_and_never_admits_over_the_limit() {
+    let redis = Redis::start();
+    let stores: [Arc<dyn envelope_core::distributed::LimitStore>; 2] =
+        [Arc::new(MemoryStore::new()), Arc::new(RedisStore::new(&redis.url(), "lease:").unwrap())];
+    for inner in stores {
+        let counting = Arc::new(Counting { inner, calls: Default::default() });
+        let limiter = |n: u32| {
+            let config = envelope_core::rate_limit::Config::per(100, Duration::from_secs(60)).build().unwrap();
+            let health =
+                CircuitBreaker::new("store", Config::builder().count_window(3).minimum_calls(3).build().unwrap());
+            envelope_core::distributed::GlobalLimiter::new(
+                "app",
+                "app",
+                config,
+                counting.clone(),
+                health,
+                Duration::from_millis(200),
+            )
+            .with_lease(n)
+        };
+        let (a, b) = (limiter(10), limiter(10));
+        let mut admitted = 0;
+        for _ in 0..200 {
+            admitted += usize::from(a.acquire().await.is_ok()) + usize::from(b.acquire().await.is_ok());
+        }
+        // Never over the limit; under it by at most a lease less one per instance.
+        assert!((100 - 2 * 9..=102).contains(&admitted), "admitted {admitted}");
+        let asked = counting.calls.load(std::sync::atomic::Ordering::Relaxed);
+        // Store operations: about one per lease while the bucket lasts (then one per refused call).
+        let while_admitting = asked - (400 - admitted);
+        assert!(while_admitting <= 100 / 10 + 4, "{while_admitting} operations for {admitted} admitted calls");
+    }
+}

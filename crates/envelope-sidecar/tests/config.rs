@@ -337,4 +337,12 @@ fn a_global_rate_limit_needs_the_shared_store() {
     let c = Config::parse("envelope.toml", &format!("[shared]\nredis = \"redis://127.0.0.1:6379\"\n{global}")).unwrap();
     assert_eq!(c.upstreams[0].rate_limit_scope, envelope_sidecar::config::Scope::Global);
     assert!(error(&global.replace("\"global\"", "\"planet\"")).message.contains("unknown variant"));
+    let with_store = format!("[shared]\nredis = \"redis://127.0.0.1:6379\"\n{global}");
+    let leased =
+        Config::parse("envelope.toml", &with_store.replace("scope = \"global\"", "scope = \"global\", lease = 10"));
+    assert_eq!(leased.unwrap().upstreams[0].rate_limit_lease, 10);
+    let e = error(&with_store.replace("scope = \"global\"", "scope = \"global\", lease = 500"));
+    assert_eq!(e.field, "upstream[0].rate_limit.lease");
+    let e = error(&with_store.replace("scope = \"global\"", "lease = 10"));
+    assert!(e.message.contains("global limit"), "{e}");
 }

@@ -1,5 +1,11 @@
 //! A rate limit shared by a fleet: the GCRA state lives in the store and one atomic step there decides each call,
-//! so instances together admit what one limiter would. The store is asked on the call path (that is what makes
+//! so instances together admit what one limiter would.
+//!
+//! **Lease mode** (`lease = n`, for high rates): an instance takes `n` calls' worth from the store at once and
+//! admits them itself, so the store is asked once every `n` calls. Accuracy: it never admits more than the limit
+//! (every call admitted was taken from the fleet's bucket first); it may admit less, by up to `n - 1` calls per
+//! instance per lease, when a lease expires unused (a lease lasts `n` intervals, the time those calls stand for).
+//! When the bucket has less than a lease left, single calls are taken, so a fleet still reaches its limit. The store is asked on the call path (that is what makes
 //! the limit exact), within the operation timeout and behind the store's breaker; when it cannot answer, the
 //! instance's own limiter decides instead, with the same settings (so a fleet of `n` instances admits up to `n`
 //! times the limit while the store is down: the documented price of never failing a call because of it).
@@ -15,13 +21,15 @@ use crate::rate_limit::{Config as RateConfig, RateLimited, RateLimiter};
 
 /// Where a fleet's shared rate limits live. One method, one atomic step.
 pub trait LimitStore: Send + Sync + 'static {
-    /// GCRA for `key`: one call every `interval`, bursts of `burst`. `Ok(Ok(()))`: admitted (and counted);
-    /// `Ok(Err(wait))`: over the limit, the next call would be admitted after `wait`.
+    /// GCRA for `key`: one call every `interval`, bursts of `burst`; takes `cost` calls' worth at once.
+    /// `Ok(Ok(()))`: admitted (and counted); `Ok(Err(wait))`: over the limit, the same cost would be admitted
+    /// after `wait`.
     fn take<'a>(
         &'a self,
         key: &'a str,
         interval: Duration,
         burst: u32,
+        cost: u32,
     ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>>;
 }
 
@@ -43,6 +51,12 @@ struct Inner {
     /// The store's health, shared with the fleet's breakers' syncs.
     health: CircuitBreaker,
     op_timeout: Duration,
+    /// Calls taken from the store at once (1: no lease).
+    lease: u32,
+    /// What is left of this instance's lease: calls (high 32 bits) and the lease's expiry in milliseconds since
+    /// `epoch` (low 32 bits); taken one call at a time with a compare-and-swap.
+    leased: std::sync::atomic::AtomicU64,
+    epoch: crate::clock::Instant,
 }
 
 impl std::fmt::Debug for GlobalLimiter {
@@ -67,8 +81,70 @@ impl GlobalLimiter {
         let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
         let local = RateLimiter::new(name, config);
         let key = key.into();
+        let (lease, leased, epoch) = (1, std::sync::atomic::AtomicU64::new(0), crate::clock::now());
         GlobalLimiter {
-            inner: Arc::new(Inner { key, interval, burst, shadow, listeners, store, local, health, op_timeout }),
+            inner: Arc::new(Inner {
+                key,
+                interval,
+                burst,
+                shadow,
+                listeners,
+                store,
+                local,
+                health,
+                op_timeout,
+                lease,
+                leased,
+                epoch,
+            }),
+        }
+    }
+
+    /// Takes `n` calls' worth from the store at once (lease mode, see the module docs); at most the burst.
+    pub fn with_lease(self, n: u32) -> GlobalLimiter {
+        let mut inner = Arc::into_inner(self.inner).expect("set the lease before sharing the limiter");
+        inner.lease = n.clamp(1, inner.burst.max(1));
+        GlobalLimiter { inner: Arc::new(inner) }
+    }
+
+    /// Takes one call from this instance's lease, if it has one left and it has not expired.
+    fn take_from_lease(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let inner = &*self.inner;
+        if inner.lease <= 1 {
+            return false;
+        }
+        let now = crate::clock::now().saturating_duration_since(inner.epoch).as_millis() as u64;
+        let mut bits = inner.leased.load(Ordering::Acquire);
+        loop {
+            let (left, until) = (bits >> 32, bits & 0xFFFF_FFFF);
+            if left == 0 || now >= until {
+                return false;
+            }
+            match inner.leased.compare_exchange_weak(bits, bits - (1 << 32), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => bits = actual,
+            }
+        }
+    }
+
+    /// A lease of `n` calls was taken: one is used now, the rest kept (with what is left of another lease taken
+    /// at the same moment) for `n` intervals.
+    fn keep_lease(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        let inner = &*self.inner;
+        let now = crate::clock::now().saturating_duration_since(inner.epoch);
+        let now_ms = now.as_millis() as u64;
+        let until = (now + inner.interval * n).as_millis().min(u128::from(u32::MAX)) as u64;
+        let mut bits = inner.leased.load(Ordering::Acquire);
+        loop {
+            let (left, old_until) = (bits >> 32, bits & 0xFFFF_FFFF);
+            let left = if old_until > now_ms { left } else { 0 };
+            let next = (left + u64::from(n - 1)).min(u64::from(u32::MAX)) << 32 | until.max(old_until);
+            match inner.leased.compare_exchange_weak(bits, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => bits = actual,
+            }
         }
     }
 
@@ -81,13 +157,34 @@ impl GlobalLimiter {
     /// than the operation timeout, and only while the store's breaker has not yet seen it fail.
     pub async fn acquire(&self) -> Result<(), RateLimited> {
         let inner = &*self.inner;
+        if self.take_from_lease() {
+            return Ok(());
+        }
         let Ok(permit) = inner.health.try_acquire_owned() else { return inner.local.try_acquire() };
-        match tokio::time::timeout(inner.op_timeout, inner.store.take(&inner.key, inner.interval, inner.burst)).await {
-            Ok(Ok(Ok(()))) => {
+        let take = async {
+            if inner.lease > 1 {
+                match inner.store.take(&inner.key, inner.interval, inner.burst, inner.lease).await {
+                    Ok(Ok(())) => return Ok((Ok(()), inner.lease)),
+                    // A single call fits if the lease missed by less than the other calls of the lease; else
+                    // it is refused too, and when it would fit is known without asking again.
+                    Ok(Err(wait)) if wait > inner.interval * (inner.lease - 1) => {
+                        return Ok((Err(wait - inner.interval * (inner.lease - 1)), 1));
+                    }
+                    Ok(Err(_)) => {} // less than a lease left: one call at a time
+                    Err(e) => return Err(e),
+                }
+            }
+            inner.store.take(&inner.key, inner.interval, inner.burst, 1).await.map(|r| (r, 1))
+        };
+        match tokio::time::timeout(inner.op_timeout, take).await {
+            Ok(Ok((Ok(()), taken))) => {
                 permit.record(Outcome::Ok);
+                if taken > 1 {
+                    self.keep_lease(taken);
+                }
                 Ok(())
             }
-            Ok(Ok(Err(wait))) => {
+            Ok(Ok((Err(wait), _))) => {
                 permit.record(Outcome::Ok);
                 inner.listeners.emit(Event::RateLimited { name: inner.local.name(), shadow: inner.shadow });
                 if inner.shadow { Ok(()) } else { Err(RateLimited { retry_after: wait }) }

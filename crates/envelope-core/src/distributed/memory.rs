@@ -193,6 +193,7 @@ impl LimitStore for MemoryStore {
         key: &'a str,
         interval: Duration,
         burst: u32,
+        cost: u32,
     ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>> {
         let result = if self.down.load(std::sync::atomic::Ordering::Acquire) {
             Err(StoreError("the store is down".into()))
@@ -200,7 +201,7 @@ impl LimitStore for MemoryStore {
             let now = clock::now();
             let mut limits = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let tat = limits.get(key).copied().unwrap_or(now).max(now);
-            let next = tat + interval;
+            let next = tat + interval * cost;
             // Admitted while the new arrival time is within `burst` intervals of now.
             let allow_at = next.checked_sub(interval * burst).unwrap_or(now);
             if allow_at > now {

@@ -128,14 +128,17 @@ impl UpstreamRt {
             .map(|c| Bulkhead::new(spec.name.clone(), c.clone().with_listeners(listeners.clone())));
         // A global limit without the store (which `check` refuses) would be each instance's own.
         let global_limit = match (&spec.rate_limit, spec.rate_limit_scope, shared) {
-            (Some(c), Scope::Global, Some(links)) => Some(GlobalLimiter::new(
-                spec.name.clone(),
-                spec.name.clone(),
-                c.clone().with_listeners(listeners.clone()),
-                links.limits.clone(),
-                links.health.clone(),
-                links.op_timeout,
-            )),
+            (Some(c), Scope::Global, Some(links)) => Some(
+                GlobalLimiter::new(
+                    spec.name.clone(),
+                    spec.name.clone(),
+                    c.clone().with_listeners(listeners.clone()),
+                    links.limits.clone(),
+                    links.health.clone(),
+                    links.op_timeout,
+                )
+                .with_lease(spec.rate_limit_lease),
+            ),
             _ => None,
         };
         let rate_limit = match &global_limit {
