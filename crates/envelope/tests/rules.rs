@@ -1,9 +1,12 @@
 //! Generated Prometheus rules pass real promtool: `check rules`, and unit tests that feed synthetic series and
-//! expect the burn-rate alerts to fire, to stay silent, and the absent-SLI alert to fire.
+//! expect the burn-rate alerts to fire, to stay silent, and the absent-SLI and shared-state alerts to fire.
 
 use std::process::Command;
 
 const CONFIG: &str = r#"
+[shared]
+redis = "redis://127.0.0.1:6379"
+
 [[listener]]
 name = "in"
 listen = "127.0.0.1:1"
@@ -22,6 +25,25 @@ const TESTS: &str = r#"
 rule_files: [rules.yaml]
 evaluation_interval: 1m
 tests:
+  # Distributed mode: one instance cannot reach Redis for two minutes; the ticket fires after a minute of it.
+  - interval: 1m
+    input_series:
+      - series: 'envelope_shared_state_up{instance="a:9901"}'
+        values: '1 1 0 0 0 1'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: EnvelopeSharedStateDegraded
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: EnvelopeSharedStateDegraded
+        exp_alerts:
+          - exp_labels: { severity: ticket, instance: "a:9901" }
+            exp_annotations:
+              summary: "a:9901 cannot reach its shared state: its shared breakers and global limits decide alone"
+              runbook_url: "docs/runbook.md#envelopesharedstatedegraded"
+      - eval_time: 5m
+        alertname: EnvelopeSharedStateDegraded
+        exp_alerts: []
   # Healthy for an hour, then a third of the calls fail: the page fires; before that, nothing does.
   - interval: 1m
     input_series:

@@ -55,6 +55,21 @@ pub fn prometheus_rules(config: &Config) -> String {
             write_sli(&mut out, &route_name, &sli);
         }
     }
+    if config.shared.is_some() {
+        // Distributed mode: an instance whose shared breakers decide alone for more than a minute.
+        let _ = writeln!(out, "- name: envelope-shared-state");
+        let _ = writeln!(out, "  rules:");
+        let _ = writeln!(out, "  - alert: EnvelopeSharedStateDegraded");
+        let _ = writeln!(out, "    expr: envelope_shared_state_up == 0");
+        let _ = writeln!(out, "    for: 1m");
+        let _ = writeln!(out, "    labels: {{ severity: ticket }}");
+        let _ = writeln!(out, "    annotations:");
+        let _ = writeln!(
+            out,
+            "      summary: \"{{{{ $labels.instance }}}} cannot reach its shared state: its shared breakers and global limits decide alone\""
+        );
+        let _ = writeln!(out, "      runbook_url: \"docs/runbook.md#envelopesharedstatedegraded\"");
+    }
     out
 }
 
