@@ -190,7 +190,7 @@ async fn three_instances_send_exactly_the_configured_probes_each_time_the_fleet_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_redis_fails_and_delays_no_request_and_the_instance_resyncs_when_it_is_back() {
+async fn redis_paused_or_killed_mid_load_fails_and_delays_no_request_and_the_instance_resyncs_when_it_is_back() {
     let redis = Redis::start();
     let up = FaultUpstream::start().await;
     up.script("/api/x", [Action::status(200)]);
@@ -210,7 +210,17 @@ async fn a_paused_redis_fails_and_delays_no_request_and_the_instance_resyncs_whe
     let calm = load(100).await;
     redis.signal("-STOP");
     let paused = Instant::now();
+    let fallback = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while admin_json(a.admin, "/api/v1/shared").await["synced"] != false {
+            assert!(Instant::now() < deadline, "in fallback within 2 s of Redis pausing");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        paused.elapsed()
+    });
     let during = load(150).await;
+    let fell_back = fallback.await.unwrap();
+    assert!(fell_back < Duration::from_secs(1), "fallback {fell_back:?} after Redis paused");
     let shared = admin_json(a.admin, "/api/v1/shared").await;
     assert_eq!(shared["synced"], false, "it says so on the admin API");
     assert!(shared["last_error"].is_string());
@@ -231,6 +241,25 @@ async fn a_paused_redis_fails_and_delays_no_request_and_the_instance_resyncs_whe
     assert!(metrics.contains("envelope_shared_state_degradations_total 1"));
     let said = a.errors.lock().unwrap().iter().filter(|l| l.contains("unreachable")).count();
     assert_eq!(said, 1, "said once in the log");
+
+    // Killed mid-load, then restarted on the same port: no request fails, and the instance resyncs.
+    let port = redis.port;
+    let load_task = tokio::spawn(load(300));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(redis);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while admin_json(a.admin, "/api/v1/shared").await["synced"] != false {
+        assert!(Instant::now() < deadline, "in fallback within 2 s of Redis dying");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis = Redis::start_on(port);
+    let back = Instant::now();
+    synced(&a).await;
+    assert!(back.elapsed() < Duration::from_secs(5), "resynced {:?} after Redis restarted", back.elapsed());
+    let slowest = load_task.await.unwrap();
+    assert!(slowest < calm + Duration::from_millis(250), "slowest {slowest:?} while Redis died and came back");
+    assert_eq!(redis.cli(&["EXISTS", "shop:{app}:state"]), "1", "the fleet's state is made again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

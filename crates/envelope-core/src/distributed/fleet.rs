@@ -170,13 +170,15 @@ impl Fleet {
     /// What the fleet knows about itself now.
     pub fn status(&self) -> FleetStatus {
         let h = lock(&self.inner.health);
+        let members = lock(&self.inner.members);
         FleetStatus {
             store: self.inner.describe.clone(),
             instance: self.inner.config.instance.clone(),
-            synced: h.synced_once && h.degraded_since.is_none(),
+            // Every breaker has synced at least once (a breaker joined a moment ago has not followed the fleet yet).
+            synced: h.synced_once && h.degraded_since.is_none() && members.iter().all(|m| m.seq > 0),
             degraded_for: h.degraded_since.map(|since| clock::now().saturating_duration_since(since)),
             last_error: h.last_error.clone(),
-            breakers: lock(&self.inner.members).iter().map(|m| m.breaker.name().to_owned()).collect(),
+            breakers: members.iter().map(|m| m.breaker.name().to_owned()).collect(),
         }
     }
 

@@ -484,6 +484,11 @@ pub struct Redis {
 impl Redis {
     pub fn start() -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Redis::start_on(port)
+    }
+
+    /// A server on `port` (to restart one where the sidecars expect it).
+    pub fn start_on(port: u16) -> Redis {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
