@@ -393,3 +393,40 @@ async fn lease_mode_asks_the_store_once_per_lease_and_never_admits_over_the_limi
         assert!(while_admitting <= 100 / 10 + 4, "{while_admitting} operations for {admitted} admitted calls");
     }
 }
+
+#[tokio::test]
+async fn per_key_global_limits_are_independent_and_shared_by_the_fleet_on_both_stores() {
+    let redis = Redis::start();
+    let stores: [Arc<dyn envelope_core::distributed::LimitStore>; 2] =
+        [Arc::new(MemoryStore::new()), Arc::new(RedisStore::new(&redis.url(), "keys:").unwrap())];
+    for store in stores {
+        let limiter = || {
+            let config = envelope_core::rate_limit::Config::per(5, Duration::from_secs(60)).build().unwrap();
+            let health =
+                CircuitBreaker::new("store", Config::builder().count_window(3).minimum_calls(3).build().unwrap());
+            envelope_core::distributed::GlobalKeyedLimiter::new(
+                "api",
+                "api",
+                config,
+                store.clone(),
+                health,
+                Duration::from_millis(200),
+                100,
+            )
+            .unwrap()
+        };
+        let (a, b) = (limiter(), limiter());
+        let mut admitted = std::collections::HashMap::new();
+        for _ in 0..10 {
+            for key in ["alice", "bob"] {
+                for l in [&a, &b] {
+                    *admitted.entry(key).or_insert(0) += usize::from(l.acquire(key).await.is_ok());
+                }
+            }
+        }
+        // Each key has its own 5 a minute, for the whole fleet: 20 asks each, 5 admitted each.
+        assert_eq!(admitted["alice"], 5);
+        assert_eq!(admitted["bob"], 5);
+        assert!(a.local().is_empty(), "the local fallback was not needed");
+    }
+}

@@ -17,7 +17,7 @@ use super::{BoxFuture, StoreError};
 use crate::circuit_breaker::CircuitBreaker;
 use crate::event::Event;
 use crate::outcome::Outcome;
-use crate::rate_limit::{Config as RateConfig, RateLimited, RateLimiter};
+use crate::rate_limit::{Config as RateConfig, KeyedRateLimiter, RateLimited, RateLimiter};
 
 /// Where a fleet's shared rate limits live. One method, one atomic step.
 pub trait LimitStore: Send + Sync + 'static {
@@ -176,27 +176,123 @@ impl GlobalLimiter {
             }
             inner.store.take(&inner.key, inner.interval, inner.burst, 1).await.map(|r| (r, 1))
         };
-        match tokio::time::timeout(inner.op_timeout, take).await {
-            Ok(Ok((Ok(()), taken))) => {
-                permit.record(Outcome::Ok);
+        match ask(permit, inner.op_timeout, take).await {
+            Some(Ok(taken)) => {
                 if taken > 1 {
                     self.keep_lease(taken);
                 }
                 Ok(())
             }
-            Ok(Ok((Err(wait), _))) => {
-                permit.record(Outcome::Ok);
-                inner.listeners.emit(Event::RateLimited { name: inner.local.name(), shadow: inner.shadow });
-                if inner.shadow { Ok(()) } else { Err(RateLimited { retry_after: wait }) }
-            }
-            Ok(Err(_)) => {
-                permit.record(Outcome::Failure);
-                inner.local.try_acquire()
-            }
-            Err(_) => {
-                permit.record(Outcome::Timeout);
-                inner.local.try_acquire()
-            }
+            Some(Err(wait)) => refused(&inner.listeners, inner.local.name(), inner.shadow, wait),
+            None => inner.local.try_acquire(),
+        }
+    }
+}
+
+/// Runs one store step within the timeout and records it on the store's breaker: `None` when the store could not
+/// answer (the caller's own limiter decides then).
+async fn ask<T>(
+    permit: crate::circuit_breaker::OwnedPermit,
+    op_timeout: Duration,
+    step: impl std::future::Future<Output = Result<(Result<(), Duration>, T), StoreError>>,
+) -> Option<Result<T, Duration>> {
+    match tokio::time::timeout(op_timeout, step).await {
+        Ok(Ok((answer, taken))) => {
+            permit.record(Outcome::Ok);
+            Some(answer.map(|()| taken))
+        }
+        Ok(Err(_)) => {
+            permit.record(Outcome::Failure);
+            None
+        }
+        Err(_) => {
+            permit.record(Outcome::Timeout);
+            None
+        }
+    }
+}
+
+/// The store said no: counted, and refused unless in shadow mode.
+fn refused(listeners: &crate::event::Listeners, name: &str, shadow: bool, wait: Duration) -> Result<(), RateLimited> {
+    listeners.emit(Event::RateLimited { name, shadow });
+    if shadow { Ok(()) } else { Err(RateLimited { retry_after: wait }) }
+}
+
+/// A rate limit per key (a client, a tenant, an API key) shared by every instance: each key has its own GCRA state
+/// in the store, under the limit's key and the caller's key, decided as [`GlobalLimiter`] decides (no lease). While
+/// the store cannot answer, an instance's own per-key limiter with the same settings decides, in bounded memory.
+#[derive(Clone)]
+pub struct GlobalKeyedLimiter {
+    inner: Arc<KeyedInner>,
+}
+
+struct KeyedInner {
+    name: std::sync::Arc<str>,
+    key: String,
+    interval: Duration,
+    burst: u32,
+    shadow: bool,
+    listeners: crate::event::Listeners,
+    store: Arc<dyn LimitStore>,
+    local: KeyedRateLimiter<String>,
+    health: CircuitBreaker,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for GlobalKeyedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalKeyedLimiter").field("key", &self.inner.key).finish_non_exhaustive()
+    }
+}
+
+impl GlobalKeyedLimiter {
+    /// A per-key limit named `name`, shared under `key` in `store`, with `config`'s rate, burst and shadow mode;
+    /// the local fallback tracks at most `max_keys` keys.
+    pub fn new(
+        name: impl Into<std::sync::Arc<str>>,
+        key: impl Into<String>,
+        config: RateConfig,
+        store: Arc<dyn LimitStore>,
+        health: CircuitBreaker,
+        op_timeout: Duration,
+        max_keys: usize,
+    ) -> Result<GlobalKeyedLimiter, crate::rate_limit::ConfigError> {
+        let name = name.into();
+        let interval = config.period() / config.rate().max(1);
+        let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
+        let local = KeyedRateLimiter::new(name.clone(), config, max_keys)?;
+        let key = key.into();
+        Ok(GlobalKeyedLimiter {
+            inner: Arc::new(KeyedInner {
+                name,
+                key,
+                interval,
+                burst,
+                shadow,
+                listeners,
+                store,
+                local,
+                health,
+                op_timeout,
+            }),
+        })
+    }
+
+    /// This instance's per-key limiter (the fallback).
+    pub fn local(&self) -> &KeyedRateLimiter<String> {
+        &self.inner.local
+    }
+
+    /// Takes a turn for `key` from the fleet's limit, or this instance's while the store cannot answer.
+    pub async fn acquire(&self, key: &str) -> Result<(), RateLimited> {
+        let inner = &*self.inner;
+        let Ok(permit) = inner.health.try_acquire_owned() else { return inner.local.try_acquire(&key.to_owned()) };
+        let full = format!("{}:{key}", inner.key);
+        let step = async { inner.store.take(&full, inner.interval, inner.burst, 1).await.map(|r| (r, ())) };
+        match ask(permit, inner.op_timeout, step).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(wait)) => refused(&inner.listeners, &inner.name, inner.shadow, wait),
+            None => inner.local.try_acquire(&key.to_owned()),
         }
     }
 }

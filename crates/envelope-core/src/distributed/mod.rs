@@ -41,7 +41,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 pub use self::fleet::{DEFAULT_OP_TIMEOUT, DEFAULT_SYNC_INTERVAL, Fleet, FleetConfig, FleetStatus};
-pub use self::limit::{GlobalLimiter, LimitStore};
+pub use self::limit::{GlobalKeyedLimiter, GlobalLimiter, LimitStore};
 pub use self::memory::MemoryStore;
 use crate::circuit_breaker::state::{Verdict, judge};
 use crate::circuit_breaker::{self, CircuitBreaker, Config, Delta, Snapshot, State};
