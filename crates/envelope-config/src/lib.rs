@@ -16,7 +16,9 @@ use envelope_core::{Outcome, OutcomeSet};
 use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
-use self::raw::{BackoffKind, JitterKind, RawBreaker, RawConfig, RawRetry, RawRoute, RawShared, RawUpstream};
+use self::raw::{
+    BackoffKind, JitterKind, RawBreaker, RawConfig, RawKeyLimit, RawMatch, RawRetry, RawRoute, RawShared, RawUpstream,
+};
 pub use self::raw::{BreakerMode, Engine, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
 
@@ -460,6 +462,39 @@ pub struct Route {
     pub fail_on_status: Vec<StatusCode>,
     /// Largest body buffered for retries.
     pub replay_limit: usize,
+    /// A rate limit on the route's requests, per key (one key for all when none is named).
+    pub rate_limit: Option<KeyLimit>,
+}
+
+/// Default cap on the keys a per-key limit tracks.
+pub const DEFAULT_MAX_KEYS: usize = 10_000;
+/// Largest `max_keys`.
+pub const MAX_MAX_KEYS: u64 = 10_000_000;
+
+/// A route's rate limit, per key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLimit {
+    /// The limit each key gets (validated by the engine).
+    pub config: envelope_core::rate_limit::Config,
+    /// What the key is.
+    pub key: KeySource,
+    /// Keys tracked at most (idle keys are evicted first).
+    pub max_keys: std::num::NonZeroUsize,
+    /// Each instance's own, or the fleet's (through `[shared]`).
+    pub scope: Scope,
+}
+
+/// Where a request's rate-limit key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// No key: one limit for every request of the route.
+    Route,
+    /// A request header's value (a request without it shares the key of all such requests).
+    Header(http::HeaderName),
+    /// The path segment of the route's template parameter at this index (`/tenants/{tenant}` → 1).
+    Param(usize),
+    /// The client's address.
+    Client,
 }
 
 impl Config {
@@ -708,7 +743,7 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
                 format!("duplicate route `{}`", r.name.get_ref()),
             ));
         }
-        routes.push(resolve_route(i, r, &listeners, &upstreams, defaults)?);
+        routes.push(resolve_route(i, r, &listeners, &upstreams, defaults, shared.is_some())?);
     }
 
     let history = History {
@@ -1139,6 +1174,7 @@ fn resolve_route(
     listeners: &[Listener],
     upstreams: &[Upstream],
     defaults: &Defaults,
+    shared: bool,
 ) -> Result<Route, Invalid> {
     let field = |f: &str| format!("route[{i}].{f}");
     let listener = match &r.listener {
@@ -1176,6 +1212,7 @@ fn resolve_route(
         }
     }
     let retry = r.retry.as_ref().map(|retry| resolve_retry(i, &r.name, retry)).transpose()?;
+    let rate_limit = r.rate_limit.as_ref().map(|l| resolve_key_limit(i, l, &r.matcher, shared)).transpose()?;
     Ok(Route {
         name: r.name.get_ref().clone(),
         listener,
@@ -1189,7 +1226,65 @@ fn resolve_route(
         fail_on_status,
         replay_limit: bounded(r.replay_limit.as_ref(), format!("route[{i}].replay_limit"), 0, MAX_REPLAY_LIMIT)?
             .map_or(defaults.replay_limit, |n| n as usize),
+        rate_limit,
     })
+}
+
+/// A route's per-key limit: the engine's rate-limit config, the key (`header:<name>`, `param:<name>` of the
+/// route's template, `client`), the cap on keys, and the scope (global needs `[shared]`).
+fn resolve_key_limit(
+    i: usize,
+    l: &Spanned<RawKeyLimit>,
+    matcher: &Spanned<RawMatch>,
+    shared: bool,
+) -> Result<KeyLimit, Invalid> {
+    let field = |f: &str| format!("route[{i}].rate_limit.{f}");
+    let raw = l.get_ref();
+    let config = envelope_core::rate_limit::Config::per(raw.rate.0, raw.per.map_or(Duration::from_secs(1), |d| d.0))
+        .burst(raw.burst.map_or(raw.rate.0, |b| b.0))
+        .shadow(raw.shadow.unwrap_or(false))
+        .build()
+        .map_err(|e| invalid(l, format!("route[{i}].rate_limit"), e.to_string()))?;
+    let key = match &raw.key {
+        None => KeySource::Route,
+        Some(k) => {
+            let text = k.get_ref();
+            if text == "client" {
+                KeySource::Client
+            } else if let Some(name) = text.strip_prefix("header:") {
+                let name = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| invalid(k, field("key"), format!("`{name}` is not a header name")))?;
+                KeySource::Header(name)
+            } else if let Some(name) = text.strip_prefix("param:") {
+                let template = matcher.get_ref().path.as_deref().unwrap_or("");
+                let index = template
+                    .trim_start_matches('/')
+                    .split('/')
+                    .position(|seg| seg == format!("{{{name}}}"))
+                    .ok_or_else(|| {
+                        invalid(k, field("key"), format!("the route's `match.path` has no parameter `{{{name}}}`"))
+                    })?;
+                KeySource::Param(index)
+            } else {
+                return Err(invalid(k, field("key"), "`header:<name>`, `param:<name>` or `client`"));
+            }
+        }
+    };
+    let max_keys =
+        bounded(raw.max_keys.as_ref(), field("max_keys"), 1, MAX_MAX_KEYS)?.map_or(DEFAULT_MAX_KEYS, |n| n as usize);
+    let max_keys = std::num::NonZeroUsize::new(max_keys).unwrap_or(std::num::NonZeroUsize::MIN);
+    let scope = match &raw.scope {
+        Some(s) if *s.get_ref() == Scope::Global && !shared => {
+            return Err(invalid(
+                s,
+                field("scope"),
+                "a global limit needs the store it is shared through: add `[shared]` with `redis = \"redis://host:6379\"`",
+            ));
+        }
+        Some(s) => *s.get_ref(),
+        None => Scope::Local,
+    };
+    Ok(KeyLimit { config, key, max_keys, scope })
 }
 
 /// The tier of a route without one in the config: `/auth*` and `/payments*` are critical, `/analytics*` and

@@ -265,6 +265,19 @@ pub(crate) struct RawRoute {
     #[serde(default)]
     pub(crate) fail_on_status: Vec<Spanned<u16>>,
     pub(crate) replay_limit: Option<Spanned<u64>>,
+    pub(crate) rate_limit: Option<Spanned<RawKeyLimit>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKeyLimit {
+    pub(crate) rate: NonZero,
+    pub(crate) per: Option<PositiveDur>,
+    pub(crate) burst: Option<NonZero>,
+    pub(crate) shadow: Option<bool>,
+    pub(crate) key: Option<Spanned<String>>,
+    pub(crate) max_keys: Option<Spanned<u64>>,
+    pub(crate) scope: Option<Spanned<Scope>>,
 }
 
 #[derive(Debug, Deserialize)]

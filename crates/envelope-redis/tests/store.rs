@@ -411,9 +411,8 @@ async fn per_key_global_limits_are_independent_and_shared_by_the_fleet_on_both_s
                 store.clone(),
                 health,
                 Duration::from_millis(200),
-                100,
+                std::num::NonZeroUsize::new(100).unwrap(),
             )
-            .unwrap()
         };
         let (a, b) = (limiter(), limiter());
         let mut admitted = std::collections::HashMap::new();

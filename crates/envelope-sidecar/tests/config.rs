@@ -346,3 +346,29 @@ fn a_global_rate_limit_needs_the_shared_store() {
     let e = error(&with_store.replace("scope = \"global\"", "lease = 10"));
     assert!(e.message.contains("global limit"), "{e}");
 }
+
+#[test]
+fn per_key_limits_name_a_header_a_template_parameter_or_the_client() {
+    let with = |limit: &str, path: &str| {
+        VALID.replace(
+            "match = { path_prefix = \"/reports\" }",
+            &format!("match = {{ {path} }}\nrate_limit = {{ rate = 10, {limit} }}"),
+        )
+    };
+    let c = Config::parse("envelope.toml", &with("key = \"param:tenant\"", "path = \"/t/{tenant}/x\"")).unwrap();
+    let limit = c.routes[1].rate_limit.as_ref().unwrap();
+    assert_eq!(limit.key, envelope_sidecar::config::KeySource::Param(1));
+    assert_eq!(limit.max_keys.get(), 10_000);
+    let c = Config::parse("envelope.toml", &with("key = \"header:X-Api-Key\", max_keys = 50", "path_prefix = \"/r\""));
+    let limit = c.unwrap().routes[1].rate_limit.clone().unwrap();
+    assert_eq!(limit.key, envelope_sidecar::config::KeySource::Header(http::HeaderName::from_static("x-api-key")));
+    assert_eq!(limit.max_keys.get(), 50);
+
+    let e = error(&with("key = \"param:tenant\"", "path_prefix = \"/r\""));
+    assert_eq!(e.field, "route[1].rate_limit.key");
+    assert!(e.message.contains("{tenant}"), "{e}");
+    assert_eq!(error(&with("key = \"cookie:x\"", "path_prefix = \"/r\"")).field, "route[1].rate_limit.key");
+    assert_eq!(error(&with("key = \"header:bad name\"", "path_prefix = \"/r\"")).field, "route[1].rate_limit.key");
+    assert_eq!(error(&with("max_keys = 0", "path_prefix = \"/r\"")).field, "route[1].rate_limit.max_keys");
+    assert_eq!(error(&with("scope = \"global\"", "path_prefix = \"/r\"")).field, "route[1].rate_limit.scope");
+}

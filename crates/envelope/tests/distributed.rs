@@ -340,3 +340,32 @@ async fn an_operators_force_open_on_one_instance_applies_to_all_and_a_reload_kee
     }
     assert_eq!(send(get(a.addr, "/api/x")).await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_per_key_limit_is_each_keys_for_the_whole_fleet() {
+    let redis = Redis::start();
+    let up = FaultUpstream::start().await;
+    let breaker = r#"window = { seconds = 10 }, min_calls = 1000"#;
+    let keyed = config(&redis, breaker).replace(
+        "match = { path_prefix = \"/api\" }\nupstream = \"app\"\n",
+        "match = { path_prefix = \"/api\" }\nupstream = \"app\"\nrate_limit = { rate = 3, per = \"1m\", key = \"header:x-api-key\", scope = \"global\" }\n",
+    );
+    let (a, b) = (envelope(&keyed, up.addr).await, envelope(&keyed, up.addr).await);
+    let ask = |addr, key: &'static str| async move {
+        let req = http::Request::get(format!("http://{addr}/api/x"))
+            .header("x-api-key", key)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        send(req).await.0
+    };
+    let mut admitted = std::collections::HashMap::new();
+    for _ in 0..3 {
+        for key in ["alice", "bob"] {
+            for e in [&a, &b] {
+                *admitted.entry(key).or_insert(0) += usize::from(ask(e.addr, key).await == StatusCode::OK);
+            }
+        }
+    }
+    assert_eq!((admitted["alice"], admitted["bob"]), (3, 3), "3 a minute per key, for the two instances together");
+    assert!(redis.cli(&["EXISTS", "shop:{route:api:alice}:limit"]) == "1", "{}", redis.cli(&["--scan"]));
+}

@@ -395,3 +395,55 @@ async fn a_rate_limited_upstreams_routes_state_their_quota_on_every_answer() {
     let (_, headers, _) = send(get(env.addr, "/api/plain")).await;
     assert!(!headers.contains_key("ratelimit") && !headers.contains_key("ratelimit-policy"));
 }
+
+fn get_as(addr: std::net::SocketAddr, path: &str, api_key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(format!("http://{addr}{path}"));
+    if let Some(k) = api_key {
+        b = b.header("x-api-key", k);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_limits_keep_keys_apart_and_answer_429_with_the_quota() {
+    let up = FaultUpstream::start().await;
+    let config = CONFIG.replace(
+        "[[route]]\nname = \"slow\"",
+        "[[route]]\nname = \"keyed\"\nmatch = { path_prefix = \"/keyed\" }\nupstream = \"app\"\n\
+         rate_limit = { rate = 2, per = \"60s\", key = \"header:x-api-key\", max_keys = 100 }\n\n\
+         [[route]]\nname = \"tenants\"\nmatch = { path = \"/tenants/{tenant}/orders\" }\nupstream = \"app\"\n\
+         rate_limit = { rate = 1, per = \"60s\", key = \"param:tenant\" }\n\n\
+         [[route]]\nname = \"clients\"\nmatch = { path_prefix = \"/clients\" }\nupstream = \"app\"\n\
+         rate_limit = { rate = 1, per = \"60s\", key = \"client\" }\n\n\
+         [[route]]\nname = \"slow\"",
+    );
+    let env = envelope(&config, up.addr).await;
+    for _ in 0..2 {
+        assert_eq!(send(get_as(env.addr, "/keyed/x", Some("alice"))).await.0, StatusCode::OK);
+    }
+    let (status, headers, body) = send(get_as(env.addr, "/keyed/x", Some("alice"))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "alice's third in a minute");
+    assert!(String::from_utf8_lossy(&body).contains("route `keyed`: rate limit reached"));
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=31).contains(&retry_after), "{retry_after}");
+    assert_eq!(headers["ratelimit-policy"], "\"keyed\";q=2;w=60");
+    assert!(headers["ratelimit"].to_str().unwrap().starts_with("\"keyed\";r=0;t="));
+    assert_eq!(send(get_as(env.addr, "/keyed/x", Some("bob"))).await.0, StatusCode::OK, "bob has his own");
+    // Requests without the header share one key.
+    assert_eq!(send(get_as(env.addr, "/keyed/x", None)).await.0, StatusCode::OK);
+    assert_eq!(send(get_as(env.addr, "/keyed/x", None)).await.0, StatusCode::OK);
+    assert_eq!(send(get_as(env.addr, "/keyed/x", None)).await.0, StatusCode::TOO_MANY_REQUESTS);
+
+    assert_eq!(send(get(env.addr, "/tenants/acme/orders")).await.0, StatusCode::OK);
+    assert_eq!(send(get(env.addr, "/tenants/acme/orders")).await.0, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(send(get(env.addr, "/tenants/globex/orders")).await.0, StatusCode::OK, "tenants apart");
+
+    assert_eq!(send(get(env.addr, "/clients/a")).await.0, StatusCode::OK);
+    assert_eq!(send(get(env.addr, "/clients/b")).await.0, StatusCode::TOO_MANY_REQUESTS, "one client address");
+    // Nothing over a limit reached the upstream; no per-key label in the metrics.
+    assert_eq!(up.count("GET", "/keyed/x"), 5);
+    let (_, _, metrics) = send(get(env.admin, "/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(!metrics.contains("alice") && !metrics.contains("acme"), "keys never become labels");
+    assert!(metrics.contains("envelope_rate_limited_total{upstream=\"keyed\",shadow=\"false\"} 2"), "{metrics}");
+}

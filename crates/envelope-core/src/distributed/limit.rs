@@ -255,14 +255,14 @@ impl GlobalKeyedLimiter {
         store: Arc<dyn LimitStore>,
         health: CircuitBreaker,
         op_timeout: Duration,
-        max_keys: usize,
-    ) -> Result<GlobalKeyedLimiter, crate::rate_limit::ConfigError> {
+        max_keys: std::num::NonZeroUsize,
+    ) -> GlobalKeyedLimiter {
         let name = name.into();
         let interval = config.period() / config.rate().max(1);
         let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
-        let local = KeyedRateLimiter::new(name.clone(), config, max_keys)?;
+        let local = KeyedRateLimiter::bounded(name.clone(), config, max_keys);
         let key = key.into();
-        Ok(GlobalKeyedLimiter {
+        GlobalKeyedLimiter {
             inner: Arc::new(KeyedInner {
                 name,
                 key,
@@ -275,7 +275,7 @@ impl GlobalKeyedLimiter {
                 health,
                 op_timeout,
             }),
-        })
+        }
     }
 
     /// This instance's per-key limiter (the fallback).

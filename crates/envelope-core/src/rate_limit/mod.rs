@@ -365,17 +365,20 @@ impl<K> Clone for KeyedRateLimiter<K> {
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// A per-key limiter tracking at most `max_keys` keys (rounded up to a multiple of 16).
     pub fn new(name: impl Into<std::sync::Arc<str>>, config: Config, max_keys: usize) -> Result<Self, ConfigError> {
-        if max_keys == 0 {
-            return Err(ConfigError("max_keys must be at least 1"));
-        }
-        Ok(KeyedRateLimiter {
+        let max_keys = std::num::NonZeroUsize::new(max_keys).ok_or(ConfigError("max_keys must be at least 1"))?;
+        Ok(Self::bounded(name, config, max_keys))
+    }
+
+    /// [`KeyedRateLimiter::new`] with a cap that cannot be zero: infallible.
+    pub fn bounded(name: impl Into<std::sync::Arc<str>>, config: Config, max_keys: std::num::NonZeroUsize) -> Self {
+        KeyedRateLimiter {
             shared: Arc::new(Keyed {
                 common: Common::new(name.into(), config),
-                max_per_shard: max_keys.div_ceil(SHARDS),
+                max_per_shard: max_keys.get().div_ceil(SHARDS),
                 hasher: RandomState::new(),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             }),
-        })
+        }
     }
 
     /// Takes a turn for `key` now, or says how long until one is free.

@@ -40,7 +40,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
-use crate::config::Underscores;
+use crate::config::{KeySource, Underscores};
 use crate::data::InBody;
 use crate::data::outbound::{self, ProxyHeaders, UpstreamError, clean_answer, clean_request};
 use crate::data::runtime::{RouteRt, Runtime};
@@ -236,6 +236,21 @@ pub(crate) async fn handle_passing(
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", id);
         };
         let route = &**route.insert(found.clone());
+
+        // 3b. The route's per-key rate limit: refused before the body is read, with the quota said.
+        if let (Some(limiter), Some(spec)) = (&route.key_limit, &route.spec.rate_limit) {
+            let key = limit_key(&spec.key, req.headers(), path, client);
+            if let Err(limited) = limiter.acquire(key).await {
+                let detail = format!("route `{}`: rate limit reached", route.spec.name);
+                let retry_after = Some(limited.retry_after());
+                let mut answer = problem(Outcome::LocalRateLimited, &detail, Some(id), retry_after).map(Either::Right);
+                let config = &spec.config;
+                let window = config.period() / config.rate().max(1) * config.burst();
+                let burst = u64::from(config.burst());
+                quota_fields(&mut answer, &route.spec.name, burst, window, 0, limited.retry_after());
+                break 'answer (answer, Outcome::LocalRateLimited);
+            }
+        }
 
         // 4. Header hygiene; the headers the proxy sets (the request id if the client's was missing or invalid,
         // this hop's trace context, X-Forwarded-For with the client appended) replace the client's.
@@ -507,20 +522,52 @@ fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBod
 /// Sets `RateLimit-Policy: "<upstream>";q=<limit>;w=<window s>` and `RateLimit: "<upstream>";r=<remaining>;t=<reset
 /// s>` (draft-ietf-httpapi-ratelimit-headers; whole seconds, rounded up). A passed-through head becomes the map.
 fn rate_limit_fields(response: &mut Response<ProxyBody>, name: &str, q: envelope_core::rate_limit::Quota) {
+    quota_fields(response, name, q.limit, q.window, q.remaining, q.reset);
+}
+
+/// The two fields of [`rate_limit_fields`] from their parts: a quota of `limit` calls earned back over `window`,
+/// `remaining` of them now, all again after `reset`.
+fn quota_fields(
+    response: &mut Response<ProxyBody>,
+    name: &str,
+    limit: u64,
+    window: Duration,
+    remaining: u64,
+    reset: Duration,
+) {
     if let Some(raw) = take_raw_head(response.body_mut()) {
         *response.headers_mut() = raw.into_map();
     }
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     // The policy name is an sf-string: `"` and `\` escaped.
     let name = name.replace('\\', "\\\\").replace('"', "\\\"");
-    let policy = format!("\"{name}\";q={};w={}", q.limit, secs(q.window).max(1));
-    let now = format!("\"{name}\";r={};t={}", q.remaining, secs(q.reset));
+    let policy = format!("\"{name}\";q={limit};w={}", secs(window).max(1));
+    let now = format!("\"{name}\";r={remaining};t={}", secs(reset));
     let headers = response.headers_mut();
     for (field, value) in [("ratelimit-policy", policy), ("ratelimit", now)] {
         if let Ok(value) = http::HeaderValue::try_from(value) {
             headers.insert(http::HeaderName::from_static(field), value);
         }
     }
+}
+
+/// Keys longer than this are cut to it (on a character boundary), bounding a per-key limit's memory per key.
+const MAX_KEY_BYTES: usize = 128;
+
+/// The request's key for its route's per-key limit: a header's value (empty without it), a path segment of the
+/// route's template, the client's address, or one key for the whole route.
+fn limit_key<'a>(source: &KeySource, headers: &'a http::HeaderMap, path: &'a str, client: &'a Client) -> &'a str {
+    let key = match source {
+        KeySource::Route => "",
+        KeySource::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        KeySource::Param(i) => path.trim_start_matches('/').split('/').nth(*i).unwrap_or(""),
+        KeySource::Client => client.forwarded.to_str().unwrap_or(""),
+    };
+    let mut end = key.len().min(MAX_KEY_BYTES);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    &key[..end]
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; any request has at most one.

@@ -5,13 +5,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use envelope_core::Envelope;
+use envelope_core::distributed::GlobalKeyedLimiter;
 use envelope_core::event::Listeners;
+use envelope_core::rate_limit::KeyedRateLimiter;
 use envelope_core::retry::Retry;
 use envelope_core::shed::{LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
 
-use crate::config::{BusinessCounter, Config, Route, Tier};
+use crate::config::{BusinessCounter, Config, KeyLimit, Route, Scope, Tier};
 use crate::data::upstream::{SharedLinks, UpstreamRt};
 use crate::observe::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
 use crate::observe::telemetry::Spans;
@@ -43,6 +45,41 @@ pub(crate) struct RouteRt {
     pub(crate) metrics: RouteMetrics,
     /// The route's SLO, from its tier. Kept across reloads while the route keeps its name and tier.
     pub(crate) slo: Arc<Slo>,
+    /// The route's per-key rate limit, if it has one.
+    pub(crate) key_limit: Option<KeyLimiter>,
+}
+
+/// A route's per-key rate limit, live: each instance's own (bounded memory: idle keys evicted first, at most
+/// `max_keys`), or the fleet's through the shared store (the instance's own deciding while the store cannot).
+pub(crate) enum KeyLimiter {
+    Local(KeyedRateLimiter<String>),
+    Global(GlobalKeyedLimiter),
+}
+
+impl KeyLimiter {
+    fn new(spec: &KeyLimit, name: &str, events: &Listeners, shared: Option<&SharedLinks>) -> KeyLimiter {
+        let config = spec.config.clone().with_listeners(events.clone());
+        match (spec.scope, shared) {
+            (Scope::Global, Some(links)) => KeyLimiter::Global(GlobalKeyedLimiter::new(
+                name.to_owned(),
+                format!("route:{name}"),
+                config,
+                links.limits.clone(),
+                links.health.clone(),
+                links.op_timeout,
+                spec.max_keys,
+            )),
+            _ => KeyLimiter::Local(KeyedRateLimiter::bounded(name.to_owned(), config, spec.max_keys)),
+        }
+    }
+
+    /// Takes a turn for `key`.
+    pub(crate) async fn acquire(&self, key: &str) -> Result<(), envelope_core::rate_limit::RateLimited> {
+        match self {
+            KeyLimiter::Local(l) => l.try_acquire(&key.to_owned()),
+            KeyLimiter::Global(g) => g.acquire(key).await,
+        }
+    }
 }
 
 impl Runtime {
@@ -109,7 +146,15 @@ impl Runtime {
                                     .unwrap_or_else(|| {
                                         Arc::new(Slo::new(objective(r.tier)).expect("tier objectives are valid"))
                                     });
-                                Arc::new(RouteRt::new(r, &shedder, upstream, listeners_for_events, route_metrics, slo))
+                                Arc::new(RouteRt::new(
+                                    r,
+                                    &shedder,
+                                    upstream,
+                                    listeners_for_events,
+                                    route_metrics,
+                                    slo,
+                                    shared,
+                                ))
                             }
                         }
                     })
@@ -134,6 +179,7 @@ impl RouteRt {
         events: &Listeners,
         metrics: RouteMetrics,
         slo: Arc<Slo>,
+        shared: Option<&SharedLinks>,
     ) -> RouteRt {
         let mut b = Envelope::builder()
             .name(spec.name.clone())
@@ -165,6 +211,7 @@ impl RouteRt {
             upstream: upstream.clone(),
             metrics,
             slo,
+            key_limit: spec.rate_limit.as_ref().map(|l| KeyLimiter::new(l, &spec.name, events, shared)),
         }
     }
 
