@@ -138,6 +138,8 @@ pub struct Shared {
     pub sync_interval: Duration,
     /// This instance's name in the fleet (default: the host name and process id, made at start).
     pub instance: Option<String>,
+    /// For `rediss://`: the PEM certificates the server's is checked against instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Default `service.name` of exported spans.
@@ -841,6 +843,24 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
         Some(n) => Some(n.get_ref().clone()),
         None => None,
     };
+    let ca_pem = match &r.ca_file {
+        None => None,
+        Some(path) if !url.starts_with("rediss://") => {
+            return Err(invalid(path, "shared.ca_file", "a CA file is for a TLS address (`rediss://`)"));
+        }
+        Some(path) => {
+            use rustls_pki_types::CertificateDer;
+            use rustls_pki_types::pem::PemObject;
+            let bad = |why: String| invalid(path, "shared.ca_file", format!("`{}`: {why}", path.get_ref()));
+            let pem = std::fs::read(path.get_ref()).map_err(|e| bad(e.to_string()))?;
+            let certs =
+                CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in the file".to_owned()));
+            }
+            Some(pem)
+        }
+    };
     let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
     if sync_interval < Duration::from_millis(10) {
         return Err(invalid(raw, "shared.sync_interval", "must be at least 10ms"));
@@ -851,6 +871,7 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
         op_timeout: r.op_timeout.map_or(DEFAULT_SHARED_OP_TIMEOUT, |d| d.0),
         sync_interval,
         instance,
+        ca_pem,
     })
 }
 

@@ -38,6 +38,7 @@ pub(crate) struct RawShared {
     pub(crate) op_timeout: Option<PositiveDur>,
     pub(crate) sync_interval: Option<PositiveDur>,
     pub(crate) instance: Option<Spanned<String>>,
+    pub(crate) ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

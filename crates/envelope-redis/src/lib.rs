@@ -161,8 +161,23 @@ impl RedisStore {
     /// yet: the first operation connects.
     pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(|e| StoreError(format!("invalid Redis address: {e}")))?;
-        let describe = format!("redis://{}", client.get_connection_info().addr());
-        Ok(RedisStore {
+        Ok(Self::with_client(client, prefix))
+    }
+
+    /// Like [`RedisStore::new`] for a `rediss://` address whose server certificate is checked against `root_pem`
+    /// (PEM certificates: a private CA, or the server's own) instead of the system's roots.
+    pub fn with_root_ca(url: &str, prefix: &str, root_pem: Vec<u8>) -> Result<RedisStore, StoreError> {
+        let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(root_pem) };
+        let client =
+            Client::build_with_tls(url, certs).map_err(|e| StoreError(format!("invalid Redis address or CA: {e}")))?;
+        Ok(Self::with_client(client, prefix))
+    }
+
+    fn with_client(client: Client, prefix: &str) -> RedisStore {
+        let info = client.get_connection_info().addr();
+        let scheme = if matches!(info, redis::ConnectionAddr::TcpTls { .. }) { "rediss" } else { "redis" };
+        let describe = format!("{scheme}://{info}");
+        RedisStore {
             client,
             prefix: prefix.to_owned(),
             describe,
@@ -171,7 +186,7 @@ impl RedisStore {
             transition: Script::new(&format!("{ENSURE}{TRANSITION}")),
             claim: Script::new(CLAIM),
             take: Script::new(TAKE),
-        })
+        }
     }
 
     /// The key of `part` (`state`, `window`, `seq`) of breaker `name`.

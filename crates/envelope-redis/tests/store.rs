@@ -429,3 +429,41 @@ async fn per_key_global_limits_are_independent_and_shared_by_the_fleet_on_both_s
         assert!(a.local().is_empty(), "the local fallback was not needed");
     }
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_is_used_and_a_wrong_ca_is_refused() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("envelope-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--tls-cert-file", crt.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()])
+        .args(["--tls-ca-cert-file", crt.to_str().unwrap(), "--tls-auth-clients", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let store: Arc<dyn BreakerStore> =
+        Arc::new(RedisStore::with_root_ca(&url, "tls:", cert.cert.pem().into_bytes()).unwrap());
+    assert!(store.describe().starts_with("rediss://"), "{}", store.describe());
+    let a = instance(&store, "a", "db", config(4, 60_000 * MS));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.fleet.sync_once().await.is_err() {
+        assert!(Instant::now() < deadline, "synced over TLS");
+        tokio::time::sleep(50 * MS).await;
+    }
+    // Another CA: the handshake fails, so the store is unreachable (and the breaker decides alone).
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let wrong: Arc<dyn BreakerStore> =
+        Arc::new(RedisStore::with_root_ca(&url, "tls:", other.cert.pem().into_bytes()).unwrap());
+    let b = instance(&wrong, "b", "db", config(4, 60_000 * MS));
+    assert!(b.fleet.sync_once().await.is_err());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

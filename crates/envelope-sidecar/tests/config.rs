@@ -372,3 +372,19 @@ fn per_key_limits_name_a_header_a_template_parameter_or_the_client() {
     assert_eq!(error(&with("max_keys = 0", "path_prefix = \"/r\"")).field, "route[1].rate_limit.max_keys");
     assert_eq!(error(&with("scope = \"global\"", "path_prefix = \"/r\"")).field, "route[1].rate_limit.scope");
 }
+
+#[test]
+fn a_shared_stores_ca_file_is_for_tls_and_must_hold_certificates() {
+    let dir = std::env::temp_dir().join(format!("envelope-shared-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("ca.txt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let shared = |url: &str, ca: &std::path::Path| {
+        format!("[shared]\nredis = \"{url}\"\nca_file = \"{}\"\n{VALID}", ca.display())
+    };
+    assert_eq!(error(&shared("redis://127.0.0.1:6379", &not_pem)).field, "shared.ca_file");
+    let e = error(&shared("rediss://127.0.0.1:6379", &not_pem));
+    assert!(e.field == "shared.ca_file" && e.message.contains("no PEM certificate"), "{e}");
+    assert_eq!(error(&shared("rediss://127.0.0.1:6379", &dir.join("missing.pem"))).field, "shared.ca_file");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,7 +32,10 @@ impl SharedState {
     /// Starts syncing through the store `settings` name (nothing is connected yet: a sidecar starts while Redis
     /// is down, its shared breakers deciding alone until it is up).
     pub(crate) fn start(settings: &Shared, events: Listeners) -> Result<SharedState, StoreError> {
-        let store = Arc::new(RedisStore::new(&settings.redis, &settings.key_prefix)?);
+        let store = Arc::new(match &settings.ca_pem {
+            Some(pem) => RedisStore::with_root_ca(&settings.redis, &settings.key_prefix, pem.clone())?,
+            None => RedisStore::new(&settings.redis, &settings.key_prefix)?,
+        });
         let mut config = FleetConfig::new(settings.instance.clone().unwrap_or_else(default_instance));
         config.sync_interval = settings.sync_interval;
         config.op_timeout = settings.op_timeout;
