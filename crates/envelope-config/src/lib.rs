@@ -140,6 +140,8 @@ pub struct Shared {
     pub instance: Option<String>,
     /// For `rediss://`: the PEM certificates the server's is checked against instead of the system's roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// `redis` is a node of a Redis Cluster (the others are discovered from it).
+    pub cluster: bool,
 }
 
 /// Default `service.name` of exported spans.
@@ -861,6 +863,13 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
             Some(pem)
         }
     };
+    let cluster = r.cluster.as_ref().is_some_and(|c| *c.get_ref());
+    if let Some(c) = &r.cluster
+        && cluster
+        && (ca_pem.is_some() || url.starts_with("rediss://"))
+    {
+        return Err(invalid(c, "shared.cluster", "a cluster is reached over plain TCP here (no `rediss://`)"));
+    }
     let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
     if sync_interval < Duration::from_millis(10) {
         return Err(invalid(raw, "shared.sync_interval", "must be at least 10ms"));
@@ -872,6 +881,7 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
         sync_interval,
         instance,
         ca_pem,
+        cluster,
     })
 }
 

@@ -39,6 +39,7 @@ pub(crate) struct RawShared {
     pub(crate) sync_interval: Option<PositiveDur>,
     pub(crate) instance: Option<Spanned<String>>,
     pub(crate) ca_file: Option<Spanned<String>>,
+    pub(crate) cluster: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,10 +38,10 @@ const STATE_TTL: Duration = Duration::from_secs(3600);
 
 /// The shared-breaker store in Redis (see the crate docs).
 pub struct RedisStore {
-    client: Client,
+    client: Backend,
     prefix: String,
     describe: String,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     sync: Script,
     transition: Script,
     claim: Script,
@@ -52,6 +52,19 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore").field("at", &self.describe).field("prefix", &self.prefix).finish()
     }
+}
+
+/// One server, or a Redis Cluster reached through one of its nodes.
+enum Backend {
+    Single(Box<Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection of either kind (both multiplexed, cheap to clone).
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 /// Creates the breaker's state if the store has none; then `epoch` and `state` hold its current values.
@@ -161,7 +174,19 @@ impl RedisStore {
     /// yet: the first operation connects.
     pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
         let client = Client::open(url).map_err(|e| StoreError(format!("invalid Redis address: {e}")))?;
-        Ok(Self::with_client(client, prefix))
+        Ok(Self::with_client(Backend::Single(Box::new(client)), prefix))
+    }
+
+    /// A store in the Redis Cluster that `url` (any of its nodes) belongs to; the cluster's other nodes are
+    /// discovered from it. Each breaker's and limit's keys share one hash slot (their name is the hash tag), so
+    /// every script runs on one node.
+    pub fn cluster(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = redis::cluster::ClusterClient::new(vec![url])
+            .map_err(|e| StoreError(format!("invalid Redis Cluster address: {e}")))?;
+        let info = Client::open(url).map_err(|e| StoreError(format!("invalid Redis address: {e}")))?;
+        let mut store = Self::with_client(Backend::Cluster(Box::new(client)), prefix);
+        store.describe = format!("redis cluster via {}", info.get_connection_info().addr());
+        Ok(store)
     }
 
     /// Like [`RedisStore::new`] for a `rediss://` address whose server certificate is checked against `root_pem`
@@ -170,13 +195,19 @@ impl RedisStore {
         let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(root_pem) };
         let client =
             Client::build_with_tls(url, certs).map_err(|e| StoreError(format!("invalid Redis address or CA: {e}")))?;
-        Ok(Self::with_client(client, prefix))
+        Ok(Self::with_client(Backend::Single(Box::new(client)), prefix))
     }
 
-    fn with_client(client: Client, prefix: &str) -> RedisStore {
-        let info = client.get_connection_info().addr();
-        let scheme = if matches!(info, redis::ConnectionAddr::TcpTls { .. }) { "rediss" } else { "redis" };
-        let describe = format!("{scheme}://{info}");
+    fn with_client(client: Backend, prefix: &str) -> RedisStore {
+        // A cluster store says which node it reached the cluster through (set by `cluster`).
+        let describe = match &client {
+            Backend::Single(c) => {
+                let addr = c.get_connection_info().addr();
+                let scheme = if matches!(addr, redis::ConnectionAddr::TcpTls { .. }) { "rediss" } else { "redis" };
+                format!("{scheme}://{addr}")
+            }
+            Backend::Cluster(_) => String::new(),
+        };
         RedisStore {
             client,
             prefix: prefix.to_owned(),
@@ -199,14 +230,32 @@ impl RedisStore {
         format!("{}{{{}}}:limit", self.prefix, name)
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn connection(&self) -> Result<Conn, StoreError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = &*slot {
             return Ok(conn.clone());
         }
-        let conn = self.client.get_multiplexed_async_connection().await.map_err(|e| self.failed(e))?;
+        let conn = match &self.client {
+            Backend::Single(c) => Conn::Single(c.get_multiplexed_async_connection().await.map_err(|e| self.failed(e))?),
+            Backend::Cluster(c) => Conn::Cluster(c.get_async_connection().await.map_err(|e| self.failed(e))?),
+        };
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Runs one script, on the server or on the cluster node of its keys' slot.
+    async fn invoke<T: redis::FromRedisValue>(&self, invocation: redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let result = match self.connection().await? {
+            Conn::Single(mut c) => invocation.invoke_async::<T>(&mut c).await,
+            Conn::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+        };
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.forget(&e).await;
+                Err(self.failed(e))
+            }
+        }
     }
 
     /// Forgets the connection after an error that may have broken it.
@@ -221,14 +270,7 @@ impl RedisStore {
     }
 
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.connection().await?;
-        match invocation.invoke_async::<Vec<String>>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.forget(&e).await;
-                Err(self.failed(e))
-            }
-        }
+        self.invoke(invocation).await
     }
 }
 
@@ -298,16 +340,9 @@ impl BreakerStore for RedisStore {
 
     fn claim_probes<'a>(&'a self, breaker: &'a str, epoch: u64, want: u32) -> BoxFuture<'a, Result<u32, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.connection().await?;
             let mut inv = self.claim.prepare_invoke();
             inv.key(self.key(breaker, "state")).arg(epoch).arg(want);
-            match inv.invoke_async::<u32>(&mut conn).await {
-                Ok(granted) => Ok(granted),
-                Err(e) => {
-                    self.forget(&e).await;
-                    Err(self.failed(e))
-                }
-            }
+            self.invoke::<u32>(inv).await
         })
     }
 }
@@ -321,16 +356,11 @@ impl LimitStore for RedisStore {
         cost: u32,
     ) -> BoxFuture<'a, Result<Result<(), Duration>, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.connection().await?;
             let mut inv = self.take.prepare_invoke();
             inv.key(self.limit_key(key)).arg(interval.as_micros().max(1).to_string()).arg(burst).arg(cost);
-            match inv.invoke_async::<u64>(&mut conn).await {
-                Ok(0) => Ok(Ok(())),
-                Ok(wait) => Ok(Err(Duration::from_micros(wait))),
-                Err(e) => {
-                    self.forget(&e).await;
-                    Err(self.failed(e))
-                }
+            match self.invoke::<u64>(inv).await? {
+                0 => Ok(Ok(())),
+                wait => Ok(Err(Duration::from_micros(wait))),
             }
         })
     }

@@ -467,3 +467,102 @@ async fn rediss_with_a_private_ca_is_used_and_a_wrong_ca_is_refused() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Three `redis-server`s in cluster mode on free ports, made one cluster by `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(format!("envelope-redis-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> =
+            (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .current_dir(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let cluster = Cluster { nodes, ports, dir };
+        let cli = |port: u16, args: &[&str]| {
+            let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.ports.iter().any(|p| cli(*p, &["PING"]).trim() != "PONG") {
+            assert!(Instant::now() < deadline, "cluster nodes start");
+            std::thread::sleep(10 * MS);
+        }
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        while !cluster.ports.iter().all(|p| cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < deadline, "the cluster is ready");
+            std::thread::sleep(20 * MS);
+        }
+        cluster
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_holds_breakers_and_limits_of_many_slots() {
+    let cluster = Cluster::start();
+    let url = format!("redis://127.0.0.1:{}/", cluster.ports[0]);
+    let store = Arc::new(RedisStore::cluster(&url, "envelope:").unwrap());
+    let breakers: Arc<dyn BreakerStore> = store.clone();
+    // Breakers whose keys land on different nodes: each trips through one instance and opens the other.
+    for name in ["payments", "inventory", "search", "users", "orders"] {
+        let (a, b) = (
+            instance(&breakers, "a", name, config(4, 60_000 * MS)),
+            instance(&breakers, "b", name, config(4, 60_000 * MS)),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.fleet.sync_once().await.is_err() {
+            assert!(Instant::now() < deadline, "reached the cluster");
+            tokio::time::sleep(50 * MS).await;
+        }
+        b.fleet.sync_once().await.unwrap();
+        fail(&a.breaker, 4);
+        a.fleet.sync_once().await.unwrap();
+        b.fleet.sync_once().await.unwrap();
+        assert_eq!(b.breaker.state(), State::Open, "{name}");
+    }
+    // A global limit on the cluster.
+    let config = envelope_core::rate_limit::Config::per(5, Duration::from_secs(60)).build().unwrap();
+    let health = CircuitBreaker::new("store", Config::builder().count_window(3).minimum_calls(3).build().unwrap());
+    let limiter =
+        envelope_core::distributed::GlobalLimiter::new("api", "api", config, store, health, Duration::from_millis(500));
+    let mut admitted = 0;
+    for _ in 0..10 {
+        admitted += usize::from(limiter.acquire().await.is_ok());
+    }
+    assert_eq!(admitted, 5);
+    let local = limiter.local().metrics();
+    assert_eq!((local.allowed, local.limited), (0, 0), "the cluster decided every call, not the local fallback");
+}

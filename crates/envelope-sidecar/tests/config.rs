@@ -388,3 +388,11 @@ fn a_shared_stores_ca_file_is_for_tls_and_must_hold_certificates() {
     assert_eq!(error(&shared("rediss://127.0.0.1:6379", &dir.join("missing.pem"))).field, "shared.ca_file");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_shared_cluster_is_plain_tcp() {
+    let c = Config::parse("envelope.toml", &format!("[shared]\nredis = \"redis://10.0.0.7:7000\"\ncluster = true\n{VALID}"));
+    assert!(c.unwrap().shared.unwrap().cluster);
+    let e = error(&format!("[shared]\nredis = \"rediss://10.0.0.7:7000\"\ncluster = true\n{VALID}"));
+    assert_eq!((e.line, e.field.as_str()), (3, "shared.cluster"));
+}

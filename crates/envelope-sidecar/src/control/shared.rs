@@ -33,6 +33,7 @@ impl SharedState {
     /// is down, its shared breakers deciding alone until it is up).
     pub(crate) fn start(settings: &Shared, events: Listeners) -> Result<SharedState, StoreError> {
         let store = Arc::new(match &settings.ca_pem {
+            _ if settings.cluster => RedisStore::cluster(&settings.redis, &settings.key_prefix)?,
             Some(pem) => RedisStore::with_root_ca(&settings.redis, &settings.key_prefix, pem.clone())?,
             None => RedisStore::new(&settings.redis, &settings.key_prefix)?,
         });
