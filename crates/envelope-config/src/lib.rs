@@ -142,6 +142,8 @@ pub struct Shared {
     pub ca_pem: Option<Vec<u8>>,
     /// `redis` is a node of a Redis Cluster (the others are discovered from it).
     pub cluster: bool,
+    /// `redis` is a Sentinel, and this the name of the master it watches.
+    pub sentinel: Option<String>,
 }
 
 /// Default `service.name` of exported spans.
@@ -870,6 +872,14 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
     {
         return Err(invalid(c, "shared.cluster", "a cluster is reached over plain TCP here (no `rediss://`)"));
     }
+    let sentinel = match &r.sentinel {
+        None => None,
+        Some(s) if s.get_ref().is_empty() => return Err(invalid(s, "shared.sentinel", "the master's name is empty")),
+        Some(s) if cluster || url.starts_with("rediss://") => {
+            return Err(invalid(s, "shared.sentinel", "a Sentinel is reached over plain TCP, without `cluster`"));
+        }
+        Some(s) => Some(s.get_ref().clone()),
+    };
     let sync_interval = r.sync_interval.map_or(DEFAULT_SYNC_INTERVAL, |d| d.0);
     if sync_interval < Duration::from_millis(10) {
         return Err(invalid(raw, "shared.sync_interval", "must be at least 10ms"));
@@ -882,6 +892,7 @@ fn resolve_shared(raw: &Spanned<RawShared>) -> Result<Shared, Invalid> {
         instance,
         ca_pem,
         cluster,
+        sentinel,
     })
 }
 

@@ -40,6 +40,7 @@ pub(crate) struct RawShared {
     pub(crate) instance: Option<Spanned<String>>,
     pub(crate) ca_file: Option<Spanned<String>>,
     pub(crate) cluster: Option<Spanned<bool>>,
+    pub(crate) sentinel: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

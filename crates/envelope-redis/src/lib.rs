@@ -58,6 +58,8 @@ impl std::fmt::Debug for RedisStore {
 enum Backend {
     Single(Box<Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
+    /// The master Sentinel names now, asked again whenever the connection breaks (a failover).
+    Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
 }
 
 /// A connection of either kind (both multiplexed, cheap to clone).
@@ -189,6 +191,21 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// A store at the master that the Sentinel at `url` names for `service`; after a failover, the next
+    /// operation asks the Sentinel again.
+    pub fn sentinel(url: &str, service: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = redis::sentinel::SentinelClient::build(
+            vec![url],
+            service,
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| StoreError(format!("invalid Sentinel address: {e}")))?;
+        let mut store = Self::with_client(Backend::Sentinel(Box::new(tokio::sync::Mutex::new(client))), prefix);
+        store.describe = format!("redis master `{service}` via sentinel {url}");
+        Ok(store)
+    }
+
     /// Like [`RedisStore::new`] for a `rediss://` address whose server certificate is checked against `root_pem`
     /// (PEM certificates: a private CA, or the server's own) instead of the system's roots.
     pub fn with_root_ca(url: &str, prefix: &str, root_pem: Vec<u8>) -> Result<RedisStore, StoreError> {
@@ -206,7 +223,7 @@ impl RedisStore {
                 let scheme = if matches!(addr, redis::ConnectionAddr::TcpTls { .. }) { "rediss" } else { "redis" };
                 format!("{scheme}://{addr}")
             }
-            Backend::Cluster(_) => String::new(),
+            Backend::Cluster(_) | Backend::Sentinel(_) => String::new(),
         };
         RedisStore {
             client,
@@ -238,6 +255,10 @@ impl RedisStore {
         let conn = match &self.client {
             Backend::Single(c) => Conn::Single(c.get_multiplexed_async_connection().await.map_err(|e| self.failed(e))?),
             Backend::Cluster(c) => Conn::Cluster(c.get_async_connection().await.map_err(|e| self.failed(e))?),
+            Backend::Sentinel(s) => {
+                let master = s.lock().await.async_get_client().await.map_err(|e| self.failed(e))?;
+                Conn::Single(master.get_multiplexed_async_connection().await.map_err(|e| self.failed(e))?)
+            }
         };
         *slot = Some(conn.clone());
         Ok(conn)
@@ -260,7 +281,9 @@ impl RedisStore {
 
     /// Forgets the connection after an error that may have broken it.
     async fn forget(&self, e: &redis::RedisError) {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        // A master demoted by a failover refuses writes (READONLY): ask the Sentinel again too.
+        let demoted = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+        if demoted || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
             *self.conn.lock().await = None;
         }
     }

@@ -566,3 +566,70 @@ async fn a_redis_cluster_holds_breakers_and_limits_of_many_slots() {
     let local = limiter.local().metrics();
     assert_eq!((local.allowed, local.limited), (0, 0), "the cluster decided every call, not the local fallback");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_sentinel_the_store_follows_the_master_across_a_failover() {
+    let (master, replica) = (Redis::start(), Redis::start());
+    assert_eq!(replica.cli(&["REPLICAOF", "127.0.0.1", &master.port.to_string()]), "OK");
+    let dir = std::env::temp_dir().join(format!("envelope-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n",
+            master.port
+        ),
+    )
+    .unwrap();
+    let mut sentinel = Command::new("redis-server")
+        .args([conf.to_str().unwrap(), "--sentinel"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ask_sentinel = |args: &[&str]| {
+        let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ask_sentinel(&["SENTINEL", "get-master-addr-by-name", "main"]).contains(&master.port.to_string()) {
+        assert!(Instant::now() < deadline, "the sentinel knows the master");
+        std::thread::sleep(20 * MS);
+    }
+    let store: Arc<dyn BreakerStore> =
+        Arc::new(RedisStore::sentinel(&format!("redis://127.0.0.1:{port}/"), "main", "envelope:").unwrap());
+    let a = instance(&store, "a", "db", config(100_000, 60_000 * MS));
+    while a.fleet.sync_once().await.is_err() {
+        assert!(Instant::now() < deadline, "synced through the sentinel");
+        tokio::time::sleep(50 * MS).await;
+    }
+    assert_eq!(master.cli(&["EXISTS", "envelope:{db}:state"]), "1", "written to the master");
+
+    // Failover: the replica becomes the master; the store finds it through the sentinel.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ask_sentinel(&["SENTINEL", "failover", "main"]).contains("OK") {
+        assert!(Instant::now() < deadline, "the sentinel starts a failover (it needs to see the replica first)");
+        tokio::time::sleep(200 * MS).await;
+    }
+    while !ask_sentinel(&["SENTINEL", "get-master-addr-by-name", "main"]).contains(&replica.port.to_string()) {
+        assert!(Instant::now() < deadline, "the replica is promoted");
+        tokio::time::sleep(50 * MS).await;
+    }
+    // Outcomes synced after the failover land in the new master's window (a sync cut by the failover loses its
+    // counts, so one is recorded before each try).
+    loop {
+        fail(&a.breaker, 1);
+        if a.fleet.sync_once().await.is_ok() && replica.cli(&["EXISTS", "envelope:{db}:window"]) == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "synced with the new master");
+        tokio::time::sleep(50 * MS).await;
+    }
+    assert_eq!(replica.cli(&["ROLE"]).lines().next(), Some("master"));
+    let _ = sentinel.kill();
+    let _ = sentinel.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

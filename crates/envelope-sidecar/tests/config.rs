@@ -391,8 +391,26 @@ fn a_shared_stores_ca_file_is_for_tls_and_must_hold_certificates() {
 
 #[test]
 fn a_shared_cluster_is_plain_tcp() {
-    let c = Config::parse("envelope.toml", &format!("[shared]\nredis = \"redis://10.0.0.7:7000\"\ncluster = true\n{VALID}"));
+    let c = Config::parse(
+        "envelope.toml",
+        &format!("[shared]\nredis = \"redis://10.0.0.7:7000\"\ncluster = true\n{VALID}"),
+    );
     assert!(c.unwrap().shared.unwrap().cluster);
     let e = error(&format!("[shared]\nredis = \"rediss://10.0.0.7:7000\"\ncluster = true\n{VALID}"));
     assert_eq!((e.line, e.field.as_str()), (3, "shared.cluster"));
+}
+
+#[test]
+fn a_shared_sentinel_names_its_master_and_is_plain_tcp() {
+    let c = Config::parse(
+        "envelope.toml",
+        &format!("[shared]\nredis = \"redis://10.0.0.7:26379\"\nsentinel = \"main\"\n{VALID}"),
+    );
+    assert_eq!(c.unwrap().shared.unwrap().sentinel.as_deref(), Some("main"));
+    for bad in
+        ["rediss://10.0.0.7:26379\"\nsentinel = \"main", "redis://10.0.0.7:26379\"\ncluster = true\nsentinel = \"main"]
+    {
+        let e = error(&format!("[shared]\nredis = \"{bad}\"\n{VALID}"));
+        assert_eq!(e.field, "shared.sentinel", "{e}");
+    }
 }

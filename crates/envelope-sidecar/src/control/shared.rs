@@ -34,6 +34,10 @@ impl SharedState {
     pub(crate) fn start(settings: &Shared, events: Listeners) -> Result<SharedState, StoreError> {
         let store = Arc::new(match &settings.ca_pem {
             _ if settings.cluster => RedisStore::cluster(&settings.redis, &settings.key_prefix)?,
+            _ if settings.sentinel.is_some() => {
+                let master = settings.sentinel.as_deref().unwrap_or_default();
+                RedisStore::sentinel(&settings.redis, master, &settings.key_prefix)?
+            }
             Some(pem) => RedisStore::with_root_ca(&settings.redis, &settings.key_prefix, pem.clone())?,
             None => RedisStore::new(&settings.redis, &settings.key_prefix)?,
         });
