@@ -112,6 +112,12 @@ def test_exceptions_map_to_the_engines_outcomes() -> None:
     assert envelope.classify_exception(BrokenPipeError()) == "upstream_reset"
     assert envelope.classify_exception(ValueError()) == "failure"
     assert envelope.classify_exception(CircuitOpen("x")) == "circuit_open"
+    import errno
+    import socket
+
+    assert envelope.classify_exception(socket.gaierror(-2, "Name or service not known")) == "connect_error"
+    assert envelope.classify_exception(OSError(errno.EHOSTUNREACH, "No route to host")) == "connect_error"
+    assert envelope.classify_exception(FileNotFoundError(errno.ENOENT, "x")) == "failure", "not the dependency"
     assert set(envelope.OUTCOMES) >= {"ok", "timeout", "connect_error", "circuit_open", "failure"}
 
     # Timeouts counted as such: a breaker tripping on slow dependencies sees `timeout`, a failure.

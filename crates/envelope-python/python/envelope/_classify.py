@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 
 from ._errors import Rejected
+
+# OS errors that mean the dependency could not be reached (beside ConnectionRefusedError): DNS failures and
+# unreachable networks or hosts.
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 
 # Checked in order: the first class an exception is an instance of gives its outcome.
 _DEFAULTS: tuple[tuple[type[BaseException], str], ...] = (
@@ -17,10 +23,14 @@ _DEFAULTS: tuple[tuple[type[BaseException], str], ...] = (
 
 def classify_exception(exc: BaseException) -> str:
     """The outcome an exception stands for: a rejection's own outcome, `timeout` for timeouts, `connect_error`
-    when a connection was refused, `upstream_reset` for other broken connections, else `failure`."""
+    when a connection was refused or the host could not be reached (DNS failures, unreachable networks),
+    `upstream_reset` for other broken connections, else `failure` (other `OSError`s, such as a missing file,
+    are the caller's own failures)."""
     if isinstance(exc, Rejected):
         return exc.outcome
     for cls, outcome in _DEFAULTS:
         if isinstance(exc, cls):
             return outcome
+    if isinstance(exc, socket.gaierror) or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE):
+        return "connect_error"
     return "failure"
