@@ -39,18 +39,46 @@ pub struct GlobalLimiter {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// A fleet's limit as every shared limiter asks the store for it: where, at what rate, and how to report a
+/// refusal.
+struct Fleetwide {
+    name: std::sync::Arc<str>,
     key: String,
     interval: Duration,
     burst: u32,
     shadow: bool,
     listeners: crate::event::Listeners,
     store: Arc<dyn LimitStore>,
-    /// This instance's limiter with the same settings: the fallback.
-    local: RateLimiter,
     /// The store's health, shared with the fleet's breakers' syncs.
     health: CircuitBreaker,
     op_timeout: Duration,
+}
+
+impl Fleetwide {
+    fn new(
+        name: std::sync::Arc<str>,
+        key: String,
+        config: &RateConfig,
+        store: Arc<dyn LimitStore>,
+        health: CircuitBreaker,
+        op_timeout: Duration,
+    ) -> Fleetwide {
+        let interval = config.period() / config.rate().max(1);
+        let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
+        Fleetwide { name, key, interval, burst, shadow, listeners, store, health, op_timeout }
+    }
+
+    /// The store said no: counted, and refused unless in shadow mode.
+    fn refused(&self, wait: Duration) -> Result<(), RateLimited> {
+        self.listeners.emit(Event::RateLimited { name: &self.name, shadow: self.shadow });
+        if self.shadow { Ok(()) } else { Err(RateLimited { retry_after: wait }) }
+    }
+}
+
+struct Inner {
+    fleet: Fleetwide,
+    /// This instance's limiter with the same settings: the fallback.
+    local: RateLimiter,
     /// Calls taken from the store at once (1: no lease).
     lease: u32,
     /// What is left of this instance's lease: calls (high 32 bits) and the lease's expiry in milliseconds since
@@ -61,7 +89,8 @@ struct Inner {
 
 impl std::fmt::Debug for GlobalLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GlobalLimiter").field("key", &self.inner.key).field("interval", &self.inner.interval).finish()
+        let fleet = &self.inner.fleet;
+        f.debug_struct("GlobalLimiter").field("key", &fleet.key).field("interval", &fleet.interval).finish()
     }
 }
 
@@ -77,33 +106,17 @@ impl GlobalLimiter {
         health: CircuitBreaker,
         op_timeout: Duration,
     ) -> GlobalLimiter {
-        let interval = config.period() / config.rate().max(1);
-        let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
+        let name = name.into();
+        let fleet = Fleetwide::new(name.clone(), key.into(), &config, store, health, op_timeout);
         let local = RateLimiter::new(name, config);
-        let key = key.into();
         let (lease, leased, epoch) = (1, std::sync::atomic::AtomicU64::new(0), crate::clock::now());
-        GlobalLimiter {
-            inner: Arc::new(Inner {
-                key,
-                interval,
-                burst,
-                shadow,
-                listeners,
-                store,
-                local,
-                health,
-                op_timeout,
-                lease,
-                leased,
-                epoch,
-            }),
-        }
+        GlobalLimiter { inner: Arc::new(Inner { fleet, local, lease, leased, epoch }) }
     }
 
     /// Takes `n` calls' worth from the store at once (lease mode, see the module docs); at most the burst.
     pub fn with_lease(self, n: u32) -> GlobalLimiter {
         let mut inner = Arc::into_inner(self.inner).expect("set the lease before sharing the limiter");
-        inner.lease = n.clamp(1, inner.burst.max(1));
+        inner.lease = n.clamp(1, inner.fleet.burst.max(1));
         GlobalLimiter { inner: Arc::new(inner) }
     }
 
@@ -135,7 +148,7 @@ impl GlobalLimiter {
         let inner = &*self.inner;
         let now = crate::clock::now().saturating_duration_since(inner.epoch);
         let now_ms = now.as_millis() as u64;
-        let until = (now + inner.interval * n).as_millis().min(u128::from(u32::MAX)) as u64;
+        let until = (now + inner.fleet.interval * n).as_millis().min(u128::from(u32::MAX)) as u64;
         let mut bits = inner.leased.load(Ordering::Acquire);
         loop {
             let (left, old_until) = (bits >> 32, bits & 0xFFFF_FFFF);
@@ -160,30 +173,31 @@ impl GlobalLimiter {
         if self.take_from_lease() {
             return Ok(());
         }
-        let Ok(permit) = inner.health.try_acquire_owned() else { return inner.local.try_acquire() };
+        let f = &inner.fleet;
+        let Ok(permit) = f.health.try_acquire_owned() else { return inner.local.try_acquire() };
         let take = async {
             if inner.lease > 1 {
-                match inner.store.take(&inner.key, inner.interval, inner.burst, inner.lease).await {
+                match f.store.take(&f.key, f.interval, f.burst, inner.lease).await {
                     Ok(Ok(())) => return Ok((Ok(()), inner.lease)),
                     // A single call fits if the lease missed by less than the other calls of the lease; else
                     // it is refused too, and when it would fit is known without asking again.
-                    Ok(Err(wait)) if wait > inner.interval * (inner.lease - 1) => {
-                        return Ok((Err(wait - inner.interval * (inner.lease - 1)), 1));
+                    Ok(Err(wait)) if wait > f.interval * (inner.lease - 1) => {
+                        return Ok((Err(wait - f.interval * (inner.lease - 1)), 1));
                     }
                     Ok(Err(_)) => {} // less than a lease left: one call at a time
                     Err(e) => return Err(e),
                 }
             }
-            inner.store.take(&inner.key, inner.interval, inner.burst, 1).await.map(|r| (r, 1))
+            f.store.take(&f.key, f.interval, f.burst, 1).await.map(|r| (r, 1))
         };
-        match ask(permit, inner.op_timeout, take).await {
+        match ask(permit, f.op_timeout, take).await {
             Some(Ok(taken)) => {
                 if taken > 1 {
                     self.keep_lease(taken);
                 }
                 Ok(())
             }
-            Some(Err(wait)) => refused(&inner.listeners, inner.local.name(), inner.shadow, wait),
+            Some(Err(wait)) => f.refused(wait),
             None => inner.local.try_acquire(),
         }
     }
@@ -212,12 +226,6 @@ async fn ask<T>(
     }
 }
 
-/// The store said no: counted, and refused unless in shadow mode.
-fn refused(listeners: &crate::event::Listeners, name: &str, shadow: bool, wait: Duration) -> Result<(), RateLimited> {
-    listeners.emit(Event::RateLimited { name, shadow });
-    if shadow { Ok(()) } else { Err(RateLimited { retry_after: wait }) }
-}
-
 /// A rate limit per key (a client, a tenant, an API key) shared by every instance: each key has its own GCRA state
 /// in the store, under the limit's key and the caller's key, decided as [`GlobalLimiter`] decides (no lease). While
 /// the store cannot answer, an instance's own per-key limiter with the same settings decides, in bounded memory.
@@ -227,21 +235,13 @@ pub struct GlobalKeyedLimiter {
 }
 
 struct KeyedInner {
-    name: std::sync::Arc<str>,
-    key: String,
-    interval: Duration,
-    burst: u32,
-    shadow: bool,
-    listeners: crate::event::Listeners,
-    store: Arc<dyn LimitStore>,
+    fleet: Fleetwide,
     local: KeyedRateLimiter<String>,
-    health: CircuitBreaker,
-    op_timeout: Duration,
 }
 
 impl std::fmt::Debug for GlobalKeyedLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GlobalKeyedLimiter").field("key", &self.inner.key).finish_non_exhaustive()
+        f.debug_struct("GlobalKeyedLimiter").field("key", &self.inner.fleet.key).finish_non_exhaustive()
     }
 }
 
@@ -258,24 +258,9 @@ impl GlobalKeyedLimiter {
         max_keys: std::num::NonZeroUsize,
     ) -> GlobalKeyedLimiter {
         let name = name.into();
-        let interval = config.period() / config.rate().max(1);
-        let (burst, shadow, listeners) = (config.burst(), config.shadow(), config.listeners().clone());
-        let local = KeyedRateLimiter::bounded(name.clone(), config, max_keys);
-        let key = key.into();
-        GlobalKeyedLimiter {
-            inner: Arc::new(KeyedInner {
-                name,
-                key,
-                interval,
-                burst,
-                shadow,
-                listeners,
-                store,
-                local,
-                health,
-                op_timeout,
-            }),
-        }
+        let fleet = Fleetwide::new(name.clone(), key.into(), &config, store, health, op_timeout);
+        let local = KeyedRateLimiter::bounded(name, config, max_keys);
+        GlobalKeyedLimiter { inner: Arc::new(KeyedInner { fleet, local }) }
     }
 
     /// This instance's per-key limiter (the fallback).
@@ -285,14 +270,14 @@ impl GlobalKeyedLimiter {
 
     /// Takes a turn for `key` from the fleet's limit, or this instance's while the store cannot answer.
     pub async fn acquire(&self, key: &str) -> Result<(), RateLimited> {
-        let inner = &*self.inner;
-        let Ok(permit) = inner.health.try_acquire_owned() else { return inner.local.try_acquire(&key.to_owned()) };
-        let full = format!("{}:{key}", inner.key);
-        let step = async { inner.store.take(&full, inner.interval, inner.burst, 1).await.map(|r| (r, ())) };
-        match ask(permit, inner.op_timeout, step).await {
+        let (f, local) = (&self.inner.fleet, &self.inner.local);
+        let Ok(permit) = f.health.try_acquire_owned() else { return local.try_acquire(&key.to_owned()) };
+        let full = format!("{}:{key}", f.key);
+        let step = async { f.store.take(&full, f.interval, f.burst, 1).await.map(|r| (r, ())) };
+        match ask(permit, f.op_timeout, step).await {
             Some(Ok(())) => Ok(()),
-            Some(Err(wait)) => refused(&inner.listeners, &inner.name, inner.shadow, wait),
-            None => inner.local.try_acquire(&key.to_owned()),
+            Some(Err(wait)) => f.refused(wait),
+            None => local.try_acquire(&key.to_owned()),
         }
     }
 }
