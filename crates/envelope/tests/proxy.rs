@@ -448,3 +448,50 @@ async fn per_key_limits_keep_keys_apart_and_answer_429_with_the_quota() {
     assert!(!metrics.contains("alice") && !metrics.contains("acme"), "keys never become labels");
     assert!(metrics.contains("envelope_rate_limited_total{upstream=\"keyed\",shadow=\"false\"} 2"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_limit_and_the_bulkheads_are_visible_as_gauges_and_on_the_admin_api() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/x", [Action::delayed(200, Duration::from_millis(2))]);
+    let config = CONFIG
+        .replace(
+            "name = \"inbound\"\nlisten = \"127.0.0.1:0\"",
+            "name = \"inbound\"\nlisten = \"127.0.0.1:0\"\nadaptive_concurrency = true",
+        )
+        .replace(
+            "half_open_calls = 2 }",
+            "half_open_calls = 2 }\nbulkhead = { max_concurrent = 7, queue = 3, queue_timeout = \"10ms\" }",
+        );
+    let env = envelope(&config, up.addr).await;
+    // Traffic until the adaptive limit has closed a window (10 samples per 100 ms window by default).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listeners = loop {
+        for _ in 0..20 {
+            assert_eq!(send(get(env.addr, "/api/x")).await.0, StatusCode::OK);
+        }
+        let (_, _, body) = send(get(env.admin, "/api/v1/listeners")).await;
+        let listeners: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if !listeners[0]["sampled_latency_ms"].is_null() {
+            break listeners;
+        }
+        assert!(Instant::now() < deadline, "a window of the adaptive limit closes within 10 s: {listeners}");
+    };
+    assert_eq!(listeners[0]["listener"], "inbound");
+    assert_eq!(listeners[0]["adaptive"], true);
+    assert!(listeners[0]["limit"].as_u64().unwrap() >= 4, "{listeners}");
+    let baseline = listeners[0]["baseline_latency_ms"].as_f64().unwrap();
+    let sampled = listeners[0]["sampled_latency_ms"].as_f64().unwrap();
+    assert!(baseline >= 2.0 && sampled >= 2.0, "the upstream's 2 ms is in both: {baseline} {sampled}");
+    let (_, _, metrics) = send(get(env.admin, "/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        "envelope_concurrency_limit{listener=\"inbound\"} ",
+        "envelope_concurrency_baseline_latency_seconds{listener=\"inbound\"} ",
+        "envelope_concurrency_sampled_latency_seconds{listener=\"inbound\"} ",
+        "envelope_bulkhead_in_flight{upstream=\"app\"} 0",
+        "envelope_bulkhead_queued{upstream=\"app\"} 0",
+        "envelope_bulkhead_limit{upstream=\"app\"} 7",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}

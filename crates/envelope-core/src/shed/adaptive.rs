@@ -134,6 +134,8 @@ pub(crate) struct Gradient {
 struct State {
     limit: f64,
     baseline: Option<f64>,
+    /// The mean latency of the last window that closed, in nanoseconds.
+    recent: Option<f64>,
 }
 
 impl Gradient {
@@ -147,13 +149,21 @@ impl Gradient {
             samples: AtomicU64::new(0),
             drops: AtomicU64::new(0),
             max_in_flight: AtomicUsize::new(0),
-            state: Mutex::new(State { limit: config.initial_limit as f64, baseline: None }),
+            state: Mutex::new(State { limit: config.initial_limit as f64, baseline: None, recent: None }),
             config,
         }
     }
 
     pub(crate) fn initial_limit(&self) -> usize {
         self.config.initial_limit
+    }
+
+    /// The limit's inputs now: the baseline latency (the lowest recent one, slowly forgotten) and the mean latency
+    /// of the last window, once a window has closed.
+    pub(crate) fn inputs(&self) -> (Option<Duration>, Option<Duration>) {
+        let s = lock(&self.state);
+        let nanos = |v: Option<f64>| v.map(|n| Duration::from_nanos(n.max(0.0) as u64));
+        (nanos(s.baseline), nanos(s.recent))
     }
 
     /// Adds a sample; at the end of a window, computes the new limit. Returns `(old, new)` when it changed.
@@ -195,6 +205,7 @@ impl Gradient {
 /// One step of the limit, given the mean latency of the window that just closed.
 fn next_limit(c: &GradientConfig, s: &mut State, recent: f64, max_in_flight: usize, dropped: bool) -> f64 {
     let recent = recent.max(1.0);
+    s.recent = Some(recent);
     let baseline = match s.baseline {
         None => recent,
         Some(b) => recent.min(b * 2f64.powf(1.0 / f64::from(c.baseline_windows.max(1)))),
@@ -231,7 +242,7 @@ mod tests {
     #[test]
     fn grows_while_latency_is_flat_and_traffic_uses_the_limit() {
         let c = GradientConfig::default();
-        let mut s = State { limit: 20.0, baseline: None };
+        let mut s = State { limit: 20.0, baseline: None, recent: None };
         run(&c, &mut s, 50, 10e6, 1000);
         assert!(s.limit > 60.0, "limit {}", s.limit);
     }
@@ -239,10 +250,10 @@ mod tests {
     #[test]
     fn does_not_drift_above_twice_the_concurrency_in_use() {
         let c = GradientConfig::default();
-        let mut s = State { limit: 20.0, baseline: None };
+        let mut s = State { limit: 20.0, baseline: None, recent: None };
         run(&c, &mut s, 500, 10e6, 8);
         assert!(s.limit <= 20.0 + 1e-9, "limit {}", s.limit);
-        let mut s = State { limit: 200.0, baseline: None };
+        let mut s = State { limit: 200.0, baseline: None, recent: None };
         run(&c, &mut s, 500, 10e6, 8);
         assert!(s.limit <= 200.0, "a healthy, idle service never grows: {}", s.limit);
     }
@@ -250,7 +261,7 @@ mod tests {
     #[test]
     fn shrinks_when_latency_rises_and_on_drops() {
         let c = GradientConfig::default();
-        let mut s = State { limit: 100.0, baseline: None };
+        let mut s = State { limit: 100.0, baseline: None, recent: None };
         run(&c, &mut s, 20, 10e6, 100);
         let before = s.limit;
         run(&c, &mut s, 20, 40e6, 100);

@@ -189,6 +189,10 @@ pub struct Metrics {
     pub in_flight: usize,
     /// Calls shed since creation.
     pub shed: u64,
+    /// An adaptive limit's baseline latency (the lowest recent window's mean), once it has one.
+    pub baseline_latency: Option<Duration>,
+    /// An adaptive limit's latency in its last window (mean), once one has closed.
+    pub sampled_latency: Option<Duration>,
 }
 
 /// Why a shedder configuration is invalid.
@@ -274,10 +278,13 @@ impl LoadShedder {
 
     /// What the shedder knows now.
     pub fn metrics(&self) -> Metrics {
+        let (baseline_latency, sampled_latency) = self.shared.gradient.as_ref().map_or((None, None), Gradient::inputs);
         Metrics {
             limit: self.limit(),
             in_flight: self.shared.in_flight.load(Ordering::Relaxed),
             shed: self.shared.shed.load(Ordering::Relaxed),
+            baseline_latency,
+            sampled_latency,
         }
     }
 }

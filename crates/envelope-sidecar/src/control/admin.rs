@@ -71,6 +71,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/upstreams", get(upstreams))
         .route("/api/v1/breakers", get(breakers))
         .route("/api/v1/shared", get(shared))
+        .route("/api/v1/listeners", get(listeners))
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/history", get(history))
         .route("/api/v1/breakers/{upstream}/{action}", post(breaker_action))
@@ -200,8 +201,17 @@ async fn slo(State(s): State<AdminState>) -> axum::Json<Value> {
 }
 
 async fn metrics(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    for route in s.runtime.load().listeners.iter().flat_map(|l| l.routes.iter()) {
+    let rt = s.runtime.load();
+    for route in rt.listeners.iter().flat_map(|l| l.routes.iter()) {
         s.metrics.slo(&route.spec.name, &route.slo.report());
+    }
+    for (spec, live) in rt.config.listeners.iter().zip(&rt.listeners) {
+        s.metrics.concurrency(&spec.name, &live.shedder.metrics());
+    }
+    for u in &rt.upstreams {
+        if let Some(b) = &u.bulkhead {
+            s.metrics.bulkhead(&u.spec.name, &b.metrics());
+        }
     }
     let openmetrics = headers
         .get(header::ACCEPT)
@@ -386,6 +396,32 @@ async fn routes(State(s): State<AdminState>) -> axum::Json<Value> {
 
 async fn upstreams(State(s): State<AdminState>) -> axum::Json<Value> {
     let all: Vec<Value> = s.runtime.load().upstreams.iter().map(|u| upstream_json(&u.spec, Some(u))).collect();
+    axum::Json(json!(all))
+}
+
+/// Each listener's concurrency limit now and, for an adaptive one, its inputs: the baseline latency it aims near
+/// and the last window's mean latency (Envoy's adaptive concurrency filter exports the same).
+async fn listeners(State(s): State<AdminState>) -> axum::Json<Value> {
+    let rt = s.runtime.load();
+    let all: Vec<Value> = rt
+        .config
+        .listeners
+        .iter()
+        .zip(&rt.listeners)
+        .map(|(spec, live)| {
+            let m = live.shedder.metrics();
+            let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+            json!({
+                "listener": spec.name,
+                "adaptive": !matches!(spec.shedding.limit(), envelope_core::shed::Limit::Fixed(_)),
+                "limit": m.limit,
+                "in_flight": m.in_flight,
+                "shed": m.shed,
+                "baseline_latency_ms": ms(m.baseline_latency),
+                "sampled_latency_ms": ms(m.sampled_latency),
+            })
+        })
+        .collect();
     axum::Json(json!(all))
 }
 

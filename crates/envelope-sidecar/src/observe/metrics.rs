@@ -27,6 +27,12 @@
 //! | `envelope_slo_error_budget_remaining` | gauge | `route` |
 //! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
 //! | `envelope_business_events_total` | counter | `counter` (the `[[counter]]` name) |
+//! | `envelope_concurrency_limit` | gauge | `listener` (the shedder's limit now: fixed, or the adaptive one) |
+//! | `envelope_concurrency_baseline_latency_seconds` | gauge | `listener` (adaptive: the latency the limit aims near) |
+//! | `envelope_concurrency_sampled_latency_seconds` | gauge | `listener` (adaptive: the last window's mean latency) |
+//! | `envelope_bulkhead_in_flight` | gauge | `upstream` (calls holding a permit now) |
+//! | `envelope_bulkhead_queued` | gauge | `upstream` (calls waiting in the queue now) |
+//! | `envelope_bulkhead_limit` | gauge | `upstream` |
 //! | `envelope_shared_state_up` | gauge (1: synced with the fleet, 0: deciding alone) | (only with `[shared]`) |
 //! | `envelope_shared_state_degradations_total` | counter | (times the shared store became unreachable) |
 //!
@@ -178,6 +184,12 @@ pub(crate) struct Metrics {
     business: Family<CounterLabel, Counter>,
     shared_up: Gauge,
     shared_degradations: Counter,
+    concurrency_limit: Family<ListenerLabel, Gauge>,
+    baseline_latency: Family<ListenerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    sampled_latency: Family<ListenerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    bulkhead_in_flight: Family<UpstreamLabel, Gauge>,
+    bulkhead_queued: Family<UpstreamLabel, Gauge>,
+    bulkhead_limit: Family<UpstreamLabel, Gauge>,
     /// What the history will roll up at its next flush.
     pub(crate) tallies: Arc<Tallies>,
     /// The latest breaker transitions, newest last (at most [`RECENT_EVENTS`]).
@@ -261,6 +273,12 @@ impl Metrics {
             business: Family::default(),
             shared_up: Gauge::default(),
             shared_degradations: Counter::default(),
+            concurrency_limit: Family::default(),
+            baseline_latency: Family::default(),
+            sampled_latency: Family::default(),
+            bulkhead_in_flight: Family::default(),
+            bulkhead_queued: Family::default(),
+            bulkhead_limit: Family::default(),
             tallies: Arc::default(),
             recent: Default::default(),
             registry: Registry::default(),
@@ -305,6 +323,20 @@ impl Metrics {
         );
         registry.register("slo_burn_rate", "Availability burn rate per window", m.slo_burn.clone());
         registry.register("business_events", "Requests counted by a business counter", m.business.clone());
+        registry.register("concurrency_limit", "A listener's concurrency limit now", m.concurrency_limit.clone());
+        registry.register(
+            "concurrency_baseline_latency_seconds",
+            "An adaptive limit's baseline latency (the lowest recent window's mean)",
+            m.baseline_latency.clone(),
+        );
+        registry.register(
+            "concurrency_sampled_latency_seconds",
+            "An adaptive limit's mean latency in its last window",
+            m.sampled_latency.clone(),
+        );
+        registry.register("bulkhead_in_flight", "Calls holding a bulkhead permit now", m.bulkhead_in_flight.clone());
+        registry.register("bulkhead_queued", "Calls waiting in a bulkhead's queue now", m.bulkhead_queued.clone());
+        registry.register("bulkhead_limit", "A bulkhead's limit of calls in flight", m.bulkhead_limit.clone());
         if shared {
             registry.register(
                 "shared_state_up",
@@ -379,6 +411,26 @@ impl Metrics {
         for (window, rate) in ["5m", "30m", "1h", "6h", "3d", "30d"].into_iter().zip(report.burn_rates) {
             self.slo_burn.get_or_create(&BurnLabels { route: route.to_owned(), window }).set(rate);
         }
+    }
+
+    /// A listener's shedder as it is now (set at each scrape).
+    pub(crate) fn concurrency(&self, listener: &str, m: &envelope_core::shed::Metrics) {
+        let label = ListenerLabel { listener: listener.to_owned() };
+        self.concurrency_limit.get_or_create(&label).set(m.limit as i64);
+        if let Some(b) = m.baseline_latency {
+            self.baseline_latency.get_or_create(&label).set(b.as_secs_f64());
+        }
+        if let Some(s) = m.sampled_latency {
+            self.sampled_latency.get_or_create(&label).set(s.as_secs_f64());
+        }
+    }
+
+    /// An upstream's bulkhead as it is now (set at each scrape).
+    pub(crate) fn bulkhead(&self, upstream: &str, m: &envelope_core::bulkhead::Metrics) {
+        let label = UpstreamLabel { upstream: upstream.to_owned() };
+        self.bulkhead_in_flight.get_or_create(&label).set(m.active as i64);
+        self.bulkhead_queued.get_or_create(&label).set(m.queued as i64);
+        self.bulkhead_limit.get_or_create(&label).set(m.max_concurrent as i64);
     }
 
     /// The latest breaker transitions, oldest first.
