@@ -494,4 +494,12 @@ async fn the_adaptive_limit_and_the_bulkheads_are_visible_as_gauges_and_on_the_a
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+    // Every attempt's time to its upstream, per upstream: each of the requests above, at least its 2 ms.
+    let count = |name: &str| -> f64 {
+        let prefix = format!("{name}{{upstream=\"app\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    let attempts = count("envelope_upstream_attempt_duration_seconds_count");
+    assert!(attempts >= 20.0, "{attempts} attempts timed");
+    assert!(count("envelope_upstream_attempt_duration_seconds_sum") >= attempts * 0.002);
 }

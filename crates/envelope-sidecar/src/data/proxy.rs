@@ -289,6 +289,7 @@ pub(crate) async fn handle_passing(
                 let body = prepared.attempt();
                 let (endpoint, _) = route.upstream.pick();
                 let (upstream, classifier, parts, target) = (&route.upstream, &route.classifier, &parts, &target);
+                let route_metrics = &route.metrics;
                 let (hop_traceparent, forwarded_for) = (&hop_traceparent, &forwarded_for);
                 async move {
                     let body = body.ok_or(UpstreamError::BodyGone)?;
@@ -297,7 +298,9 @@ pub(crate) async fn handle_passing(
                     let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
                     let traceparent = attempt_traceparent.as_ref().unwrap_or(hop_traceparent);
                     let set = ProxyHeaders { request_id, traceparent, forwarded_for };
+                    let sent = Instant::now();
                     let result = upstream.outbound.send(&upstream.spec, endpoint, parts, target, body, &set).await;
+                    route_metrics.attempt_done(sent.elapsed());
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
                         span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));

@@ -14,6 +14,7 @@
 //! | `envelope_headers_dropped_total` | counter | `listener` (request headers with `_` in their names, dropped) |
 //! | `envelope_access_log_dropped_total` | counter | (access-log lines dropped: standard output too slow) |
 //! | `envelope_upstream_attempts_total` | counter | `route`, `upstream` |
+//! | `envelope_upstream_attempt_duration_seconds` | histogram (the request buckets) | `upstream` (each attempt, to the head of its answer or its failure) |
 //! | `envelope_breaker_state` | gauge (1 = current) | `upstream`, `state` |
 //! | `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
 //! | `envelope_breaker_rejections_total` | counter | `upstream` |
@@ -48,6 +49,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use envelope_http::observe::DURATION_BUCKETS;
@@ -169,6 +171,7 @@ pub(crate) struct Metrics {
     unmatched: Family<ListenerLabel, Counter>,
     headers_dropped: Family<ListenerLabel, Counter>,
     attempts: Family<AttemptLabels, Counter>,
+    attempt_duration: Family<UpstreamLabel, Histogram>,
     breaker_state: Family<StateLabels, Gauge>,
     breaker_transitions: Family<TransitionLabels, Counter>,
     breaker_rejections: Family<UpstreamLabel, Counter>,
@@ -219,6 +222,8 @@ pub(crate) struct RouteMetrics {
     exemplar_due: Arc<[std::sync::atomic::AtomicU64; BUCKETS]>,
     epoch: Instant,
     attempts: Counter,
+    /// Time of each attempt to the route's upstream, to its answer's head (or its failure).
+    attempt_duration: Histogram,
     tally: Arc<RouteTally>,
     upstream: Arc<UpstreamTally>,
 }
@@ -258,6 +263,7 @@ impl Metrics {
             unmatched: Family::default(),
             headers_dropped: Family::default(),
             attempts: Family::default(),
+            attempt_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.into_iter())),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             breaker_rejections: Family::default(),
@@ -301,6 +307,11 @@ impl Metrics {
             "upstream_attempts",
             "Attempts sent to an upstream (first tries and retries)",
             m.attempts.clone(),
+        );
+        registry.register(
+            "upstream_attempt_duration_seconds",
+            "Time of each attempt to an upstream, to its answer's head",
+            m.attempt_duration.clone(),
         );
         registry.register("breaker_state", "Circuit breaker state (1 for the current state)", m.breaker_state.clone());
         registry.register("breaker_transitions", "Circuit breaker state changes", m.breaker_transitions.clone());
@@ -375,6 +386,10 @@ impl Metrics {
             attempts: self
                 .attempts
                 .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
+                .clone(),
+            attempt_duration: self
+                .attempt_duration
+                .get_or_create(&UpstreamLabel { upstream: upstream.to_owned() })
                 .clone(),
             tally: self.tallies.route(route),
             upstream: self.tallies.upstream(upstream),
@@ -595,6 +610,11 @@ impl RouteMetrics {
     pub(crate) fn attempt(&self) {
         self.attempts.inc();
         self.upstream.count(UpstreamEvent::Attempt);
+    }
+
+    /// An attempt to the upstream ended (its answer's head came, or it failed) after `elapsed`.
+    pub(crate) fn attempt_done(&self, elapsed: std::time::Duration) {
+        self.attempt_duration.observe(elapsed.as_secs_f64());
     }
 }
 
