@@ -263,7 +263,7 @@ impl Metrics {
             unmatched: Family::default(),
             headers_dropped: Family::default(),
             attempts: Family::default(),
-            attempt_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.into_iter())),
+            attempt_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             breaker_rejections: Family::default(),
