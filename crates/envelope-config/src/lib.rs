@@ -116,6 +116,18 @@ pub struct Config {
     pub tracing: Option<Tracing>,
     /// Distributed mode: the store shared breakers sync through (`[shared]`), if configured.
     pub shared: Option<Shared>,
+    /// Where the generated alerts' runbook links point (`[alerts]`).
+    pub alerts: Alerts,
+}
+
+/// Default base of the generated alerts' runbook links: the runbook in this repository, relative.
+pub const DEFAULT_RUNBOOK_BASE_URL: &str = "docs/runbook.md";
+
+/// The generated alerts (`[alerts]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alerts {
+    /// The runbook every alert links into (`<base>#<alert, lower case>`): an absolute URL where operators read it.
+    pub runbook_base_url: String,
 }
 
 /// Default key prefix in the shared store.
@@ -812,7 +824,22 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             ));
         }
     }
-    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing, shared })
+    let runbook_base_url = match &raw.alerts.runbook_base_url {
+        None => DEFAULT_RUNBOOK_BASE_URL.to_owned(),
+        Some(url) => {
+            let ok = url.get_ref().parse::<Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && !url.get_ref().contains('#')
+            });
+            if !ok {
+                return Err(invalid(url, "alerts.runbook_base_url", "an absolute http(s) URL, without a `#` fragment"));
+            }
+            url.get_ref().clone()
+        }
+    };
+    let alerts = Alerts { runbook_base_url };
+    Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing, shared, alerts })
 }
 
 /// `[shared]`: a Redis address the sidecar can use as it is (so what `check` accepts, `run` can connect to).

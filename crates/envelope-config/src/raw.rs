@@ -28,6 +28,14 @@ pub(crate) struct RawConfig {
     pub(crate) scenarios: Vec<RawScenario>,
     pub(crate) tracing: Option<RawTracing>,
     pub(crate) shared: Option<Spanned<RawShared>>,
+    #[serde(default)]
+    pub(crate) alerts: RawAlerts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAlerts {
+    pub(crate) runbook_base_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -414,3 +414,18 @@ fn a_shared_sentinel_names_its_master_and_is_plain_tcp() {
         assert_eq!(e.field, "shared.sentinel", "{e}");
     }
 }
+
+#[test]
+fn the_runbook_base_url_is_absolute() {
+    let c = Config::parse("envelope.toml", VALID).unwrap();
+    assert_eq!(c.alerts.runbook_base_url, "docs/runbook.md");
+    let ok = format!("[alerts]\nrunbook_base_url = \"https://wiki.example.com/envelope\"\n{VALID}");
+    assert_eq!(
+        Config::parse("envelope.toml", &ok).unwrap().alerts.runbook_base_url,
+        "https://wiki.example.com/envelope"
+    );
+    for bad in ["docs/runbook.md", "https://wiki.example.com/x#y", "ftp://wiki.example.com/"] {
+        let e = error(&format!("[alerts]\nrunbook_base_url = \"{bad}\"\n{VALID}"));
+        assert_eq!((e.line, e.field.as_str()), (2, "alerts.runbook_base_url"), "{bad}");
+    }
+}

@@ -11,9 +11,14 @@ redis = "redis://127.0.0.1:6379"
 name = "in"
 listen = "127.0.0.1:1"
 
+[alerts]
+runbook_base_url = "https://runbooks.example.com/envelope.md"
+
 [[upstream]]
 name = "app"
 endpoints = ["http://127.0.0.1:2"]
+breaker = { window = { count = 20 } }
+bulkhead = { max_concurrent = 10 }
 
 [[route]]
 name = "api"
@@ -25,6 +30,84 @@ const TESTS: &str = r#"
 rule_files: [rules.yaml]
 evaluation_interval: 1m
 tests:
+  # What breaks besides the SLO: retries, timeouts, the retry budget, the breaker, the bulkhead.
+  - interval: 1m
+    input_series:
+      - series: 'envelope_requests_total{listener="in",route="api",outcome="ok",code="2xx"}'
+        values: '0+100x30'
+      - series: 'envelope_retries_total{route="api"}'
+        values: '0+5x10 50+20x20'
+      - series: 'envelope_timeouts_total{route="api"}'
+        values: '0x10 0+10x20'
+      - series: 'envelope_retries_given_up_total{route="api",reason="budget_exhausted"}'
+        values: '0x20 1+1x10'
+      - series: 'envelope_breaker_state{upstream="app",state="open"}'
+        values: '0x10 1x20'
+      - series: 'envelope_breaker_transitions_total{upstream="app",from="closed",to="open"}'
+        values: '0x10 1x5 2x5 3x10'
+      - series: 'envelope_bulkhead_rejections_total{upstream="app",waited="false"}'
+        values: '0x10 0+5x20'
+    alert_rule_test:
+      - eval_time: 9m
+        alertname: EnvelopeRetryRatioHigh
+        exp_alerts: []
+      - eval_time: 27m
+        alertname: EnvelopeRetryRatioHigh
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_route: api }
+            exp_annotations:
+              summary: "Route api retries more than 1 request in 10"
+              runbook_url: "https://runbooks.example.com/envelope.md#enveloperetryratiohigh"
+      - eval_time: 9m
+        alertname: EnvelopeTimeoutsHigh
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: EnvelopeTimeoutsHigh
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_route: api }
+            exp_annotations:
+              summary: "Route api: more than 5 % of requests hit a timeout"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopetimeoutshigh"
+      - eval_time: 19m
+        alertname: EnvelopeRetryBudgetExhausted
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: EnvelopeRetryBudgetExhausted
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_route: api }
+            exp_annotations:
+              summary: "Route api ran out of retry budget: failures reach the clients unretried"
+              runbook_url: "https://runbooks.example.com/envelope.md#enveloperetrybudgetexhausted"
+      - eval_time: 10m
+        alertname: EnvelopeBreakerOpen
+        exp_alerts: []
+      - eval_time: 13m
+        alertname: EnvelopeBreakerOpen
+        exp_alerts:
+          - exp_labels: { severity: page, envelope_upstream: app }
+            exp_annotations:
+              summary: "The circuit breaker of upstream app is open: its calls fail fast"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopebreakeropen"
+      - eval_time: 18m
+        alertname: EnvelopeBreakerFlapping
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: EnvelopeBreakerFlapping
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_upstream: app }
+            exp_annotations:
+              summary: "The circuit breaker of upstream app opened 3 times or more in 30 minutes"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopebreakerflapping"
+      - eval_time: 9m
+        alertname: EnvelopeBulkheadExhausted
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: EnvelopeBulkheadExhausted
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_upstream: app }
+            exp_annotations:
+              summary: "The bulkhead of upstream app keeps refusing calls: it is full"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopebulkheadexhausted"
   # Distributed mode: one instance cannot reach Redis for two minutes; the ticket fires after a minute of it.
   - interval: 1m
     input_series:
@@ -40,7 +123,7 @@ tests:
           - exp_labels: { severity: ticket, instance: "a:9901" }
             exp_annotations:
               summary: "a:9901 cannot reach its shared state: its shared breakers and global limits decide alone"
-              runbook_url: "docs/runbook.md#envelopesharedstatedegraded"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopesharedstatedegraded"
       - eval_time: 5m
         alertname: EnvelopeSharedStateDegraded
         exp_alerts: []
@@ -66,7 +149,7 @@ tests:
           - exp_labels: { severity: page, envelope_route: api, envelope_slo: availability }
             exp_annotations:
               summary: "Route api is burning its error budget fast"
-              runbook_url: "docs/runbook.md#envelopeerrorbudgetburnpage"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
   # Every call answers at once, but 40 % take 300 ms against the default tier's 200 ms p95: the latency page fires.
   - interval: 1m
     input_series:
@@ -83,7 +166,7 @@ tests:
           - exp_labels: { severity: page, envelope_route: api, envelope_slo: latency }
             exp_annotations:
               summary: "Route api is burning its latency budget fast"
-              runbook_url: "docs/runbook.md#envelopeerrorbudgetburnpage"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
   # 4xx answers alone never spend the budget.
   - interval: 1m
     input_series:
@@ -105,7 +188,7 @@ tests:
           - exp_labels: { severity: ticket, envelope_route: api, envelope_slo: availability, route: api }
             exp_annotations:
               summary: "No request metrics for route api: the SLO cannot be evaluated"
-              runbook_url: "docs/runbook.md#envelopeslimissing"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeslimissing"
 "#;
 
 #[test]
