@@ -267,8 +267,11 @@ async fn a_global_limit_of_100_a_minute_admits_100_to_102_across_two_instances_s
     let redis = Redis::start();
     let up = FaultUpstream::start().await;
     let breaker = r#"window = { seconds = 10 }, min_calls = 1000"#;
+    // The exact mode is what is tested: a store slowed by the rest of the test run must not push a request onto
+    // the local fallback (each instance's own 100), so the operation timeout is generous here.
     let limited = config(&redis, breaker)
-        .replace("breaker = {", "rate_limit = { rate = 100, per = \"1m\", scope = \"global\" }\nbreaker = {");
+        .replace("breaker = {", "rate_limit = { rate = 100, per = \"1m\", scope = \"global\" }\nbreaker = {")
+        .replace("sync_interval = \"100ms\"", "sync_interval = \"100ms\"\nop_timeout = \"2s\"");
     let (a, b) = (envelope(&limited, up.addr).await, envelope(&limited, up.addr).await);
     let mut calls = Vec::new();
     for e in [&a, &b] {
@@ -346,7 +349,9 @@ async fn a_global_per_key_limit_is_each_keys_for_the_whole_fleet() {
     let redis = Redis::start();
     let up = FaultUpstream::start().await;
     let breaker = r#"window = { seconds = 10 }, min_calls = 1000"#;
-    let keyed = config(&redis, breaker).replace(
+    let keyed =
+        config(&redis, breaker).replace("sync_interval = \"100ms\"", "sync_interval = \"100ms\"\nop_timeout = \"2s\"");
+    let keyed = keyed.replace(
         "match = { path_prefix = \"/api\" }\nupstream = \"app\"\n",
         "match = { path_prefix = \"/api\" }\nupstream = \"app\"\nrate_limit = { rate = 3, per = \"1m\", key = \"header:x-api-key\", scope = \"global\" }\n",
     );

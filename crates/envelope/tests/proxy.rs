@@ -503,3 +503,30 @@ async fn the_adaptive_limit_and_the_bulkheads_are_visible_as_gauges_and_on_the_a
     assert!(attempts >= 20.0, "{attempts} attempts timed");
     assert!(count("envelope_upstream_attempt_duration_seconds_sum") >= attempts * 0.002);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_list_only_what_happened() {
+    let up = FaultUpstream::start().await;
+    let env = envelope(CONFIG, up.addr).await;
+    let scrape = || async {
+        let (_, _, body) = send(get(env.admin, "/metrics")).await;
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let before = scrape().await;
+    assert!(!before.contains("envelope_requests_total{"), "no request series before any request");
+    assert!(!before.contains("envelope_request_duration_seconds_count{"), "no histogram before any request");
+    assert_eq!(send(get(env.addr, "/api/x")).await.0, StatusCode::OK);
+    let after = scrape().await;
+    let requests: Vec<&str> = after.lines().filter(|l| l.starts_with("envelope_requests_total{")).collect();
+    assert_eq!(requests.len(), 1, "one series for the one (route, outcome, class) that happened: {requests:?}");
+    assert!(
+        requests[0].contains("route=\"api\"") && requests[0].contains("outcome=\"ok\"") && requests[0].ends_with(" 1")
+    );
+    assert!(after.contains("envelope_request_duration_seconds_count{route=\"api\"} 1"));
+    let slow = |l: &&str| l.contains("route=\"slow\"") && !l.starts_with("envelope_slo_");
+    assert_eq!(
+        after.lines().filter(|l| l.starts_with("envelope_request")).filter(slow).count(),
+        0,
+        "no traffic, no series"
+    );
+}

@@ -214,9 +214,17 @@ pub(crate) struct Transition {
 /// A route's metric handles, resolved at config load.
 #[derive(Debug, Clone)]
 pub(crate) struct RouteMetrics {
-    /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx).
-    requests: Vec<[Counter; 6]>,
-    duration: HistogramWithExemplars<TraceLabel>,
+    /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx); each series made the first time
+    /// it counts, so that `/metrics` lists only pairs that happened (most outcomes come with one or two classes).
+    requests: Arc<[[std::sync::OnceLock<Counter>; 6]]>,
+    /// The family and the labels the series are made with.
+    request_family: Family<RequestLabels, Counter>,
+    listener: Arc<str>,
+    route: Arc<str>,
+    /// The route's duration histogram, made with its first request (13 series a route otherwise, before any
+    /// traffic).
+    duration: Arc<std::sync::OnceLock<HistogramWithExemplars<TraceLabel>>>,
+    duration_family: Family<RouteLabel, HistogramWithExemplars<TraceLabel>>,
     /// Per duration bucket (and one above them), when its exemplar may next be replaced: milliseconds since
     /// `epoch`.
     exemplar_due: Arc<[std::sync::atomic::AtomicU64; BUCKETS]>,
@@ -364,23 +372,14 @@ impl Metrics {
     }
 
     pub(crate) fn route(&self, listener: &str, route: &str, upstream: &str) -> RouteMetrics {
-        let requests = Outcome::ALL
-            .iter()
-            .map(|o| {
-                CODES.map(|code| {
-                    let labels = RequestLabels {
-                        listener: listener.to_owned(),
-                        route: route.to_owned(),
-                        outcome: o.as_str(),
-                        code,
-                    };
-                    self.requests.get_or_create(&labels).clone()
-                })
-            })
-            .collect();
+        let requests = Outcome::ALL.iter().map(|_| std::array::from_fn(|_| std::sync::OnceLock::new())).collect();
         RouteMetrics {
             requests,
-            duration: self.duration.get_or_create(&RouteLabel { route: route.to_owned() }).clone(),
+            request_family: self.requests.clone(),
+            listener: listener.into(),
+            route: route.into(),
+            duration: Arc::default(),
+            duration_family: self.duration.clone(),
             exemplar_due: Arc::default(),
             epoch: Instant::now(),
             attempts: self
@@ -590,10 +589,22 @@ impl RouteMetrics {
     pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64, now: Instant, trace: &TraceContext) {
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
-        self.requests[outcome as usize][class].inc();
+        let counter = self.requests[outcome as usize][class].get_or_init(|| {
+            let labels = RequestLabels {
+                listener: self.listener.to_string(),
+                route: self.route.to_string(),
+                outcome: outcome.as_str(),
+                code: CODES[class],
+            };
+            self.request_family.get_or_create(&labels).clone()
+        });
+        counter.inc();
         let exemplar = (trace.flags & 1 == 1 && self.exemplar_due(seconds, now))
             .then_some(TraceLabel { trace_id: TraceId(trace.trace_id) });
-        self.duration.observe(seconds, exemplar, None);
+        let duration = self
+            .duration
+            .get_or_init(|| self.duration_family.get_or_create(&RouteLabel { route: self.route.to_string() }).clone());
+        duration.observe(seconds, exemplar, None);
         self.tally.record(outcome, seconds);
     }
 
