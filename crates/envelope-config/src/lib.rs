@@ -372,6 +372,18 @@ pub struct BreakerSpec {
     pub shared: bool,
 }
 
+impl BreakerSpec {
+    /// The state the breaker starts in: closed, or the mode's operator state.
+    pub fn initial_state(&self) -> envelope_core::circuit_breaker::State {
+        use envelope_core::circuit_breaker::State;
+        match self.mode {
+            BreakerMode::Normal => State::Closed,
+            BreakerMode::Disabled => State::Disabled,
+            BreakerMode::MetricsOnly => State::MetricsOnly,
+        }
+    }
+}
+
 /// An upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envelope_core::Outcome;
-use envelope_core::circuit_breaker::{CircuitBreaker, State};
+use envelope_core::circuit_breaker::CircuitBreaker;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -158,7 +158,6 @@ impl Envelope {
         name: &str,
         breakers: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(Envelope, Option<Breaker>, String)> {
-        use envelope_config::BreakerMode;
         let config = envelope_config::Config::load(std::path::Path::new(path))
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let (route, upstream) = match config.routes.iter().find(|r| r.name == name) {
@@ -188,11 +187,7 @@ impl Envelope {
         let breaker = match (known, &upstream.breaker) {
             (Some(known), _) => Some(known),
             (None, Some(spec)) => {
-                let state = match spec.mode {
-                    BreakerMode::Normal => State::Closed,
-                    BreakerMode::Disabled => State::Disabled,
-                    BreakerMode::MetricsOnly => State::MetricsOnly,
-                };
+                let state = spec.initial_state();
                 let breaker_tally = Arc::<Tally>::default();
                 let config = spec.config.clone().with_listeners(breaker_tally.listeners());
                 let inner = CircuitBreaker::with_state(upstream.name.clone(), config, state);

@@ -20,13 +20,6 @@ pub struct Delta {
     pub probes: Snapshot,
 }
 
-impl Delta {
-    /// Whether nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.window.calls == 0 && self.probes.calls == 0
-    }
-}
-
 #[derive(Debug, Default)]
 pub(crate) struct Link {
     /// While true, the fleet decides the breaker's transitions.

@@ -64,16 +64,11 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let permit = match self.admit() {
+        // A shared rate limit cannot be asked from a blocked thread: its local fallback decides.
+        let permit = match self.admit(false) {
             Ok(permit) => permit,
             Err(rejected) => return rejected,
         };
-        // A shared rate limit cannot be asked from a blocked thread: its local fallback decides.
-        if let Some(global) = &p.global_limit
-            && let Err(e) = global.local().try_acquire()
-        {
-            return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after())));
-        }
         let _bulkhead_permit = match &p.bulkhead {
             Some(b) => match b.acquire_blocking() {
                 Ok(permit) => Some(permit),

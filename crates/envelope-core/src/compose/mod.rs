@@ -371,13 +371,13 @@ impl Envelope {
         C: Classify<T, E>,
     {
         let p = &*self.inner;
-        let permit = match self.admit() {
+        let permit = match self.admit(true) {
             Ok(permit) => permit,
             Err(rejected) => return rejected,
         };
         // (8) A rate limit shared by the fleet: the store decides (the breaker's permit goes back if it refuses).
         if let Some(global) = &p.global_limit
-            && let Err(e) = global.admit().await
+            && let Err(e) = global.acquire().await
         {
             return (Err(Error::RateLimited(e)), Outcome::LocalRateLimited, Hint::wait(Some(e.retry_after())));
         }
@@ -418,9 +418,13 @@ impl Envelope {
 
 impl Envelope {
     /// (7) Breaker, then (8) rate limit: the admission checks shared by the async and blocking paths. The breaker's
-    /// permit is handed back on drop if a later check rejects the call.
+    /// permit is handed back on drop if a later check rejects the call. `shared_limit_asked`: the caller asks a
+    /// shared rate limit itself (the async path); otherwise its local fallback (`rate_limit`) decides here.
     #[inline]
-    fn admit<T, E>(&self) -> Result<Option<crate::circuit_breaker::Permit<'_>>, Attempt<T, E>> {
+    fn admit<T, E>(
+        &self,
+        shared_limit_asked: bool,
+    ) -> Result<Option<crate::circuit_breaker::Permit<'_>>, Attempt<T, E>> {
         let p = &*self.inner;
         let permit = match &p.breaker {
             Some(b) => match b.try_acquire() {
@@ -429,7 +433,7 @@ impl Envelope {
             },
             None => None,
         };
-        if p.global_limit.is_none()
+        if !(shared_limit_asked && p.global_limit.is_some())
             && let Some(limiter) = &p.rate_limit
             && let Err(e) = limiter.try_acquire()
         {

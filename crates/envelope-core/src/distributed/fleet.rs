@@ -152,15 +152,6 @@ impl Fleet {
         Ok(())
     }
 
-    /// Stops sharing the breaker named `name` (it decides alone from now).
-    pub fn leave(&self, name: &str) {
-        let mut members = lock(&self.inner.members);
-        for m in members.iter().filter(|m| m.breaker.name() == name) {
-            m.breaker.delegate(false);
-        }
-        members.retain(|m| m.breaker.name() != name);
-    }
-
     /// The store's breaker: shared rate limits ([`super::GlobalLimiter`]) on the same store use it too, so that
     /// a store the syncs found failing is not asked on the call path either.
     pub fn store_health(&self) -> CircuitBreaker {

@@ -271,20 +271,13 @@ impl GlobalKeyedLimiter {
     /// Takes a turn for `key` from the fleet's limit, or this instance's while the store cannot answer.
     pub async fn acquire(&self, key: &str) -> Result<(), RateLimited> {
         let (f, local) = (&self.inner.fleet, &self.inner.local);
-        let Ok(permit) = f.health.try_acquire_owned() else { return local.try_acquire(&key.to_owned()) };
+        let Ok(permit) = f.health.try_acquire_owned() else { return local.try_acquire(key) };
         let full = format!("{}:{key}", f.key);
         let step = async { f.store.take(&full, f.interval, f.burst, 1).await.map(|r| (r, ())) };
         match ask(permit, f.op_timeout, step).await {
             Some(Ok(())) => Ok(()),
             Some(Err(wait)) => f.refused(wait),
-            None => local.try_acquire(&key.to_owned()),
+            None => local.try_acquire(key),
         }
-    }
-}
-
-/// The admission step of an envelope whose rate limit is shared (see [`crate::compose::Builder::shared_rate_limit`]).
-impl GlobalLimiter {
-    pub(crate) fn admit(&self) -> BoxFuture<'_, Result<(), RateLimited>> {
-        Box::pin(self.acquire())
     }
 }

@@ -381,20 +381,32 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         }
     }
 
-    /// Takes a turn for `key` now, or says how long until one is free.
-    pub fn try_acquire(&self, key: &K) -> Result<(), RateLimited> {
+    /// Takes a turn for `key` now, or says how long until one is free. The key may be given borrowed (`&str` for
+    /// `String` keys): it is copied only the first time it is seen.
+    pub fn try_acquire<Q>(&self, key: &Q) -> Result<(), RateLimited>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         self.try_acquire_at(key, clock::now())
     }
 
     /// [`try_acquire`](Self::try_acquire) with the caller's reading of the clock.
-    pub fn try_acquire_at(&self, key: &K, now: Instant) -> Result<(), RateLimited> {
+    pub fn try_acquire_at<Q>(&self, key: &Q, now: Instant) -> Result<(), RateLimited>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let k = &self.shared;
         let shard = &k.shards[(k.hasher.hash_one(key) as usize) % SHARDS];
         let mut map = lock(shard);
-        if !map.contains_key(key) && map.len() >= k.max_per_shard {
+        if let Some(tat) = map.get(key) {
+            return k.common.decide(tat, now, false).map(|_| ());
+        }
+        if map.len() >= k.max_per_shard {
             k.evict(&mut map, now);
         }
-        let tat = map.entry(key.clone()).or_insert_with(|| AtomicU64::new(0));
+        let tat = map.entry(key.to_owned()).or_insert_with(|| AtomicU64::new(0));
         k.common.decide(tat, now, false).map(|_| ())
     }
 

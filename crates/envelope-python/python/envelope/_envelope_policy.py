@@ -290,11 +290,7 @@ class Envelope:
         if outcome is None or outcome == "ok":
             steps.succeeded(attempt)
             return _Answer(result)
-        wait = steps.after(attempt, outcome, retry_after)
-        if wait is None:
-            return _Answer(self._give_up(steps, made, outcome, args, kwargs, result=_Answer(result)))
-        self._emit("retry", outcome, made, wait)
-        return wait
+        return self._ended(steps, attempt, made, outcome, retry_after, True, args, kwargs, result=_Answer(result))
 
     def _refused(
         self,
@@ -328,9 +324,28 @@ class Envelope:
             steps.finish("client_cancelled")
             raise exc
         may_retry = not self._retry_types or isinstance(exc, self._retry_types)
-        wait = steps.after(attempt, outcome, getattr(exc, "retry_after", None), may_retry)
+        retry_after = getattr(exc, "retry_after", None)
+        return self._ended(steps, attempt, made, outcome, retry_after, may_retry, args, kwargs, error=exc)
+
+    def _ended(
+        self,
+        steps: _envelope.Steps,
+        attempt: _envelope.StepAttempt,
+        made: int,
+        outcome: str,
+        retry_after: float | None,
+        may_retry: bool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        error: BaseException | None = None,
+        result: _Answer | None = None,
+    ) -> float | _Answer:
+        """An attempt ended in a failure (raised `error`, or returned `result`): the engine's wait before the next
+        attempt, or the call's end."""
+        wait = steps.after(attempt, outcome, retry_after, may_retry)
         if wait is None:
-            return _Answer(self._give_up(steps, made, outcome, args, kwargs, error=exc))
+            return _Answer(self._give_up(steps, made, outcome, args, kwargs, error=error, result=result))
         self._emit("retry", outcome, made, wait)
         return wait
 

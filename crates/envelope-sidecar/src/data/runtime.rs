@@ -76,7 +76,7 @@ impl KeyLimiter {
     /// Takes a turn for `key`.
     pub(crate) async fn acquire(&self, key: &str) -> Result<(), envelope_core::rate_limit::RateLimited> {
         match self {
-            KeyLimiter::Local(l) => l.try_acquire(&key.to_owned()),
+            KeyLimiter::Local(l) => l.try_acquire(key),
             KeyLimiter::Global(g) => g.acquire(key).await,
         }
     }

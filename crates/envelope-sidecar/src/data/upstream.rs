@@ -10,13 +10,13 @@ use tokio::time::Instant;
 
 use envelope_core::Outcome;
 use envelope_core::bulkhead::Bulkhead;
-use envelope_core::circuit_breaker::{CircuitBreaker, State};
+use envelope_core::circuit_breaker::CircuitBreaker;
 use envelope_core::distributed::{GlobalLimiter, LimitStore};
 use envelope_core::event::Listeners;
 use envelope_core::fault::{Fault, FaultInjector};
 use envelope_core::rate_limit::RateLimiter;
 
-use crate::config::{BreakerMode, Endpoint, Scope, Upstream};
+use crate::config::{Endpoint, Scope, Upstream};
 use crate::data::outbound::Outbound;
 
 /// Consecutive connection failures after which an endpoint is taken out of rotation.
@@ -109,11 +109,7 @@ impl UpstreamRt {
     pub(crate) fn new(spec: &Upstream, listeners: &Listeners, shared: Option<&SharedLinks>) -> Arc<Self> {
         // Built from the configs validated when the file was loaded: nothing here can fail.
         let breaker = spec.breaker.as_ref().map(|b| {
-            let state = match b.mode {
-                BreakerMode::Normal => State::Closed,
-                BreakerMode::Disabled => State::Disabled,
-                BreakerMode::MetricsOnly => State::MetricsOnly,
-            };
+            let state = b.initial_state();
             let config = b.config.clone().with_listeners(listeners.clone());
             if b.shared {
                 // Admits by itself as any breaker; the fleet (`control::shared`) makes its transitions the fleet's.
