@@ -17,7 +17,8 @@ use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
 use self::raw::{
-    BackoffKind, JitterKind, RawBreaker, RawConfig, RawKeyLimit, RawMatch, RawRetry, RawRoute, RawShared, RawUpstream,
+    BackoffKind, JitterKind, RawBreaker, RawConfig, RawFallback, RawKeyLimit, RawMatch, RawRetry, RawRoute, RawShared,
+    RawUpstream,
 };
 pub use self::raw::{BreakerMode, Engine, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
@@ -494,6 +495,101 @@ pub struct Route {
     pub replay_limit: usize,
     /// A rate limit on the route's requests, per key (one key for all when none is named).
     pub rate_limit: Option<KeyLimit>,
+    /// What answers when the upstream failed for one of the reasons named, if anything.
+    pub fallback: Option<Fallback>,
+}
+
+/// Why a route's fallback answers: the primary upstream's failure, as the fallback's `on` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// The upstream's breaker is open (no attempt was made, or none could be made after the first).
+    CircuitOpen,
+    /// The upstream failed (5xx, connection error, reset) on its last attempt, with no retry left.
+    RetriesExhausted,
+    /// The route's deadline or the last attempt's timeout ran out.
+    Timeout,
+    /// The listener shed the request.
+    Shed,
+    /// The upstream's bulkhead was full.
+    BulkheadFull,
+    /// The upstream's own rate limit (this side's) was reached.
+    RateLimited,
+}
+
+impl FallbackReason {
+    /// Every reason.
+    pub const ALL: [FallbackReason; 6] = [
+        FallbackReason::CircuitOpen,
+        FallbackReason::RetriesExhausted,
+        FallbackReason::Timeout,
+        FallbackReason::Shed,
+        FallbackReason::BulkheadFull,
+        FallbackReason::RateLimited,
+    ];
+
+    /// The name in the config, the response header, the metric label and the log.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::CircuitOpen => "circuit_open",
+            FallbackReason::RetriesExhausted => "retries_exhausted",
+            FallbackReason::Timeout => "timeout",
+            FallbackReason::Shed => "shed",
+            FallbackReason::BulkheadFull => "bulkhead_full",
+            FallbackReason::RateLimited => "rate_limited",
+        }
+    }
+
+    /// The reason a call that ended in `outcome` gives, if it is one a fallback may answer for. A 4xx of the
+    /// upstream (429 included) is never one: the client's own mistake, or the upstream's word, is passed on.
+    pub const fn of(outcome: Outcome) -> Option<FallbackReason> {
+        match outcome {
+            Outcome::CircuitOpen => Some(FallbackReason::CircuitOpen),
+            Outcome::Failure | Outcome::ConnectError | Outcome::UpstreamReset | Outcome::Upstream5xx => {
+                Some(FallbackReason::RetriesExhausted)
+            }
+            Outcome::Timeout => Some(FallbackReason::Timeout),
+            Outcome::Shed => Some(FallbackReason::Shed),
+            Outcome::BulkheadFull => Some(FallbackReason::BulkheadFull),
+            Outcome::LocalRateLimited => Some(FallbackReason::RateLimited),
+            // Ok, the upstream's 4xx and 429, the client's cancellation or bad request, a fallback's answer.
+            _ => None,
+        }
+    }
+}
+
+/// A route's fallback: the reasons it answers for, and its answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fallback {
+    /// The reasons, as a bit set over [`FallbackReason`] (bit = its position in [`FallbackReason::ALL`]).
+    pub on: u8,
+    /// What answers.
+    pub answer: FallbackAnswer,
+}
+
+impl Fallback {
+    /// Whether the fallback answers for `reason`.
+    pub const fn covers(&self, reason: FallbackReason) -> bool {
+        self.on & (1 << reason as u8) != 0
+    }
+}
+
+/// The largest fallback body (in the config or its file): it is held in memory.
+pub const MAX_FALLBACK_BODY: u64 = 1024 * 1024;
+
+/// A fallback's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FallbackAnswer {
+    /// A fixed answer, made by the sidecar.
+    Static {
+        /// Its status (2xx to 5xx).
+        status: StatusCode,
+        /// Its headers (no framing or hop-by-hop ones: the sidecar sets those).
+        headers: http::HeaderMap,
+        /// Its body.
+        body: Vec<u8>,
+    },
+    /// Another upstream (its index), given the same request once, within what is left of the route's deadline.
+    Upstream(usize),
 }
 
 /// Default cap on the keys a per-key limit tracks.
@@ -773,7 +869,7 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
                 format!("duplicate route `{}`", r.name.get_ref()),
             ));
         }
-        routes.push(resolve_route(i, r, &listeners, &upstreams, defaults, shared.is_some())?);
+        routes.push(resolve_route(i, r, &listeners, &upstreams, defaults, shared.is_some(), base_dir)?);
     }
 
     let history = History {
@@ -1256,6 +1352,7 @@ fn resolve_route(
     upstreams: &[Upstream],
     defaults: &Defaults,
     shared: bool,
+    base_dir: &Path,
 ) -> Result<Route, Invalid> {
     let field = |f: &str| format!("route[{i}].{f}");
     let listener = match &r.listener {
@@ -1294,6 +1391,7 @@ fn resolve_route(
     }
     let retry = r.retry.as_ref().map(|retry| resolve_retry(i, &r.name, retry)).transpose()?;
     let rate_limit = r.rate_limit.as_ref().map(|l| resolve_key_limit(i, l, &r.matcher, shared)).transpose()?;
+    let fallback = r.fallback.as_ref().map(|f| resolve_fallback(i, f, upstream, upstreams, base_dir)).transpose()?;
     Ok(Route {
         name: r.name.get_ref().clone(),
         listener,
@@ -1308,7 +1406,103 @@ fn resolve_route(
         replay_limit: bounded(r.replay_limit.as_ref(), format!("route[{i}].replay_limit"), 0, MAX_REPLAY_LIMIT)?
             .map_or(defaults.replay_limit, |n| n as usize),
         rate_limit,
+        fallback,
     })
+}
+
+/// A route's fallback: its reasons (at least one, each once), and either another upstream than the route's or a
+/// static answer (`status`, `body` or `body_file` read now, `headers`).
+fn resolve_fallback(
+    i: usize,
+    f: &Spanned<RawFallback>,
+    primary: usize,
+    upstreams: &[Upstream],
+    base_dir: &Path,
+) -> Result<Fallback, Invalid> {
+    let field = |name: &str| format!("route[{i}].fallback.{name}");
+    let raw = f.get_ref();
+    let mut on = 0u8;
+    for (j, name) in raw.on.get_ref().iter().enumerate() {
+        let reason = FallbackReason::ALL.into_iter().find(|r| r.as_str() == name.get_ref()).ok_or_else(|| {
+            let names: Vec<_> = FallbackReason::ALL.iter().map(|r| r.as_str()).collect();
+            invalid(name, field(&format!("on[{j}]")), format!("unknown reason; one of {}", names.join(", ")))
+        })?;
+        on |= 1 << reason as u8;
+    }
+    if on == 0 {
+        return Err(invalid(&raw.on, field("on"), "name at least one reason the fallback answers for"));
+    }
+    let answer = if let Some(name) = &raw.upstream {
+        let fixed = [
+            raw.status.as_ref().map(|s| s.span()),
+            raw.body.as_ref().map(|b| b.span()),
+            raw.body_file.as_ref().map(|b| b.span()),
+        ];
+        if let Some(span) = fixed.into_iter().flatten().next().or_else(|| raw.headers.values().next().map(|h| h.span()))
+        {
+            return Err(Invalid {
+                span: Some(span),
+                field: field("upstream"),
+                message: "a fallback is another upstream or a static answer (`status`, `body`, `headers`), not both"
+                    .to_owned(),
+            });
+        }
+        let index = upstreams
+            .iter()
+            .position(|u| &u.name == name.get_ref())
+            .ok_or_else(|| invalid(name, field("upstream"), format!("no upstream named `{}`", name.get_ref())))?;
+        if index == primary {
+            return Err(invalid(name, field("upstream"), "the fallback must be another upstream than the route's"));
+        }
+        FallbackAnswer::Upstream(index)
+    } else {
+        let status = match &raw.status {
+            None => StatusCode::OK,
+            Some(s) => match StatusCode::from_u16(*s.get_ref()) {
+                Ok(code) if (200..=599).contains(&code.as_u16()) => code,
+                _ => return Err(invalid(s, field("status"), "a status from 200 to 599")),
+            },
+        };
+        let body = match (&raw.body, &raw.body_file) {
+            (Some(_), Some(file)) => {
+                return Err(invalid(file, field("body_file"), "give `body` or `body_file`, not both"));
+            }
+            (Some(text), None) => text.get_ref().clone().into_bytes(),
+            (None, Some(file)) => {
+                let path = base_dir.join(file.get_ref());
+                std::fs::read(&path)
+                    .map_err(|e| invalid(file, field("body_file"), format!("cannot read `{}`: {e}", path.display())))?
+            }
+            (None, None) => Vec::new(),
+        };
+        if body.len() as u64 > MAX_FALLBACK_BODY {
+            let at = raw.body_file.as_ref().map_or_else(|| field("body"), |_| field("body_file"));
+            return Err(Invalid {
+                span: raw.body_file.as_ref().map(|b| b.span()).or_else(|| raw.body.as_ref().map(|b| b.span())),
+                field: at,
+                message: format!("{} bytes: a fallback body is at most {MAX_FALLBACK_BODY}", body.len()),
+            });
+        }
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &raw.headers {
+            let at = field(&format!("headers.{name}"));
+            let header = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(value, at.clone(), format!("`{name}` is not a header name")))?;
+            if envelope_http::headers::is_hop_by_hop(header.as_str().as_bytes())
+                || header == http::header::CONTENT_LENGTH
+            {
+                return Err(invalid(value, at, "the sidecar sets the framing and connection headers itself"));
+            }
+            let v = http::HeaderValue::from_str(value.get_ref())
+                .map_err(|_| invalid(value, at, "not a valid header value"))?;
+            headers.append(header, v);
+        }
+        if !body.is_empty() && !headers.contains_key(http::header::CONTENT_TYPE) {
+            headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+        }
+        FallbackAnswer::Static { status, headers, body }
+    };
+    Ok(Fallback { on, answer })
 }
 
 /// A route's per-key limit: the engine's rate-limit config, the key (`header:<name>`, `param:<name>` of the

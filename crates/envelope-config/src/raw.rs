@@ -277,6 +277,19 @@ pub(crate) struct RawRoute {
     pub(crate) fail_on_status: Vec<Spanned<u16>>,
     pub(crate) replay_limit: Option<Spanned<u64>>,
     pub(crate) rate_limit: Option<Spanned<RawKeyLimit>>,
+    pub(crate) fallback: Option<Spanned<RawFallback>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFallback {
+    pub(crate) on: Spanned<Vec<Spanned<String>>>,
+    pub(crate) upstream: Option<Spanned<String>>,
+    pub(crate) status: Option<Spanned<u16>>,
+    pub(crate) body: Option<Spanned<String>>,
+    pub(crate) body_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) headers: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

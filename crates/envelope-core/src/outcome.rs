@@ -45,6 +45,9 @@ pub enum Outcome {
     ClientCancelled,
     /// The request was invalid before it was sent anywhere.
     BadRequest,
+    /// The call failed for a reason its fallback covers, and the fallback answered in its place (a degraded answer:
+    /// a static one, or another dependency's).
+    Fallback,
 }
 
 /// What an outcome means to a circuit breaker.
@@ -60,7 +63,7 @@ pub enum BreakerVerdict {
 
 impl Outcome {
     /// Every outcome, in declaration order.
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Ok,
         Outcome::Failure,
         Outcome::Timeout,
@@ -75,6 +78,7 @@ impl Outcome {
         Outcome::LocalRateLimited,
         Outcome::ClientCancelled,
         Outcome::BadRequest,
+        Outcome::Fallback,
     ];
 
     /// The stable snake_case name used in metrics labels, logs and config.
@@ -94,6 +98,7 @@ impl Outcome {
             Outcome::LocalRateLimited => "local_rate_limited",
             Outcome::ClientCancelled => "client_cancelled",
             Outcome::BadRequest => "bad_request",
+            Outcome::Fallback => "fallback",
         }
     }
 
@@ -136,7 +141,8 @@ impl Outcome {
             | Outcome::Shed
             | Outcome::LocalRateLimited
             | Outcome::ClientCancelled
-            | Outcome::BadRequest => BreakerVerdict::Ignore,
+            | Outcome::BadRequest
+            | Outcome::Fallback => BreakerVerdict::Ignore,
         }
     }
 
@@ -146,9 +152,13 @@ impl Outcome {
     }
 
     /// Whether this outcome spends availability budget (an SLO's bad event): anything the client could not get
-    /// served, except its own mistakes (4xx, an invalid request) and its own cancellation.
+    /// served, except its own mistakes (4xx, an invalid request) and its own cancellation. A fallback's answer is
+    /// served (degraded by design, and counted on its own: the `fallback` outcome has alerts of its own).
     pub const fn counts_against_availability(self) -> bool {
-        !matches!(self, Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled)
+        !matches!(
+            self,
+            Outcome::Ok | Outcome::Upstream4xx | Outcome::BadRequest | Outcome::ClientCancelled | Outcome::Fallback
+        )
     }
 
     /// Whether the call counts as successful for the caller.

@@ -429,3 +429,51 @@ fn the_runbook_base_url_is_absolute() {
         assert_eq!((e.line, e.field.as_str()), (2, "alerts.runbook_base_url"), "{bad}");
     }
 }
+
+#[test]
+fn a_fallback_names_its_reasons_and_is_another_upstream_or_a_static_answer() {
+    use envelope_sidecar::config::{FallbackAnswer, FallbackReason};
+    let with = |fallback: &str| {
+        VALID.replace("upstream = \"app\"\n\"#", "").replace(
+            "match = { path_prefix = \"/reports\" }\nupstream = \"app\"",
+            &format!(
+                "match = {{ path_prefix = \"/reports\" }}\nupstream = \"app\"\nfallback = {fallback}\n\n\
+                 [[upstream]]\nname = \"replica\"\nendpoints = [\"http://127.0.0.1:8001\"]"
+            ),
+        )
+    };
+    let c = Config::parse("envelope.toml", &with(r#"{ on = ["timeout", "circuit_open"], upstream = "replica" }"#));
+    let f = c.unwrap().routes[1].fallback.clone().unwrap();
+    assert_eq!(f.answer, FallbackAnswer::Upstream(1));
+    assert!(f.covers(FallbackReason::Timeout) && f.covers(FallbackReason::CircuitOpen));
+    assert!(!f.covers(FallbackReason::RetriesExhausted) && !f.covers(FallbackReason::Shed));
+    let c = Config::parse("envelope.toml", &with(r#"{ on = ["shed"], body = "{}" }"#)).unwrap();
+    let Some(FallbackAnswer::Static { status, headers, body }) = c.routes[1].fallback.clone().map(|f| f.answer) else {
+        panic!("a static answer")
+    };
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"{}"[..]));
+    assert_eq!(headers["content-type"], "text/plain; charset=utf-8", "a body has a media type by default");
+
+    for (fallback, field, says) in [
+        (r#"{ on = ["broken"], body = "x" }"#, "route[1].fallback.on[0]", "unknown reason"),
+        (r#"{ on = [], body = "x" }"#, "route[1].fallback.on", "at least one"),
+        (r#"{ on = ["timeout"], upstream = "nope" }"#, "route[1].fallback.upstream", "no upstream"),
+        (r#"{ on = ["timeout"], upstream = "app" }"#, "route[1].fallback.upstream", "another upstream"),
+        (r#"{ on = ["timeout"], upstream = "replica", status = 200 }"#, "route[1].fallback.upstream", "not both"),
+        (r#"{ on = ["timeout"], status = 100 }"#, "route[1].fallback.status", "200 to 599"),
+        (r#"{ on = ["timeout"], body = "a", body_file = "b" }"#, "route[1].fallback.body_file", "not both"),
+        (r#"{ on = ["timeout"], body_file = "/nonexistent/x" }"#, "route[1].fallback.body_file", "cannot read"),
+        (
+            r#"{ on = ["timeout"], headers = { "content-length" = "3" } }"#,
+            "route[1].fallback.headers.content-length",
+            "framing",
+        ),
+        (r#"{ on = ["timeout"], headers = { "x" = "a\nb" } }"#, "route[1].fallback.headers.x", "not a valid"),
+        (r#"{ on = ["timeout"], wat = 1 }"#, "route[1].fallback.wat", "unknown field"),
+    ] {
+        let e = error(&with(fallback));
+        assert_eq!(e.field, field, "{fallback}: {e}");
+        assert!(e.message.contains(says), "{fallback}: {e}");
+        assert_eq!(e.line, 23, "{fallback}: {e}");
+    }
+}

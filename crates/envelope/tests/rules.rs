@@ -20,10 +20,15 @@ endpoints = ["http://127.0.0.1:2"]
 breaker = { window = { count = 20 } }
 bulkhead = { max_concurrent = 10 }
 
+[[upstream]]
+name = "replica"
+endpoints = ["http://127.0.0.1:3"]
+
 [[route]]
 name = "api"
 match = { path_prefix = "/api" }
 upstream = "app"
+fallback = { on = ["circuit_open"], upstream = "replica" }
 "#;
 
 const TESTS: &str = r#"
@@ -47,6 +52,8 @@ tests:
         values: '0x10 1x5 2x5 3x10'
       - series: 'envelope_bulkhead_rejections_total{upstream="app",waited="false"}'
         values: '0x10 0+5x20'
+      - series: 'envelope_fallbacks_total{route="api",reason="circuit_open"}'
+        values: '0x10 0+30x20'
     alert_rule_test:
       - eval_time: 9m
         alertname: EnvelopeRetryRatioHigh
@@ -108,6 +115,16 @@ tests:
             exp_annotations:
               summary: "The bulkhead of upstream app keeps refusing calls: it is full"
               runbook_url: "https://runbooks.example.com/envelope.md#envelopebulkheadexhausted"
+      - eval_time: 10m
+        alertname: EnvelopeFallbacksInUse
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: EnvelopeFallbacksInUse
+        exp_alerts:
+          - exp_labels: { severity: ticket, envelope_route: api }
+            exp_annotations:
+              summary: "Route api answers with its fallback: its upstream is failing"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopefallbacksinuse"
   # Distributed mode: one instance cannot reach Redis for two minutes; the ticket fires after a minute of it.
   - interval: 1m
     input_series:
@@ -167,10 +184,12 @@ tests:
             exp_annotations:
               summary: "Route api is burning its latency budget fast"
               runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
-  # 4xx answers alone never spend the budget.
+  # 4xx answers and fallbacks' answers alone never spend the budget.
   - interval: 1m
     input_series:
       - series: 'envelope_requests_total{listener="in",route="api",outcome="upstream_4xx",code="4xx"}'
+        values: '0+100x120'
+      - series: 'envelope_requests_total{listener="in",route="api",outcome="fallback",code="2xx"}'
         values: '0+100x120'
     alert_rule_test:
       - eval_time: 100m

@@ -12,7 +12,9 @@
 //!                          (envelope-core's Envelope, composed in that order; see docs/architecture.md)
 //!   7. the call            pooled keep-alive HTTP/1.1 to an endpoint picked round-robin (faults injected here,
 //!                          inside the envelope; with spans on, each attempt carries its own span id upstream)
-//!   8. the answer          the upstream's response, or a problem+json for a local outcome (one place)
+//!   8. the answer          the upstream's response; or, when it failed for a reason the route names, the route's
+//!                          fallback's (a static answer, or another upstream's within the deadline, marked
+//!                          `Envelope-Fallback`); or a problem+json for a local outcome (one place)
 //!   9. accounting          metrics (+ exemplar), SLO, history tallies, business counters, spans, one access-log line
 //! ```
 //!
@@ -28,25 +30,26 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use envelope_core::{BoxError, Classify, Error, Outcome};
+use envelope_core::{BoxError, Classify, Envelope, Error, Outcome};
 use envelope_http::body::prepare;
 use envelope_http::classify::StatusClassifier;
 use envelope_http::headers::forwarded_for;
 use envelope_http::idempotency::{Replay, replay_safety};
 use envelope_http::problem::{problem, problem_with_status};
-use envelope_http::request_id::RequestId;
+use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full, Limited};
 use tokio::time::Instant;
 
-use crate::config::{KeySource, Underscores};
+use crate::config::{FallbackReason, KeySource, Underscores};
 use crate::data::InBody;
 use crate::data::outbound::{self, ProxyHeaders, UpstreamError, clean_answer, clean_request};
-use crate::data::runtime::{RouteRt, Runtime};
+use crate::data::runtime::{FallbackRt, FallbackTarget, RouteRt, Runtime};
 use crate::data::upstream::UpstreamRt;
 use crate::data::wire::RawHead;
 use crate::observe::access_log::{self, Entry};
+use crate::observe::metrics::AttemptMetrics;
 use crate::observe::telemetry::{AttemptSpan, RequestSpan};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
@@ -198,6 +201,7 @@ pub(crate) async fn handle_passing(
 
     let mut attempts = 0u32;
     let mut upstream_status = None;
+    let mut fallback_used = None;
     // The full cause of a failure, for the log (the client gets a stable detail).
     let mut cause: Option<String> = None;
     let mut route: Option<Arc<RouteRt>> = None;
@@ -274,52 +278,71 @@ pub(crate) async fn handle_passing(
 
         // 6 + 7. The envelope around the call, to the route's target on the upstream.
         let target = upstream_target(route, &parts);
+        let replay_safe = replay == Replay::Safe;
         let classifier = RouteClassifier {
             status: &route.classifier,
-            replay_safe: replay == Replay::Safe && prepared.is_replayable(),
+            replay_safe: replay_safe && prepared.is_replayable(),
             replayable_body: prepared.is_replayable(),
         };
-        let count = AtomicU32::new(0);
-        let (result, outcome) = route
-            .envelope
-            .call_classified_since(start, &classifier, || {
-                count.fetch_add(1, Ordering::Relaxed);
-                route.metrics.attempt();
-                let span = attempt_spans.as_ref().map(|log| (log, trace.child()));
-                let body = prepared.attempt();
-                let (endpoint, _) = route.upstream.pick();
-                let (upstream, classifier, parts, target) = (&route.upstream, &route.classifier, &parts, &target);
-                let route_metrics = &route.metrics;
-                let (hop_traceparent, forwarded_for) = (&hop_traceparent, &forwarded_for);
-                async move {
-                    let body = body.ok_or(UpstreamError::BodyGone)?;
-                    let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
-                    // With span export on, each attempt is a span of its own and the parent of the upstream's.
-                    let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
-                    let traceparent = attempt_traceparent.as_ref().unwrap_or(hop_traceparent);
-                    let set = ProxyHeaders { request_id, traceparent, forwarded_for };
-                    let sent = Instant::now();
-                    let result = upstream.outbound.send(&upstream.spec, endpoint, parts, target, body, &set).await;
-                    route_metrics.attempt_done(sent.elapsed());
-                    upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
-                    if let Some(span) = &mut span {
-                        span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), classifier.classify(&result));
-                    }
-                    result
-                }
-            })
-            .await;
-        attempts = count.load(Ordering::Relaxed);
+        let out = Outgoing {
+            parts: &parts,
+            target: &target,
+            set: ProxyHeaders { request_id, traceparent: &hop_traceparent, forwarded_for: &forwarded_for },
+            trace: &trace,
+            attempt_spans: attempt_spans.as_ref(),
+            count: AtomicU32::new(0),
+        };
+        let primary = (&route.envelope, &*route.upstream, &route.metrics.to_upstream);
+        let (result, outcome) = out.call(primary, &route.classifier, &classifier, &mut prepared, start).await;
         upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
 
-        // 8. The answer.
-        match result {
-            Ok(mut upstream) => {
-                clean_answer(&mut upstream, id.header_value());
-                let deadline = start + route.spec.timeout;
-                let body = |body| Either::Left(DeadlineBody { body, deadline, timer: None, record: None });
-                (upstream.map(body), outcome)
+        // 8. The answer: the upstream's; or, when it failed for a reason the route names, its fallback's; or the
+        // failure's own.
+        let reason = route.fallback.as_ref().and_then(|f| fallback_reason(f, outcome, upstream_status, replay_safe));
+        let fallen_back = match (&route.fallback, reason) {
+            (Some(fallback), Some(reason)) => {
+                let answer = match &fallback.target {
+                    FallbackTarget::Static { status, headers, body } => {
+                        let mut answer = Response::new(Either::Right(Full::new(body.clone())));
+                        *answer.status_mut() = *status;
+                        *answer.headers_mut() = headers.clone();
+                        answer.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
+                        Some(answer)
+                    }
+                    FallbackTarget::Upstream { upstream, envelope, attempts } => {
+                        let to = (envelope, &**upstream, attempts);
+                        match out.call(to, &route.classifier, &classifier, &mut prepared, start).await {
+                            (Ok(answer), Outcome::Ok) => {
+                                upstream_status = Some(answer.status().as_u16());
+                                let mut answer = upstream_answer(answer, id, start + route.spec.timeout);
+                                if let Some(raw) = take_raw_head(answer.body_mut()) {
+                                    *answer.headers_mut() = raw.into_map();
+                                }
+                                Some(answer)
+                            }
+                            // The fallback failed too: the client gets the original error.
+                            _ => {
+                                fallback.metrics.failed(reason);
+                                None
+                            }
+                        }
+                    }
+                };
+                answer.map(|mut answer| {
+                    fallback.metrics.used(reason);
+                    answer.headers_mut().insert(FALLBACK_HEADER, http::HeaderValue::from_static(reason.as_str()));
+                    fallback_used = Some(reason);
+                    answer
+                })
             }
+            _ => None,
+        };
+        attempts = out.count.load(Ordering::Relaxed);
+        if let Some(answer) = fallen_back {
+            break 'answer (answer, Outcome::Fallback);
+        }
+        match result {
+            Ok(upstream) => (upstream_answer(upstream, id, start + route.spec.timeout), outcome),
             Err(e) => {
                 if matches!(e, Error::Inner(_)) {
                     cause = Some(e.to_string());
@@ -346,6 +369,7 @@ pub(crate) async fn handle_passing(
         attempts,
         outcome,
         cause,
+        fallback: fallback_used,
         elapsed: start.elapsed(),
         attempt_spans: attempt_spans.map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)),
     });
@@ -356,6 +380,84 @@ pub(crate) async fn handle_passing(
         _ => pending.finish(),
     }
     response
+}
+
+/// The response header that marks a fallback's answer, naming why the route fell back (`circuit_open`, …).
+pub(crate) const FALLBACK_HEADER: http::HeaderName = http::HeaderName::from_static("envelope-fallback");
+
+/// The reason the route's fallback answers a call that ended in `outcome`, if it does: a reason the route names,
+/// never in place of the upstream's 4xx, and only for a request that may be sent twice (an idempotent method, or
+/// an `Idempotency-Key`): a write the primary may have done is not answered for by anything else.
+fn fallback_reason(
+    fallback: &FallbackRt,
+    outcome: Outcome,
+    upstream_status: Option<u16>,
+    replay_safe: bool,
+) -> Option<FallbackReason> {
+    let reason = FallbackReason::of(outcome)?;
+    let upstream_4xx = upstream_status.is_some_and(|s| (400..500).contains(&s));
+    (fallback.spec.covers(reason) && !upstream_4xx && replay_safe).then_some(reason)
+}
+
+/// The upstream's answer for the client: its headers cleaned, the request id set, its body under the deadline.
+fn upstream_answer(mut upstream: Response<outbound::Body>, id: &RequestId, deadline: Instant) -> Response<ProxyBody> {
+    clean_answer(&mut upstream, id.header_value());
+    upstream.map(|body| Either::Left(DeadlineBody { body, deadline, timer: None, record: None }))
+}
+
+/// What every attempt of one request shares, to whichever upstream it goes.
+struct Outgoing<'a> {
+    parts: &'a http::request::Parts,
+    target: &'a str,
+    /// The headers the proxy sets (this hop's `traceparent`, which an attempt's span replaces when spans are on).
+    set: ProxyHeaders<'a>,
+    trace: &'a TraceContext,
+    /// With span export on, each attempt's span as it ends.
+    attempt_spans: Option<&'a Mutex<Vec<AttemptSpan>>>,
+    /// Attempts sent, to every upstream.
+    count: AtomicU32,
+}
+
+impl Outgoing<'_> {
+    /// The call through an envelope to an upstream, each attempt counted in the metrics given with them; the
+    /// deadline counts from `start`.
+    async fn call(
+        &self,
+        (envelope, upstream, metrics): (&Envelope, &UpstreamRt, &AttemptMetrics),
+        status: &StatusClassifier,
+        classifier: &RouteClassifier<'_>,
+        prepared: &mut envelope_http::body::Prepared<Limited<InBody>>,
+        start: Instant,
+    ) -> (Result<Response<outbound::Body>, Error<UpstreamError>>, Outcome) {
+        envelope
+            .call_classified_since(start, classifier, || {
+                self.count.fetch_add(1, Ordering::Relaxed);
+                metrics.attempt();
+                let span = self.attempt_spans.map(|log| (log, self.trace.child()));
+                let body = prepared.attempt();
+                let (endpoint, _) = upstream.pick();
+                async move {
+                    let body = body.ok_or(UpstreamError::BodyGone)?;
+                    let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
+                    // With span export on, each attempt is a span of its own and the parent of the upstream's.
+                    let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
+                    let set = ProxyHeaders {
+                        traceparent: attempt_traceparent.as_ref().map_or(self.set.traceparent, |t| &t[..]),
+                        ..self.set
+                    };
+                    let sent = Instant::now();
+                    let result =
+                        upstream.outbound.send(&upstream.spec, endpoint, self.parts, self.target, body, &set).await;
+                    metrics.attempt_done(sent.elapsed());
+                    upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
+                    if let Some(span) = &mut span {
+                        span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), status.classify(&result));
+                    }
+                    result
+                }
+            })
+            .await
+    }
 }
 
 /// A request being handled, recorded once (metrics, SLO, business counters, spans, one access-log line) when its
@@ -385,6 +487,8 @@ struct Answer {
     outcome: Outcome,
     /// The full cause of a failure, for the log.
     cause: Option<String>,
+    /// Why the route's fallback answered, if it did.
+    fallback: Option<FallbackReason>,
     /// Until the answer's head: the request's latency (a streamed body's length is not latency).
     elapsed: Duration,
     attempt_spans: Option<Vec<AttemptSpan>>,
@@ -453,6 +557,7 @@ impl Pending {
                 attempts: a.attempts,
                 duration: a.elapsed,
                 outcome: a.outcome,
+                fallback: a.fallback.map(FallbackReason::as_str),
                 error: a.cause.as_deref(),
             });
         }
@@ -508,6 +613,7 @@ impl Drop for Pending {
                 attempts: 0,
                 outcome: Outcome::ClientCancelled,
                 cause: None,
+                fallback: None,
                 elapsed: self.start.elapsed(),
                 attempt_spans: None,
             },

@@ -13,9 +13,11 @@ use envelope_core::shed::{LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
 
-use crate::config::{BusinessCounter, Config, KeyLimit, Route, Scope, Tier};
+use crate::config::{BusinessCounter, Config, Fallback, FallbackAnswer, KeyLimit, Route, Scope, Tier};
 use crate::data::upstream::{SharedLinks, UpstreamRt};
-use crate::observe::metrics::{BusinessMetrics, ListenerMetrics, Metrics, RouteMetrics};
+use crate::observe::metrics::{
+    AttemptMetrics, BusinessMetrics, FallbackMetrics, ListenerMetrics, Metrics, RouteMetrics,
+};
 use crate::observe::telemetry::Spans;
 use envelope_core::slo::{Objective, Slo};
 
@@ -47,6 +49,62 @@ pub(crate) struct RouteRt {
     pub(crate) slo: Arc<Slo>,
     /// The route's per-key rate limit, if it has one.
     pub(crate) key_limit: Option<KeyLimiter>,
+    /// What answers when the upstream failed for a reason the route names, if anything.
+    pub(crate) fallback: Option<FallbackRt>,
+}
+
+/// A route's fallback, live: the reasons it answers for, its answer, its counters.
+pub(crate) struct FallbackRt {
+    pub(crate) spec: Fallback,
+    pub(crate) target: FallbackTarget,
+    pub(crate) metrics: FallbackMetrics,
+}
+
+/// What a fallback answers with.
+pub(crate) enum FallbackTarget {
+    /// A fixed answer.
+    Static { status: http::StatusCode, headers: http::HeaderMap, body: bytes::Bytes },
+    /// Another upstream, through its own breaker, rate limit and bulkhead: one attempt, under the route's
+    /// deadline and attempt timeout (no retry, no shedding: the request was already admitted or shed once).
+    Upstream { upstream: Arc<UpstreamRt>, envelope: Envelope, attempts: AttemptMetrics },
+}
+
+impl FallbackRt {
+    fn new(
+        spec: &Route,
+        fallback: &Fallback,
+        upstreams: &[Arc<UpstreamRt>],
+        events: &Listeners,
+        metrics: &Metrics,
+    ) -> Self {
+        let target = match &fallback.answer {
+            FallbackAnswer::Static { status, headers, body } => FallbackTarget::Static {
+                status: *status,
+                headers: headers.clone(),
+                body: bytes::Bytes::copy_from_slice(body),
+            },
+            FallbackAnswer::Upstream(i) => {
+                let upstream = upstreams[*i].clone();
+                let mut b =
+                    Envelope::builder().name(spec.name.clone()).deadline(spec.timeout).listeners(events.clone());
+                b = upstream.admission(b);
+                if let Some(t) = spec.attempt_timeout {
+                    b = b.attempt_timeout(t);
+                }
+                let attempts = metrics.attempts(&spec.name, &upstream.spec.name);
+                FallbackTarget::Upstream { envelope: b.fault(upstream.faults.clone()).build(), upstream, attempts }
+            }
+        };
+        FallbackRt { spec: fallback.clone(), target, metrics: metrics.fallback(&spec.name) }
+    }
+
+    /// The upstream it falls back to, if it is one.
+    pub(crate) fn upstream(&self) -> Option<&Arc<UpstreamRt>> {
+        match &self.target {
+            FallbackTarget::Upstream { upstream, .. } => Some(upstream),
+            FallbackTarget::Static { .. } => None,
+        }
+    }
 }
 
 /// A route's per-key rate limit, live: each instance's own (bounded memory: idle keys evicted first, at most
@@ -127,10 +185,16 @@ impl Runtime {
                     .filter(|r| r.listener == i)
                     .map(|r| {
                         let upstream = &upstreams[r.upstream];
+                        let fallback_upstream = match r.fallback.as_ref().map(|f| &f.answer) {
+                            Some(FallbackAnswer::Upstream(u)) => Some(&upstreams[*u]),
+                            _ => None,
+                        };
                         let unchanged = previous.and_then(|p| {
                             p.listeners.get(i)?.routes.iter().find(|old| {
                                 old.spec == *r
                                     && Arc::ptr_eq(&old.upstream, upstream)
+                                    && old.fallback.as_ref().and_then(FallbackRt::upstream).map(Arc::as_ptr)
+                                        == fallback_upstream.map(Arc::as_ptr)
                                     && p.config.listeners.get(i) == Some(l)
                             })
                         });
@@ -146,15 +210,22 @@ impl Runtime {
                                     .unwrap_or_else(|| {
                                         Arc::new(Slo::new(objective(r.tier)).expect("tier objectives are valid"))
                                     });
-                                Arc::new(RouteRt::new(
-                                    r,
-                                    &shedder,
-                                    upstream,
-                                    listeners_for_events,
-                                    route_metrics,
-                                    slo,
-                                    shared,
-                                ))
+                                let fallback = r
+                                    .fallback
+                                    .as_ref()
+                                    .map(|f| FallbackRt::new(r, f, &upstreams, listeners_for_events, metrics));
+                                Arc::new(RouteRt {
+                                    fallback,
+                                    ..RouteRt::new(
+                                        r,
+                                        &shedder,
+                                        upstream,
+                                        listeners_for_events,
+                                        route_metrics,
+                                        slo,
+                                        shared,
+                                    )
+                                })
                             }
                         }
                     })
@@ -189,17 +260,7 @@ impl RouteRt {
         if let Some(config) = &spec.retry {
             b = b.retry(Retry::new(spec.name.clone(), config.clone().with_listeners(events.clone())));
         }
-        if let Some(breaker) = &upstream.breaker {
-            b = b.circuit_breaker(breaker.clone());
-        }
-        if let Some(global) = &upstream.global_limit {
-            b = b.shared_rate_limit(global.clone());
-        } else if let Some(limiter) = &upstream.rate_limit {
-            b = b.rate_limiter(limiter.clone());
-        }
-        if let Some(bulkhead) = &upstream.bulkhead {
-            b = b.bulkhead(bulkhead.clone());
-        }
+        b = upstream.admission(b);
         if let Some(t) = spec.attempt_timeout {
             b = b.attempt_timeout(t);
         }
@@ -212,6 +273,7 @@ impl RouteRt {
             metrics,
             slo,
             key_limit: spec.rate_limit.as_ref().map(|l| KeyLimiter::new(l, &spec.name, events, shared)),
+            fallback: None,
         }
     }
 

@@ -159,6 +159,22 @@ impl UpstreamRt {
         })
     }
 
+    /// Adds the upstream's own admission policies (breaker, rate limit, bulkhead) to an envelope of a route to it.
+    pub(crate) fn admission(&self, mut b: envelope_core::compose::Builder) -> envelope_core::compose::Builder {
+        if let Some(breaker) = &self.breaker {
+            b = b.circuit_breaker(breaker.clone());
+        }
+        if let Some(global) = &self.global_limit {
+            b = b.shared_rate_limit(global.clone());
+        } else if let Some(limiter) = &self.rate_limit {
+            b = b.rate_limiter(limiter.clone());
+        }
+        if let Some(bulkhead) = &self.bulkhead {
+            b = b.bulkhead(bulkhead.clone());
+        }
+        b
+    }
+
     /// Injects `fault` into every attempt from now until its duration has passed.
     pub(crate) fn inject(&self, fault: &FaultSpec) -> Result<(), String> {
         fault.validate()?;

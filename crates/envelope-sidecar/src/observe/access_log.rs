@@ -1,7 +1,7 @@
 //! One JSON line per request, on standard output.
 //!
 //! Fields: `ts_ms`, `request_id`, `trace_id` (W3C), `listener`, `route`, `method`, `status`, `upstream_status`, `attempts`,
-//! `duration_ms`, `outcome`, and `error` (the full cause of a failure the client was answered for with a stable
+//! `duration_ms`, `outcome`, `fallback` (why the route's fallback answered, when it did) and `error` (the full cause of a failure the client was answered for with a stable
 //! problem document). Header values are never logged (so `Authorization` and `Cookie` cannot leak), and the request
 //! id is logged only after validation (`envelope_http::request_id`), so every line is exactly one JSON object
 //! whatever the client sends.
@@ -34,6 +34,8 @@ pub(crate) struct Entry<'a> {
     pub(crate) attempts: u32,
     pub(crate) duration: Duration,
     pub(crate) outcome: Outcome,
+    /// Why the route's fallback answered (the outcome is then `fallback`), if it did.
+    pub(crate) fallback: Option<&'a str>,
     /// The full cause of a failure (the client got a stable, non-revealing `detail`).
     pub(crate) error: Option<&'a str>,
 }
@@ -91,6 +93,9 @@ pub(crate) fn write(entry: &Entry<'_>) {
         "duration_ms": entry.duration.as_secs_f64() * 1000.0,
         "outcome": entry.outcome.as_str(),
     });
+    if let Some(reason) = entry.fallback {
+        line["fallback"] = reason.into();
+    }
     if let Some(error) = entry.error {
         line["error"] = error.into();
     }

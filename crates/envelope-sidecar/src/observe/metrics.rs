@@ -34,6 +34,8 @@
 //! | `envelope_bulkhead_in_flight` | gauge | `upstream` (calls holding a permit now) |
 //! | `envelope_bulkhead_queued` | gauge | `upstream` (calls waiting in the queue now) |
 //! | `envelope_bulkhead_limit` | gauge | `upstream` |
+//! | `envelope_fallbacks_total` | counter | `route`, `reason` (a route's fallback answered) |
+//! | `envelope_fallback_failures_total` | counter | `route`, `reason` (the fallback upstream failed too) |
 //! | `envelope_shared_state_up` | gauge (1: synced with the fleet, 0: deciding alone) | (only with `[shared]`) |
 //! | `envelope_shared_state_degradations_total` | counter | (times the shared store became unreachable) |
 //!
@@ -56,6 +58,7 @@ use envelope_http::observe::DURATION_BUCKETS;
 use envelope_http::trace::TraceContext;
 use tokio::time::Instant;
 
+use crate::config::FallbackReason;
 use crate::observe::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent, UpstreamTally, bucket_of};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +82,12 @@ struct ListenerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabel {
     upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    route: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +202,8 @@ pub(crate) struct Metrics {
     bulkhead_in_flight: Family<UpstreamLabel, Gauge>,
     bulkhead_queued: Family<UpstreamLabel, Gauge>,
     bulkhead_limit: Family<UpstreamLabel, Gauge>,
+    fallbacks: Family<FallbackLabels, Counter>,
+    fallback_failures: Family<FallbackLabels, Counter>,
     /// What the history will roll up at its next flush.
     pub(crate) tallies: Arc<Tallies>,
     /// The latest breaker transitions, newest last (at most [`RECENT_EVENTS`]).
@@ -229,11 +240,52 @@ pub(crate) struct RouteMetrics {
     /// `epoch`.
     exemplar_due: Arc<[std::sync::atomic::AtomicU64; BUCKETS]>,
     epoch: Instant,
-    attempts: Counter,
-    /// Time of each attempt to the route's upstream, to its answer's head (or its failure).
-    attempt_duration: Histogram,
+    /// The route's attempts to its upstream.
+    pub(crate) to_upstream: AttemptMetrics,
     tally: Arc<RouteTally>,
-    upstream: Arc<UpstreamTally>,
+}
+
+/// A route's attempts to one upstream: counted, and timed to the answer's head (or the failure).
+#[derive(Debug, Clone)]
+pub(crate) struct AttemptMetrics {
+    attempts: Counter,
+    duration: Histogram,
+    tally: Arc<UpstreamTally>,
+}
+
+/// A route's fallback's counters, by reason, each series made the first time it counts.
+#[derive(Debug, Clone)]
+pub(crate) struct FallbackMetrics {
+    used: Arc<[std::sync::OnceLock<Counter>; FallbackReason::ALL.len()]>,
+    failed: Arc<[std::sync::OnceLock<Counter>; FallbackReason::ALL.len()]>,
+    used_family: Family<FallbackLabels, Counter>,
+    failed_family: Family<FallbackLabels, Counter>,
+    route: Arc<str>,
+}
+
+impl FallbackMetrics {
+    /// The fallback answered for `reason`.
+    pub(crate) fn used(&self, reason: FallbackReason) {
+        self.count(&self.used, &self.used_family, reason);
+    }
+
+    /// The fallback (another upstream) failed too, for a request that fell back for `reason`.
+    pub(crate) fn failed(&self, reason: FallbackReason) {
+        self.count(&self.failed, &self.failed_family, reason);
+    }
+
+    fn count(
+        &self,
+        series: &[std::sync::OnceLock<Counter>; FallbackReason::ALL.len()],
+        family: &Family<FallbackLabels, Counter>,
+        reason: FallbackReason,
+    ) {
+        series[reason as usize]
+            .get_or_init(|| {
+                family.get_or_create(&FallbackLabels { route: self.route.to_string(), reason: reason.as_str() }).clone()
+            })
+            .inc();
+    }
 }
 
 /// A business counter's handles.
@@ -293,6 +345,8 @@ impl Metrics {
             bulkhead_in_flight: Family::default(),
             bulkhead_queued: Family::default(),
             bulkhead_limit: Family::default(),
+            fallbacks: Family::default(),
+            fallback_failures: Family::default(),
             tallies: Arc::default(),
             recent: Default::default(),
             registry: Registry::default(),
@@ -356,6 +410,12 @@ impl Metrics {
         registry.register("bulkhead_in_flight", "Calls holding a bulkhead permit now", m.bulkhead_in_flight.clone());
         registry.register("bulkhead_queued", "Calls waiting in a bulkhead's queue now", m.bulkhead_queued.clone());
         registry.register("bulkhead_limit", "A bulkhead's limit of calls in flight", m.bulkhead_limit.clone());
+        registry.register("fallbacks", "Requests a route's fallback answered, by reason", m.fallbacks.clone());
+        registry.register(
+            "fallback_failures",
+            "Fallbacks to another upstream that failed too (the client got the original error), by reason",
+            m.fallback_failures.clone(),
+        );
         if shared {
             registry.register(
                 "shared_state_up",
@@ -382,16 +442,31 @@ impl Metrics {
             duration_family: self.duration.clone(),
             exemplar_due: Arc::default(),
             epoch: Instant::now(),
+            to_upstream: self.attempts(route, upstream),
+            tally: self.tallies.route(route),
+        }
+    }
+
+    /// The handles of route `route`'s attempts to `upstream`.
+    pub(crate) fn attempts(&self, route: &str, upstream: &str) -> AttemptMetrics {
+        AttemptMetrics {
             attempts: self
                 .attempts
                 .get_or_create(&AttemptLabels { route: route.to_owned(), upstream: upstream.to_owned() })
                 .clone(),
-            attempt_duration: self
-                .attempt_duration
-                .get_or_create(&UpstreamLabel { upstream: upstream.to_owned() })
-                .clone(),
-            tally: self.tallies.route(route),
-            upstream: self.tallies.upstream(upstream),
+            duration: self.attempt_duration.get_or_create(&UpstreamLabel { upstream: upstream.to_owned() }).clone(),
+            tally: self.tallies.upstream(upstream),
+        }
+    }
+
+    /// The handles of route `route`'s fallback.
+    pub(crate) fn fallback(&self, route: &str) -> FallbackMetrics {
+        FallbackMetrics {
+            used: Arc::default(),
+            failed: Arc::default(),
+            used_family: self.fallbacks.clone(),
+            failed_family: self.fallback_failures.clone(),
+            route: route.into(),
         }
     }
 
@@ -616,16 +691,18 @@ impl RouteMetrics {
         let at = due.load(Relaxed);
         now >= at && due.compare_exchange(at, now + EXEMPLAR_EVERY.as_millis() as u64, Relaxed, Relaxed).is_ok()
     }
+}
 
+impl AttemptMetrics {
     /// Counts one attempt sent upstream.
     pub(crate) fn attempt(&self) {
         self.attempts.inc();
-        self.upstream.count(UpstreamEvent::Attempt);
+        self.tally.count(UpstreamEvent::Attempt);
     }
 
     /// An attempt to the upstream ended (its answer's head came, or it failed) after `elapsed`.
     pub(crate) fn attempt_done(&self, elapsed: std::time::Duration) {
-        self.attempt_duration.observe(elapsed.as_secs_f64());
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }
 

@@ -4,7 +4,8 @@
 //! The flaky service goes through scripted incidents — healthy, an error burst, a latency spike, an outage,
 //! recovery — while a load generator sends a fixed rate of requests through the sidecar. Each second the demo prints
 //! what clients got (by outcome), how many requests reached the service, the retries spent and the breaker state,
-//! read from the sidecar's own admin API.
+//! read from the sidecar's own admin API. Half the requests go to a route with a fallback (a static answer), which
+//! takes over while the service is failing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,6 +70,15 @@ timeout = "1s"
 attempt_timeout = "300ms"
 retry = { max_attempts = 3, base = "20ms", max_delay = "200ms", budget = { ratio = 0.2, min_per_second = 5 } }
 
+[[route]]
+name = "recommendations"
+match = { path_prefix = "/recommendations" }
+upstream = "flaky"
+timeout = "1s"
+attempt_timeout = "300ms"
+retry = { max_attempts = 2, base = "20ms", max_delay = "200ms" }
+fallback = { on = ["circuit_open", "retries_exhausted", "timeout", "bulkhead_full"], body = '{"items": ["bestsellers"]}', headers = { "content-type" = "application/json" } }
+
 [history]
 path = ":memory:"
 flush_interval = "1s"
@@ -94,8 +104,8 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("dashboard while it runs: http://{admin}/");
     println!();
     println!(
-        "{:>4}  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8}  breaker",
-        "t", "phase", "sent", "ok", "5xx", "timeout", "open", "shed", "svc hits", "retries"
+        "{:>4}  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>8} {:>9} {:>8}  breaker",
+        "t", "phase", "sent", "ok", "5xx", "timeout", "open", "shed", "fallback", "svc hits", "retries"
     );
 
     let probe = Probe::new();
@@ -112,11 +122,13 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
             let hits_at = hits.load(Ordering::Relaxed);
             let mut pending = Vec::new();
-            for _ in 0..RATE {
+            for n in 0..RATE {
                 tick.tick().await;
                 let (probe, tally) = (probe.clone(), tally.clone());
+                // Every other request asks for recommendations, whose route has a fallback.
+                let path = if n % 2 == 0 { "/price" } else { "/recommendations" };
                 pending.push(tokio::spawn(async move {
-                    let req = Request::get(format!("http://{proxy}/price")).body(Full::new(Bytes::new()));
+                    let req = Request::get(format!("http://{proxy}{path}")).body(Full::new(Bytes::new()));
                     let outcome = match req {
                         Ok(req) => probe.send(req).await.outcome,
                         Err(_) => "error".to_owned(),
@@ -136,7 +148,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let state = breaker_state(&probe, admin).await;
             let n = |k: &str| this.get(k).copied().unwrap_or(0);
             println!(
-                "{:>3}s  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>9} {:>8}  {}",
+                "{:>3}s  {:<14} {:>5} {:>5} {:>8} {:>8} {:>8} {:>5} {:>8} {:>9} {:>8}  {}",
                 second,
                 p.name,
                 this.values().sum::<u64>(),
@@ -145,6 +157,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 n("timeout"),
                 n("circuit_open"),
                 n("shed") + n("bulkhead_full"),
+                n("fallback"),
                 hits.load(Ordering::Relaxed) - hits_at,
                 (retries - last_retries) as u64,
                 state
@@ -170,19 +183,23 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let sent: u64 = t.values().sum();
         let ok = t.get("ok").copied().unwrap_or(0);
         let open = t.get("circuit_open").copied().unwrap_or(0);
+        let fallback = t.get("fallback").copied().unwrap_or(0);
         println!(
-            "  {:<14} {:>4} requests, {:>3.0} % ok; the service saw {:>4} calls ({} retries); {:>4} fast-failed by the open breaker",
+            "  {:<14} {:>4} requests, {:>3.0} % ok; the service saw {:>4} calls ({} retries); {:>4} fast-failed by the open breaker; {:>4} answered by the fallback",
             p.name,
             sent,
             ok as f64 * 100.0 / sent.max(1) as f64,
             svc_hits,
             retries,
-            open
+            open,
+            fallback
         );
     }
     println!();
     println!("During the outage the breaker kept the dead service from being called (fast 503s with Retry-After);");
     println!("half-open probes found it healthy again and traffic recovered without a flood of retries.");
+    println!("Recommendations never failed: their route's fallback answered in the service's place, marked");
+    println!("`Envelope-Fallback: <reason>` and counted in envelope_fallbacks_total.");
     println!();
     for s in scenarios.as_array().into_iter().flatten() {
         println!(

@@ -16,8 +16,9 @@ use std::fmt::Write;
 use crate::config::Config;
 use crate::data::runtime::objective;
 
-/// Outcomes that do not spend availability budget (the client's own mistakes and cancellations).
-pub const NOT_ERRORS: &str = "ok|upstream_4xx|bad_request|client_cancelled";
+/// Outcomes that do not spend availability budget (the client's own mistakes and cancellations, and a fallback's
+/// answer, which has alerts of its own).
+pub const NOT_ERRORS: &str = "ok|upstream_4xx|bad_request|client_cancelled|fallback";
 
 /// The windows with a recording rule each.
 pub const RULE_WINDOWS: [&str; 6] = ["5m", "30m", "1h", "6h", "3d", "30d"];
@@ -57,7 +58,7 @@ pub fn prometheus_rules(config: &Config) -> String {
         for sli in [availability, latency] {
             write_sli(&mut out, &route_name, &sli, base);
         }
-        write_route_alerts(&mut out, &route_name, base);
+        write_route_alerts(&mut out, &route_name, route.fallback.is_some(), base);
     }
     for u in &config.upstreams {
         write_upstream_alerts(&mut out, &yaml_escape(&u.name), u.breaker.is_some(), u.bulkhead.is_some(), base);
@@ -159,8 +160,8 @@ fn write_alert(out: &mut String, a: &Alert<'_>, base: &str) {
 }
 
 /// What breaks on a route besides its SLO: retries taking a large share of the attempts, deadlines and attempt
-/// timeouts firing often, the retry budget running out.
-fn write_route_alerts(out: &mut String, name: &str, base: &str) {
+/// timeouts firing often, the retry budget running out, and (for a route with one) its fallback answering.
+fn write_route_alerts(out: &mut String, name: &str, fallback: bool, base: &str) {
     let labels = format!("envelope_route: \"{name}\"");
     let requests = format!("sum(rate(envelope_requests_total{{route=\"{name}\"}}[5m]))");
     let _ = writeln!(out, "- name: envelope-route-{name}-alerts");
@@ -189,10 +190,22 @@ fn write_route_alerts(out: &mut String, name: &str, base: &str) {
             ),
             hold: "0m",
             severity: "ticket",
-            labels,
+            labels: labels.clone(),
             summary: format!("Route {name} ran out of retry budget: failures reach the clients unretried"),
         },
     ] {
+        write_alert(out, &a, base);
+    }
+    if fallback {
+        // The SLO does not count a fallback's answer as an error: this is what says the upstream is failing.
+        let a = Alert {
+            name: "EnvelopeFallbacksInUse",
+            expr: format!("sum(increase(envelope_fallbacks_total{{route=\"{name}\"}}[5m])) > 0"),
+            hold: "5m",
+            severity: "ticket",
+            labels,
+            summary: format!("Route {name} answers with its fallback: its upstream is failing"),
+        };
         write_alert(out, &a, base);
     }
 }
@@ -402,6 +415,24 @@ pub fn grafana_dashboard(config: &Config) -> String {
             "reqps",
             &[("sum by (counter) (rate(envelope_business_events_total[5m]))", "{{counter}}")],
             0,
+            32,
+        ),
+        panel(
+            10,
+            "Fallbacks by route and reason",
+            "timeseries",
+            "reqps",
+            &[
+                (
+                    &format!("sum by (route, reason) (rate(envelope_fallbacks_total{{{sel}}}[5m]))"),
+                    "answered {{route}} {{reason}}",
+                ),
+                (
+                    &format!("sum by (route, reason) (rate(envelope_fallback_failures_total{{{sel}}}[5m]))"),
+                    "failed too {{route}} {{reason}}",
+                ),
+            ],
+            12,
             32,
         ),
     ];

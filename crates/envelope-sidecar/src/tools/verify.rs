@@ -38,7 +38,8 @@ pub(crate) struct Probe {
 pub(crate) struct Answer {
     /// The status, or `None` if the request failed at the transport (or timed out).
     pub(crate) status: Option<u16>,
-    /// `ok` for a 2xx; the `outcome` of a problem document; else `status_<code>`, or `error`.
+    /// `fallback` for a fallback's answer (it says so in a header); `ok` for a 2xx; the `outcome` of a problem
+    /// document; else `status_<code>`, or `error`.
     pub(crate) outcome: String,
     pub(crate) latency: Duration,
 }
@@ -55,8 +56,11 @@ impl Probe {
             let resp = self.client.request(req).await.ok()?;
             let status = resp.status();
             let problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/problem+json");
+            let fallback = resp.headers().contains_key(crate::data::proxy::FALLBACK_HEADER);
             let body = resp.into_body().collect().await.ok()?.to_bytes();
-            let outcome = if status.is_success() {
+            let outcome = if fallback {
+                Outcome::Fallback.as_str().to_owned()
+            } else if status.is_success() {
                 "ok".to_owned()
             } else if let Some(o) = problem
                 .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())

@@ -9,7 +9,7 @@ use rusqlite::{Connection, params_from_iter};
 use super::tally::{BUCKETS, RouteCounts, Taken, UPSTREAM_COLUMNS};
 
 /// Version of the schema below, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Where the history is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +81,16 @@ fn init(conn: &Connection) -> rusqlite::Result<()> {
             "the file was written by a newer envelope (schema {version}, this one knows {SCHEMA_VERSION})"
         )));
     }
-    conn.execute_batch(&schema())
+    conn.execute_batch(&schema())?;
+    // A file from an older envelope lacks the columns added since (schema 2: `o_fallback`): added, counting 0.
+    for (table, columns) in [("route_minute", route_columns()), ("upstream_minute", upstream_columns())] {
+        let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let have = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        for c in columns.iter().filter(|c| !have.contains(c)) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0"))?;
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -283,6 +292,32 @@ mod tests {
         assert!(problem.unwrap().contains("bad.db"));
         s.write(1, &taken(1), 0).unwrap();
         assert_eq!(std::fs::read(&bad).unwrap(), vec![0x5a; 8192], "a file that is not ours is left alone");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_rows() {
+        let dir = std::env::temp_dir().join(format!("envelope-store-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        {
+            // Schema 1: every column but `o_fallback`, one row in it.
+            let conn = Connection::open(&path).unwrap();
+            let old: Vec<_> = route_columns().into_iter().filter(|c| c != "o_fallback").collect();
+            let ints = old.iter().map(|c| format!("{c} INTEGER NOT NULL DEFAULT 0")).collect::<Vec<_>>().join(", ");
+            conn.execute_batch(&format!(
+                "CREATE TABLE route_minute (minute INTEGER NOT NULL, name TEXT NOT NULL, {ints}, \
+                 PRIMARY KEY (minute, name)) WITHOUT ROWID; \
+                 INSERT INTO route_minute (minute, name, o_ok) VALUES (5, 'api', 4); PRAGMA user_version = 1;"
+            ))
+            .unwrap();
+        }
+        let (mut s, problem) = Store::open(&Location::File(path.clone()));
+        assert_eq!(problem, None);
+        s.write(5, &taken(2), 0).unwrap();
+        let minute = &s.route("api", 0, 1).unwrap()[0].1;
+        assert_eq!(minute.requests(), 7, "the old row's 4 and the new 3");
+        assert_eq!(minute.outcomes[Outcome::Fallback as usize], 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
