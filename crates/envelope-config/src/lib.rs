@@ -17,8 +17,8 @@ use http::{Method, StatusCode, Uri};
 use toml::Spanned;
 
 use self::raw::{
-    BackoffKind, JitterKind, RawBreaker, RawConfig, RawFallback, RawKeyLimit, RawMatch, RawRetry, RawRoute, RawShared,
-    RawUpstream,
+    BackoffKind, JitterKind, RawBreaker, RawConfig, RawFallback, RawHedge, RawKeyLimit, RawMatch, RawRetry, RawRoute,
+    RawShared, RawUpstream,
 };
 pub use self::raw::{BreakerMode, Engine, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
@@ -497,6 +497,29 @@ pub struct Route {
     pub rate_limit: Option<KeyLimit>,
     /// What answers when the upstream failed for one of the reasons named, if anything.
     pub fallback: Option<Fallback>,
+    /// Hedging of the route's idempotent requests, if any.
+    pub hedge: Option<HedgeSpec>,
+}
+
+/// The most extra attempts a hedge may start.
+pub const MAX_HEDGES: u64 = 5;
+
+/// A route's hedging: when an extra attempt starts, and how many at most.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HedgeSpec {
+    /// When the next attempt starts while none has answered.
+    pub delay: HedgeDelay,
+    /// Extra attempts at most (1 to [`MAX_HEDGES`]).
+    pub max_extra: u32,
+}
+
+/// When a hedge starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    /// After this long.
+    Fixed(Duration),
+    /// After this percentile (strictly between 0 and 100) of the route's attempts' latencies.
+    Percentile(f64),
 }
 
 /// Why a route's fallback answers: the primary upstream's failure, as the fallback's `on` names it.
@@ -1392,6 +1415,7 @@ fn resolve_route(
     let retry = r.retry.as_ref().map(|retry| resolve_retry(i, &r.name, retry)).transpose()?;
     let rate_limit = r.rate_limit.as_ref().map(|l| resolve_key_limit(i, l, &r.matcher, shared)).transpose()?;
     let fallback = r.fallback.as_ref().map(|f| resolve_fallback(i, f, upstream, upstreams, base_dir)).transpose()?;
+    let hedge = r.hedge.as_ref().map(|h| resolve_hedge(i, h)).transpose()?;
     Ok(Route {
         name: r.name.get_ref().clone(),
         listener,
@@ -1407,7 +1431,41 @@ fn resolve_route(
             .map_or(defaults.replay_limit, |n| n as usize),
         rate_limit,
         fallback,
+        hedge,
     })
+}
+
+/// A route's hedge: `delay` a duration (`"50ms"`) or a percentile (`"p95"`, `"p99.9"`), and at most `max_extra`
+/// extra attempts.
+fn resolve_hedge(i: usize, h: &Spanned<RawHedge>) -> Result<HedgeSpec, Invalid> {
+    let field = |name: &str| format!("route[{i}].hedge.{name}");
+    let raw = h.get_ref();
+    let text = raw.delay.get_ref().trim();
+    let delay = match text.strip_prefix('p') {
+        Some(p) => match p.parse::<f64>() {
+            Ok(p) if p > 0.0 && p < 100.0 => HedgeDelay::Percentile(p),
+            _ => {
+                return Err(invalid(
+                    &raw.delay,
+                    field("delay"),
+                    "a percentile is `p<number>` between 0 and 100, say `p95`",
+                ));
+            }
+        },
+        None => match Dur::parse(text) {
+            Ok(d) if !d.0.is_zero() => HedgeDelay::Fixed(d.0),
+            Ok(_) => return Err(invalid(&raw.delay, field("delay"), "must be more than 0")),
+            Err(why) => {
+                return Err(invalid(
+                    &raw.delay,
+                    field("delay"),
+                    format!("a duration (`50ms`) or a percentile (`p95`): {why}"),
+                ));
+            }
+        },
+    };
+    let max_extra = bounded(raw.max_extra.as_ref(), field("max_extra"), 1, MAX_HEDGES)?.map_or(1, |n| n as u32);
+    Ok(HedgeSpec { delay, max_extra })
 }
 
 /// A route's fallback: its reasons (at least one, each once), and either another upstream than the route's or a

@@ -278,6 +278,14 @@ pub(crate) struct RawRoute {
     pub(crate) replay_limit: Option<Spanned<u64>>,
     pub(crate) rate_limit: Option<Spanned<RawKeyLimit>>,
     pub(crate) fallback: Option<Spanned<RawFallback>>,
+    pub(crate) hedge: Option<Spanned<RawHedge>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHedge {
+    pub(crate) delay: Spanned<String>,
+    pub(crate) max_extra: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

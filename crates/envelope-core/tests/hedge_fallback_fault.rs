@@ -114,3 +114,111 @@ async fn hedging_inside_the_envelope_passes_each_attempt_through_the_breaker() {
     assert_eq!(cancelled.load(Ordering::SeqCst), 2, "the slow attempt was cancelled");
     assert_eq!(breaker.metrics().window.calls, 1, "only the finished attempt was recorded; the cancelled one was not");
 }
+
+#[test]
+fn latencies_give_percentiles_within_a_bucket_and_fade() {
+    use envelope_core::hedge::{FADE_AT, Latencies, MIN_SAMPLES};
+    let seen = Latencies::default();
+    for _ in 0..MIN_SAMPLES - 1 {
+        seen.record(10 * MS);
+    }
+    assert_eq!(seen.percentile(50.0), None, "too few to say");
+    seen.record(10 * MS);
+    let p = seen.percentile(50.0).unwrap();
+    assert!(p >= 10 * MS && p <= 13 * MS, "{p:?}: the upper bound of 10 ms's bucket");
+
+    let seen = Latencies::default();
+    for ms in 1..=1000u64 {
+        seen.record(Duration::from_millis(ms));
+    }
+    for (pct, exact) in [(50.0, 500.0), (95.0, 950.0), (99.0, 990.0)] {
+        let got = seen.percentile(pct).unwrap().as_secs_f64() * 1000.0;
+        assert!(got >= exact && got <= exact * 1.25, "p{pct}: {got} ms against {exact}");
+    }
+    // Newer latencies take over: after twice the fading threshold at 2 ms, the old second-long ones are a trace.
+    for _ in 0..2 * FADE_AT {
+        seen.record(2 * MS);
+    }
+    let p50 = seen.percentile(50.0).unwrap();
+    assert!(p50 <= 3 * MS, "{p50:?}");
+    assert!(seen.percentile(99.9).unwrap() > 100 * MS, "the tail is still there");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_percentile_hedge_learns_the_latency_first_then_hedges_only_the_slow_calls() {
+    let hedge = Hedge::after_percentile("h", 95.0, 1).unwrap();
+    assert!(Hedge::after_percentile("h", 100.0, 1).is_none() && Hedge::after_percentile("h", 0.0, 1).is_none());
+    let attempts = Cell::new(0u32);
+    // 20 calls at 10 ms: no hedge while it learns.
+    for _ in 0..envelope_core::hedge::MIN_SAMPLES {
+        let r = hedge
+            .call(|| {
+                attempts.set(attempts.get() + 1);
+                async {
+                    tokio::time::sleep(10 * MS).await;
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await;
+        assert!(r.is_ok());
+    }
+    assert_eq!(attempts.get(), envelope_core::hedge::MIN_SAMPLES);
+    let delay = hedge.current_delay().unwrap();
+    assert!(delay >= 10 * MS && delay <= 13 * MS, "{delay:?}");
+
+    // A call whose first attempt stalls: the hedge starts after the learnt p95 and wins.
+    attempts.set(0);
+    let t0 = Instant::now();
+    let r = hedge
+        .call(|| {
+            attempts.set(attempts.get() + 1);
+            let n = attempts.get();
+            async move {
+                tokio::time::sleep(if n == 1 { 10_000 * MS } else { 10 * MS }).await;
+                Ok::<_, std::io::Error>(n)
+            }
+        })
+        .await;
+    assert_eq!(r.unwrap(), 2);
+    // The timer wheel rounds each sleep up to the next millisecond.
+    assert!(t0.elapsed() >= delay + 10 * MS && t0.elapsed() <= delay + 12 * MS, "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_drawing_from_a_retrys_budget_does_not_fill_it() {
+    use envelope_core::retry::RetryBudget;
+    let slow = |n: u32| async move {
+        tokio::time::sleep(if n % 2 == 1 { 1000 * MS } else { MS }).await;
+        Ok::<_, std::io::Error>(n)
+    };
+    for (deposits, expect_hedges) in [(true, 5), (false, 0)] {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5).unwrap();
+        let hedge = Hedge::new("h", 10 * MS, 1);
+        let hedge = if deposits { hedge.with_budget(budget.clone()) } else { hedge.drawing_from(budget.clone()) };
+        // Ten calls deposit (or not) first; then ten slow calls ask for hedges.
+        for _ in 0..10 {
+            hedge.call(|| slow(2)).await.unwrap();
+        }
+        let launched = Cell::new(0u32);
+        for _ in 0..10 {
+            let n = Cell::new(0u32);
+            hedge
+                .call(|| {
+                    n.set(n.get() + 1);
+                    if n.get() == 2 {
+                        launched.set(launched.get() + 1);
+                    }
+                    slow(n.get())
+                })
+                .await
+                .unwrap();
+        }
+        // With deposits: the first ten calls' deposits at a ratio of 0.5 pay for five hedges at least (the slow
+        // calls deposit too). Without: the budget stays empty (no minimum per second), so nothing hedges.
+        assert!(
+            if deposits { launched.get() >= expect_hedges } else { launched.get() == 0 },
+            "deposits {deposits}: {} hedges",
+            launched.get()
+        );
+    }
+}

@@ -477,3 +477,38 @@ fn a_fallback_names_its_reasons_and_is_another_upstream_or_a_static_answer() {
         assert_eq!(e.line, 23, "{fallback}: {e}");
     }
 }
+
+#[test]
+fn a_hedge_waits_a_duration_or_a_percentile() {
+    use envelope_sidecar::config::{HedgeDelay, HedgeSpec};
+    let with = |hedge: &str| {
+        VALID.replace(
+            "match = { path_prefix = \"/reports\" }",
+            &format!("match = {{ path_prefix = \"/reports\" }}\nhedge = {hedge}"),
+        )
+    };
+    let hedge = |text: &str| Config::parse("envelope.toml", &with(text)).unwrap().routes[1].hedge.clone().unwrap();
+    assert_eq!(
+        hedge(r#"{ delay = "50ms" }"#),
+        HedgeSpec { delay: HedgeDelay::Fixed(Duration::from_millis(50)), max_extra: 1 }
+    );
+    assert_eq!(
+        hedge(r#"{ delay = "p99.9", max_extra = 2 }"#),
+        HedgeSpec { delay: HedgeDelay::Percentile(99.9), max_extra: 2 }
+    );
+    for (text, field, says) in [
+        (r#"{ delay = "p100" }"#, "route[1].hedge.delay", "between 0 and 100"),
+        (r#"{ delay = "p0" }"#, "route[1].hedge.delay", "between 0 and 100"),
+        (r#"{ delay = "px" }"#, "route[1].hedge.delay", "percentile"),
+        (r#"{ delay = "0ms" }"#, "route[1].hedge.delay", "more than 0"),
+        (r#"{ delay = "soon" }"#, "route[1].hedge.delay", "a duration"),
+        (r#"{ delay = "5ms", max_extra = 0 }"#, "route[1].hedge.max_extra", "out of range"),
+        (r#"{ delay = "5ms", max_extra = 6 }"#, "route[1].hedge.max_extra", "out of range"),
+        (r#"{ max_extra = 1 }"#, "route[1].hedge", "delay"),
+    ] {
+        let e = error(&with(text));
+        assert_eq!(e.field, field, "{text}: {e}");
+        assert!(e.message.contains(says), "{text}: {e}");
+        assert_eq!(e.line, 22, "{text}: {e}");
+    }
+}

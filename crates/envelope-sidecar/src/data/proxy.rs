@@ -292,7 +292,12 @@ pub(crate) async fn handle_passing(
             attempt_spans: attempt_spans.as_ref(),
             count: AtomicU32::new(0),
         };
-        let primary = (&route.envelope, &*route.upstream, &route.metrics.to_upstream);
+        // Requests that may be sent twice are hedged, on a route that hedges.
+        let envelope = match &route.hedged {
+            Some(hedged) if classifier.replay_safe => hedged,
+            _ => &route.envelope,
+        };
+        let primary = (envelope, &*route.upstream, &route.metrics.to_upstream);
         let (result, outcome) = out.call(primary, &route.classifier, &classifier, &mut prepared, start).await;
         upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
 

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use envelope_core::Envelope;
 use envelope_core::distributed::GlobalKeyedLimiter;
 use envelope_core::event::Listeners;
+use envelope_core::hedge::Hedge;
 use envelope_core::rate_limit::KeyedRateLimiter;
-use envelope_core::retry::Retry;
+use envelope_core::retry::{Retry, RetryBudget};
 use envelope_core::shed::{LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
 use http::Method;
 
-use crate::config::{BusinessCounter, Config, Fallback, FallbackAnswer, KeyLimit, Route, Scope, Tier};
+use crate::config::{
+    BusinessCounter, Config, Fallback, FallbackAnswer, HedgeDelay, HedgeSpec, KeyLimit, Route, Scope, Tier,
+};
 use crate::data::upstream::{SharedLinks, UpstreamRt};
 use crate::observe::metrics::{
     AttemptMetrics, BusinessMetrics, FallbackMetrics, ListenerMetrics, Metrics, RouteMetrics,
@@ -42,6 +45,9 @@ pub(crate) struct ListenerRt {
 pub(crate) struct RouteRt {
     pub(crate) spec: Route,
     pub(crate) envelope: Envelope,
+    /// The same policies with the route's hedge, for the requests that may be sent twice (the others go through
+    /// `envelope`), if the route hedges.
+    pub(crate) hedged: Option<Envelope>,
     pub(crate) classifier: StatusClassifier,
     pub(crate) upstream: Arc<UpstreamRt>,
     pub(crate) metrics: RouteMetrics,
@@ -252,22 +258,32 @@ impl RouteRt {
         slo: Arc<Slo>,
         shared: Option<&SharedLinks>,
     ) -> RouteRt {
-        let mut b = Envelope::builder()
-            .name(spec.name.clone())
-            .shed(shedder.clone(), priority(spec.tier))
-            .deadline(spec.timeout)
-            .listeners(events.clone());
-        if let Some(config) = &spec.retry {
-            b = b.retry(Retry::new(spec.name.clone(), config.clone().with_listeners(events.clone())));
-        }
-        b = upstream.admission(b);
-        if let Some(t) = spec.attempt_timeout {
-            b = b.attempt_timeout(t);
-        }
-        b = b.fault(upstream.faults.clone());
+        // One retry (and its budget) for both envelopes.
+        let retry =
+            spec.retry.as_ref().map(|c| Retry::new(spec.name.clone(), c.clone().with_listeners(events.clone())));
+        let envelope = |hedge: Option<Hedge>| {
+            let mut b = Envelope::builder()
+                .name(spec.name.clone())
+                .shed(shedder.clone(), priority(spec.tier))
+                .deadline(spec.timeout)
+                .listeners(events.clone());
+            if let Some(retry) = &retry {
+                b = b.retry(retry.clone());
+            }
+            if let Some(hedge) = hedge {
+                b = b.hedge(hedge);
+            }
+            b = upstream.admission(b);
+            if let Some(t) = spec.attempt_timeout {
+                b = b.attempt_timeout(t);
+            }
+            b.fault(upstream.faults.clone()).build()
+        };
+        let hedged = spec.hedge.as_ref().map(|h| envelope(Some(hedge(spec, h, events))));
         RouteRt {
             spec: spec.clone(),
-            envelope: b.build(),
+            envelope: envelope(None),
+            hedged,
             classifier: StatusClassifier::new().fail_on(spec.fail_on_status.iter().copied()),
             upstream: upstream.clone(),
             metrics,
@@ -280,6 +296,28 @@ impl RouteRt {
     /// Whether this route takes a request for `path` and `method`.
     pub(crate) fn matches(&self, path: &str, method: &Method) -> bool {
         self.spec.matcher.matches(path, method)
+    }
+}
+
+/// A route's hedge: drawing its extra attempts from the route's retry budget (which the retry fills per call), or
+/// from a budget of its own with the retry defaults when the route does not retry.
+fn hedge(spec: &Route, h: &HedgeSpec, events: &Listeners) -> Hedge {
+    let hedge = match h.delay {
+        HedgeDelay::Fixed(d) => Hedge::new(spec.name.clone(), d, h.max_extra),
+        HedgeDelay::Percentile(p) => Hedge::after_percentile(spec.name.clone(), p, h.max_extra)
+            .expect("the config checked the percentile's range"),
+    };
+    let hedge = hedge.with_listeners(events.clone());
+    match spec.retry.as_ref().and_then(|r| r.budget()) {
+        Some(budget) => hedge.drawing_from(budget.clone()),
+        None => hedge.with_budget(
+            RetryBudget::new(
+                envelope_core::retry::DEFAULT_TTL,
+                envelope_core::retry::DEFAULT_MIN_PER_SECOND,
+                envelope_core::retry::DEFAULT_RETRY_RATIO,
+            )
+            .expect("the defaults are valid"),
+        ),
     }
 }
 

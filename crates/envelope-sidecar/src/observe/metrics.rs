@@ -34,6 +34,7 @@
 //! | `envelope_bulkhead_in_flight` | gauge | `upstream` (calls holding a permit now) |
 //! | `envelope_bulkhead_queued` | gauge | `upstream` (calls waiting in the queue now) |
 //! | `envelope_bulkhead_limit` | gauge | `upstream` |
+//! | `envelope_hedges_total` | counter | `route` (extra attempts a hedge started) |
 //! | `envelope_fallbacks_total` | counter | `route`, `reason` (a route's fallback answered) |
 //! | `envelope_fallback_failures_total` | counter | `route`, `reason` (the fallback upstream failed too) |
 //! | `envelope_shared_state_up` | gauge (1: synced with the fleet, 0: deciding alone) | (only with `[shared]`) |
@@ -203,6 +204,7 @@ pub(crate) struct Metrics {
     bulkhead_queued: Family<UpstreamLabel, Gauge>,
     bulkhead_limit: Family<UpstreamLabel, Gauge>,
     fallbacks: Family<FallbackLabels, Counter>,
+    hedges: Family<RouteLabel, Counter>,
     fallback_failures: Family<FallbackLabels, Counter>,
     /// What the history will roll up at its next flush.
     pub(crate) tallies: Arc<Tallies>,
@@ -346,6 +348,7 @@ impl Metrics {
             bulkhead_queued: Family::default(),
             bulkhead_limit: Family::default(),
             fallbacks: Family::default(),
+            hedges: Family::default(),
             fallback_failures: Family::default(),
             tallies: Arc::default(),
             recent: Default::default(),
@@ -411,6 +414,7 @@ impl Metrics {
         registry.register("bulkhead_queued", "Calls waiting in a bulkhead's queue now", m.bulkhead_queued.clone());
         registry.register("bulkhead_limit", "A bulkhead's limit of calls in flight", m.bulkhead_limit.clone());
         registry.register("fallbacks", "Requests a route's fallback answered, by reason", m.fallbacks.clone());
+        registry.register("hedges", "Extra attempts a route's hedge started", m.hedges.clone());
         registry.register(
             "fallback_failures",
             "Fallbacks to another upstream that failed too (the client got the original error), by reason",
@@ -594,6 +598,9 @@ impl Metrics {
             }
             Event::TimedOut { name, .. } => {
                 self.timeouts.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
+            }
+            Event::HedgeLaunched { name, .. } => {
+                self.hedges.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
             }
             Event::FleetTransition { name, from, to, instance } => {
                 let by = if instance.is_empty() { "the fleet's first state" } else { instance };
