@@ -19,7 +19,7 @@ if [ "${1:-}" = "runs" ]; then
 else
     limit="-max_total_time=${1:-60}"
 fi
-targets=(request_head chunked response config)
+targets=(request_head chunked response config grpc)
 cargo +nightly fuzz build -O
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -9,6 +9,7 @@
 //! | [`idempotency`] | which requests may be sent again (method, `Idempotency-Key`) |
 //! | [`body`] | request bodies replayable within a memory cap |
 //! | [`problem`] | local errors as RFC 9457 `problem+json` responses, in one place |
+//! | [`grpc`] | gRPC calls: `grpc-status` as outcomes, `grpc-timeout`, local answers as gRPC statuses |
 //! | [`headers`] | hop-by-hop headers, `X-Forwarded-For` |
 //! | [`observe`] | RED metrics and a JSON access log as tower layers |
 //! | [`trace`] | W3C `traceparent`: continue or start a trace, pass it on |
@@ -18,6 +19,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod grpc;
 pub mod headers;
 pub mod idempotency;
 pub mod observe;

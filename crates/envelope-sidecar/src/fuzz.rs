@@ -28,3 +28,39 @@ pub fn config(data: &[u8]) {
         let _ = e.to_string();
     }
 }
+
+/// The gRPC header parsers (`grpc-timeout`, `grpc-status`, `content-type`) and the `grpc-message` encoder: a value
+/// is accepted only in its documented form, and any text encodes to a valid header value that decodes back.
+pub fn grpc(data: &[u8]) {
+    use envelope_http::grpc;
+    if let Some(t) = grpc::parse_timeout(data) {
+        let (unit, digits) = data.split_last().expect("a timeout has a unit");
+        assert!(b"HMSmun".contains(unit) && (1..=8).contains(&digits.len()), "{t:?}");
+    }
+    if let Some(code) = grpc::parse_status(data) {
+        assert!(code <= 999 && data.iter().all(u8::is_ascii_digit));
+        let _ = (grpc::outcome(code), grpc::retryable(code));
+    }
+    if let Ok(value) = http::HeaderValue::from_bytes(data) {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, value);
+        let _ = grpc::is_grpc(&headers);
+    }
+    let text = String::from_utf8_lossy(data);
+    let encoded = grpc::encode_message(&text);
+    let bytes = encoded.as_bytes();
+    assert!(bytes.iter().all(|b| (0x20..=0x7e).contains(b)), "printable ASCII only");
+    let mut decoded = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("two hex digits");
+            decoded.push(u8::from_str_radix(hex, 16).expect("hex"));
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    assert_eq!(decoded, text.as_bytes(), "decodes back");
+}
