@@ -20,7 +20,7 @@ use self::raw::{
     BackoffKind, JitterKind, RawBreaker, RawConfig, RawFallback, RawHedge, RawKeyLimit, RawMatch, RawRetry, RawRoute,
     RawShared, RawUpstream,
 };
-pub use self::raw::{BreakerMode, Engine, Scope, Tier, Underscores};
+pub use self::raw::{BreakerMode, Engine, Protocol, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
 
 /// Default admin listener: loopback only.
@@ -410,6 +410,8 @@ pub struct Upstream {
     pub rate_limit_scope: Scope,
     /// A global limit's lease: calls taken from the store at once (1: every call asks the store).
     pub rate_limit_lease: u32,
+    /// The HTTP version spoken to it.
+    pub protocol: Protocol,
 }
 
 /// One segment of a path template.
@@ -1310,6 +1312,7 @@ fn resolve_upstream(i: usize, u: &RawUpstream, defaults: &Defaults, shared: bool
         rate_limit,
         rate_limit_scope,
         rate_limit_lease,
+        protocol: u.protocol.unwrap_or_default(),
     })
 }
 

@@ -165,6 +165,19 @@ pub(crate) struct RawUpstream {
     pub(crate) bulkhead: Option<RawBulkhead>,
     pub(crate) breaker: Option<Spanned<RawBreaker>>,
     pub(crate) rate_limit: Option<RawRateLimit>,
+    pub(crate) protocol: Option<Protocol>,
+}
+
+/// The HTTP version spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1 on pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2: over TLS by ALPN for `https` endpoints, with prior knowledge (h2c) for `http` ones. Required for
+    /// gRPC.
+    Http2,
 }
 
 #[derive(Debug, Deserialize)]

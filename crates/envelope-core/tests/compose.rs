@@ -349,3 +349,26 @@ async fn steps_wait_in_the_bulkhead_queue_within_the_deadline() {
     drop(held);
     assert_eq!(bulkhead.metrics().active, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_callers_deadline_shortens_the_envelopes_but_never_lengthens_it() {
+    let envelope = Envelope::builder().deadline(1000 * MS).build();
+    let no_deadline = Envelope::builder().build();
+    let slow = || async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, std::io::Error>(())
+    };
+    let classify = |r: &Result<(), std::io::Error>| if r.is_ok() { Outcome::Ok } else { Outcome::Failure };
+    for (env, within, expect) in [
+        (&envelope, Some(100 * MS), 100 * MS),
+        (&envelope, Some(5000 * MS), 1000 * MS),
+        (&envelope, None, 1000 * MS),
+        (&no_deadline, Some(250 * MS), 250 * MS),
+    ] {
+        let start = tokio::time::Instant::now();
+        let (result, outcome) = env.call_classified_within(start, within, &classify, slow).await;
+        assert_eq!(outcome, Outcome::Timeout);
+        assert!(matches!(result, Err(Error::Timeout(t)) if t.after() == expect));
+        assert_eq!(start.elapsed(), expect);
+    }
+}

@@ -221,7 +221,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>, None).await
+        self.run(classifier, f, None::<fn(Outcome) -> T>, None, None).await
     }
 
     /// Like [`call_classified`](Self::call_classified), for a call that began at `started` (say, when its request
@@ -237,7 +237,25 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started)).await
+        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started), None).await
+    }
+
+    /// Like [`call_classified_since`](Self::call_classified_since), with the deadline shortened to `within` of
+    /// `started` when that comes sooner than the envelope's own (the caller's own deadline, such as gRPC's
+    /// `grpc-timeout`); an envelope without a deadline takes `within` as its deadline.
+    pub async fn call_classified_within<T, E, F, Fut, C>(
+        &self,
+        started: Instant,
+        within: Option<Duration>,
+        classifier: &C,
+        f: F,
+    ) -> (Result<T, Error<E>>, Outcome)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+    {
+        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started), within).await
     }
 
     /// Like [`call`](Self::call), answering `fallback(outcome)` when the configured [`Fallback`] applies.
@@ -247,7 +265,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         E: HasOutcome,
     {
-        self.run(&DefaultClassifier, f, Some(fallback), None).await.0
+        self.run(&DefaultClassifier, f, Some(fallback), None, None).await.0
     }
 
     async fn run<T, E, F, Fut, C, FB>(
@@ -256,6 +274,7 @@ impl Envelope {
         f: F,
         fallback: Option<FB>,
         started: Option<Instant>,
+        within: Option<Duration>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -272,8 +291,12 @@ impl Envelope {
             },
             None => None,
         };
-        // (3) The deadline covers every attempt and every wait.
-        let (result, outcome) = match p.deadline {
+        // (3) The deadline covers every attempt and every wait: the envelope's, or the caller's if sooner.
+        let deadline = match (p.deadline, within) {
+            (Some(own), Some(caller)) => Some(own.min(caller)),
+            (own, caller) => own.or(caller),
+        };
+        let (result, outcome) = match deadline {
             Some(limit) => {
                 let now = started.unwrap_or_else(clock::now);
                 let cover = cover::Cover::new(now + limit);

@@ -7,7 +7,8 @@
 //!   2. input limits        414 URI too long, 413 body too large (by Content-Length, and while reading)
 //!   3. route               longest path prefix + method; 404 otherwise
 //!   4. header hygiene      hop-by-hop headers stripped, X-Forwarded-For appended, Host = upstream
-//!   5. body                buffered for replay up to the route's cap, else streamed once (never retried)
+//!   5. body                buffered for replay up to the route's cap, else streamed once (never retried); a gRPC
+//!                          call's streamed as it comes and copied within the cap (replayable once all sent)
 //!   6. the envelope        shed → deadline → retry → breaker → rate limit → bulkhead → attempt timeout
 //!                          (envelope-core's Envelope, composed in that order; see docs/architecture.md)
 //!   7. the call            pooled keep-alive HTTP/1.1 to an endpoint picked round-robin (faults injected here,
@@ -31,11 +32,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use envelope_core::{BoxError, Classify, Envelope, Error, Outcome};
-use envelope_http::body::prepare;
+use envelope_http::body::{Replay as BodyReplay, prepare, tee};
 use envelope_http::classify::StatusClassifier;
 use envelope_http::headers::forwarded_for;
 use envelope_http::idempotency::{Replay, replay_safety};
-use envelope_http::problem::{problem, problem_with_status};
+use envelope_http::problem::problem_with_status;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode};
@@ -90,6 +91,12 @@ where
                     None
                 }
                 Some(Ok(frame)) => {
+                    // A gRPC call's status comes last, in the trailers: the request is recorded with it.
+                    if let (Some(record), Some(trailers)) = (&mut this.record, frame.trailers_ref())
+                        && let Some(code) = envelope_http::grpc::status_in(trailers)
+                    {
+                        record.grpc_status(code);
+                    }
                     if this.body.is_end_stream() {
                         this.finish(None);
                     }
@@ -179,6 +186,16 @@ pub(crate) async fn handle_passing(
     // upstream with the request (step 6), set as it is written rather than inserted into its headers here.
     let (id, kept) = RequestId::from_headers(req.headers());
     let trace = TraceContext::continue_or_start(req.headers());
+    // A gRPC call: refused with gRPC statuses, its `grpc-timeout` its deadline (within the route's), its status
+    // its outcome, its body streamed as it comes.
+    let grpc = envelope_http::grpc::is_grpc(req.headers());
+    let caller_deadline = if grpc {
+        req.headers()
+            .get(&envelope_http::grpc::GRPC_TIMEOUT)
+            .and_then(|v| envelope_http::grpc::parse_timeout(v.as_bytes()))
+    } else {
+        None
+    };
     // Counts the request in flight; it is recorded once when its answer is complete (see `Pending`). A clone of
     // the URI shares its bytes: the path stays at hand after the request is taken apart.
     let mut pending = Pending {
@@ -210,10 +227,10 @@ pub(crate) async fn handle_passing(
         // HTTP/1.0), no CONNECT (tunnels are not proxied), names with `_` dropped, refused or let through, then
         // the limits.
         if let Err(why) = check_head(&req) {
-            break 'answer local(StatusCode::BAD_REQUEST, why, id);
+            break 'answer local(StatusCode::BAD_REQUEST, why, id, grpc);
         }
         if method == http::Method::CONNECT {
-            break 'answer local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied", id);
+            break 'answer local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied", id, grpc);
         }
         match underscores(req.headers_mut(), spec.underscores_in_headers) {
             Ok(0) => {}
@@ -221,23 +238,23 @@ pub(crate) async fn handle_passing(
                 listener_metrics.headers_dropped.inc_by(dropped);
             }
             Err(()) => {
-                break 'answer local(StatusCode::BAD_REQUEST, "a header name contains an underscore", id);
+                break 'answer local(StatusCode::BAD_REQUEST, "a header name contains an underscore", id, grpc);
             }
         }
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > spec.max_uri_bytes {
-            break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", id);
+            break 'answer local(StatusCode::URI_TOO_LONG, "the request target is too long", id, grpc);
         }
         // The declared Content-Length, as both engines report it (no second look at the header).
         let declared = http_body::Body::size_hint(req.body()).exact();
         if declared.is_some_and(|n| n > spec.max_body_bytes) {
-            break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id);
+            break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id, grpc);
         }
 
         // 3. Route.
         let Some(found) = rt.listeners[listener].routes.iter().find(|r| r.matches(path, method)) else {
             listener_metrics.unmatched.inc();
-            break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", id);
+            break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", id, grpc);
         };
         let route = &**route.insert(found.clone());
 
@@ -247,7 +264,7 @@ pub(crate) async fn handle_passing(
             if let Err(limited) = limiter.acquire(key).await {
                 let detail = format!("route `{}`: rate limit reached", route.spec.name);
                 let retry_after = Some(limited.retry_after());
-                let mut answer = problem(Outcome::LocalRateLimited, &detail, Some(id), retry_after).map(Either::Right);
+                let mut answer = refusal(None, Outcome::LocalRateLimited, &detail, id, retry_after, grpc);
                 let config = &spec.config;
                 let window = config.period() / config.rate().max(1) * config.burst();
                 let burst = u64::from(config.burst());
@@ -267,23 +284,28 @@ pub(crate) async fn handle_passing(
         // 5. Body: replayable within the cap, else streamed once.
         let replay = replay_safety(&parts.method, &parts.headers);
         let body = Limited::new(body, usize::try_from(spec.max_body_bytes).unwrap_or(usize::MAX));
-        let mut prepared = match prepare(body, route.spec.replay_limit).await {
+        // A gRPC stream may not end before its answer comes: sent as it comes, copied for a retry (5: body).
+        let prepared = if grpc && declared.is_none() {
+            Ok(tee(body, route.spec.replay_limit))
+        } else {
+            prepare(body, route.spec.replay_limit).await
+        };
+        let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id);
+                break 'answer local(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large", id, grpc);
             }
             // A body that cannot be read is malformed (or its client is gone, and the answer goes nowhere).
-            Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", id),
+            Err(_) => break 'answer local(StatusCode::BAD_REQUEST, "the request body could not be read", id, grpc),
         };
 
         // 6 + 7. The envelope around the call, to the route's target on the upstream.
         let target = upstream_target(route, &parts);
         let replay_safe = replay == Replay::Safe;
-        let classifier = RouteClassifier {
-            status: &route.classifier,
-            replay_safe: replay_safe && prepared.is_replayable(),
-            replayable_body: prepared.is_replayable(),
-        };
+        // The route's deadline, or the caller's if sooner: for the call, and for the answer's body.
+        let deadline = caller_deadline.map_or(route.spec.timeout, |c| c.min(route.spec.timeout));
+        let classifier =
+            RouteClassifier { status: &route.classifier, idempotent: replay_safe, body: prepared.replay(), grpc };
         let out = Outgoing {
             parts: &parts,
             target: &target,
@@ -291,10 +313,11 @@ pub(crate) async fn handle_passing(
             trace: &trace,
             attempt_spans: attempt_spans.as_ref(),
             count: AtomicU32::new(0),
+            within: caller_deadline,
         };
         // Requests that may be sent twice are hedged, on a route that hedges.
         let envelope = match &route.hedged {
-            Some(hedged) if classifier.replay_safe => hedged,
+            Some(hedged) if replay_safe && prepared.is_replayable() => hedged,
             _ => &route.envelope,
         };
         let primary = (envelope, &*route.upstream, &route.metrics.to_upstream);
@@ -319,7 +342,7 @@ pub(crate) async fn handle_passing(
                         match out.call(to, &route.classifier, &classifier, &mut prepared, start).await {
                             (Ok(answer), Outcome::Ok) => {
                                 upstream_status = Some(answer.status().as_u16());
-                                let mut answer = upstream_answer(answer, id, start + route.spec.timeout);
+                                let mut answer = upstream_answer(answer, id, start + deadline);
                                 if let Some(raw) = take_raw_head(answer.body_mut()) {
                                     *answer.headers_mut() = raw.into_map();
                                 }
@@ -347,12 +370,12 @@ pub(crate) async fn handle_passing(
             break 'answer (answer, Outcome::Fallback);
         }
         match result {
-            Ok(upstream) => (upstream_answer(upstream, id, start + route.spec.timeout), outcome),
+            Ok(upstream) => (upstream_answer(upstream, id, start + deadline), outcome),
             Err(e) => {
                 if matches!(e, Error::Inner(_)) {
                     cause = Some(e.to_string());
                 }
-                (answer_error(e, outcome, id, route), outcome)
+                (answer_error(e, outcome, id, route, grpc), outcome)
             }
         }
     };
@@ -421,6 +444,8 @@ struct Outgoing<'a> {
     attempt_spans: Option<&'a Mutex<Vec<AttemptSpan>>>,
     /// Attempts sent, to every upstream.
     count: AtomicU32,
+    /// The caller's own deadline, when sooner than the route's (`grpc-timeout`).
+    within: Option<Duration>,
 }
 
 impl Outgoing<'_> {
@@ -435,7 +460,7 @@ impl Outgoing<'_> {
         start: Instant,
     ) -> (Result<Response<outbound::Body>, Error<UpstreamError>>, Outcome) {
         envelope
-            .call_classified_since(start, classifier, || {
+            .call_classified_within(start, self.within, classifier, || {
                 self.count.fetch_add(1, Ordering::Relaxed);
                 metrics.attempt();
                 let span = self.attempt_spans.map(|log| (log, self.trace.child()));
@@ -505,6 +530,16 @@ impl Pending {
         if let Some(answer) = &mut self.answer {
             answer.outcome = outcome;
             answer.cause = Some(cause);
+        }
+    }
+
+    /// The answer's trailers carried gRPC status `code`: the call's outcome is what it says.
+    fn grpc_status(&mut self, code: u32) {
+        if let Some(answer) = &mut self.answer
+            && code != envelope_http::grpc::code::OK
+        {
+            answer.outcome = envelope_http::grpc::outcome(code);
+            answer.cause = Some(format!("the upstream ended the call with grpc-status {code}"));
         }
     }
 
@@ -628,9 +663,28 @@ impl Drop for Pending {
 }
 
 /// A local answer that is not a policy outcome (400, 404, 405, 413, 414): status and a problem document.
-fn local(status: StatusCode, detail: &str, id: &RequestId) -> (Response<ProxyBody>, Outcome) {
-    let r = problem_with_status(status, Outcome::BadRequest, detail, Some(id), None);
-    (r.map(Either::Right), Outcome::BadRequest)
+fn local(status: StatusCode, detail: &str, id: &RequestId, grpc: bool) -> (Response<ProxyBody>, Outcome) {
+    (refusal(Some(status), Outcome::BadRequest, detail, id, None, grpc), Outcome::BadRequest)
+}
+
+/// A local answer, for a call that ended here in `outcome`: a problem document (with `status`, or the outcome's),
+/// or for a gRPC caller, the gRPC status it stands for (trailers-only). The one place local answers are made.
+fn refusal(
+    status: Option<StatusCode>,
+    outcome: Outcome,
+    detail: &str,
+    id: &RequestId,
+    retry_after: Option<Duration>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let status = status.unwrap_or_else(|| envelope_http::problem::status_for(outcome));
+    let answer = if grpc {
+        let code = envelope_http::grpc::code_for(outcome, status);
+        envelope_http::grpc::local_answer(code, detail, Some(id), retry_after)
+    } else {
+        problem_with_status(status, outcome, detail, Some(id), retry_after)
+    };
+    answer.map(Either::Right)
 }
 
 /// Sets `RateLimit-Policy: "<upstream>";q=<limit>;w=<window s>` and `RateLimit: "<upstream>";r=<remaining>;t=<reset
@@ -733,7 +787,13 @@ fn upstream_target<'a>(route: &RouteRt, parts: &'a http::request::Parts) -> std:
 }
 
 /// Turns a failed call into the answer for the client. Errors become responses here and nowhere else.
-fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route: &RouteRt) -> Response<ProxyBody> {
+fn answer_error(
+    e: Error<UpstreamError>,
+    outcome: Outcome,
+    id: &RequestId,
+    route: &RouteRt,
+    grpc: bool,
+) -> Response<ProxyBody> {
     let name = &route.spec.name;
     let (detail, retry_after): (String, Option<Duration>) = match &e {
         // What went wrong on the wire (OS error text, addresses) is logged, not shown: the client gets a stable
@@ -753,35 +813,57 @@ fn answer_error(e: Error<UpstreamError>, outcome: Outcome, id: &RequestId, route
         Error::Injected(_) => {
             let status = route.upstream.fault_status.load(std::sync::atomic::Ordering::Relaxed);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return problem_with_status(status, outcome, "injected fault", Some(id), None).map(Either::Right);
+            return refusal(Some(status), outcome, "injected fault", id, None, grpc);
         }
         other => (format!("route `{name}`: {other}"), None),
     };
-    problem(outcome, &detail, Some(id), retry_after).map(Either::Right)
+    refusal(None, outcome, &detail, id, retry_after, grpc)
 }
 
-/// Status-first classification, plus the request's replay safety.
+/// Status-first classification (or, for a gRPC call, its `grpc-status`), plus the request's replay safety.
 struct RouteClassifier<'a> {
     status: &'a StatusClassifier,
-    /// Idempotent (method or key) and its body can be sent again.
-    replay_safe: bool,
-    /// The body can be sent again (it was buffered).
-    replayable_body: bool,
+    /// Idempotent (method or key).
+    idempotent: bool,
+    /// Whether its body can be sent again now.
+    body: BodyReplay,
+    /// A gRPC call.
+    grpc: bool,
+}
+
+impl RouteClassifier<'_> {
+    /// The `grpc-status` of a gRPC call's trailers-only answer.
+    fn grpc_status(&self, result: &Attempt) -> Option<u32> {
+        match result {
+            Ok(r) if self.grpc && r.status() == StatusCode::OK => envelope_http::grpc::status_in(r.headers()),
+            _ => None,
+        }
+    }
 }
 
 impl Classify<Response<outbound::Body>, UpstreamError> for RouteClassifier<'_> {
     fn classify(&self, result: &Attempt) -> Outcome {
-        self.status.classify(result)
+        match self.grpc_status(result) {
+            Some(code) => envelope_http::grpc::outcome(code),
+            None => self.status.classify(result),
+        }
     }
 
     fn retry_after(&self, result: &Attempt) -> Option<Duration> {
         self.status.retry_after(result)
     }
 
-    /// Idempotent requests may be repeated; others only if they never left and their body can be sent again. A
-    /// permanent answer (501, 505) is never repeated.
+    /// Idempotent requests may be repeated; others only if they never left. A permanent answer (501, 505) is never
+    /// repeated. A gRPC call is repeated after a transient status (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`: the
+    /// server refused it before any message), never after the others. Always only with a body that can be sent
+    /// again.
     fn may_retry(&self, result: &Attempt) -> bool {
-        self.status.may_retry(result)
-            && (self.replay_safe || (self.replayable_body && matches!(result, Err(e) if e.never_sent())))
+        if !self.body.now() {
+            return false;
+        }
+        if let Some(code) = self.grpc_status(result) {
+            return envelope_http::grpc::retryable(code);
+        }
+        self.status.may_retry(result) && (self.idempotent || matches!(result, Err(e) if e.never_sent()))
     }
 }

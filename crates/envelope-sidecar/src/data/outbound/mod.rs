@@ -2,7 +2,9 @@
 //!
 //! Two transports sit behind it. Plain-http endpoints with a buffered request body (the common case) go through
 //! the sidecar's own pooled HTTP/1.1 client (`client`), which drives each connection from the request's own task;
-//! `https` endpoints and streamed request bodies go through hyper-util's pooled client. The headers the proxy
+//! `https` endpoints, streamed request bodies and HTTP/2 upstreams (`protocol = "http2"`: ALPN `h2` over TLS, prior
+//! knowledge on plain http) go through hyper-util's pooled client, which multiplexes an HTTP/2 upstream's calls
+//! on its connections and keeps trailers both ways (gRPC's status). The headers the proxy
 //! changes are decided in one place for both (`headers`), and the answer's body hides which transport read it.
 //!
 //! | module | what |
@@ -30,7 +32,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::Upstream;
+use crate::config::{Protocol, Upstream};
 use crate::data::InBody;
 use crate::data::wire::RawHead;
 pub(crate) use headers::{ProxyHeaders, clean_answer, clean_request};
@@ -42,8 +44,10 @@ pub(crate) type UpstreamBody = AttemptBody<Limited<InBody>>;
 pub(crate) struct Outbound {
     /// Plain-http endpoints, for requests whose body is buffered: the own pooled HTTP/1.1 client.
     pool: Arc<client::Pool>,
-    /// Everything else (https, streamed bodies): hyper-util's pooled client.
+    /// Everything else (https, streamed bodies, HTTP/2): hyper-util's pooled client.
     hyper: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// The upstream speaks HTTP/2.
+    http2: bool,
 }
 
 impl fmt::Debug for Outbound {
@@ -59,22 +63,28 @@ impl Outbound {
         connector.set_connect_timeout(Some(spec.connect_timeout));
         connector.set_nodelay(true);
         connector.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(&spec.extra_roots))
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let hyper = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(spec.idle_timeout)
-            .pool_max_idle_per_host(spec.max_idle_per_endpoint)
-            .build(connector);
+        let http2 = spec.protocol == Protocol::Http2;
+        let tls =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_config(&spec.extra_roots)).https_or_http();
+        // ALPN offers what the upstream is said to speak, and only that.
+        let connector = if http2 {
+            tls.enable_http2().wrap_connector(connector)
+        } else {
+            tls.enable_http1().wrap_connector(connector)
+        };
+        let mut client = Client::builder(TokioExecutor::new());
+        client.pool_idle_timeout(spec.idle_timeout).pool_max_idle_per_host(spec.max_idle_per_endpoint);
+        if http2 {
+            client.http2_only(true);
+        }
+        let hyper = client.build(connector);
         let pool = client::Pool::new(
             spec.endpoints.iter().map(|e| e.connect_to.clone()).collect(),
             spec.connect_timeout,
             Some(spec.idle_timeout),
             spec.max_idle_per_endpoint,
         );
-        Outbound { pool, hyper }
+        Outbound { pool, hyper, http2 }
     }
 
     /// Sends one attempt to endpoint `i` of `spec`: the client's request `parts` (cleaned by [`clean_request`]) to
@@ -90,6 +100,7 @@ impl Outbound {
     ) -> Result<http::Response<Body>, UpstreamError> {
         let endpoint = &spec.endpoints[i];
         if endpoint.scheme == http::uri::Scheme::HTTP
+            && !self.http2
             && let AttemptBody::Full { data, trailers: None } = &body
         {
             let head = client::Head { parts, target, host: &endpoint.host, set };
@@ -109,6 +120,15 @@ impl Outbound {
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = set.applied(&endpoint.host, &parts.headers);
+        if self.http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            // The authority travels as `:authority`; gRPC servers require `te: trailers` (RFC 9113 §8.2.2 lets it
+            // through, the one hop-by-hop value HTTP/2 allows).
+            req.headers_mut().remove(http::header::HOST);
+            if envelope_http::grpc::is_grpc(&parts.headers) {
+                req.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            }
+        }
         match self.hyper.request(req).await {
             Ok(r) => Ok(r.map(|b| Body(Inner::Hyper(b)))),
             Err(e) if e.is_connect() => Err(UpstreamError::Connect(e.into())),
