@@ -512,3 +512,20 @@ fn a_hedge_waits_a_duration_or_a_percentile() {
         assert_eq!(e.line, 22, "{text}: {e}");
     }
 }
+
+#[test]
+fn an_upstream_speaks_http1_unless_it_says_http2() {
+    use envelope_sidecar::config::Protocol;
+    let c = Config::parse("envelope.toml", VALID).unwrap();
+    assert_eq!(c.upstreams[0].protocol, Protocol::Http1);
+    let with = |p: &str| {
+        VALID.replace(
+            "endpoints = [\"http://127.0.0.1:8000\"]",
+            &format!("endpoints = [\"http://127.0.0.1:8000\"]\nprotocol = \"{p}\""),
+        )
+    };
+    assert_eq!(Config::parse("envelope.toml", &with("http2")).unwrap().upstreams[0].protocol, Protocol::Http2);
+    let e = error(&with("http3"));
+    assert_eq!((e.line, e.field.as_str()), (9, "upstream[0].protocol"), "{e}");
+    assert!(e.message.contains("http1") && e.message.contains("http2"), "{e}");
+}

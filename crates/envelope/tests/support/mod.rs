@@ -95,6 +95,8 @@ struct State {
     headers: HashMap<String, Vec<http::HeaderMap>>,
     /// Requests whose handling was cancelled (the proxy closed the connection before the answer).
     cancelled: usize,
+    /// The HTTP version of every request per path, in order.
+    versions: HashMap<String, Vec<http::Version>>,
 }
 
 /// A scriptable upstream on 127.0.0.1.
@@ -144,12 +146,15 @@ impl FaultUpstream {
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
         let pem = cert.cert.pem();
         let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.cert.der().clone()], key)
+                .unwrap();
+        // Both versions offered by ALPN, as a real server would (it serves what the client's first bytes say).
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -197,6 +202,11 @@ impl FaultUpstream {
         self.state.lock().unwrap().headers.get(path).cloned().unwrap_or_default()
     }
 
+    /// The HTTP version of each request to `path`, in order.
+    pub fn versions(&self, path: &str) -> Vec<http::Version> {
+        self.state.lock().unwrap().versions.get(path).cloned().unwrap_or_default()
+    }
+
     pub fn cancelled(&self) -> usize {
         self.state.lock().unwrap().cancelled
     }
@@ -213,6 +223,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         s.request_ids.entry(path.clone()).or_default().push(id);
         s.traceparents.entry(path.clone()).or_default().push(traceparent);
         s.headers.entry(path.clone()).or_default().push(req.headers().clone());
+        s.versions.entry(path.clone()).or_default().push(req.version());
         match s.scripts.get_mut(&path) {
             Some(q) if q.len() > 1 => q.pop_front().unwrap(),
             Some(q) => q.front().cloned().unwrap_or(Action::status(200)),
