@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use self::raw::{
     BackoffKind, JitterKind, RawBreaker, RawConfig, RawFallback, RawHedge, RawKeyLimit, RawMatch, RawRetry, RawRoute,
-    RawShared, RawUpstream,
+    RawShared, RawSlo, RawUpstream,
 };
 pub use self::raw::{BreakerMode, Engine, Protocol, Scope, Tier, Underscores};
 pub use self::units::{Dur, MAX_DURATION, NonZero, Percent, PositiveDur};
@@ -129,7 +129,13 @@ pub const DEFAULT_RUNBOOK_BASE_URL: &str = "docs/runbook.md";
 pub struct Alerts {
     /// The runbook every alert links into (`<base>#<alert, lower case>`): an absolute URL where operators read it.
     pub runbook_base_url: String,
+    /// The burn-rate windows of the generated rules divided by this (1: as named). For drills and tests only: at
+    /// 60, the 1 h window is a minute and the 5 m one five seconds, so a page fires and clears in seconds.
+    pub window_scale: u32,
 }
+
+/// The largest `[alerts] window_scale`: the 5 m window becomes a second.
+pub const MAX_WINDOW_SCALE: u64 = 300;
 
 /// Default key prefix in the shared store.
 pub const DEFAULT_KEY_PREFIX: &str = "envelope:";
@@ -501,6 +507,38 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     /// Hedging of the route's idempotent requests, if any.
     pub hedge: Option<HedgeSpec>,
+    /// The route's SLO: its tier's, with what the route's `slo` sets.
+    pub slo: SloSpec,
+}
+
+/// A route's SLO: availability, and one or more latency objectives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SloSpec {
+    /// Share of requests that must be served, in (0, 1).
+    pub availability: f64,
+    /// Latency objectives, in the order written (1 to 4).
+    pub latencies: Vec<envelope_core::slo::LatencyObjective>,
+}
+
+impl SloSpec {
+    /// A latency objective's name in labels and the API: `p95_300ms`, `p99.9_1500ms`.
+    pub fn latency_name(l: &envelope_core::slo::LatencyObjective) -> String {
+        let pct = (l.percentile * 1e6).round() / 1e4;
+        let ms = l.threshold.as_secs_f64() * 1000.0;
+        format!("p{pct}_{ms}ms")
+    }
+
+    /// The objectives of `tier`.
+    pub fn of_tier(tier: Tier) -> SloSpec {
+        use envelope_core::slo::{LatencyObjective, Objective};
+        let o = match tier {
+            Tier::Critical => Objective::CRITICAL,
+            Tier::Default => Objective::DEFAULT,
+            Tier::NonCritical => Objective::NON_CRITICAL,
+        };
+        let latency = LatencyObjective { threshold: o.latency_threshold, percentile: o.latency_percentile };
+        SloSpec { availability: o.availability, latencies: vec![latency] }
+    }
 }
 
 /// The most extra attempts a hedge may start.
@@ -971,7 +1009,10 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
             url.get_ref().clone()
         }
     };
-    let alerts = Alerts { runbook_base_url };
+    let window_scale =
+        bounded(raw.alerts.window_scale.as_ref(), "alerts.window_scale".to_owned(), 1, MAX_WINDOW_SCALE)?
+            .map_or(1, |n| n as u32);
+    let alerts = Alerts { runbook_base_url, window_scale };
     Ok(Config { admin, listeners, upstreams, routes, history, counters, scenarios, tracing, shared, alerts })
 }
 
@@ -1419,10 +1460,12 @@ fn resolve_route(
     let rate_limit = r.rate_limit.as_ref().map(|l| resolve_key_limit(i, l, &r.matcher, shared)).transpose()?;
     let fallback = r.fallback.as_ref().map(|f| resolve_fallback(i, f, upstream, upstreams, base_dir)).transpose()?;
     let hedge = r.hedge.as_ref().map(|h| resolve_hedge(i, h)).transpose()?;
+    let tier = r.tier.unwrap_or_else(|| tier_by_path(&matcher.path_prefix));
+    let slo = resolve_slo(i, r.slo.as_ref(), tier)?;
     Ok(Route {
         name: r.name.get_ref().clone(),
         listener,
-        tier: r.tier.unwrap_or_else(|| tier_by_path(&matcher.path_prefix)),
+        tier,
         matcher,
         strip_prefix: r.strip_prefix.unwrap_or(false),
         upstream,
@@ -1435,7 +1478,90 @@ fn resolve_route(
         rate_limit,
         fallback,
         hedge,
+        slo,
     })
+}
+
+/// A percentage as a share, rounded to 12 decimals (99.99 is 0.9999, not the 0.99989999… of the division).
+fn share(percent: f64) -> f64 {
+    (percent / 100.0 * 1e12).round() / 1e12
+}
+
+/// A route's SLO: the tier's objectives, with `availability` (a percentage, 0 to 100 exclusive) and `latency` (one
+/// `{ percentile, under }` table or a list of 1 to 4) replaced when the route sets them.
+fn resolve_slo(i: usize, raw: Option<&Spanned<RawSlo>>, tier: Tier) -> Result<SloSpec, Invalid> {
+    use envelope_core::slo::{LatencyObjective, MAX_LATENCY_OBJECTIVES};
+    let mut spec = SloSpec::of_tier(tier);
+    let Some(raw) = raw else { return Ok(spec) };
+    let field = |name: &str| format!("route[{i}].slo.{name}");
+    if let Some(a) = &raw.get_ref().availability {
+        let v = *a.get_ref();
+        if !(v > 0.0 && v < 100.0) {
+            return Err(invalid(
+                a,
+                field("availability"),
+                format!("{v}: a percentage above 0 and below 100, such as 99.95"),
+            ));
+        }
+        spec.availability = share(v);
+    }
+    if let Some(latency) = &raw.get_ref().latency {
+        let bad = |at: String, why: String| invalid(latency, at, why);
+        let tables: Vec<(String, &toml::Table)> = match latency.get_ref() {
+            toml::Value::Table(t) => vec![(field("latency"), t)],
+            toml::Value::Array(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, v)| match v {
+                    toml::Value::Table(t) => Ok((field(&format!("latency[{j}]")), t)),
+                    _ => Err(bad(
+                        field(&format!("latency[{j}]")),
+                        "a `{ percentile = 95, under = \"300ms\" }` table".into(),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(bad(
+                    field("latency"),
+                    "a `{ percentile = 95, under = \"300ms\" }` table, or a list of them".into(),
+                ));
+            }
+        };
+        if tables.is_empty() || tables.len() > MAX_LATENCY_OBJECTIVES {
+            return Err(bad(field("latency"), format!("1 to {MAX_LATENCY_OBJECTIVES} latency objectives")));
+        }
+        spec.latencies.clear();
+        for (at, t) in tables {
+            if let Some(key) = t.keys().find(|k| *k != "percentile" && *k != "under") {
+                return Err(bad(format!("{at}.{key}"), "unknown field, expected `percentile` or `under`".into()));
+            }
+            let percentile = match t.get("percentile") {
+                Some(toml::Value::Float(p)) => *p,
+                Some(toml::Value::Integer(p)) => *p as f64,
+                Some(_) => return Err(bad(format!("{at}.percentile"), "a number, such as 95 or 99.9".into())),
+                None => {
+                    return Err(bad(
+                        format!("{at}.percentile"),
+                        "missing: the share of requests under `under`, such as 95".into(),
+                    ));
+                }
+            };
+            if !(percentile > 0.0 && percentile < 100.0) {
+                return Err(bad(format!("{at}.percentile"), format!("{percentile}: above 0 and below 100")));
+            }
+            let threshold = match t.get("under") {
+                Some(toml::Value::String(d)) => match Dur::parse(d) {
+                    Ok(d) if !d.0.is_zero() => d.0,
+                    Ok(_) => return Err(bad(format!("{at}.under"), "must be more than 0".into())),
+                    Err(why) => return Err(bad(format!("{at}.under"), why)),
+                },
+                Some(_) => return Err(bad(format!("{at}.under"), "a duration such as \"300ms\"".into())),
+                None => return Err(bad(format!("{at}.under"), "missing: the latency, such as \"300ms\"".into())),
+            };
+            spec.latencies.push(LatencyObjective { threshold, percentile: share(percentile) });
+        }
+    }
+    Ok(spec)
 }
 
 /// A route's hedge: `delay` a duration (`"50ms"`) or a percentile (`"p95"`, `"p99.9"`), and at most `max_extra`

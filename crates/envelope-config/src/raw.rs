@@ -36,6 +36,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAlerts {
     pub(crate) runbook_base_url: Option<Spanned<String>>,
+    pub(crate) window_scale: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +293,15 @@ pub(crate) struct RawRoute {
     pub(crate) rate_limit: Option<Spanned<RawKeyLimit>>,
     pub(crate) fallback: Option<Spanned<RawFallback>>,
     pub(crate) hedge: Option<Spanned<RawHedge>>,
+    pub(crate) slo: Option<Spanned<RawSlo>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSlo {
+    pub(crate) availability: Option<Spanned<f64>>,
+    /// One `{ percentile, under }` table or a list of them (read by hand, for errors that say which).
+    pub(crate) latency: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -85,3 +85,49 @@ fn objectives_are_validated_and_tiers_match_the_requirements() {
     assert_eq!(Objective::DEFAULT.availability, 0.999);
     assert_eq!(Objective::NON_CRITICAL.latency_threshold, 500 * MS);
 }
+
+#[tokio::test(start_paused = true)]
+async fn several_latency_objectives_are_each_judged_on_their_own() {
+    use envelope_core::slo::LatencyObjective;
+    let p95 = LatencyObjective { threshold: 300 * MS, percentile: 0.95 };
+    let p99 = LatencyObjective { threshold: 1000 * MS, percentile: 0.99 };
+    let slo = Slo::with_objectives(0.9995, &[p95, p99]).unwrap();
+    assert_eq!(slo.objective().latency_threshold, 300 * MS, "the first is the SLO's objective");
+    for i in 0..1000 {
+        // 40 calls between 300 ms and 1 s (slow for the p95 only), 5 above 1 s (slow for both).
+        let latency = match i {
+            0..40 => 500 * MS,
+            40..45 => 2000 * MS,
+            _ => 50 * MS,
+        };
+        slo.record(false, latency);
+    }
+    let r = slo.report();
+    assert_eq!(r.latencies.len(), 2);
+    assert_eq!((r.latencies[0].slow[5], r.latencies[1].slow[5]), (45, 5));
+    assert!(
+        (r.latencies[0].budget_remaining - 0.1).abs() < 1e-9,
+        "4.5 % slow of 5 %: {}",
+        r.latencies[0].budget_remaining
+    );
+    assert!(
+        (r.latencies[1].budget_remaining - 0.5).abs() < 1e-9,
+        "0.5 % slow of 1 %: {}",
+        r.latencies[1].budget_remaining
+    );
+    assert_eq!(r.latency_budget_remaining, r.latencies[0].budget_remaining);
+    assert_eq!(r.windows[5].slow, 45);
+
+    assert!(Slo::with_objectives(0.999, &[]).is_err());
+    assert!(Slo::with_objectives(0.999, &[p95; 5]).is_err());
+    assert!(Slo::with_objectives(0.999, &[LatencyObjective { percentile: 1.0, ..p95 }]).is_err());
+    assert!(Slo::with_objectives(1.5, &[p95]).is_err());
+}
+
+#[test]
+fn an_slo_without_calls_reports_its_whole_budget() {
+    let slo = Slo::new(Objective::DEFAULT).unwrap();
+    let r = slo.report();
+    assert_eq!((r.windows[5].total, r.budget_remaining), (0, 1.0));
+    assert!(format!("{slo:?}").contains("availability"));
+}

@@ -529,3 +529,55 @@ fn an_upstream_speaks_http1_unless_it_says_http2() {
     assert_eq!((e.line, e.field.as_str()), (9, "upstream[0].protocol"), "{e}");
     assert!(e.message.contains("http1") && e.message.contains("http2"), "{e}");
 }
+
+#[test]
+fn a_routes_slo_overrides_its_tiers_with_one_or_more_latency_objectives() {
+    use envelope_sidecar::config::SloSpec;
+    use envelope_sidecar::envelope_http::envelope_core::slo::LatencyObjective;
+    let with = |slo: &str| {
+        VALID.replace(
+            "match = { path_prefix = \"/reports\" }",
+            &format!("match = {{ path_prefix = \"/reports\" }}\nslo = {slo}"),
+        )
+    };
+    let c = Config::parse("envelope.toml", VALID).unwrap();
+    assert_eq!(c.routes[1].slo, SloSpec::of_tier(Tier::NonCritical), "the tier's by default");
+    let slo = |text: &str| Config::parse("envelope.toml", &with(text)).unwrap().routes[1].slo.clone();
+    let s = slo(r#"{ availability = 99.99 }"#);
+    assert_eq!(s.availability, 0.9999);
+    assert_eq!(s.latencies, SloSpec::of_tier(Tier::NonCritical).latencies, "latency stays the tier's");
+    let s = slo(r#"{ availability = 99.95, latency = { percentile = 95, under = "300ms" } }"#);
+    assert_eq!(s.latencies, [LatencyObjective { threshold: Duration::from_millis(300), percentile: 0.95 }]);
+    let s = slo(r#"{ latency = [{ percentile = 95, under = "300ms" }, { percentile = 99.9, under = "2s" }] }"#);
+    assert_eq!(s.latencies.len(), 2);
+    assert_eq!(s.latencies[1], LatencyObjective { threshold: Duration::from_secs(2), percentile: 0.999 });
+    assert_eq!(SloSpec::latency_name(&s.latencies[1]), "p99.9_2000ms");
+    for (text, field, says) in [
+        (r#"{ availability = 100 }"#, "route[1].slo.availability", "below 100"),
+        (r#"{ availability = 0 }"#, "route[1].slo.availability", "above 0"),
+        (r#"{ latency = { percentile = 95 } }"#, "route[1].slo.latency.under", "missing"),
+        (r#"{ latency = { under = "1s" } }"#, "route[1].slo.latency.percentile", "missing"),
+        (r#"{ latency = { percentile = 100, under = "1s" } }"#, "route[1].slo.latency.percentile", "below 100"),
+        (r#"{ latency = { percentile = 95, under = "soon" } }"#, "route[1].slo.latency.under", ""),
+        (r#"{ latency = { percentile = 95, under = "0ms" } }"#, "route[1].slo.latency.under", "more than 0"),
+        (r#"{ latency = { percentile = 95, under = "1s", p = 1 } }"#, "route[1].slo.latency.p", "unknown field"),
+        (r#"{ latency = [] }"#, "route[1].slo.latency", "1 to 4"),
+        (r#"{ latency = [1] }"#, "route[1].slo.latency[0]", "table"),
+        (r#"{ latency = "fast" }"#, "route[1].slo.latency", "table"),
+        (r#"{ latencies = [] }"#, "route[1].slo.latencies", "unknown field"),
+    ] {
+        let e = error(&with(text));
+        assert_eq!(e.field, field, "{text}: {e}");
+        assert!(e.message.contains(says), "{text}: {e}");
+        assert_eq!(e.line, 22, "{text}: {e}");
+    }
+}
+
+#[test]
+fn the_alerts_window_scale_is_for_drills_and_bounded() {
+    let with = |n: u64| format!("{VALID}\n[alerts]\nwindow_scale = {n}\n");
+    assert_eq!(Config::parse("envelope.toml", VALID).unwrap().alerts.window_scale, 1);
+    assert_eq!(Config::parse("envelope.toml", &with(60)).unwrap().alerts.window_scale, 60);
+    assert_eq!(error(&with(0)).field, "alerts.window_scale");
+    assert_eq!(error(&with(301)).field, "alerts.window_scale");
+}

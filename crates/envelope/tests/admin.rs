@@ -238,3 +238,40 @@ async fn only_loopback_and_configured_host_names_are_answered() {
     let breakers = send(get(env.admin, "/api/v1/breakers")).await.2;
     assert!(!String::from_utf8_lossy(&breakers).contains("forced_open"), "nothing was changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_slo_with_two_latency_objectives_is_served_and_counted() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/own", [Action::delayed(200, std::time::Duration::from_millis(150)), Action::status(200)]);
+    let config = CONFIG.replace(
+        "retry = { max_attempts = 2, base = \"1ms\", max_delay = \"10ms\" }",
+        r#"slo = { availability = 99.95, latency = [{ percentile = 95, under = "100ms" }, { percentile = 99.9, under = "1500ms" }] }"#,
+    );
+    let env = envelope_with_env(&config, up.addr, &[]).await;
+    for _ in 0..4 {
+        send(get(env.addr, "/api/own")).await;
+    }
+    let (_, _, body) = send(get(env.admin, "/api/v1/slo")).await;
+    let slo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let api = &slo[0];
+    assert_eq!(api["objective"]["availability"], 0.9995, "the route's own, not its tier's");
+    assert_eq!(api["objective"]["latency_threshold_ms"], 100);
+    let latencies = api["latencies"].as_array().unwrap();
+    assert_eq!(latencies.len(), 2);
+    assert_eq!(
+        (latencies[0]["objective"].as_str(), latencies[1]["objective"].as_str()),
+        (Some("p95_100ms"), Some("p99.9_1500ms"))
+    );
+    assert_eq!(latencies[0]["slow"]["30d"], 1, "one request of four took 150 ms");
+    assert_eq!(latencies[1]["slow"]["30d"], 0);
+    // 1 slow of 4 against 5 % allowed: 25 % / 5 % = a burn rate of 5.
+    assert!((latencies[0]["burn_rates"]["5m"].as_f64().unwrap() - 5.0).abs() < 1e-9, "{}", latencies[0]);
+    let (_, _, body) = send(get(env.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(sum(&text, "envelope_slo_slow_requests_total", "under=\"0.1\""), 1.0);
+    assert_eq!(sum(&text, "envelope_slo_slow_requests_total", "under=\"1.5\""), 0.0, "no series before a slow request");
+    assert!(!text.contains("under=\"1.5\""));
+    assert!(
+        (sum(&text, "envelope_slo_latency_budget_remaining", "objective=\"p95_100ms\"") - (1.0 - 5.0)).abs() < 1e-9
+    );
+}

@@ -94,3 +94,111 @@ async fn prometheus_scrapes_the_sidecar_and_records_the_slo() {
     assert_eq!(result["value"][1], "0", "no errors: the recorded error ratio is zero ({answer})");
     let _ = prometheus.kill().await;
 }
+
+/// Starts Prometheus on the rules `envelope generate rules` makes for `config`, scraping `admin` every second.
+async fn prometheus(config: &str, admin: std::net::SocketAddr, dir: &TempDir) -> (tokio::process::Child, u16) {
+    let config_path = dir.0.join("envelope.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let rules = std::process::Command::new(env!("CARGO_BIN_EXE_envelope"))
+        .args(["generate", "rules", "--config", config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(rules.status.success(), "{}", String::from_utf8_lossy(&rules.stderr));
+    std::fs::write(dir.0.join("rules.yaml"), &rules.stdout).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        dir.0.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yaml]\nscrape_configs:\n  - job_name: envelope\n    static_configs:\n      - targets: ['{admin}']\n"
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new("prometheus")
+        .args([
+            "--config.file=prometheus.yml",
+            &format!("--web.listen-address=127.0.0.1:{port}"),
+            "--storage.tsdb.path=data",
+        ])
+        .current_dir(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus is installed by scripts/test.sh (Debian's prometheus package)");
+    (child, port)
+}
+
+/// The states of the alerts named `name` Prometheus has now (`firing`, `pending`), with their labels.
+async fn alerts(port: u16, name: &str) -> Vec<serde_json::Value> {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let Ok(Ok(resp)) =
+        tokio::time::timeout(Duration::from_secs(2), support::client().request(get(addr, "/api/v1/alerts"))).await
+    else {
+        return Vec::new();
+    };
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    answer["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["labels"]["alertname"] == name)
+        .cloned()
+        .collect()
+}
+
+/// A drill: with the burn windows scaled down 60 times (`[alerts] window_scale`), a real Prometheus pages within
+/// seconds of an outage and the page clears within a minute of recovery. The route's own SLO (99 %) is the one
+/// judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
+    let up = FaultUpstream::start().await;
+    let config = format!(
+        "{CONFIG}slo = {{ availability = 99, latency = [{{ percentile = 90, under = \"2s\" }}] }}\n\n[alerts]\nwindow_scale = 60\n"
+    );
+    let env = envelope(&config, up.addr).await;
+    let dir = TempDir::new();
+    let (mut prom, port) = prometheus(&config.replace("{upstream}", &up.addr.to_string()), env.admin, &dir).await;
+    // Steady traffic, 20 requests a second, for as long as the drill lasts.
+    let addr = env.addr;
+    let traffic = tokio::spawn(async move {
+        loop {
+            send(get(addr, "/api/drill")).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let page = |alerts: &[serde_json::Value]| {
+        alerts.iter().any(|a| {
+            a["state"] == "firing"
+                && a["labels"]["envelope_slo"] == "availability"
+                && a["labels"]["envelope_route"] == "api"
+        })
+    };
+    // Healthy for a few seconds: no page.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await));
+    // The outage: every request fails. The page fires within seconds.
+    up.script("/api/drill", [support::Action::status(503)]);
+    let outage = Instant::now();
+    loop {
+        if page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await) {
+            break;
+        }
+        assert!(outage.elapsed() < Duration::from_secs(60), "the page fires within a minute of the outage");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let fired_after = outage.elapsed();
+    // Recovery: it clears once the short windows are clean.
+    up.script("/api/drill", [support::Action::status(200)]);
+    let recovery = Instant::now();
+    loop {
+        if !page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await) {
+            break;
+        }
+        assert!(recovery.elapsed() < Duration::from_secs(90), "the page clears within 90 s of recovery");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("drill: paged {fired_after:?} after the outage, cleared {:?} after recovery", recovery.elapsed());
+    traffic.abort();
+    let _ = prom.kill().await;
+}

@@ -29,6 +29,12 @@ name = "api"
 match = { path_prefix = "/api" }
 upstream = "app"
 fallback = { on = ["circuit_open"], upstream = "replica" }
+
+[[route]]
+name = "search"
+match = { path_prefix = "/search" }
+upstream = "app"
+slo = { availability = 99.5, latency = [{ percentile = 95, under = "300ms" }, { percentile = 99, under = "1s" }] }
 "#;
 
 const TESTS: &str = r#"
@@ -167,22 +173,45 @@ tests:
             exp_annotations:
               summary: "Route api is burning its error budget fast"
               runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
-  # Every call answers at once, but 40 % take 300 ms against the default tier's 200 ms p95: the latency page fires.
+  # Every call answers at once, but 40 % take longer than the default tier's 200 ms p95: the latency page fires.
   - interval: 1m
     input_series:
-      - series: 'envelope_request_duration_seconds_bucket{route="api",le="0.2"}'
-        values: '0+60x90'
-      - series: 'envelope_request_duration_seconds_count{route="api"}'
-        values: '0+100x90'
+      - series: 'envelope_slo_slow_requests_total{route="api",under="0.2"}'
+        values: '0+40x90'
       - series: 'envelope_requests_total{listener="in",route="api",outcome="ok",code="2xx"}'
         values: '0+100x90'
     alert_rule_test:
       - eval_time: 80m
         alertname: EnvelopeErrorBudgetBurnPage
         exp_alerts:
-          - exp_labels: { severity: page, envelope_route: api, envelope_slo: latency }
+          - exp_labels: { severity: page, envelope_route: api, envelope_slo: latency, envelope_objective: p95_200ms }
             exp_annotations:
               summary: "Route api is burning its latency budget fast"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
+  # A route's own SLO: 99.5 %, p95 under 300 ms and p99 under 1 s. 20 % slower than 1 s burns the p99's budget (1 %)
+  # 20 times over: its page fires; the p95's (5 % allowed, burnt 4 times over) does not; 10 % errors against 0.5 %
+  # page too.
+  - interval: 1m
+    input_series:
+      - series: 'envelope_requests_total{listener="in",route="search",outcome="ok",code="2xx"}'
+        values: '0+90x90'
+      - series: 'envelope_requests_total{listener="in",route="search",outcome="upstream_5xx",code="5xx"}'
+        values: '0+10x90'
+      - series: 'envelope_slo_slow_requests_total{route="search",under="0.3"}'
+        values: '0+20x90'
+      - series: 'envelope_slo_slow_requests_total{route="search",under="1"}'
+        values: '0+20x90'
+    alert_rule_test:
+      - eval_time: 80m
+        alertname: EnvelopeErrorBudgetBurnPage
+        exp_alerts:
+          - exp_labels: { severity: page, envelope_route: search, envelope_slo: availability }
+            exp_annotations:
+              summary: "Route search is burning its error budget fast"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
+          - exp_labels: { severity: page, envelope_route: search, envelope_slo: latency, envelope_objective: p99_1000ms }
+            exp_annotations:
+              summary: "Route search is burning its latency budget fast"
               runbook_url: "https://runbooks.example.com/envelope.md#envelopeerrorbudgetburnpage"
   # 4xx answers and fallbacks' answers alone never spend the budget.
   - interval: 1m
@@ -207,6 +236,10 @@ tests:
           - exp_labels: { severity: ticket, envelope_route: api, envelope_slo: availability, route: api }
             exp_annotations:
               summary: "No request metrics for route api: the SLO cannot be evaluated"
+              runbook_url: "https://runbooks.example.com/envelope.md#envelopeslimissing"
+          - exp_labels: { severity: ticket, envelope_route: search, envelope_slo: availability, route: search }
+            exp_annotations:
+              summary: "No request metrics for route search: the SLO cannot be evaluated"
               runbook_url: "https://runbooks.example.com/envelope.md#envelopeslimissing"
 "#;
 

@@ -16,7 +16,8 @@
 //!
 //! Latency is an objective of its own: a call slower than the tier's threshold is a "slow" event, and at most
 //! `1 − latency_percentile` of calls may be slow (5 % for a p95 objective); its budget and burn rates work the same
-//! way.
+//! way. An SLO may have several latency objectives (p95 under 300 ms and p99 under 1 s), each counted and judged on
+//! its own.
 
 use std::fmt;
 use std::time::Duration;
@@ -119,10 +120,38 @@ pub enum Alert {
     Page,
 }
 
+/// A latency objective: at least `percentile` of calls at or under `threshold` (p95 under 300 ms is
+/// `{ threshold: 300 ms, percentile: 0.95 }`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyObjective {
+    /// A call slower than this is slow.
+    pub threshold: Duration,
+    /// Share of calls that must be at or under the threshold, in (0, 1).
+    pub percentile: f64,
+}
+
+/// The most latency objectives one SLO tracks.
+pub const MAX_LATENCY_OBJECTIVES: usize = 4;
+
+/// A latency objective's state now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyReport {
+    /// The objective.
+    pub objective: LatencyObjective,
+    /// Slow calls per window, in the order of [`WINDOWS`].
+    pub slow: [u64; 6],
+    /// Share of its budget left over the SLO window.
+    pub budget_remaining: f64,
+    /// Burn rate per window.
+    pub burn_rates: [f64; 6],
+    /// Its alert.
+    pub alert: Alert,
+}
+
 /// The state of an SLO now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
-    /// Counts per window, in the order of [`WINDOWS`].
+    /// Counts per window, in the order of [`WINDOWS`] (`slow` by the first latency objective).
     pub windows: [Counts; 6],
     /// Availability over the SLO window.
     pub availability: f64,
@@ -132,74 +161,35 @@ pub struct Report {
     pub burn_rates: [f64; 6],
     /// The availability alert.
     pub alert: Alert,
-    /// Share of the latency budget left over the SLO window.
+    /// Share of the first latency objective's budget left over the SLO window.
     pub latency_budget_remaining: f64,
-    /// Latency burn rate per window.
+    /// The first latency objective's burn rate per window.
     pub latency_burn_rates: [f64; 6],
-    /// The latency alert.
+    /// The first latency objective's alert.
     pub latency_alert: Alert,
+    /// Every latency objective, in order.
+    pub latencies: Vec<LatencyReport>,
 }
 
-struct Bucket {
-    tag: AtomicU64,
-    total: AtomicU64,
-    errors: AtomicU64,
-    slow: AtomicU64,
-}
+/// One bucket's words in the rings: its period tag, total, errors, then one slow count per latency objective.
+const FIXED_WORDS: usize = 3;
 
-impl Bucket {
-    fn new() -> Self {
-        Bucket { tag: AtomicU64::new(0), total: AtomicU64::new(0), errors: AtomicU64::new(0), slow: AtomicU64::new(0) }
-    }
-
-    /// Adds to this bucket for period `tag` (period number + 1), restarting it if it held an older period.
-    fn add(&self, tag: u64, error: bool, slow: bool) {
-        let current = self.tag.load(Ordering::Acquire);
-        if current != tag {
-            if current > tag {
-                return;
-            }
-            // The first writer of a new period restarts the bucket. A concurrent write to the old period at the
-            // same instant may be lost; at one-minute granularity that is within the counts' precision.
-            if self.tag.compare_exchange(current, tag, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                self.total.store(0, Ordering::Release);
-                self.errors.store(0, Ordering::Release);
-                self.slow.store(0, Ordering::Release);
-            }
-        }
-        self.total.fetch_add(1, Ordering::Relaxed);
-        if error {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        if slow {
-            self.slow.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn read(&self, oldest: u64, newest: u64) -> Counts {
-        let tag = self.tag.load(Ordering::Acquire);
-        if tag < oldest || tag > newest {
-            return Counts::default();
-        }
-        Counts {
-            total: self.total.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            slow: self.slow.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// An SLO being tracked. Cheap to share behind an `Arc`; recording takes `&self`.
+/// An SLO being tracked. Cheap to share behind an `Arc`; recording takes `&self`. The rings are made with the first
+/// call recorded: an SLO nobody has called yet (a route without traffic) costs a few words.
 pub struct Slo {
-    objective: Objective,
+    availability: f64,
+    latencies: Box<[LatencyObjective]>,
     epoch: Instant,
-    minutes: Box<[Bucket]>,
-    hours: Box<[Bucket]>,
+    /// The minute ring, then the hour ring: `FIXED_WORDS + latencies` words per bucket.
+    rings: std::sync::OnceLock<Box<[AtomicU64]>>,
 }
 
 impl fmt::Debug for Slo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Slo").field("objective", &self.objective).finish_non_exhaustive()
+        f.debug_struct("Slo")
+            .field("availability", &self.availability)
+            .field("latencies", &self.latencies)
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,17 +197,52 @@ impl Slo {
     /// Tracks `objective` from now.
     pub fn new(objective: Objective) -> Result<Slo, InvalidObjective> {
         objective.validate()?;
-        Ok(Slo {
-            objective,
-            epoch: clock::now(),
-            minutes: (0..MINUTE_BUCKETS).map(|_| Bucket::new()).collect(),
-            hours: (0..HOUR_BUCKETS).map(|_| Bucket::new()).collect(),
+        let latency =
+            LatencyObjective { threshold: objective.latency_threshold, percentile: objective.latency_percentile };
+        Slo::with_objectives(objective.availability, &[latency])
+    }
+
+    /// Tracks an availability objective and 1 to [`MAX_LATENCY_OBJECTIVES`] latency objectives from now.
+    pub fn with_objectives(availability: f64, latencies: &[LatencyObjective]) -> Result<Slo, InvalidObjective> {
+        if latencies.is_empty() || latencies.len() > MAX_LATENCY_OBJECTIVES {
+            return Err(InvalidObjective("an SLO has 1 to 4 latency objectives"));
+        }
+        for l in latencies {
+            Objective { availability, latency_threshold: l.threshold, latency_percentile: l.percentile }.validate()?;
+        }
+        Ok(Slo { availability, latencies: latencies.into(), epoch: clock::now(), rings: std::sync::OnceLock::new() })
+    }
+
+    /// The availability objective and the first latency objective.
+    pub fn objective(&self) -> Objective {
+        let first = self.latencies[0];
+        Objective {
+            availability: self.availability,
+            latency_threshold: first.threshold,
+            latency_percentile: first.percentile,
+        }
+    }
+
+    /// Every latency objective, in order.
+    pub fn latencies(&self) -> &[LatencyObjective] {
+        &self.latencies
+    }
+
+    fn stride(&self) -> usize {
+        FIXED_WORDS + self.latencies.len()
+    }
+
+    fn rings(&self) -> &[AtomicU64] {
+        self.rings.get_or_init(|| {
+            let words = (MINUTE_BUCKETS + HOUR_BUCKETS) as usize * self.stride();
+            (0..words).map(|_| AtomicU64::new(0)).collect()
         })
     }
 
-    /// The objective.
-    pub fn objective(&self) -> &Objective {
-        &self.objective
+    /// Bucket `i` of the minute ring (`hours`: of the hour ring).
+    fn bucket<'a>(&self, rings: &'a [AtomicU64], hours: bool, i: u64) -> &'a [AtomicU64] {
+        let index = if hours { MINUTE_BUCKETS + i } else { i } as usize;
+        &rings[index * self.stride()..(index + 1) * self.stride()]
     }
 
     /// Records one call that took `latency` and did or did not fail.
@@ -227,29 +252,48 @@ impl Slo {
 
     /// [`record`](Self::record) with the caller's reading of the clock.
     pub fn record_at(&self, error: bool, latency: Duration, now: Instant) {
-        let slow = latency > self.objective.latency_threshold;
+        let rings = self.rings();
         let secs = now.saturating_duration_since(self.epoch).as_secs();
         let (minute, hour) = (secs / 60, secs / 3600);
-        self.minutes[(minute % MINUTE_BUCKETS) as usize].add(minute + 1, error, slow);
-        self.hours[(hour % HOUR_BUCKETS) as usize].add(hour + 1, error, slow);
+        for (hours, period, buckets) in [(false, minute, MINUTE_BUCKETS), (true, hour, HOUR_BUCKETS)] {
+            let bucket = self.bucket(rings, hours, period % buckets);
+            add(bucket, period + 1, error, |k| latency > self.latencies[k].threshold);
+        }
     }
 
-    /// The counts of the last `window` (rounded to whole minutes up to six hours, whole hours beyond).
+    /// The counts of the last `window` (rounded to whole minutes up to six hours, whole hours beyond); `slow` by
+    /// the first latency objective.
     pub fn counts(&self, window: Duration, now: Instant) -> Counts {
+        let (total, errors, slow) = self.sums(window, now);
+        Counts { total, errors, slow: slow[0] }
+    }
+
+    /// Calls, errors and slow calls per latency objective in the last `window`.
+    fn sums(&self, window: Duration, now: Instant) -> (u64, u64, [u64; MAX_LATENCY_OBJECTIVES]) {
+        let mut sums = (0, 0, [0; MAX_LATENCY_OBJECTIVES]);
+        let Some(rings) = self.rings.get() else { return sums };
         let secs = now.saturating_duration_since(self.epoch).as_secs();
-        let (ring, unit, buckets) = if window <= Duration::from_secs(6 * 3600) {
-            (&self.minutes, 60, MINUTE_BUCKETS)
+        let (hours, unit, buckets) = if window <= Duration::from_secs(6 * 3600) {
+            (false, 60, MINUTE_BUCKETS)
         } else {
-            (&self.hours, 3600, HOUR_BUCKETS)
+            (true, 3600, HOUR_BUCKETS)
         };
         let n = (window.as_secs() / unit).clamp(1, buckets);
         let newest = secs / unit + 1;
         let oldest = newest.saturating_sub(n - 1);
-        ring.iter().map(|b| b.read(oldest, newest)).fold(Counts::default(), |a, c| Counts {
-            total: a.total + c.total,
-            errors: a.errors + c.errors,
-            slow: a.slow + c.slow,
-        })
+        for i in 0..buckets {
+            let b = self.bucket(rings, hours, i);
+            let tag = b[0].load(Ordering::Acquire);
+            if tag < oldest || tag > newest {
+                continue;
+            }
+            sums.0 += b[1].load(Ordering::Relaxed);
+            sums.1 += b[2].load(Ordering::Relaxed);
+            for k in 0..self.latencies.len() {
+                sums.2[k] += b[FIXED_WORDS + k].load(Ordering::Relaxed);
+            }
+        }
+        sums
     }
 
     /// Everything an operator wants to know, now.
@@ -259,22 +303,66 @@ impl Slo {
 
     /// [`report`](Self::report) at `now`.
     pub fn report_at(&self, now: Instant) -> Report {
-        let windows = WINDOWS.map(|w| self.counts(w, now));
-        let allowed_errors = 1.0 - self.objective.availability;
-        let allowed_slow = 1.0 - self.objective.latency_percentile;
+        let sums = WINDOWS.map(|w| self.sums(w, now));
+        let windows = sums.map(|(total, errors, slow)| Counts { total, errors, slow: slow[0] });
+        let allowed_errors = 1.0 - self.availability;
         let rate = |bad: u64, total: u64| if total == 0 { 0.0 } else { bad as f64 / total as f64 };
         let burn_rates = windows.map(|c| rate(c.errors, c.total) / allowed_errors);
-        let latency_burn_rates = windows.map(|c| rate(c.slow, c.total) / allowed_slow);
         let month = windows[5];
+        let latencies: Vec<LatencyReport> = self
+            .latencies
+            .iter()
+            .enumerate()
+            .map(|(k, objective)| {
+                let allowed_slow = 1.0 - objective.percentile;
+                let slow = sums.map(|(_, _, slow)| slow[k]);
+                let burn_rates = std::array::from_fn(|w| rate(slow[w], windows[w].total) / allowed_slow);
+                LatencyReport {
+                    objective: *objective,
+                    slow,
+                    budget_remaining: 1.0 - rate(slow[5], month.total) / allowed_slow,
+                    burn_rates,
+                    alert: alert(&burn_rates),
+                }
+            })
+            .collect();
         Report {
             windows,
             availability: month.availability(),
             budget_remaining: 1.0 - rate(month.errors, month.total) / allowed_errors,
             burn_rates,
             alert: alert(&burn_rates),
-            latency_budget_remaining: 1.0 - rate(month.slow, month.total) / allowed_slow,
-            latency_burn_rates,
-            latency_alert: alert(&latency_burn_rates),
+            latency_budget_remaining: latencies[0].budget_remaining,
+            latency_burn_rates: latencies[0].burn_rates,
+            latency_alert: latencies[0].alert,
+            latencies,
+        }
+    }
+}
+
+/// Adds one call to `bucket` for period `tag` (period number + 1), restarting the bucket if it held an older
+/// period; `slow(k)`: whether the call was slow by latency objective `k`.
+fn add(bucket: &[AtomicU64], tag: u64, error: bool, slow: impl Fn(usize) -> bool) {
+    let current = bucket[0].load(Ordering::Acquire);
+    if current != tag {
+        if current > tag {
+            return;
+        }
+        // The first writer of a new period restarts the bucket. A concurrent write to the old period at the same
+        // instant may be lost; at one-minute granularity that is within the counts' precision.
+        if bucket[0].compare_exchange(current, tag, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            for word in &bucket[1..] {
+                word.store(0, Ordering::Release);
+            }
+        }
+    }
+    bucket[1].fetch_add(1, Ordering::Relaxed);
+    if error {
+        bucket[2].fetch_add(1, Ordering::Relaxed);
+    }
+    for (k, word) in bucket[FIXED_WORDS..].iter().enumerate() {
+        if slow(k) {
+            word.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

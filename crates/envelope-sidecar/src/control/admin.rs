@@ -194,6 +194,15 @@ async fn slo(State(s): State<AdminState>) -> axum::Json<Value> {
                 "latency_budget_remaining": rep.latency_budget_remaining,
                 "latency_burn_rates": per_window(&rep.latency_burn_rates),
                 "latency_alert": format!("{:?}", rep.latency_alert).to_lowercase(),
+                "latencies": rep.latencies.iter().map(|l| json!({
+                    "objective": crate::config::SloSpec::latency_name(&l.objective),
+                    "percentile": l.objective.percentile,
+                    "threshold_ms": l.objective.threshold.as_secs_f64() * 1000.0,
+                    "slow": names.iter().zip(l.slow).map(|(n, s)| ((*n).to_owned(), json!(s))).collect::<serde_json::Map<_, _>>(),
+                    "budget_remaining": l.budget_remaining,
+                    "burn_rates": per_window(&l.burn_rates),
+                    "alert": format!("{:?}", l.alert).to_lowercase(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();

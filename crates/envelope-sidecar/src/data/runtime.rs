@@ -22,7 +22,7 @@ use crate::observe::metrics::{
     AttemptMetrics, BusinessMetrics, FallbackMetrics, ListenerMetrics, Metrics, RouteMetrics,
 };
 use crate::observe::telemetry::Spans;
-use envelope_core::slo::{Objective, Slo};
+use envelope_core::slo::Slo;
 
 /// Everything a request needs, built once per config (and again on reload).
 pub(crate) struct Runtime {
@@ -207,14 +207,18 @@ impl Runtime {
                         match unchanged {
                             Some(kept) => kept.clone(),
                             None => {
-                                let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name);
+                                let thresholds: Vec<_> = r.slo.latencies.iter().map(|l| l.threshold).collect();
+                                let route_metrics = metrics.route(&l.name, &r.name, &upstream.spec.name, &thresholds);
                                 // The SLO history survives a change of the route's other settings.
                                 let slo = previous
                                     .and_then(|p| p.route_named(&r.name))
-                                    .filter(|old| old.spec.tier == r.tier)
+                                    .filter(|old| old.spec.slo == r.slo)
                                     .map(|old| old.slo.clone())
                                     .unwrap_or_else(|| {
-                                        Arc::new(Slo::new(objective(r.tier)).expect("tier objectives are valid"))
+                                        Arc::new(
+                                            Slo::with_objectives(r.slo.availability, &r.slo.latencies)
+                                                .expect("the config checked the objectives"),
+                                        )
                                     });
                                 let fallback = r
                                     .fallback
@@ -318,16 +322,6 @@ fn hedge(spec: &Route, h: &HedgeSpec, events: &Listeners) -> Hedge {
             )
             .expect("the defaults are valid"),
         ),
-    }
-}
-
-/// The SLO of a tier (ARCHITECTURE.md: critical 99.99 % / p95 100 ms, default 99.9 % / 200 ms, non-critical 99 % /
-/// 500 ms).
-pub(crate) fn objective(tier: Tier) -> Objective {
-    match tier {
-        Tier::Critical => Objective::CRITICAL,
-        Tier::Default => Objective::DEFAULT,
-        Tier::NonCritical => Objective::NON_CRITICAL,
     }
 }
 

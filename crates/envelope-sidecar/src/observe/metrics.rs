@@ -27,6 +27,8 @@
 //! | `envelope_config_reloads_total` | counter | `result` (`ok`, `rejected`) |
 //! | `envelope_slo_error_budget_remaining` | gauge | `route` |
 //! | `envelope_slo_burn_rate` | gauge | `route`, `window` (5m, 30m, 1h, 6h, 3d, 30d) |
+//! | `envelope_slo_slow_requests_total` | counter | `route`, `under` (a latency objective's threshold, seconds) |
+//! | `envelope_slo_latency_budget_remaining` | gauge | `route`, `objective` (`p95_300ms`) |
 //! | `envelope_business_events_total` | counter | `counter` (the `[[counter]]` name) |
 //! | `envelope_concurrency_limit` | gauge | `listener` (the shedder's limit now: fixed, or the adaptive one) |
 //! | `envelope_concurrency_baseline_latency_seconds` | gauge | `listener` (adaptive: the latency the limit aims near) |
@@ -59,7 +61,7 @@ use envelope_http::observe::DURATION_BUCKETS;
 use envelope_http::trace::TraceContext;
 use tokio::time::Instant;
 
-use crate::config::FallbackReason;
+use crate::config::{FallbackReason, SloSpec};
 use crate::observe::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent, UpstreamTally, bucket_of};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +85,20 @@ struct ListenerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabel {
     upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlowLabels {
+    route: String,
+    /// The latency objective's threshold, in seconds.
+    under: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectiveLabels {
+    route: String,
+    /// The latency objective, such as `p95_300ms`.
+    objective: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -204,6 +220,8 @@ pub(crate) struct Metrics {
     bulkhead_queued: Family<UpstreamLabel, Gauge>,
     bulkhead_limit: Family<UpstreamLabel, Gauge>,
     fallbacks: Family<FallbackLabels, Counter>,
+    slo_slow: Family<SlowLabels, Counter>,
+    slo_latency_budget: Family<ObjectiveLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     hedges: Family<RouteLabel, Counter>,
     fallback_failures: Family<FallbackLabels, Counter>,
     /// What the history will roll up at its next flush.
@@ -245,6 +263,9 @@ pub(crate) struct RouteMetrics {
     /// The route's attempts to its upstream.
     pub(crate) to_upstream: AttemptMetrics,
     tally: Arc<RouteTally>,
+    /// Per latency objective: its threshold in seconds, and its slow-request counter (made when it first counts).
+    slow: Arc<[(f64, std::sync::OnceLock<Counter>)]>,
+    slow_family: Family<SlowLabels, Counter>,
 }
 
 /// A route's attempts to one upstream: counted, and timed to the answer's head (or the failure).
@@ -348,6 +369,8 @@ impl Metrics {
             bulkhead_queued: Family::default(),
             bulkhead_limit: Family::default(),
             fallbacks: Family::default(),
+            slo_slow: Family::default(),
+            slo_latency_budget: Family::default(),
             hedges: Family::default(),
             fallback_failures: Family::default(),
             tallies: Arc::default(),
@@ -398,6 +421,16 @@ impl Metrics {
             m.slo_budget.clone(),
         );
         registry.register("slo_burn_rate", "Availability burn rate per window", m.slo_burn.clone());
+        registry.register(
+            "slo_slow_requests",
+            "Requests slower than a latency objective's threshold (`under`, seconds)",
+            m.slo_slow.clone(),
+        );
+        registry.register(
+            "slo_latency_budget_remaining",
+            "Share of a latency objective's budget left over 30 days",
+            m.slo_latency_budget.clone(),
+        );
         registry.register("business_events", "Requests counted by a business counter", m.business.clone());
         registry.register("concurrency_limit", "A listener's concurrency limit now", m.concurrency_limit.clone());
         registry.register(
@@ -435,7 +468,14 @@ impl Metrics {
         Arc::new(Metrics { registry, ..m })
     }
 
-    pub(crate) fn route(&self, listener: &str, route: &str, upstream: &str) -> RouteMetrics {
+    /// A route's handles; `thresholds`: its latency objectives'.
+    pub(crate) fn route(
+        &self,
+        listener: &str,
+        route: &str,
+        upstream: &str,
+        thresholds: &[std::time::Duration],
+    ) -> RouteMetrics {
         let requests = Outcome::ALL.iter().map(|_| std::array::from_fn(|_| std::sync::OnceLock::new())).collect();
         RouteMetrics {
             requests,
@@ -448,6 +488,8 @@ impl Metrics {
             epoch: Instant::now(),
             to_upstream: self.attempts(route, upstream),
             tally: self.tallies.route(route),
+            slow: thresholds.iter().map(|t| (t.as_secs_f64(), std::sync::OnceLock::new())).collect(),
+            slow_family: self.slo_slow.clone(),
         }
     }
 
@@ -501,6 +543,10 @@ impl Metrics {
     /// Publishes a route's SLO state (called on each scrape).
     pub(crate) fn slo(&self, route: &str, report: &envelope_core::slo::Report) {
         self.slo_budget.get_or_create(&RouteLabel { route: route.to_owned() }).set(report.budget_remaining);
+        for l in &report.latencies {
+            let labels = ObjectiveLabels { route: route.to_owned(), objective: SloSpec::latency_name(&l.objective) };
+            self.slo_latency_budget.get_or_create(&labels).set(l.budget_remaining);
+        }
         for (window, rate) in ["5m", "30m", "1h", "6h", "3d", "30d"].into_iter().zip(report.burn_rates) {
             self.slo_burn.get_or_create(&BurnLabels { route: route.to_owned(), window }).set(rate);
         }
@@ -688,6 +734,17 @@ impl RouteMetrics {
             .get_or_init(|| self.duration_family.get_or_create(&RouteLabel { route: self.route.to_string() }).clone());
         duration.observe(seconds, exemplar, None);
         self.tally.record(outcome, seconds);
+        // Slow for a latency objective: as the route's SLO counts it (every answered request, over its threshold).
+        if outcome != Outcome::ClientCancelled {
+            for (threshold, counter) in self.slow.iter().filter(|(t, _)| seconds > *t) {
+                counter
+                    .get_or_init(|| {
+                        let labels = SlowLabels { route: self.route.to_string(), under: threshold.to_string() };
+                        self.slow_family.get_or_create(&labels).clone()
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// Whether the bucket of `seconds` should take a new exemplar at `now` (and if so, not again for a while).
@@ -720,7 +777,7 @@ mod tests {
     #[test]
     fn a_bucket_takes_a_new_exemplar_at_most_once_a_second() {
         let m = super::Metrics::new(false);
-        let r = m.route("l", "r", "u");
+        let r = m.route("l", "r", "u", &[]);
         let now = tokio::time::Instant::now();
         assert!(r.exemplar_due(0.001, now), "the first observation of a bucket");
         assert!(!r.exemplar_due(0.002, now), "same bucket, same second");
