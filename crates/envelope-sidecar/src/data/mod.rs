@@ -5,6 +5,7 @@
 //! | `inbound` | listeners: connections within limits, the own HTTP/1.1 loop and hyper, connection timers |
 //! | `proxy` | the request path, top to bottom, in one function |
 //! | `outbound` | every attempt's way out and its answer's way back: transports, the headers the proxy sets |
+//! | `routes` | a listener's route table: the route of a path, found by prefix in constant time |
 //! | `runtime` | the config as live objects: shedders, route tables, envelopes, upstreams |
 //! | `upstream` | an upstream at run time: endpoints and their health, its policies, injected faults |
 //! | `wire` | HTTP/1.1 on the wire, shared by the own listener loop and the own client |
@@ -12,6 +13,7 @@
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod proxy;
+pub(crate) mod routes;
 pub(crate) mod runtime;
 pub(crate) mod upstream;
 pub(crate) mod wire;

@@ -5,7 +5,8 @@
 //!   1. request id, trace   keep a valid X-Request-ID or make one; echoed on every response, logged once;
 //!                          W3C traceparent kept or started
 //!   2. input limits        414 URI too long, 413 body too large (by Content-Length, and while reading)
-//!   3. route               longest path prefix + method; 404 otherwise
+//!   3. route               most specific path prefix or template + method (found by prefix, whatever the
+//!                          number of routes); 404 otherwise
 //!   4. header hygiene      hop-by-hop headers stripped, X-Forwarded-For appended, Host = upstream
 //!   5. body                buffered for replay up to the route's cap, else streamed once (never retried); a gRPC
 //!                          call's streamed as it comes and copied within the cap (replayable once all sent)
@@ -252,7 +253,7 @@ pub(crate) async fn handle_passing(
         }
 
         // 3. Route.
-        let Some(found) = rt.listeners[listener].routes.iter().find(|r| r.matches(path, method)) else {
+        let Some(found) = rt.listeners[listener].routes.find(path, method) else {
             listener_metrics.unmatched.inc();
             break 'answer local(StatusCode::NOT_FOUND, "no route matches this request", id, grpc);
         };

@@ -12,11 +12,11 @@ use envelope_core::rate_limit::KeyedRateLimiter;
 use envelope_core::retry::{Retry, RetryBudget};
 use envelope_core::shed::{LoadShedder, Priority};
 use envelope_http::classify::StatusClassifier;
-use http::Method;
 
 use crate::config::{
     BusinessCounter, Config, Fallback, FallbackAnswer, HedgeDelay, HedgeSpec, KeyLimit, Route, Scope, Tier,
 };
+use crate::data::routes::{RouteTable, Routed};
 use crate::data::upstream::{SharedLinks, UpstreamRt};
 use crate::observe::metrics::{
     AttemptMetrics, BusinessMetrics, FallbackMetrics, ListenerMetrics, Metrics, RouteMetrics,
@@ -38,8 +38,8 @@ pub(crate) struct Runtime {
 pub(crate) struct ListenerRt {
     pub(crate) shedder: LoadShedder,
     pub(crate) metrics: ListenerMetrics,
-    /// Routes of this listener, longest prefix first.
-    pub(crate) routes: Vec<Arc<RouteRt>>,
+    /// Routes of this listener, most specific first, indexed by prefix.
+    pub(crate) routes: RouteTable<Arc<RouteRt>>,
 }
 
 pub(crate) struct RouteRt {
@@ -244,11 +244,17 @@ impl Runtime {
                 routes.sort_by_key(|r| {
                     std::cmp::Reverse((r.spec.matcher.path_prefix.len(), r.spec.matcher.template.is_some()))
                 });
-                ListenerRt { shedder, metrics: metrics.listener(&l.name), routes }
+                ListenerRt { shedder, metrics: metrics.listener(&l.name), routes: RouteTable::new(routes) }
             })
             .collect();
         let counters = config.counters.iter().map(|c| (c.clone(), metrics.business(&c.name))).collect();
         Runtime { config, listeners, upstreams, counters, spans }
+    }
+}
+
+impl Routed for Arc<RouteRt> {
+    fn matcher(&self) -> &crate::config::PathMatch {
+        &self.spec.matcher
     }
 }
 
@@ -295,11 +301,6 @@ impl RouteRt {
             key_limit: spec.rate_limit.as_ref().map(|l| KeyLimiter::new(l, &spec.name, events, shared)),
             fallback: None,
         }
-    }
-
-    /// Whether this route takes a request for `path` and `method`.
-    pub(crate) fn matches(&self, path: &str, method: &Method) -> bool {
-        self.spec.matcher.matches(path, method)
     }
 }
 
