@@ -64,6 +64,6 @@ pub mod slo;
 mod sync;
 pub mod timeout;
 
-pub use compose::{Envelope, EnvelopeLayer, EnvelopeService, StepAttempt, Steps};
+pub use compose::{CallOptions, Envelope, EnvelopeLayer, EnvelopeService, StepAttempt, Steps};
 pub use error::{BoxError, Error};
 pub use outcome::{Classify, DefaultClassifier, HasOutcome, Outcome, OutcomeSet};

@@ -366,9 +366,40 @@ async fn a_callers_deadline_shortens_the_envelopes_but_never_lengthens_it() {
         (&no_deadline, Some(250 * MS), 250 * MS),
     ] {
         let start = tokio::time::Instant::now();
-        let (result, outcome) = env.call_classified_within(start, within, &classify, slow).await;
+        let options = envelope_core::CallOptions { started: Some(start), within, attempts: None };
+        let (result, outcome) = env.call_with(options, &classify, slow).await;
         assert_eq!(outcome, Outcome::Timeout);
         assert!(matches!(result, Err(Error::Timeout(t)) if t.after() == expect));
         assert_eq!(start.elapsed(), expect);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_attempts_counted_are_those_admitted_injected_faults_included() {
+    use std::sync::atomic::AtomicU32;
+    let faults = FaultInjector::new("f");
+    let envelope = Envelope::builder().retry(retry(3)).circuit_breaker(breaker(4)).fault(faults.clone()).build();
+    // Every attempt answered by an injected 503: three attempts counted, the dependency never called.
+    faults.set(Fault::abort(Outcome::Upstream5xx, 100.0), None).unwrap();
+    let attempts = AtomicU32::new(0);
+    let calls = AtomicU32::new(0);
+    let options = envelope_core::CallOptions { attempts: Some(&attempts), ..Default::default() };
+    let (_, outcome) = envelope
+        .call_with(options, &envelope_core::DefaultClassifier, || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await;
+    assert_eq!(
+        (outcome, attempts.load(Ordering::Relaxed), calls.load(Ordering::Relaxed)),
+        (Outcome::Upstream5xx, 3, 0)
+    );
+    // The breaker opened on them (4 failures): the next call is rejected before any attempt.
+    let _ =
+        envelope.call_with(options, &envelope_core::DefaultClassifier, || async { Ok::<_, std::io::Error>(()) }).await;
+    let before = attempts.load(Ordering::Relaxed);
+    let (_, outcome) =
+        envelope.call_with(options, &envelope_core::DefaultClassifier, || async { Ok::<_, std::io::Error>(()) }).await;
+    assert_eq!(outcome, Outcome::CircuitOpen);
+    assert_eq!(attempts.load(Ordering::Relaxed), before, "rejected before any attempt: none counted");
 }

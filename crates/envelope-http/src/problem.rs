@@ -80,6 +80,19 @@ pub fn problem_with_status(
     request_id: Option<&RequestId>,
     retry_after: Option<Duration>,
 ) -> Response<Full<Bytes>> {
+    problem_after(status, outcome, detail, request_id, retry_after, None)
+}
+
+/// Like [`problem_with_status`], saying how many attempts were made for the call (`attempts`: 0 for a call
+/// refused before any, which is what a fast fail is).
+pub fn problem_after(
+    status: StatusCode,
+    outcome: Outcome,
+    detail: &str,
+    request_id: Option<&RequestId>,
+    retry_after: Option<Duration>,
+    attempts: Option<u32>,
+) -> Response<Full<Bytes>> {
     let mut doc = serde_json::json!({
         "type": format!("urn:envelope:problem:{}", outcome.as_str()),
         "title": status.canonical_reason().unwrap_or("Client Closed Request"),
@@ -89,6 +102,9 @@ pub fn problem_with_status(
     });
     if let Some(id) = request_id {
         doc["request_id"] = serde_json::Value::from(id.as_str());
+    }
+    if let Some(n) = attempts {
+        doc["attempts"] = serde_json::Value::from(n);
     }
     let body = serde_json::to_vec(&doc).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));

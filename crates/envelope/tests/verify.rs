@@ -38,10 +38,21 @@ match = { path_prefix = "/flaky" }
 upstream = "flaky"
 retry = { max_attempts = 4, base = "1ms", max_delay = "5ms", budget = { ratio = 1.0, min_per_second = 1000 } }
 
+[[upstream]]
+name = "guarded-retrying"
+endpoints = ["http://{upstream}"]
+breaker = { window = { count = 20 }, min_calls = 10, failure_rate = 50, open_for = "30s" }
+
 [[route]]
 name = "protected"
 match = { path_prefix = "/guarded" }
 upstream = "guarded"
+
+[[route]]
+name = "protected-retrying"
+match = { path_prefix = "/retried" }
+upstream = "guarded-retrying"
+retry = { max_attempts = 3, base = "100ms", max_delay = "100ms", jitter = "none", budget = { ratio = 1.0, min_per_second = 1000 } }
 
 [history]
 path = ":memory:"
@@ -65,6 +76,14 @@ route = "protected"
 request = { path = "/guarded/items" }
 load = { rate = 100, duration = "2s", concurrency = 32 }
 fault = { upstream = "guarded", abort_status = 503 }
+expect = { fast_fail_p99 = "100ms" }
+
+[[scenario]]
+name = "an outage fails fast with retries on"
+route = "protected-retrying"
+request = { path = "/retried/items" }
+load = { rate = 100, duration = "2s", concurrency = 32 }
+fault = { upstream = "guarded-retrying", abort_status = 503 }
 expect = { fast_fail_p99 = "100ms" }
 
 [[scenario]]
@@ -117,6 +136,9 @@ async fn verify_prints_pass_and_fail_per_measure_and_exits_non_zero_on_fail() {
     assert!(row(&table, "retries absorb", "success_rate").ends_with("PASS"), "{table}");
     assert!(row(&table, "retries absorb", "counter conflicts").ends_with("PASS"), "{table}");
     assert!(row(&table, "an outage fails fast", "fast_fail_p99").ends_with("PASS"), "{table}");
+    // With retries on: the requests that waited through retries (100 ms apart) before the breaker opened are not
+    // fast fails; the ones refused before any attempt are, and they are fast.
+    assert!(row(&table, "fails fast with retries on", "fast_fail_p99").ends_with("PASS"), "{table}");
     let slow = row(&table, "promises more", "p99");
     assert!(slow.ends_with("FAIL") && slow.contains("< 50.0 ms"), "{table}");
     assert!(table.contains("FAIL: some measures do not hold"), "{table}");
@@ -146,11 +168,13 @@ async fn verify_prints_pass_and_fail_per_measure_and_exits_non_zero_on_fail() {
     })
     .await
     .expect("live verdicts within 10 s");
-    assert_eq!(live.as_array().unwrap().len(), 3);
+    assert_eq!(live.as_array().unwrap().len(), 4);
     assert_eq!(live[1]["name"], "an outage fails fast");
     assert_eq!(live[1]["measures"][0]["measure"], "fast_fail_p99");
     assert_eq!(live[1]["measures"][0]["verdict"], "PASS", "{live}");
-    assert_eq!(live[2]["verdict"], "FAIL", "the slow route's p99 is over 50 ms on live traffic too: {live}");
+    assert_eq!(live[2]["name"], "an outage fails fast with retries on");
+    assert_eq!(live[2]["measures"][0]["verdict"], "PASS", "{live}");
+    assert_eq!(live[3]["verdict"], "FAIL", "the slow route's p99 is over 50 ms on live traffic too: {live}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,4 +236,37 @@ async fn admin_faults_need_the_token_validate_and_expire() {
         .unwrap();
     assert_eq!(send(delete).await.0, StatusCode::NO_CONTENT);
     assert_eq!(send(get(env.addr, "/flaky/x")).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answered_by_an_injected_fault_report_their_attempts() {
+    let up = FaultUpstream::start().await;
+    let config = CONFIG.replace("access_log = false", "access_log = true");
+    let env = envelope_with_env(&config, up.addr, &[("ENVELOPE_ADMIN_TOKEN", TOKEN)]).await;
+    let fault = Request::post(format!("http://{}/api/v1/faults/flaky", env.admin))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::from_static(br#"{"abort_status": 503, "duration_ms": 60000}"#)))
+        .unwrap();
+    assert_eq!(send(fault).await.0, StatusCode::OK);
+    let (status, _, body) = send(get(env.addr, "/flaky/x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["attempts"], 4, "every attempt the retry made, each answered by the fault: {doc}");
+    assert_eq!(up.count("GET", "/flaky/x"), 0, "none reached the upstream");
+    let log = env.access_log_lines(1).await;
+    assert_eq!((log[0]["attempts"].as_u64(), log[0]["outcome"].as_str()), (Some(4), Some("upstream_5xx")));
+    // Refused before any attempt: 0, in the document and the log.
+    let guarded = Request::post(format!("http://{}/api/v1/faults/guarded", env.admin))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::from_static(br#"{"abort_status": 503, "duration_ms": 60000}"#)))
+        .unwrap();
+    assert_eq!(send(guarded).await.0, StatusCode::OK);
+    for _ in 0..10 {
+        send(get(env.addr, "/guarded/x")).await;
+    }
+    let (_, _, body) = send(get(env.addr, "/guarded/x")).await;
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((doc["outcome"].as_str(), doc["attempts"].as_u64()), (Some("circuit_open"), Some(0)), "{doc}");
+    let log = env.access_log_lines(12).await;
+    assert_eq!((log[11]["attempts"].as_u64(), log[11]["outcome"].as_str()), (Some(0), Some("circuit_open")));
 }

@@ -33,6 +33,7 @@ mod steps;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 pub use layer::{EnvelopeLayer, EnvelopeService, ResponseFuture};
@@ -51,6 +52,21 @@ use crate::rate_limit::RateLimiter;
 use crate::retry::{Driver, Hint, Retry, classified};
 use crate::shed::{LoadShedder, Priority};
 use crate::timeout::Elapsed;
+
+/// How one call runs, for a caller that needs more than [`Envelope::call_classified`] (see
+/// [`Envelope::call_with`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CallOptions<'a> {
+    /// When the call began (say, when its request arrived, before its body was read): the deadline counts from
+    /// then. Now, by default.
+    pub started: Option<Instant>,
+    /// The caller's own deadline (such as gRPC's `grpc-timeout`), from `started`: the call's deadline is this when
+    /// it is sooner than the envelope's own, and an envelope without a deadline takes it.
+    pub within: Option<Duration>,
+    /// Counts the attempts admitted (past the breaker, the rate limit and the bulkhead), including those an
+    /// injected fault answered: a call rejected before any attempt leaves it as it was.
+    pub attempts: Option<&'a AtomicU32>,
+}
 
 /// Policies composed in the documented order. Cloning is one reference-count increment; clones share all state.
 #[derive(Clone)]
@@ -221,7 +237,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>, None, None).await
+        self.run(classifier, f, None::<fn(Outcome) -> T>, CallOptions::default()).await
     }
 
     /// Like [`call_classified`](Self::call_classified), for a call that began at `started` (say, when its request
@@ -237,16 +253,20 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started), None).await
+        self.run(
+            classifier,
+            f,
+            None::<fn(Outcome) -> T>,
+            CallOptions { started: Some(started), ..CallOptions::default() },
+        )
+        .await
     }
 
-    /// Like [`call_classified_since`](Self::call_classified_since), with the deadline shortened to `within` of
-    /// `started` when that comes sooner than the envelope's own (the caller's own deadline, such as gRPC's
-    /// `grpc-timeout`); an envelope without a deadline takes `within` as its deadline.
-    pub async fn call_classified_within<T, E, F, Fut, C>(
+    /// Like [`call_classified`](Self::call_classified), with the [`CallOptions`] a caller of its own may need:
+    /// when the call began, its own deadline, and a counter of the attempts made.
+    pub async fn call_with<T, E, F, Fut, C>(
         &self,
-        started: Instant,
-        within: Option<Duration>,
+        options: CallOptions<'_>,
         classifier: &C,
         f: F,
     ) -> (Result<T, Error<E>>, Outcome)
@@ -255,7 +275,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(classifier, f, None::<fn(Outcome) -> T>, Some(started), within).await
+        self.run(classifier, f, None::<fn(Outcome) -> T>, options).await
     }
 
     /// Like [`call`](Self::call), answering `fallback(outcome)` when the configured [`Fallback`] applies.
@@ -265,7 +285,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         E: HasOutcome,
     {
-        self.run(&DefaultClassifier, f, Some(fallback), None, None).await.0
+        self.run(&DefaultClassifier, f, Some(fallback), CallOptions::default()).await.0
     }
 
     async fn run<T, E, F, Fut, C, FB>(
@@ -273,8 +293,7 @@ impl Envelope {
         classifier: &C,
         f: F,
         fallback: Option<FB>,
-        started: Option<Instant>,
-        within: Option<Duration>,
+        options: CallOptions<'_>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -292,6 +311,7 @@ impl Envelope {
             None => None,
         };
         // (3) The deadline covers every attempt and every wait: the envelope's, or the caller's if sooner.
+        let CallOptions { started, within, attempts: counter } = options;
         let deadline = match (p.deadline, within) {
             (Some(own), Some(caller)) => Some(own.min(caller)),
             (own, caller) => own.or(caller),
@@ -302,13 +322,13 @@ impl Envelope {
                 let cover = cover::Cover::new(now + limit);
                 // Futures that nest a call are pinned where they are made and awaited by reference: passed by
                 // value, each would be copied whole (hundreds of bytes, every call) into the wrapper's state.
-                let attempts = std::pin::pin!(self.attempts(classifier, f, Some((&cover, now))));
+                let attempts = std::pin::pin!(self.attempts(classifier, f, Some((&cover, now)), counter));
                 match cover::Deadline::new(attempts, &cover).await {
                     Ok(done) => done,
                     Err(()) => (Err(self.timed_out(limit)), Outcome::Timeout),
                 }
             }
-            None => self.attempts(classifier, f, None).await,
+            None => self.attempts(classifier, f, None, counter).await,
         };
         if let Some(permit) = shed_permit {
             permit.record(outcome);
@@ -331,6 +351,7 @@ impl Envelope {
         classifier: &C,
         mut f: F,
         cover: Option<(&cover::Cover, Instant)>,
+        counter: Option<&AtomicU32>,
     ) -> (Result<T, Error<E>>, Outcome)
     where
         F: FnMut() -> Fut,
@@ -345,8 +366,8 @@ impl Envelope {
             // A single attempt is awaited here rather than through `hedged`: one async layer fewer for every
             // call's result to be moved through.
             let (result, outcome, hint) = match &p.hedge {
-                None => self.attempt(classifier, &mut f, limit, cover).await,
-                Some(hedge) => self.hedged(hedge, classifier, &mut f, limit, cover).await,
+                None => self.attempt(classifier, &mut f, limit, cover, counter).await,
+                Some(hedge) => self.hedged(hedge, classifier, &mut f, limit, cover, counter).await,
             };
             match driver.after(p.retry.as_ref(), outcome, hint) {
                 Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
@@ -364,6 +385,7 @@ impl Envelope {
         f: &mut F,
         limit: Option<Duration>,
         cover: Option<&cover::Cover>,
+        counter: Option<&AtomicU32>,
     ) -> Attempt<T, E>
     where
         F: FnMut() -> Fut,
@@ -376,7 +398,7 @@ impl Envelope {
             let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
             (*f)()
         };
-        hedge.race(|| self.attempt(classifier, make, limit, cover)).await
+        hedge.race(|| self.attempt(classifier, make, limit, cover, counter)).await
     }
 
     /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout. The
@@ -387,6 +409,7 @@ impl Envelope {
         make: M,
         limit: Option<Duration>,
         cover: Option<&cover::Cover>,
+        counter: Option<&AtomicU32>,
     ) -> Attempt<T, E>
     where
         M: FnOnce() -> Fut,
@@ -412,6 +435,10 @@ impl Envelope {
             },
             None => None,
         };
+        // Admitted: an attempt, whether the dependency or an injected fault answers it.
+        if let Some(counter) = counter {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // (10) + (11): the call, with injected faults, under the attempt timeout.
         let run = async {
             if let Some(fault) = &p.fault {

@@ -32,12 +32,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use envelope_core::{BoxError, Classify, Envelope, Error, Outcome};
+use envelope_core::{BoxError, CallOptions, Classify, Envelope, Error, Outcome};
 use envelope_http::body::{Replay as BodyReplay, prepare, tee};
 use envelope_http::classify::StatusClassifier;
 use envelope_http::headers::forwarded_for;
 use envelope_http::idempotency::{Replay, replay_safety};
-use envelope_http::problem::problem_with_status;
+use envelope_http::problem::problem_after;
 use envelope_http::request_id::{RequestId, X_REQUEST_ID};
 use envelope_http::trace::TraceContext;
 use http::{Request, Response, StatusCode};
@@ -265,7 +265,7 @@ pub(crate) async fn handle_passing(
             if let Err(limited) = limiter.acquire(key).await {
                 let detail = format!("route `{}`: rate limit reached", route.spec.name);
                 let retry_after = Some(limited.retry_after());
-                let mut answer = refusal(None, Outcome::LocalRateLimited, &detail, id, retry_after, grpc);
+                let mut answer = refusal(None, Outcome::LocalRateLimited, &detail, id, retry_after, Some(0), grpc);
                 let config = &spec.config;
                 let window = config.period() / config.rate().max(1) * config.burst();
                 let burst = u64::from(config.burst());
@@ -376,7 +376,7 @@ pub(crate) async fn handle_passing(
                 if matches!(e, Error::Inner(_)) {
                     cause = Some(e.to_string());
                 }
-                (answer_error(e, outcome, id, route, grpc), outcome)
+                (answer_error(e, outcome, id, route, attempts, grpc), outcome)
             }
         }
     };
@@ -443,7 +443,7 @@ struct Outgoing<'a> {
     trace: &'a TraceContext,
     /// With span export on, each attempt's span as it ends.
     attempt_spans: Option<&'a Mutex<Vec<AttemptSpan>>>,
-    /// Attempts sent, to every upstream.
+    /// Attempts made, to every upstream: those the envelope admitted, injected faults' included.
     count: AtomicU32,
     /// The caller's own deadline, when sooner than the route's (`grpc-timeout`).
     within: Option<Duration>,
@@ -460,9 +460,9 @@ impl Outgoing<'_> {
         prepared: &mut envelope_http::body::Prepared<Limited<InBody>>,
         start: Instant,
     ) -> (Result<Response<outbound::Body>, Error<UpstreamError>>, Outcome) {
+        let options = CallOptions { started: Some(start), within: self.within, attempts: Some(&self.count) };
         envelope
-            .call_classified_within(start, self.within, classifier, || {
-                self.count.fetch_add(1, Ordering::Relaxed);
+            .call_with(options, classifier, || {
                 metrics.attempt();
                 let span = self.attempt_spans.map(|log| (log, self.trace.child()));
                 let body = prepared.attempt();
@@ -556,7 +556,7 @@ impl Pending {
         let rt = &*self.rt;
         let now = Instant::now();
         if let Some(route) = &self.route {
-            route.metrics.record(a.outcome, a.status, a.elapsed.as_secs_f64(), now, &self.trace);
+            route.metrics.record(a.outcome, a.status, a.elapsed.as_secs_f64(), a.attempts, now, &self.trace);
             if a.outcome != Outcome::ClientCancelled {
                 route.slo.record_at(a.outcome.counts_against_availability(), a.elapsed, now);
             }
@@ -665,17 +665,19 @@ impl Drop for Pending {
 
 /// A local answer that is not a policy outcome (400, 404, 405, 413, 414): status and a problem document.
 fn local(status: StatusCode, detail: &str, id: &RequestId, grpc: bool) -> (Response<ProxyBody>, Outcome) {
-    (refusal(Some(status), Outcome::BadRequest, detail, id, None, grpc), Outcome::BadRequest)
+    (refusal(Some(status), Outcome::BadRequest, detail, id, None, None, grpc), Outcome::BadRequest)
 }
 
-/// A local answer, for a call that ended here in `outcome`: a problem document (with `status`, or the outcome's),
-/// or for a gRPC caller, the gRPC status it stands for (trailers-only). The one place local answers are made.
+/// A local answer, for a call that ended here in `outcome` after `attempts` (when it got as far as the envelope): a
+/// problem document (with `status`, or the outcome's), or for a gRPC caller, the gRPC status it stands for
+/// (trailers-only). The one place local answers are made.
 fn refusal(
     status: Option<StatusCode>,
     outcome: Outcome,
     detail: &str,
     id: &RequestId,
     retry_after: Option<Duration>,
+    attempts: Option<u32>,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let status = status.unwrap_or_else(|| envelope_http::problem::status_for(outcome));
@@ -683,7 +685,7 @@ fn refusal(
         let code = envelope_http::grpc::code_for(outcome, status);
         envelope_http::grpc::local_answer(code, detail, Some(id), retry_after)
     } else {
-        problem_with_status(status, outcome, detail, Some(id), retry_after)
+        problem_after(status, outcome, detail, Some(id), retry_after, attempts)
     };
     answer.map(Either::Right)
 }
@@ -793,6 +795,7 @@ fn answer_error(
     outcome: Outcome,
     id: &RequestId,
     route: &RouteRt,
+    attempts: u32,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let name = &route.spec.name;
@@ -814,11 +817,11 @@ fn answer_error(
         Error::Injected(_) => {
             let status = route.upstream.fault_status.load(std::sync::atomic::Ordering::Relaxed);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return refusal(Some(status), outcome, "injected fault", id, None, grpc);
+            return refusal(Some(status), outcome, "injected fault", id, None, Some(attempts), grpc);
         }
         other => (format!("route `{name}`: {other}"), None),
     };
-    refusal(None, outcome, &detail, id, retry_after, grpc)
+    refusal(None, outcome, &detail, id, retry_after, Some(attempts), grpc)
 }
 
 /// Status-first classification (or, for a gRPC call, its `grpc-status`), plus the request's replay safety.

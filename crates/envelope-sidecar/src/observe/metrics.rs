@@ -714,7 +714,15 @@ pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
 impl RouteMetrics {
     /// Counts one answered request; a sampled trace becomes the exemplar of its duration bucket.
     /// `now` is when the request ended (the clock is read once per request, by the caller).
-    pub(crate) fn record(&self, outcome: Outcome, status: u16, seconds: f64, now: Instant, trace: &TraceContext) {
+    pub(crate) fn record(
+        &self,
+        outcome: Outcome,
+        status: u16,
+        seconds: f64,
+        attempts: u32,
+        now: Instant,
+        trace: &TraceContext,
+    ) {
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
         let counter = self.requests[outcome as usize][class].get_or_init(|| {
@@ -733,7 +741,7 @@ impl RouteMetrics {
             .duration
             .get_or_init(|| self.duration_family.get_or_create(&RouteLabel { route: self.route.to_string() }).clone());
         duration.observe(seconds, exemplar, None);
-        self.tally.record(outcome, seconds);
+        self.tally.record(outcome, seconds, attempts);
         // Slow for a latency objective: as the route's SLO counts it (every answered request, over its threshold).
         if outcome != Outcome::ClientCancelled {
             for (threshold, counter) in self.slow.iter().filter(|(t, _)| seconds > *t) {

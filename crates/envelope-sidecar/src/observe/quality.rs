@@ -11,10 +11,12 @@ use envelope_core::Outcome;
 
 use crate::config::{Expect, Scenario};
 
-/// Whether an outcome is a fast fail: a local rejection answered without calling the upstream (what
-/// `fast_fail_p99` measures, on both sides).
-pub(crate) fn is_fast_fail(outcome: Outcome) -> bool {
-    matches!(outcome, Outcome::CircuitOpen | Outcome::BulkheadFull | Outcome::Shed | Outcome::LocalRateLimited)
+/// Whether a request was failed fast: rejected by the envelope before any attempt (open breaker, full bulkhead,
+/// shed, rate limited), what `fast_fail_p99` measures on both sides. A request that first went through attempts
+/// and waits (say, retries until the breaker opened) is not, whatever its outcome: its time is not the envelope's
+/// rejection time.
+pub(crate) fn is_fast_fail(outcome: Outcome, attempts: u32) -> bool {
+    attempts == 0 && outcome.is_local_rejection()
 }
 
 /// What was measured for one scenario.
@@ -26,7 +28,7 @@ pub struct Measured {
     pub served: u64,
     /// 99th percentile latency of every request.
     pub p99: Option<Duration>,
-    /// Requests the envelope rejected locally (open breaker, full bulkhead, shed, rate limited).
+    /// Requests the envelope rejected before any attempt (open breaker, full bulkhead, shed, rate limited).
     pub fast_failed: u64,
     /// 99th percentile latency of those.
     pub fast_fail_p99: Option<Duration>,

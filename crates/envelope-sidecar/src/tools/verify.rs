@@ -41,6 +41,8 @@ pub(crate) struct Answer {
     /// `fallback` for a fallback's answer (it says so in a header); `ok` for a 2xx; the `outcome` of a problem
     /// document; else `status_<code>`, or `error`.
     pub(crate) outcome: String,
+    /// The attempts the envelope made, as its problem document says (`None` for any other answer).
+    pub(crate) attempts: Option<u32>,
     pub(crate) latency: Duration,
 }
 
@@ -58,28 +60,26 @@ impl Probe {
             let problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/problem+json");
             let fallback = resp.headers().contains_key(crate::data::proxy::FALLBACK_HEADER);
             let body = resp.into_body().collect().await.ok()?.to_bytes();
+            let doc = problem.then(|| serde_json::from_slice::<serde_json::Value>(&body).ok()).flatten();
+            let attempts = doc.as_ref().and_then(|d| d["attempts"].as_u64()).map(|n| n as u32);
             let outcome = if fallback {
                 Outcome::Fallback.as_str().to_owned()
             } else if status.is_success() {
                 "ok".to_owned()
-            } else if let Some(o) = problem
-                .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
-                .flatten()
-                .and_then(|v| v["outcome"].as_str().map(str::to_owned))
-            {
+            } else if let Some(o) = doc.as_ref().and_then(|v| v["outcome"].as_str().map(str::to_owned)) {
                 o
             } else {
                 format!("status_{}", status.as_u16())
             };
-            Some((status.as_u16(), outcome))
+            Some((status.as_u16(), outcome, attempts))
         })
         .await
         .ok()
         .flatten();
         let latency = start.elapsed();
         match answer {
-            Some((status, outcome)) => Answer { status: Some(status), outcome, latency },
-            None => Answer { status: None, outcome: "error".to_owned(), latency },
+            Some((status, outcome, attempts)) => Answer { status: Some(status), outcome, attempts, latency },
+            None => Answer { status: None, outcome: "error".to_owned(), attempts: None, latency },
         }
     }
 
@@ -281,7 +281,9 @@ fn p99(mut latencies: Vec<Duration>) -> Option<Duration> {
 
 fn measure(answers: &[Answer], counters: BTreeMap<String, u64>) -> Measured {
     let served = |a: &Answer| a.status.is_some_and(|s| s < 500 && s != 429);
-    let fast_fail = |a: &Answer| Outcome::from_name(&a.outcome).is_some_and(is_fast_fail);
+    // Refused before any attempt, as the envelope's own answer says.
+    let fast_fail =
+        |a: &Answer| a.attempts.is_some_and(|n| Outcome::from_name(&a.outcome).is_some_and(|o| is_fast_fail(o, n)));
     Measured {
         requests: answers.len() as u64,
         served: answers.iter().filter(|a| served(a)).count() as u64,
@@ -334,22 +336,27 @@ mod tests {
 
     #[test]
     fn served_and_fast_failed_are_told_apart() {
-        let a = |status: Option<u16>, outcome: &str, ms: u64| Answer {
+        let a = |status: Option<u16>, outcome: &str, attempts: Option<u32>, ms: u64| Answer {
             status,
             outcome: outcome.to_owned(),
+            attempts,
             latency: Duration::from_millis(ms),
         };
         let answers = [
-            a(Some(200), "ok", 10),
-            a(Some(404), "status_404", 10),
-            a(Some(503), "circuit_open", 1),
-            a(Some(429), "shed", 2),
-            a(Some(502), "connect_error", 30),
-            a(None, "error", 30_000),
+            a(Some(200), "ok", None, 10),
+            a(Some(404), "status_404", None, 10),
+            a(Some(503), "circuit_open", Some(0), 1),
+            a(Some(429), "shed", Some(0), 2),
+            a(Some(502), "connect_error", Some(3), 30),
+            a(None, "error", None, 30_000),
+            // Retried until the breaker opened: refused, but not fast.
+            a(Some(503), "circuit_open", Some(2), 400),
         ];
         let m = measure(&answers, BTreeMap::new());
-        assert_eq!((m.requests, m.served, m.fast_failed), (6, 2, 2));
+        assert_eq!((m.requests, m.served, m.fast_failed), (7, 2, 2));
         assert_eq!(m.fast_fail_p99, Some(Duration::from_millis(2)));
         assert_eq!(m.p99, Some(Duration::from_secs(30)));
+        let unknown = [a(Some(503), "circuit_open", None, 1)];
+        assert_eq!(measure(&unknown, BTreeMap::new()).fast_failed, 0, "without the attempts, not known to be fast");
     }
 }

@@ -216,7 +216,7 @@ mod tests {
         let tallies = Arc::new(Tallies::default());
         let history = History::open(Some(&dir.join("h.db")), Duration::from_secs(86_400), tallies.clone());
         let api = tallies.route("api");
-        api.record(Outcome::Ok, 0.001);
+        api.record(Outcome::Ok, 0.001, 1);
         history.flush(1000);
         // The disk fills up: SQLite answers SQLITE_FULL to the next write.
         {
@@ -226,7 +226,7 @@ mod tests {
         }
         for minute in 1001..1100 {
             for _ in 0..10 {
-                api.record(Outcome::Ok, 0.001);
+                api.record(Outcome::Ok, 0.001, 1);
             }
             tallies.counter(&format!("c{minute}")).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             history.flush(minute);

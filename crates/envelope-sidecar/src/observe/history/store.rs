@@ -237,9 +237,9 @@ mod tests {
         let t = Tallies::default();
         let api = t.route("api");
         for _ in 0..requests {
-            api.record(Outcome::Ok, 0.002);
+            api.record(Outcome::Ok, 0.002, 1);
         }
-        api.record(Outcome::Timeout, 2.0);
+        api.record(Outcome::Timeout, 2.0, 1);
         t.counter("orders").fetch_add(requests, std::sync::atomic::Ordering::Relaxed);
         t.upstream("db").count(super::super::tally::UpstreamEvent::Attempt);
         t.take()

@@ -43,11 +43,12 @@ pub(crate) struct RouteCounts {
 }
 
 impl RouteTally {
-    pub(crate) fn record(&self, outcome: Outcome, seconds: f64) {
+    /// Counts a request answered in `outcome` after `seconds`, with `attempts` made for it.
+    pub(crate) fn record(&self, outcome: Outcome, seconds: f64, attempts: u32) {
         self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
         let bucket = bucket_of(seconds);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        if is_fast_fail(outcome) {
+        if is_fast_fail(outcome, attempts) {
             self.rejected[bucket].fetch_add(1, Ordering::Relaxed);
         }
         self.duration_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
@@ -252,24 +253,26 @@ mod tests {
         let t = Tallies::default();
         let api = t.route("api");
         let _quiet = t.route("quiet");
-        api.record(Outcome::Ok, 0.003);
-        api.record(Outcome::Upstream5xx, 0.3);
-        api.record(Outcome::Timeout, 60.0);
-        api.record(Outcome::CircuitOpen, 0.001);
+        api.record(Outcome::Ok, 0.003, 1);
+        api.record(Outcome::Upstream5xx, 0.3, 3);
+        api.record(Outcome::Timeout, 60.0, 1);
+        api.record(Outcome::CircuitOpen, 0.001, 0);
+        // Retried twice, then refused by the breaker that opened meanwhile: not a fast fail.
+        api.record(Outcome::CircuitOpen, 0.4, 2);
         t.counter("orders").fetch_add(2, Ordering::Relaxed);
         t.upstream("db").count(UpstreamEvent::Opened);
         let taken = t.take();
         assert_eq!(taken.routes.len(), 1);
         let (name, c) = &taken.routes[0];
         assert_eq!(name, "api");
-        assert_eq!(c.requests(), 4);
-        assert_eq!(c.rejected.iter().sum::<u64>(), 1, "only the open-breaker rejection is a fast fail");
+        assert_eq!(c.requests(), 5);
+        assert_eq!(c.rejected.iter().sum::<u64>(), 1, "only the open-breaker rejection before any attempt is fast");
         assert_eq!(c.rejected[0], 1);
         assert_eq!(c.outcomes[Outcome::Upstream5xx as usize], 1);
         assert_eq!(c.buckets[0], 2, "3 ms and 1 ms are in the 5 ms bucket");
-        assert_eq!(c.buckets[7], 1, "300 ms is in the 500 ms bucket");
+        assert_eq!(c.buckets[7], 2, "300 ms and 400 ms are in the 500 ms bucket");
         assert_eq!(c.buckets[BUCKETS - 1], 1, "60 s is above every bound");
-        assert_eq!(c.duration_us, 60_304_000);
+        assert_eq!(c.duration_us, 60_704_000);
         assert_eq!(taken.counters, vec![("orders".to_owned(), 2)]);
         assert_eq!(taken.upstreams[0].1[UpstreamEvent::Opened as usize], 1);
         let again = t.take();
