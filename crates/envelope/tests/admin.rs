@@ -275,3 +275,23 @@ async fn a_routes_own_slo_with_two_latency_objectives_is_served_and_counted() {
         (sum(&text, "envelope_slo_latency_budget_remaining", "objective=\"p95_100ms\"") - (1.0 - 5.0)).abs() < 1e-9
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_by_a_bounded_method_and_retries_by_what_they_retried() {
+    let up = FaultUpstream::start().await;
+    up.script("/api/m", [Action::status(503), Action::status(200)]);
+    let env = envelope_with_env(CONFIG, up.addr, &[]).await;
+    send(get(env.addr, "/api/m")).await;
+    for method in ["POST", "PURGE", "BREW", "DELETE"] {
+        let req = Request::builder().method(method).uri(format!("http://{}/api/x", env.addr));
+        send(req.body(Full::new(Bytes::new())).unwrap()).await;
+    }
+    let (_, _, body) = send(get(env.admin, "/metrics")).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(sum(&text, "envelope_requests_total", "method=\"GET\""), 1.0);
+    assert_eq!(sum(&text, "envelope_requests_total", "method=\"POST\""), 1.0);
+    assert_eq!(sum(&text, "envelope_requests_total", "method=\"DELETE\""), 1.0);
+    assert_eq!(sum(&text, "envelope_requests_total", "method=\"other\""), 2.0, "extension methods share one value");
+    assert!(!text.contains("PURGE") && !text.contains("BREW"), "no label value a client chose");
+    assert_eq!(sum(&text, "envelope_retries_total", "outcome=\"upstream_5xx\""), 1.0, "the 503 was retried");
+}

@@ -287,7 +287,7 @@ async fn unavailable_is_retried_and_a_callers_error_is_not() {
     let log = env.access_log_lines(2).await;
     assert_eq!((log[0]["attempts"].as_u64(), log[0]["outcome"].as_str()), (Some(3), Some("ok")));
     assert_eq!((log[1]["attempts"].as_u64(), log[1]["outcome"].as_str()), (Some(1), Some("upstream_4xx")));
-    assert_eq!(metric(env.admin, r#"envelope_retries_total{route="rpc"}"#).await, 2.0);
+    assert_eq!(metric(env.admin, r#"envelope_retries_total{route="rpc",outcome="upstream_5xx"}"#).await, 2.0);
 }
 
 #[tokio::test]

@@ -46,7 +46,7 @@ tests:
     input_series:
       - series: 'envelope_requests_total{listener="in",route="api",outcome="ok",code="2xx"}'
         values: '0+100x30'
-      - series: 'envelope_retries_total{route="api"}'
+      - series: 'envelope_retries_total{route="api",outcome="upstream_5xx"}'
         values: '0+5x10 50+20x20'
       - series: 'envelope_timeouts_total{route="api"}'
         values: '0x10 0+10x20'

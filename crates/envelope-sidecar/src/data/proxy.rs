@@ -51,7 +51,7 @@ use crate::data::runtime::{FallbackRt, FallbackTarget, RouteRt, Runtime};
 use crate::data::upstream::UpstreamRt;
 use crate::data::wire::RawHead;
 use crate::observe::access_log::{self, Entry};
-use crate::observe::metrics::AttemptMetrics;
+use crate::observe::metrics::{AttemptMetrics, Served};
 use crate::observe::telemetry::{AttemptSpan, RequestSpan};
 
 /// What the sidecar answers with: the upstream's body (under the route's deadline), or a local one.
@@ -556,7 +556,14 @@ impl Pending {
         let rt = &*self.rt;
         let now = Instant::now();
         if let Some(route) = &self.route {
-            route.metrics.record(a.outcome, a.status, a.elapsed.as_secs_f64(), a.attempts, now, &self.trace);
+            let served = Served {
+                method: &self.method,
+                outcome: a.outcome,
+                status: a.status,
+                seconds: a.elapsed.as_secs_f64(),
+                attempts: a.attempts,
+            };
+            route.metrics.record(&served, now, &self.trace);
             if a.outcome != Outcome::ClientCancelled {
                 route.slo.record_at(a.outcome.counts_against_availability(), a.elapsed, now);
             }

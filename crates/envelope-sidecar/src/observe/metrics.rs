@@ -7,7 +7,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `envelope_requests_total` | counter | `listener`, `route`, `outcome`, `code` (status class) |
+//! | `envelope_requests_total` | counter | `listener`, `route`, `method` (the standard nine, or `other`), `outcome`, `code` (status class) |
 //! | `envelope_request_duration_seconds` | histogram (5 ms … 10 s), with `trace_id` exemplars in OpenMetrics | `route` |
 //! | `envelope_requests_in_flight` | gauge | `listener` |
 //! | `envelope_unmatched_requests_total` | counter | `listener` |
@@ -18,7 +18,7 @@
 //! | `envelope_breaker_state` | gauge (1 = current) | `upstream`, `state` |
 //! | `envelope_breaker_transitions_total` | counter | `upstream`, `from`, `to` |
 //! | `envelope_breaker_rejections_total` | counter | `upstream` |
-//! | `envelope_retries_total` | counter | `route` |
+//! | `envelope_retries_total` | counter | `route`, `outcome` (of the attempt retried) |
 //! | `envelope_retries_given_up_total` | counter | `route`, `reason` |
 //! | `envelope_bulkhead_rejections_total` | counter | `upstream`, `waited` |
 //! | `envelope_rate_limited_total` | counter | `upstream`, `shadow` |
@@ -68,9 +68,30 @@ use crate::observe::history::tally::{BUCKETS, RouteTally, Tallies, UpstreamEvent
 struct RequestLabels {
     listener: String,
     route: String,
+    method: &'static str,
     outcome: &'static str,
     code: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    route: String,
+    /// The outcome of the attempt that is retried.
+    outcome: &'static str,
+}
+
+/// The `method` label's values: the standard methods, and `other` for any extension method, so that a client
+/// cannot make new series by inventing methods.
+pub(crate) const METHODS: [&str; 10] =
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other"];
+
+/// The index of `method` in [`METHODS`].
+fn method_index(method: &http::Method) -> usize {
+    METHODS[..9].iter().position(|m| *m == method.as_str()).unwrap_or(9)
+}
+
+/// One method's request counters, by outcome then status class (0: none/local, 1..=5: 1xx..5xx).
+type MethodSeries = [[std::sync::OnceLock<Counter>; 6]; Outcome::ALL.len()];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -201,7 +222,7 @@ pub(crate) struct Metrics {
     breaker_state: Family<StateLabels, Gauge>,
     breaker_transitions: Family<TransitionLabels, Counter>,
     breaker_rejections: Family<UpstreamLabel, Counter>,
-    retries: Family<RouteLabel, Counter>,
+    retries: Family<RetryLabels, Counter>,
     retries_given_up: Family<GiveUpLabels, Counter>,
     bulkhead_rejections: Family<BulkheadLabels, Counter>,
     rate_limited: Family<RateLabels, Counter>,
@@ -245,9 +266,10 @@ pub(crate) struct Transition {
 /// A route's metric handles, resolved at config load.
 #[derive(Debug, Clone)]
 pub(crate) struct RouteMetrics {
-    /// Indexed by outcome, then by status class (0: none/local, 1..=5: 1xx..5xx); each series made the first time
-    /// it counts, so that `/metrics` lists only pairs that happened (most outcomes come with one or two classes).
-    requests: Arc<[[std::sync::OnceLock<Counter>; 6]]>,
+    /// Indexed by method ([`METHODS`]), then outcome, then status class; a method's table made with its first
+    /// request and each series the first time it counts, so that `/metrics` lists only what happened and an idle
+    /// route costs a pointer per method.
+    requests: Arc<[std::sync::OnceLock<Box<MethodSeries>>; METHODS.len()]>,
     /// The family and the labels the series are made with.
     request_family: Family<RequestLabels, Counter>,
     listener: Arc<str>,
@@ -476,9 +498,8 @@ impl Metrics {
         upstream: &str,
         thresholds: &[std::time::Duration],
     ) -> RouteMetrics {
-        let requests = Outcome::ALL.iter().map(|_| std::array::from_fn(|_| std::sync::OnceLock::new())).collect();
         RouteMetrics {
-            requests,
+            requests: Arc::default(),
             request_family: self.requests.clone(),
             listener: listener.into(),
             route: route.into(),
@@ -618,8 +639,8 @@ impl Metrics {
                 self.breaker_rejections.get_or_create(&UpstreamLabel { upstream: name.to_owned() }).inc();
                 self.tallies.upstream(name).count(UpstreamEvent::BreakerRejection);
             }
-            Event::RetryScheduled { name, .. } => {
-                self.retries.get_or_create(&RouteLabel { route: name.to_owned() }).inc();
+            Event::RetryScheduled { name, outcome, .. } => {
+                self.retries.get_or_create(&RetryLabels { route: name.to_owned(), outcome: outcome.as_str() }).inc();
             }
             Event::RetryGaveUp { name, reason, .. } => {
                 let reason = reason.as_str();
@@ -711,24 +732,32 @@ pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     out
 }
 
+/// An answered request, as the metrics count it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served<'a> {
+    pub(crate) method: &'a http::Method,
+    pub(crate) outcome: Outcome,
+    pub(crate) status: u16,
+    /// Its latency.
+    pub(crate) seconds: f64,
+    /// The attempts made for it.
+    pub(crate) attempts: u32,
+}
+
 impl RouteMetrics {
     /// Counts one answered request; a sampled trace becomes the exemplar of its duration bucket.
     /// `now` is when the request ended (the clock is read once per request, by the caller).
-    pub(crate) fn record(
-        &self,
-        outcome: Outcome,
-        status: u16,
-        seconds: f64,
-        attempts: u32,
-        now: Instant,
-        trace: &TraceContext,
-    ) {
+    pub(crate) fn record(&self, served: &Served<'_>, now: Instant, trace: &TraceContext) {
+        let Served { method, outcome, status, seconds, attempts } = *served;
         let class =
             if (100..600).contains(&status) && outcome != Outcome::ClientCancelled { status as usize / 100 } else { 0 };
-        let counter = self.requests[outcome as usize][class].get_or_init(|| {
+        let m = method_index(method);
+        let series = self.requests[m].get_or_init(|| Box::new(std::array::from_fn(|_| Default::default())));
+        let counter = series[outcome as usize][class].get_or_init(|| {
             let labels = RequestLabels {
                 listener: self.listener.to_string(),
                 route: self.route.to_string(),
+                method: METHODS[m],
                 outcome: outcome.as_str(),
                 code: CODES[class],
             };

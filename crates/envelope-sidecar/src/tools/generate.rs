@@ -404,7 +404,7 @@ pub fn grafana_dashboard(config: &Config) -> String {
             "timeseries",
             "short",
             &[
-                ("sum by (route) (rate(envelope_retries_total[5m]))", "retries/s {{route}}"),
+                ("sum by (route, outcome) (rate(envelope_retries_total[5m]))", "retries/s {{route}} after {{outcome}}"),
                 (
                     "sum by (route, reason) (rate(envelope_retries_given_up_total[5m]))",
                     "gave up/s {{route}} {{reason}}",
