@@ -876,12 +876,17 @@ fn resolve(raw: RawConfig, defaults: &Defaults, base_dir: &Path) -> Result<Confi
         let field = |f: &str| format!("listener[{i}].{f}");
         // The engine's shedder config, validated by the engine: an adaptive limit with its defaults, or a fixed one.
         let shed = envelope_core::shed::Config::builder();
-        let shedding = match (l.adaptive_concurrency, l.max_concurrent) {
-            (Some(true), _) => shed.build(),
+        let adaptive =
+            l.adaptive_concurrency.as_ref().map(|a| resolve_adaptive(&field("adaptive_concurrency"), a)).transpose()?;
+        let shedding = match (adaptive.flatten(), l.max_concurrent) {
+            (Some(gradient), _) => shed.adaptive(gradient).build(),
             (_, Some(n)) => shed.fixed(n.0 as usize).build(),
             _ => shed.fixed(defaults.max_concurrent as usize).build(),
         }
-        .map_err(|e| invalid(&l.name, field("max_concurrent"), e.to_string()))?;
+        .map_err(|e| match &l.adaptive_concurrency {
+            Some(a) => invalid(a, field("adaptive_concurrency"), e.to_string()),
+            None => invalid(&l.name, field("max_concurrent"), e.to_string()),
+        })?;
         listeners.push(Listener {
             name: l.name.get_ref().clone(),
             listen: l.listen,
@@ -1244,6 +1249,58 @@ fn resolve_match(field: &str, matcher: &Spanned<raw::RawMatch>) -> Result<PathMa
         ),
     };
     Ok(PathMatch { path_prefix, template, methods })
+}
+
+/// A listener's `adaptive_concurrency`: `true` (the engine's defaults), `false` (off: `None`), or a table setting
+/// its operating point: `tolerance` (the latency, as a multiple of the unloaded one, it lets in-flight work grow
+/// to), `initial_limit`, `min_limit`, `max_limit`, `window`.
+fn resolve_adaptive(
+    field: &str,
+    value: &Spanned<toml::Value>,
+) -> Result<Option<envelope_core::shed::adaptive::GradientConfig>, Invalid> {
+    use envelope_core::shed::adaptive::GradientConfig;
+    let bad = |at: String, why: String| invalid(value, at, why);
+    let table = match value.get_ref() {
+        toml::Value::Boolean(false) => return Ok(None),
+        toml::Value::Boolean(true) => return Ok(Some(GradientConfig::default())),
+        toml::Value::Table(t) => t,
+        _ => return Err(bad(field.to_owned(), "`true`, or a table such as `{ tolerance = 1.2 }`".into())),
+    };
+    let mut c = GradientConfig::default();
+    for (key, v) in table {
+        let at = format!("{field}.{key}");
+        let count = |v: &toml::Value| match v {
+            toml::Value::Integer(n) if *n >= 1 => Ok(*n as usize),
+            _ => Err(bad(at.clone(), "a whole number of at least 1".into())),
+        };
+        match key.as_str() {
+            "tolerance" => {
+                c.tolerance = match v {
+                    toml::Value::Float(f) => *f,
+                    toml::Value::Integer(n) => *n as f64,
+                    _ => return Err(bad(at, "a number of at least 1.0, such as 1.2".into())),
+                }
+            }
+            "initial_limit" => c.initial_limit = count(v)?,
+            "min_limit" => c.min_limit = count(v)?,
+            "max_limit" => c.max_limit = count(v)?,
+            "window" => {
+                c.window = match v {
+                    toml::Value::String(d) => Dur::parse(d).map_err(|why| bad(at.clone(), why))?.0,
+                    _ => return Err(bad(at, "a duration such as \"100ms\"".into())),
+                }
+            }
+            _ => {
+                return Err(bad(
+                    at,
+                    "unknown field, expected `tolerance`, `initial_limit`, `min_limit`, `max_limit` or `window`".into(),
+                ));
+            }
+        }
+    }
+    // The engine's own check decides (a tolerance under 1, a floor above the ceiling, a zero window).
+    c.validate().map_err(|e| bad(field.to_owned(), e.to_string()))?;
+    Ok(Some(c))
 }
 
 /// `shared`: the config has `[shared]` (a global limit needs it).

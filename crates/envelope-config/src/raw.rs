@@ -140,7 +140,8 @@ pub(crate) struct RawListener {
     pub(crate) name: Spanned<String>,
     pub(crate) listen: SocketAddr,
     pub(crate) max_concurrent: Option<NonZero>,
-    pub(crate) adaptive_concurrency: Option<bool>,
+    /// `true`, or a table tuning it (read by hand, for errors that name the key).
+    pub(crate) adaptive_concurrency: Option<Spanned<toml::Value>>,
     pub(crate) max_connections: Option<Spanned<NonZero>>,
     pub(crate) header_read_timeout: Option<PositiveDur>,
     pub(crate) keepalive_timeout: Option<PositiveDur>,

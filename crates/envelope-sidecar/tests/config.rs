@@ -581,3 +581,40 @@ fn the_alerts_window_scale_is_for_drills_and_bounded() {
     assert_eq!(error(&with(0)).field, "alerts.window_scale");
     assert_eq!(error(&with(301)).field, "alerts.window_scale");
 }
+
+#[test]
+fn the_adaptive_limit_is_on_off_or_tuned() {
+    use envelope_sidecar::envelope_http::envelope_core::shed::Limit;
+    let with = |value: &str| {
+        VALID.replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"127.0.0.1:8080\"\nadaptive_concurrency = {value}"),
+        )
+    };
+    let limit =
+        |value: &str| Config::parse("envelope.toml", &with(value)).unwrap().listeners[0].shedding.limit().clone();
+    assert!(matches!(limit("false"), Limit::Fixed(_)));
+    let Limit::Adaptive(defaults) = limit("true") else { panic!("adaptive") };
+    assert_eq!(defaults.tolerance, 1.5);
+    let Limit::Adaptive(tuned) =
+        limit(r#"{ tolerance = 1.1, min_limit = 2, max_limit = 64, initial_limit = 8, window = "50ms" }"#)
+    else {
+        panic!("adaptive")
+    };
+    assert_eq!((tuned.tolerance, tuned.min_limit, tuned.max_limit, tuned.initial_limit), (1.1, 2, 64, 8));
+    assert_eq!(tuned.window, Duration::from_millis(50));
+    for (value, field, says) in [
+        (r#"{ tolerance = 0.9 }"#, "listener[0].adaptive_concurrency", "tolerance"),
+        (r#"{ tolerance = "tight" }"#, "listener[0].adaptive_concurrency.tolerance", "a number"),
+        (r#"{ min_limit = 0 }"#, "listener[0].adaptive_concurrency.min_limit", "at least 1"),
+        (r#"{ min_limit = 50, max_limit = 10 }"#, "listener[0].adaptive_concurrency", "max_limit"),
+        (r#"{ window = "soon" }"#, "listener[0].adaptive_concurrency.window", ""),
+        (r#"{ gain = 2 }"#, "listener[0].adaptive_concurrency.gain", "unknown field"),
+        ("3", "listener[0].adaptive_concurrency", "a table"),
+    ] {
+        let e = error(&with(value));
+        assert_eq!(e.field, field, "{value}: {e}");
+        assert!(e.message.contains(says), "{value}: {e}");
+        assert_eq!(e.line, 5, "{value}: {e}");
+    }
+}
