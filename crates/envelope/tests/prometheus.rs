@@ -153,9 +153,15 @@ async fn alerts(port: u16, name: &str) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
     let up = FaultUpstream::start().await;
-    let config = format!(
-        "{CONFIG}slo = {{ availability = 99, latency = [{{ percentile = 90, under = \"2s\" }}] }}\n\n[alerts]\nwindow_scale = 60\n"
-    );
+    // The upstream has a breaker, and a second route answers from a fallback while it is open: the alerts beyond
+    // burn rate are scaled too, and seen to fire in the same drill.
+    let config = CONFIG.replace(
+        "endpoints = [\"http://{upstream}\"]",
+        "endpoints = [\"http://{upstream}\"]\nbreaker = { window = { count = 20 }, min_calls = 10, failure_rate = 50, open_for = \"1s\" }",
+    ) + "slo = { availability = 99, latency = [{ percentile = 90, under = \"2s\" }] }\n\n\
+        [[route]]\nname = \"rec\"\nmatch = { path_prefix = \"/rec\" }\nupstream = \"app\"\n\
+        fallback = { on = [\"circuit_open\", \"retries_exhausted\"], body = \"[]\" }\n\n\
+        [alerts]\nwindow_scale = 60\n";
     let env = envelope(&config, up.addr).await;
     let dir = TempDir::new();
     let (mut prom, port) = prometheus(&config.replace("{upstream}", &up.addr.to_string()), env.admin, &dir).await;
@@ -164,6 +170,7 @@ async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
     let traffic = tokio::spawn(async move {
         loop {
             send(get(addr, "/api/drill")).await;
+            send(get(addr, "/rec/drill")).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
@@ -179,17 +186,30 @@ async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
     assert!(!page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await));
     // The outage: every request fails. The page fires within seconds.
     up.script("/api/drill", [support::Action::status(503)]);
+    up.script("/rec/drill", [support::Action::status(503)]);
     let outage = Instant::now();
-    loop {
-        if page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await) {
-            break;
+    let firing = |alerts: &[serde_json::Value]| alerts.iter().any(|a| a["state"] == "firing");
+    let (mut paged, mut breaker, mut fallback) = (None, None, None);
+    while paged.is_none() || breaker.is_none() || fallback.is_none() {
+        if paged.is_none() && page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await) {
+            paged = Some(outage.elapsed());
         }
-        assert!(outage.elapsed() < Duration::from_secs(60), "the page fires within a minute of the outage");
+        if breaker.is_none() && firing(&alerts(port, "EnvelopeBreakerOpen").await) {
+            breaker = Some(outage.elapsed());
+        }
+        if fallback.is_none() && firing(&alerts(port, "EnvelopeFallbacksInUse").await) {
+            fallback = Some(outage.elapsed());
+        }
+        assert!(
+            outage.elapsed() < Duration::from_secs(60),
+            "the page, the breaker and the fallback alerts fire within a minute: {paged:?} {breaker:?} {fallback:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let fired_after = outage.elapsed();
+    let fired_after = paged.unwrap_or_default();
     // Recovery: it clears once the short windows are clean.
     up.script("/api/drill", [support::Action::status(200)]);
+    up.script("/rec/drill", [support::Action::status(200)]);
     let recovery = Instant::now();
     loop {
         if !page(&alerts(port, "EnvelopeErrorBudgetBurnPage").await) {
@@ -198,7 +218,10 @@ async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
         assert!(recovery.elapsed() < Duration::from_secs(90), "the page clears within 90 s of recovery");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    eprintln!("drill: paged {fired_after:?} after the outage, cleared {:?} after recovery", recovery.elapsed());
+    eprintln!(
+        "drill: paged {fired_after:?} after the outage (breaker alert {breaker:?}, fallback alert {fallback:?}), cleared {:?} after recovery",
+        recovery.elapsed()
+    );
     traffic.abort();
     let _ = prom.kill().await;
 }

@@ -61,10 +61,10 @@ pub fn prometheus_rules(config: &Config) -> String {
             };
             write_sli(&mut out, &route_name, &latency, base, scale);
         }
-        write_route_alerts(&mut out, &route_name, route.fallback.is_some(), base);
+        write_route_alerts(&mut out, &route_name, route.fallback.is_some(), base, scale);
     }
     for u in &config.upstreams {
-        write_upstream_alerts(&mut out, &yaml_escape(&u.name), u.breaker.is_some(), u.bulkhead.is_some(), base);
+        write_upstream_alerts(&mut out, &yaml_escape(&u.name), u.breaker.is_some(), u.bulkhead.is_some(), base, scale);
     }
     if config.shared.is_some() {
         // Distributed mode: an instance whose shared breakers decide alone for more than a minute.
@@ -92,6 +92,27 @@ struct Sli {
     objective: f64,
     error_ratio: Box<dyn Fn(&str) -> String>,
     what: &'static str,
+}
+
+/// `expr` with every range selector (`[5m]`) divided by `scale`.
+fn scale_ranges(expr: &str, scale: u32) -> String {
+    if scale <= 1 {
+        return expr.to_owned();
+    }
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(open) = rest.find('[') {
+        let Some(close) = rest[open..].find(']').map(|c| open + c) else { break };
+        out.push_str(&rest[..=open]);
+        let inner = &rest[open + 1..close];
+        let (digits, unit) = inner.split_at(inner.len().saturating_sub(1));
+        let duration = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && "smhd".contains(unit);
+        out.push_str(&if duration { scaled(inner, scale) } else { inner.to_owned() });
+        out.push(']');
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The range a rule named for window `w` reads: `w` itself, or `w` divided by `scale` (`[alerts] window_scale`,
@@ -179,10 +200,12 @@ struct Alert<'a> {
     summary: String,
 }
 
-fn write_alert(out: &mut String, a: &Alert<'_>, base: &str) {
+/// Writes alert `a`; with `scale` above 1 (`[alerts] window_scale`, drills only), its ranges and hold shortened.
+fn write_alert(out: &mut String, a: &Alert<'_>, base: &str, scale: u32) {
     let _ = writeln!(out, "  - alert: {}", a.name);
-    let _ = writeln!(out, "    expr: {}", a.expr);
-    let _ = writeln!(out, "    for: {}", a.hold);
+    let _ = writeln!(out, "    expr: {}", scale_ranges(&a.expr, scale));
+    let hold = if a.hold.starts_with('0') { a.hold.to_owned() } else { scaled(a.hold, scale) };
+    let _ = writeln!(out, "    for: {hold}");
     let _ = writeln!(out, "    labels: {{ severity: {}, {} }}", a.severity, a.labels);
     let _ = writeln!(out, "    annotations:");
     let _ = writeln!(out, "      summary: \"{}\"", a.summary);
@@ -191,7 +214,7 @@ fn write_alert(out: &mut String, a: &Alert<'_>, base: &str) {
 
 /// What breaks on a route besides its SLO: retries taking a large share of the attempts, deadlines and attempt
 /// timeouts firing often, the retry budget running out, and (for a route with one) its fallback answering.
-fn write_route_alerts(out: &mut String, name: &str, fallback: bool, base: &str) {
+fn write_route_alerts(out: &mut String, name: &str, fallback: bool, base: &str, scale: u32) {
     let labels = format!("envelope_route: \"{name}\"");
     let requests = format!("sum(rate(envelope_requests_total{{route=\"{name}\"}}[5m]))");
     let _ = writeln!(out, "- name: envelope-route-{name}-alerts");
@@ -224,7 +247,7 @@ fn write_route_alerts(out: &mut String, name: &str, fallback: bool, base: &str) 
             summary: format!("Route {name} ran out of retry budget: failures reach the clients unretried"),
         },
     ] {
-        write_alert(out, &a, base);
+        write_alert(out, &a, base, scale);
     }
     if fallback {
         // The SLO does not count a fallback's answer as an error: this is what says the upstream is failing.
@@ -236,12 +259,12 @@ fn write_route_alerts(out: &mut String, name: &str, fallback: bool, base: &str) 
             labels,
             summary: format!("Route {name} answers with its fallback: its upstream is failing"),
         };
-        write_alert(out, &a, base);
+        write_alert(out, &a, base, scale);
     }
 }
 
 /// What breaks on an upstream: its breaker open (or flapping), its bulkhead refusing calls.
-fn write_upstream_alerts(out: &mut String, name: &str, breaker: bool, bulkhead: bool, base: &str) {
+fn write_upstream_alerts(out: &mut String, name: &str, breaker: bool, bulkhead: bool, base: &str, scale: u32) {
     if !breaker && !bulkhead {
         return;
     }
@@ -260,6 +283,7 @@ fn write_upstream_alerts(out: &mut String, name: &str, breaker: bool, bulkhead: 
                 summary: format!("The circuit breaker of upstream {name} is open: its calls fail fast"),
             },
             base,
+            scale,
         );
         write_alert(
             out,
@@ -274,6 +298,7 @@ fn write_upstream_alerts(out: &mut String, name: &str, breaker: bool, bulkhead: 
                 summary: format!("The circuit breaker of upstream {name} opened 3 times or more in 30 minutes"),
             },
             base,
+            scale,
         );
     }
     if bulkhead {
@@ -288,6 +313,7 @@ fn write_upstream_alerts(out: &mut String, name: &str, breaker: bool, bulkhead: 
                 summary: format!("The bulkhead of upstream {name} keeps refusing calls: it is full"),
             },
             base,
+            scale,
         );
     }
 }
@@ -500,5 +526,10 @@ mod tests {
         assert_eq!(super::scaled("1h", 60), "60s");
         assert_eq!(super::scaled("30d", 60), "43200s");
         assert_eq!(super::scaled("5m", 300), "1s");
+        assert_eq!(
+            super::scale_ranges("sum(rate(x{a=\"[b]\"}[5m])) / rate(y[1h])", 60),
+            "sum(rate(x{a=\"[b]\"}[5s])) / rate(y[60s])"
+        );
+        assert_eq!(super::scale_ranges("rate(y[10m])", 1), "rate(y[10m])");
     }
 }
