@@ -1281,6 +1281,13 @@ fn resolve_adaptive(
                     _ => return Err(bad(at, "a number of at least 1.0, such as 1.2".into())),
                 }
             }
+            "headroom" => {
+                c.headroom = Some(match v {
+                    toml::Value::Float(f) => *f,
+                    toml::Value::Integer(n) => *n as f64,
+                    _ => return Err(bad(at, "a number above 0, such as 1".into())),
+                })
+            }
             "initial_limit" => c.initial_limit = count(v)?,
             "min_limit" => c.min_limit = count(v)?,
             "max_limit" => c.max_limit = count(v)?,
@@ -1293,7 +1300,8 @@ fn resolve_adaptive(
             _ => {
                 return Err(bad(
                     at,
-                    "unknown field, expected `tolerance`, `initial_limit`, `min_limit`, `max_limit` or `window`".into(),
+                    "unknown field, expected `tolerance`, `headroom`, `initial_limit`, `min_limit`, `max_limit` or `window`"
+                        .into(),
                 ));
             }
         }

@@ -596,17 +596,20 @@ fn the_adaptive_limit_is_on_off_or_tuned() {
     assert!(matches!(limit("false"), Limit::Fixed(_)));
     let Limit::Adaptive(defaults) = limit("true") else { panic!("adaptive") };
     assert_eq!(defaults.tolerance, 1.5);
-    let Limit::Adaptive(tuned) =
-        limit(r#"{ tolerance = 1.1, min_limit = 2, max_limit = 64, initial_limit = 8, window = "50ms" }"#)
-    else {
+    let Limit::Adaptive(tuned) = limit(
+        r#"{ tolerance = 1.1, headroom = 1, min_limit = 2, max_limit = 64, initial_limit = 8, window = "50ms" }"#,
+    ) else {
         panic!("adaptive")
     };
     assert_eq!((tuned.tolerance, tuned.min_limit, tuned.max_limit, tuned.initial_limit), (1.1, 2, 64, 8));
     assert_eq!(tuned.window, Duration::from_millis(50));
+    assert_eq!((tuned.headroom, defaults.headroom), (Some(1.0), None));
     for (value, field, says) in [
         (r#"{ tolerance = 0.9 }"#, "listener[0].adaptive_concurrency", "tolerance"),
         (r#"{ tolerance = "tight" }"#, "listener[0].adaptive_concurrency.tolerance", "a number"),
         (r#"{ min_limit = 0 }"#, "listener[0].adaptive_concurrency.min_limit", "at least 1"),
+        (r#"{ headroom = 0 }"#, "listener[0].adaptive_concurrency", "headroom"),
+        (r#"{ headroom = "some" }"#, "listener[0].adaptive_concurrency.headroom", "a number"),
         (r#"{ min_limit = 50, max_limit = 10 }"#, "listener[0].adaptive_concurrency", "max_limit"),
         (r#"{ window = "soon" }"#, "listener[0].adaptive_concurrency.window", ""),
         (r#"{ gain = 2 }"#, "listener[0].adaptive_concurrency.gain", "unknown field"),

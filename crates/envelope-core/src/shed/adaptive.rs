@@ -74,6 +74,11 @@ pub struct GradientConfig {
     pub smoothing: f64,
     /// Windows over which the baseline may double when latency stays above it (600 windows of 100 ms: a minute).
     pub baseline_windows: u32,
+    /// How many calls the limit may grow by per window beyond what the latency allows: `None` for `√limit`
+    /// (Gradient2's default), or a fixed number. At equilibrium this is about the queue the limit keeps in front of
+    /// the dependency's capacity, so a smaller headroom (with a tolerance near 1) holds admitted latency closer to
+    /// unloaded.
+    pub headroom: Option<f64>,
 }
 
 impl Default for GradientConfig {
@@ -87,6 +92,7 @@ impl Default for GradientConfig {
             tolerance: DEFAULT_TOLERANCE,
             smoothing: DEFAULT_SMOOTHING,
             baseline_windows: DEFAULT_BASELINE_WINDOWS,
+            headroom: None,
         }
     }
 }
@@ -114,6 +120,9 @@ impl GradientConfig {
         }
         if self.baseline_windows == 0 {
             return Err(InvalidGradient("baseline_windows must be at least 1"));
+        }
+        if self.headroom.is_some_and(|h| !(h > 0.0 && h.is_finite())) {
+            return Err(InvalidGradient("headroom must be a finite number above 0"));
         }
         Ok(())
     }
@@ -213,7 +222,7 @@ fn next_limit(c: &GradientConfig, s: &mut State, recent: f64, max_in_flight: usi
     s.baseline = Some(baseline);
     let gradient = (c.tolerance * baseline / recent).clamp(0.5, 1.0);
     let limit = s.limit;
-    let mut target = limit * gradient + limit.sqrt();
+    let mut target = limit * gradient + c.headroom.unwrap_or_else(|| limit.sqrt());
     // Never grow far past what the traffic actually used: no drift while healthy.
     target = target.min((2 * max_in_flight.max(1)) as f64).max(limit.min(target));
     if dropped {
@@ -270,5 +279,34 @@ mod tests {
         s.limit = next_limit(&c, &mut s, 10e6, 100, true);
         assert!(s.limit < before);
         assert!(s.limit >= c.min_limit as f64);
+    }
+
+    /// A dependency of capacity 8 whose latency grows with the queue in front of it, under a spike of 10 s (100
+    /// windows): the limit settles where its growth balances the gradient, and the admitted latency there is what
+    /// the operating point sets.
+    fn settle(c: &GradientConfig) -> (f64, f64) {
+        let base = 10e6;
+        // Healthy before the spike: the baseline is the unloaded latency.
+        let mut s = State { limit: 20.0, baseline: Some(base), recent: None };
+        for _ in 0..100 {
+            let in_flight = s.limit;
+            let rtt = base * (in_flight / 8.0).max(1.0);
+            s.limit = next_limit(c, &mut s, rtt, in_flight.ceil() as usize, false);
+        }
+        (s.limit, (s.limit / 8.0).max(1.0))
+    }
+
+    #[test]
+    fn a_tighter_operating_point_keeps_admitted_latency_closer_to_unloaded() {
+        // The defaults hold about twice the capacity in flight: about 2x the unloaded latency (the overload
+        // benchmark measures 2.3x at the p99).
+        let (limit, ratio) = settle(&GradientConfig::default());
+        assert!((14.0..=20.0).contains(&limit) && ratio > 1.8, "{limit} {ratio}");
+        for (headroom, most) in [(2.0, 1.5), (1.0, 1.3)] {
+            let tight = GradientConfig { tolerance: 1.0, headroom: Some(headroom), ..GradientConfig::default() };
+            let (limit, ratio) = settle(&tight);
+            assert!(limit >= 8.0, "still at least the capacity in flight (no goodput lost): {limit}");
+            assert!(ratio <= most, "headroom {headroom}: latency {ratio}x unloaded at a limit of {limit}");
+        }
     }
 }
