@@ -60,10 +60,18 @@ async fn a_slow_attempt_is_hedged_after_the_delay_and_the_loser_is_cancelled_ups
     let env = envelope(&config(r#"{ delay = "50ms" }"#), up.addr).await;
 
     let started = Instant::now();
-    let (status, headers, _) = send(get(env.addr, "/search")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(headers["x-attempt"], "2", "the hedge answered");
-    assert!(started.elapsed() < Duration::from_secs(4), "not the first attempt's 8 s: {:?}", started.elapsed());
+    let (status, headers, body) = send(get(env.addr, "/search")).await;
+    let seen = format!(
+        "{status} {headers:?} {:?} after {:?}; the upstream saw {} requests, versions {:?}; sidecar: {:?}",
+        String::from_utf8_lossy(&body),
+        started.elapsed(),
+        up.count("GET", "/search"),
+        up.versions("/search"),
+        env.errors.lock().unwrap()
+    );
+    assert_eq!(status, StatusCode::OK, "{seen}");
+    assert_eq!(headers.get("x-attempt").map(|v| v.as_bytes()), Some(&b"2"[..]), "the hedge answered: {seen}");
+    assert!(started.elapsed() < Duration::from_secs(4), "not the first attempt's 8 s: {seen}");
     assert_eq!(up.count("GET", "/search"), 2);
     cancelled(&up, 1).await;
     assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="api"}"#).await, 1.0);
