@@ -225,3 +225,121 @@ async fn scaled_down_burn_windows_let_a_drill_see_a_page_fire_and_clear() {
     traffic.abort();
     let _ = prom.kill().await;
 }
+
+/// The alerts beyond burn rate, each seen firing in a real Prometheus during a scaled-down drill: retries taking a
+/// large share of a route's attempts and running out of budget, timeouts, a bulkhead refusing calls, and a breaker
+/// that keeps re-opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_sees_every_alert_beyond_burn_rate_fire() {
+    let up = FaultUpstream::start().await;
+    up.script("/retry/x", [support::Action::status(503)]);
+    up.script("/slow/x", [support::Action::delayed(200, Duration::from_millis(300))]);
+    up.script("/brk/x", [support::Action::status(503)]);
+    let config = r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "inbound"
+listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "flaky"
+endpoints = ["http://{upstream}"]
+
+[[upstream]]
+name = "narrow"
+endpoints = ["http://{upstream}"]
+bulkhead = { max_concurrent = 1 }
+
+[[upstream]]
+name = "down"
+endpoints = ["http://{upstream}"]
+breaker = { window = { count = 20 }, min_calls = 4, failure_rate = 50, open_for = "1s" }
+
+[[route]]
+name = "retrying"
+match = { path_prefix = "/retry" }
+upstream = "flaky"
+retry = { max_attempts = 3, base = "1ms", max_delay = "2ms" }
+
+[[route]]
+name = "slow"
+match = { path_prefix = "/slow" }
+upstream = "narrow"
+timeout = "100ms"
+
+[[route]]
+name = "brk"
+match = { path_prefix = "/brk" }
+upstream = "down"
+
+[alerts]
+window_scale = 60
+"#;
+    let env = envelope(config, up.addr).await;
+    let dir = TempDir::new();
+    let (mut prom, port) = prometheus(&config.replace("{upstream}", &up.addr.to_string()), env.admin, &dir).await;
+    // Traffic on every route, two clients at a time (so the bulkhead of one has a call to refuse), for as long as
+    // the drill lasts.
+    let addr = env.addr;
+    let traffic: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                loop {
+                    for path in ["/retry/x", "/slow/x", "/brk/x"] {
+                        send(get(addr, path)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let expected = [
+        ("EnvelopeRetryRatioHigh", "envelope_route", "retrying"),
+        ("EnvelopeRetryBudgetExhausted", "envelope_route", "retrying"),
+        ("EnvelopeTimeoutsHigh", "envelope_route", "slow"),
+        ("EnvelopeBulkheadExhausted", "envelope_upstream", "narrow"),
+        ("EnvelopeBreakerOpen", "envelope_upstream", "down"),
+        ("EnvelopeBreakerFlapping", "envelope_upstream", "down"),
+    ];
+    let mut fired: Vec<Option<Duration>> = vec![None; expected.len()];
+    while fired.iter().any(Option::is_none) {
+        for (i, (name, label, value)) in expected.iter().enumerate() {
+            if fired[i].is_none()
+                && alerts(port, name).await.iter().any(|a| a["state"] == "firing" && a["labels"][label] == *value)
+            {
+                fired[i] = Some(started.elapsed());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let (_, _, metrics) = send(get(env.admin, "/metrics")).await;
+            let metrics = String::from_utf8_lossy(&metrics);
+            let counters = metrics.lines().filter(|l| {
+                ["envelope_requests_total", "envelope_retries", "envelope_timeouts", "envelope_bulkhead_rejections"]
+                    .iter()
+                    .any(|m| l.starts_with(m))
+            });
+            panic!(
+                "every alert fires within 90 s: {:?}; {:?}",
+                expected.iter().zip(&fired).map(|((n, _, _), f)| (n, f)).collect::<Vec<_>>(),
+                counters.collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Nothing fires for a route or upstream it does not concern.
+    for (name, label, value) in expected {
+        let wrong: Vec<_> = alerts(port, name).await.into_iter().filter(|a| a["labels"][label] != value).collect();
+        assert!(wrong.is_empty(), "{name} fired elsewhere: {wrong:?}");
+    }
+    eprintln!(
+        "drill: {:?}",
+        expected.iter().zip(&fired).map(|((n, _, _), f)| (n, f.unwrap_or_default())).collect::<Vec<_>>()
+    );
+    for t in traffic {
+        t.abort();
+    }
+    let _ = prom.kill().await;
+}
