@@ -98,6 +98,27 @@ pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
+/// `d` as a `grpc-timeout` value, for the time a call has left: in the finest unit whose count fits the 8 digits
+/// the specification allows, rounded up (so the callee never gets less time than there is, and a time left is
+/// never written as none), at most `99999999H`.
+pub fn format_timeout(d: Duration) -> String {
+    let nanos = d.as_nanos();
+    for (unit, per) in [
+        ('n', 1u128),
+        ('u', 1_000),
+        ('m', 1_000_000),
+        ('S', 1_000_000_000),
+        ('M', 60_000_000_000),
+        ('H', 3_600_000_000_000),
+    ] {
+        let n = nanos.div_ceil(per);
+        if n < 100_000_000 {
+            return format!("{n}{unit}");
+        }
+    }
+    "99999999H".to_owned()
+}
+
 /// A `grpc-status` value: 1 to 3 ASCII digits (a code the specification does not name is treated as `UNKNOWN`
 /// by [`outcome`]); `None` for anything else.
 pub fn parse_status(value: &[u8]) -> Option<u32> {
@@ -193,6 +214,29 @@ pub fn local_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_left_is_written_in_the_finest_unit_that_fits_rounded_up() {
+        for (d, text) in [
+            (Duration::ZERO, "0n"),
+            (Duration::from_nanos(99_999_999), "99999999n"),
+            (Duration::from_millis(100), "100000u"),
+            (Duration::from_nanos(100_000_001), "100001u"),
+            (Duration::from_millis(250_000), "250000m"),
+            (Duration::from_secs(100_000), "100000S"),
+            (Duration::from_secs(365 * 86_400), "31536000S"),
+            (Duration::from_secs(100_000_000), "1666667M"),
+            (Duration::MAX, "99999999H"),
+        ] {
+            assert_eq!(format_timeout(d), text);
+        }
+        // Read back, never less than it was, and less than one unit more, at most a hundred-thousandth of it.
+        for nanos in [1u64, 999, 1_001, 123_456_789, 99_999_999_999, 6_000_000_000_001, 86_400_000_000_000] {
+            let d = Duration::from_nanos(nanos);
+            let back = parse_timeout(format_timeout(d).as_bytes()).unwrap();
+            assert!(back >= d && back - d <= d / 100_000 + Duration::from_nanos(1), "{d:?} -> {back:?}");
+        }
+    }
 
     #[test]
     fn grpc_requests_are_known_by_their_content_type() {

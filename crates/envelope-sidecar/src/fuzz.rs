@@ -29,13 +29,18 @@ pub fn config(data: &[u8]) {
     }
 }
 
-/// The gRPC header parsers (`grpc-timeout`, `grpc-status`, `content-type`) and the `grpc-message` encoder: a value
-/// is accepted only in its documented form, and any text encodes to a valid header value that decodes back.
+/// The gRPC header parsers (`grpc-timeout`, `grpc-status`, `content-type`) and encoders (`grpc-timeout`,
+/// `grpc-message`): a value is accepted only in its documented form, and what is encoded is a valid header value
+/// that decodes back (a time left, to at least itself).
 pub fn grpc(data: &[u8]) {
     use envelope_http::grpc;
     if let Some(t) = grpc::parse_timeout(data) {
         let (unit, digits) = data.split_last().expect("a timeout has a unit");
         assert!(b"HMSmun".contains(unit) && (1..=8).contains(&digits.len()), "{t:?}");
+        // What the sidecar tells an upstream for a time left reads back as at least that, and is a valid header.
+        let told = grpc::format_timeout(t);
+        assert!(grpc::parse_timeout(told.as_bytes()).is_some_and(|back| back >= t), "{t:?} -> {told}");
+        assert!(http::HeaderValue::from_str(&told).is_ok());
     }
     if let Some(code) = grpc::parse_status(data) {
         assert!(code <= 999 && data.iter().all(u8::is_ascii_digit));

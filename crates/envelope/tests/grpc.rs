@@ -36,6 +36,8 @@ fn msg(text: &str) -> Msg {
 /// What the test service has seen.
 #[derive(Default)]
 struct Seen {
+    /// Each call's method and the `grpc-timeout` it came with.
+    timeouts: std::sync::Mutex<Vec<(String, Option<String>)>>,
     flaky: AtomicUsize,
     missing: AtomicUsize,
     /// `Flaky` fails with UNAVAILABLE this many times before it answers.
@@ -66,6 +68,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let seen = self.0.clone();
+        let timeout = req.headers().get("grpc-timeout").map(|v| v.to_str().unwrap().to_owned());
+        seen.timeouts.lock().unwrap().push((req.uri().path().to_owned(), timeout));
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(ProstCodec::<Msg, Msg>::default());
             let response = match req.uri().path() {
@@ -147,6 +151,14 @@ struct Server {
     addr: SocketAddr,
     seen: Arc<Seen>,
     health: tonic_health::server::HealthReporter,
+}
+
+impl Server {
+    /// The `grpc-timeout` of each call to `path`, in order.
+    fn timeouts(&self, path: &str) -> Vec<Option<String>> {
+        let seen = self.seen.timeouts.lock().unwrap();
+        seen.iter().filter(|(p, _)| p == path).map(|(_, t)| t.clone()).collect()
+    }
 }
 
 async fn grpc_server() -> Server {
@@ -311,6 +323,33 @@ async fn a_status_in_the_trailers_after_messages_is_the_calls_outcome() {
     assert_eq!(log[0]["outcome"], "upstream_5xx", "{}", log[0]);
 }
 
+/// Like Envoy, the sidecar tells each attempt's callee the time it has left (`grpc-timeout`): the route's deadline
+/// less what has passed, or the attempt timeout when sooner.
+#[tokio::test]
+async fn each_attempt_tells_the_upstream_the_time_it_has_left() {
+    let server = grpc_server().await;
+    let env = envelope(CONFIG, server.addr).await;
+    let ch = channel(env.addr).await;
+    server.seen.flaky_failures.store(2, Ordering::SeqCst);
+    assert_eq!(unary(&ch, "/test.Echo/Flaky", Request::new(msg("x"))).await.unwrap().text, "echo: x");
+    let told: Vec<Duration> = server
+        .timeouts("/test.Echo/Flaky")
+        .iter()
+        .map(|t| envelope_http::grpc::parse_timeout(t.as_deref().expect("a grpc-timeout").as_bytes()).unwrap())
+        .collect();
+    assert_eq!(told.len(), 3, "three attempts");
+    assert!(told.iter().all(|t| *t > Duration::from_secs(4) && *t <= Duration::from_secs(5)), "{told:?}");
+    assert!(told[0] > told[1] && told[1] > told[2], "less left at each attempt: {told:?}");
+    drop(env);
+
+    let per_attempt = CONFIG.replace("timeout = \"5s\"", "timeout = \"5s\"\nattempt_timeout = \"750ms\"");
+    let env = envelope(&per_attempt, server.addr).await;
+    let ch = channel(env.addr).await;
+    assert_eq!(unary(&ch, "/test.Echo/Flaky", Request::new(msg("y"))).await.unwrap().text, "echo: y");
+    let last = server.timeouts("/test.Echo/Flaky").pop().unwrap().unwrap();
+    assert_eq!(envelope_http::grpc::parse_timeout(last.as_bytes()), Some(Duration::from_millis(750)), "{last}");
+}
+
 #[tokio::test]
 async fn grpc_timeout_is_the_deadline_and_local_refusals_are_grpc_statuses() {
     let server = grpc_server().await;
@@ -328,6 +367,10 @@ async fn grpc_timeout_is_the_deadline_and_local_refusals_are_grpc_statuses() {
     let log = env.access_log_lines(1).await;
     assert_eq!(log[0]["outcome"], "timeout");
     assert!(log[0]["duration_ms"].as_f64().unwrap() < 1000.0, "{}", log[0]);
+    // The upstream was told the time left, not the caller's 200 ms again.
+    let told = server.timeouts("/test.Echo/Slow");
+    let left = envelope_http::grpc::parse_timeout(told[0].as_deref().unwrap().as_bytes()).unwrap();
+    assert!(left > Duration::ZERO && left < Duration::from_millis(200), "{told:?}");
 
     // UNAVAILABLE four times (the retries spent) opens the breaker; then the sidecar refuses with UNAVAILABLE
     // itself, as a gRPC status with a message and a pushback, not a problem document.

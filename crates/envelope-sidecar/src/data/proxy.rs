@@ -310,11 +310,17 @@ pub(crate) async fn handle_passing(
         let out = Outgoing {
             parts: &parts,
             target: &target,
-            set: ProxyHeaders { request_id, traceparent: &hop_traceparent, forwarded_for: &forwarded_for },
+            set: ProxyHeaders {
+                request_id,
+                traceparent: &hop_traceparent,
+                forwarded_for: &forwarded_for,
+                grpc_timeout: None,
+            },
             trace: &trace,
             attempt_spans: attempt_spans.as_ref(),
             count: AtomicU32::new(0),
             within: caller_deadline,
+            grpc_deadline: grpc.then_some((start + deadline, route.spec.attempt_timeout)),
         };
         // Requests that may be sent twice are hedged, on a route that hedges.
         let envelope = match &route.hedged {
@@ -447,6 +453,9 @@ struct Outgoing<'a> {
     count: AtomicU32,
     /// The caller's own deadline, when sooner than the route's (`grpc-timeout`).
     within: Option<Duration>,
+    /// On a gRPC call, its deadline and the attempt timeout: each attempt tells the upstream the time it has left
+    /// in `grpc-timeout`.
+    grpc_deadline: Option<(Instant, Option<Duration>)>,
 }
 
 impl Outgoing<'_> {
@@ -467,6 +476,10 @@ impl Outgoing<'_> {
                 let span = self.attempt_spans.map(|log| (log, self.trace.child()));
                 let body = prepared.attempt();
                 let (endpoint, _) = upstream.pick();
+                let grpc_timeout = self.grpc_deadline.map(|(deadline, per_attempt)| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    envelope_http::grpc::format_timeout(per_attempt.map_or(left, |t| t.min(left)))
+                });
                 async move {
                     let body = body.ok_or(UpstreamError::BodyGone)?;
                     let mut span = span.map(|(log, span)| AttemptGuard::new(log, span, upstream, endpoint));
@@ -474,6 +487,7 @@ impl Outgoing<'_> {
                     let attempt_traceparent = span.as_ref().map(|s| s.span.span.traceparent());
                     let set = ProxyHeaders {
                         traceparent: attempt_traceparent.as_ref().map_or(self.set.traceparent, |t| &t[..]),
+                        grpc_timeout: grpc_timeout.as_ref().map(String::as_bytes),
                         ..self.set
                     };
                     let sent = Instant::now();

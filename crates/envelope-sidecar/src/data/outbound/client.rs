@@ -732,6 +732,7 @@ mod tests {
             request_id: None,
             traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             forwarded_for: &FORWARDED,
+            grpc_timeout: None,
         };
         Head { parts, target: "/x", host: &HOST, set: &SET }
     }
@@ -1002,7 +1003,8 @@ mod tests {
         parts.headers.insert("x-request-id", HeaderValue::from_static("bad id"));
         parts.headers.insert("x-app", HeaderValue::from_static("kept"));
         let (xff, id) = (HeaderValue::from_static("10.0.0.1, 127.0.0.1"), HeaderValue::from_static("new-id"));
-        let set = ProxyHeaders { request_id: Some(&id), traceparent: b"attempt's", forwarded_for: &xff };
+        let set =
+            ProxyHeaders { request_id: Some(&id), traceparent: b"attempt's", forwarded_for: &xff, grpc_timeout: None };
         let mut out = Vec::new();
         write_head(&mut out, &Head { set: &set, ..head(&parts) }, 3);
         assert_eq!(

@@ -3,7 +3,8 @@
 //!
 //! - On the request, once: hop-by-hop headers go ([`clean_request`]). On each attempt, the headers in
 //!   [`ProxyHeaders`] replace the client's own: `Host` (the endpoint's), `traceparent` (this hop's or the attempt's
-//!   span), `X-Forwarded-For` (the client appended) and `X-Request-ID` when the client's was missing or invalid.
+//!   span), `X-Forwarded-For` (the client appended), `X-Request-ID` when the client's was missing or invalid, and
+//!   on a gRPC call `grpc-timeout` (the attempt's time left).
 //!   The own client writes them as it writes the head; hyper-util's gets them in its copy of the header map.
 //! - On the answer: hop-by-hop headers go and the request id is set ([`clean_answer`]), on a header map or on a
 //!   head passed on as it came.
@@ -11,6 +12,7 @@
 //! Framing (`Content-Length`, `Transfer-Encoding`, `Connection`) is each transport's own: it writes the framing of
 //! what it sends.
 
+use envelope_http::grpc::GRPC_TIMEOUT;
 use envelope_http::headers::{X_FORWARDED_FOR, strip_hop_by_hop};
 use envelope_http::request_id::X_REQUEST_ID;
 use envelope_http::trace::TRACEPARENT;
@@ -28,6 +30,9 @@ pub(crate) struct ProxyHeaders<'a> {
     pub(crate) traceparent: &'a [u8],
     /// `X-Forwarded-For`, the client's address appended.
     pub(crate) forwarded_for: &'a HeaderValue,
+    /// `grpc-timeout` on a gRPC call: the time the attempt has left (the caller's or the route's deadline, or the
+    /// attempt timeout, whichever is sooner), so the callee stops when nobody waits for it any more.
+    pub(crate) grpc_timeout: Option<&'a [u8]>,
 }
 
 impl ProxyHeaders<'_> {
@@ -37,6 +42,7 @@ impl ProxyHeaders<'_> {
             || name == TRACEPARENT
             || name == X_FORWARDED_FOR
             || (self.request_id.is_some() && name == X_REQUEST_ID)
+            || (self.grpc_timeout.is_some() && name == GRPC_TIMEOUT)
     }
 
     /// The headers set here: `Host` is the endpoint's `host`.
@@ -46,6 +52,9 @@ impl ProxyHeaders<'_> {
         f(&X_FORWARDED_FOR, self.forwarded_for.as_bytes());
         if let Some(id) = self.request_id {
             f(&X_REQUEST_ID, id.as_bytes());
+        }
+        if let Some(timeout) = self.grpc_timeout {
+            f(&GRPC_TIMEOUT, timeout);
         }
     }
 
@@ -108,7 +117,8 @@ mod tests {
     fn the_headers_set_replace_the_clients_own_and_nothing_else() {
         let xff = HeaderValue::from_static("10.0.0.1");
         let id = HeaderValue::from_static("ours");
-        let set = ProxyHeaders { request_id: Some(&id), traceparent: b"00-tp", forwarded_for: &xff };
+        let set =
+            ProxyHeaders { request_id: Some(&id), traceparent: b"00-tp", forwarded_for: &xff, grpc_timeout: None };
         let mut client = HeaderMap::new();
         for (name, value) in [
             ("host", "client"),
@@ -116,6 +126,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("traceparent", "old"),
             ("accept", "*/*"),
+            ("grpc-timeout", "5S"),
         ] {
             client.append(HeaderName::from_static(name), HeaderValue::from_static(value));
         }
@@ -146,5 +157,17 @@ mod tests {
         let keep = ProxyHeaders { request_id: None, ..set };
         assert!(!keep.replaces(&X_REQUEST_ID));
         assert_eq!(keep.applied(&host, &client)["x-request-id"], "bad id");
+        assert_eq!(map["grpc-timeout"], "5S", "kept when the proxy sets none");
+
+        // A gRPC call's time left replaces the caller's, once, on both transports.
+        let grpc = ProxyHeaders { grpc_timeout: Some(b"1200m"), ..set };
+        let map = grpc.applied(&host, &client);
+        assert_eq!(map.get_all("grpc-timeout").iter().collect::<Vec<_>>(), ["1200m"]);
+        let mut lines = Vec::new();
+        grpc.write(&host, &client, |_| false, |name, value| lines.push((name.to_vec(), value.to_vec())));
+        assert_eq!(
+            lines.iter().filter(|(n, _)| n == b"grpc-timeout").collect::<Vec<_>>(),
+            [&(b"grpc-timeout".to_vec(), b"1200m".to_vec())]
+        );
     }
 }
