@@ -55,32 +55,37 @@ async fn cancelled(up: &FaultUpstream, n: usize) {
 
 #[tokio::test]
 async fn a_slow_attempt_is_hedged_after_the_delay_and_the_loser_is_cancelled_upstream() {
-    let up = FaultUpstream::start().await;
-    up.script("/search", [Action::delayed(200, Duration::from_secs(8)), Action::with_header(200, "x-attempt", "2")]);
-    let env = envelope(&config(r#"{ delay = "50ms" }"#), up.addr).await;
+    // Two endpoints, taken in turn: the first attempt goes to the stalling one, the hedge to the other, whichever
+    // reaches its server first.
+    let (slow, fast) = (FaultUpstream::start().await, FaultUpstream::start().await);
+    slow.script("/search", [Action::delayed(200, Duration::from_secs(8))]);
+    fast.script("/search", [Action::with_header(200, "x-attempt", "2")]);
+    let two = config(r#"{ delay = "50ms" }"#)
+        .replace("\"http://{upstream}\"", &format!("\"http://{{upstream}}\", \"http://{}\"", fast.addr));
+    let env = envelope(&two, slow.addr).await;
 
     let started = Instant::now();
     let (status, headers, body) = send(get(env.addr, "/search")).await;
     let seen = format!(
-        "{status} {headers:?} {:?} after {:?}; the upstream saw {} requests, versions {:?}; sidecar: {:?}",
+        "{status} {headers:?} {:?} after {:?}; the endpoints saw {} and {} requests; sidecar: {:?}",
         String::from_utf8_lossy(&body),
         started.elapsed(),
-        up.count("GET", "/search"),
-        up.versions("/search"),
+        slow.count("GET", "/search"),
+        fast.count("GET", "/search"),
         env.errors.lock().unwrap()
     );
     assert_eq!(status, StatusCode::OK, "{seen}");
     assert_eq!(headers.get("x-attempt").map(|v| v.as_bytes()), Some(&b"2"[..]), "the hedge answered: {seen}");
     assert!(started.elapsed() < Duration::from_secs(4), "not the first attempt's 8 s: {seen}");
-    assert_eq!(up.count("GET", "/search"), 2);
-    cancelled(&up, 1).await;
+    assert_eq!((slow.count("GET", "/search"), fast.count("GET", "/search")), (1, 1));
+    cancelled(&slow, 1).await;
     assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="api"}"#).await, 1.0);
     let log = env.access_log_lines(1).await;
     assert_eq!((log[0]["attempts"].as_u64(), log[0]["outcome"].as_str()), (Some(2), Some("ok")));
     // Both attempts carried the request's id.
-    let ids = up.request_ids("/search");
-    assert_eq!(ids.len(), 2);
-    assert_eq!(ids[0], ids[1]);
+    let ids = [slow.request_ids("/search"), fast.request_ids("/search")];
+    assert_eq!((ids[0].len(), ids[1].len()), (1, 1));
+    assert_eq!(ids[0][0], ids[1][0]);
 }
 
 #[tokio::test]
