@@ -489,6 +489,9 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Index of its upstream.
     pub upstream: usize,
+    /// Every request the route matches may be sent twice, whatever its method: retried after any retryable
+    /// failure, hedged and answered by the fallback as a GET is (a search by POST, a read-only gRPC method).
+    pub idempotent: bool,
     /// SLO tier (and shedding priority).
     pub tier: Tier,
     /// Total time for the request, every attempt and wait included (504).
@@ -1533,6 +1536,7 @@ fn resolve_route(
         tier,
         matcher,
         strip_prefix: r.strip_prefix.unwrap_or(false),
+        idempotent: r.idempotent.unwrap_or(false),
         upstream,
         timeout: r.timeout.map_or(defaults.route_timeout, |d| d.0),
         attempt_timeout: r.attempt_timeout.map(|d| d.0),

@@ -283,6 +283,7 @@ pub(crate) struct RawRoute {
     #[serde(rename = "match")]
     pub(crate) matcher: Spanned<RawMatch>,
     pub(crate) strip_prefix: Option<bool>,
+    pub(crate) idempotent: Option<bool>,
     pub(crate) upstream: Spanned<String>,
     pub(crate) tier: Option<Tier>,
     pub(crate) timeout: Option<PositiveDur>,

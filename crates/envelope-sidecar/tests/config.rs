@@ -514,6 +514,21 @@ fn a_hedge_waits_a_duration_or_a_percentile() {
 }
 
 #[test]
+fn a_route_may_say_all_its_requests_are_idempotent() {
+    let c = Config::parse("envelope.toml", VALID).unwrap();
+    assert!(c.routes.iter().all(|r| !r.idempotent), "off unless set");
+    let with = |v: &str| {
+        VALID.replace(
+            "match = { path_prefix = \"/reports\" }",
+            &format!("match = {{ path_prefix = \"/reports\" }}\nidempotent = {v}"),
+        )
+    };
+    assert!(Config::parse("envelope.toml", &with("true")).unwrap().routes[1].idempotent);
+    let e = error(&with("\"yes\""));
+    assert_eq!((e.line, e.field.as_str()), (22, "route[1].idempotent"), "{e}");
+}
+
+#[test]
 fn an_upstream_speaks_http1_unless_it_says_http2() {
     use envelope_sidecar::config::Protocol;
     let c = Config::parse("envelope.toml", VALID).unwrap();

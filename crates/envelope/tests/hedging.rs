@@ -89,7 +89,7 @@ async fn a_slow_attempt_is_hedged_after_the_delay_and_the_loser_is_cancelled_ups
 }
 
 #[tokio::test]
-async fn a_write_without_an_idempotency_key_is_never_hedged() {
+async fn a_write_without_an_idempotency_key_is_hedged_only_on_a_route_that_says_it_may_be() {
     let up = FaultUpstream::start().await;
     up.script("/orders", [Action::delayed(201, Duration::from_millis(300))]);
     let env = envelope(&config(r#"{ delay = "20ms", max_extra = 2 }"#), up.addr).await;
@@ -108,6 +108,16 @@ async fn a_write_without_an_idempotency_key_is_never_hedged() {
     assert_eq!(send(post(Some("k-7"))).await.0, StatusCode::CREATED);
     assert_eq!(up.count("POST", "/orders"), 4);
     assert_eq!(up.bodies("/orders").iter().filter(|b| &b[..] == b"{}").count(), 4, "the same body every time");
+    assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="api"}"#).await, 2.0);
+    drop(env);
+
+    // A route that says its requests may all be sent twice (a search by POST, say) hedges them without a key.
+    let config = config(r#"{ delay = "20ms", max_extra = 2 }"#).replace("hedge =", "idempotent = true\nhedge =");
+    let env = envelope(&config, up.addr).await;
+    let before = up.count("POST", "/orders");
+    let req = Request::post(format!("http://{}/orders", env.addr)).body(Full::new(Bytes::from_static(b"{}")));
+    assert_eq!(send(req.unwrap()).await.0, StatusCode::CREATED);
+    assert_eq!(up.count("POST", "/orders") - before, 3);
     assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="api"}"#).await, 2.0);
 }
 

@@ -302,7 +302,8 @@ pub(crate) async fn handle_passing(
 
         // 6 + 7. The envelope around the call, to the route's target on the upstream.
         let target = upstream_target(route, &parts);
-        let replay_safe = replay == Replay::Safe;
+        // Safe to send twice: by its method or key, or because the route says all its requests are.
+        let replay_safe = replay == Replay::Safe || route.spec.idempotent;
         // The route's deadline, or the caller's if sooner: for the call, and for the answer's body.
         let deadline = caller_deadline.map_or(route.spec.timeout, |c| c.min(route.spec.timeout));
         let classifier =
