@@ -274,6 +274,13 @@ pub trait Classify<T, E> {
         let _ = result;
         true
     }
+
+    /// Whether another attempt of this call could be sent now, while one is still in flight (a hedge): not yet
+    /// for a request whose body is still arriving from its client. A hedge that is due waits (another delay) until
+    /// it can.
+    fn can_send_again(&self) -> bool {
+        true
+    }
 }
 
 /// `Ok` is [`Outcome::Ok`]; an `Err` carries its own outcome when it is one of Envelope's errors or an

@@ -46,6 +46,61 @@ async fn hedge_first_success_wins_and_losers_are_cancelled() {
     assert_eq!(cancelled.load(Ordering::SeqCst), 2, "both attempts dropped: the loser cancelled");
 }
 
+/// Sendable again only once `ready` is set (a request whose body is still arriving from its client).
+struct Arriving<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<T> envelope_core::Classify<T, std::io::Error> for Arriving<'_> {
+    fn classify(&self, result: &Result<T, std::io::Error>) -> Outcome {
+        envelope_core::DefaultClassifier.classify(result)
+    }
+    fn can_send_again(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_waits_until_the_call_can_be_sent_again() {
+    use std::sync::atomic::AtomicBool;
+    let hedge = Hedge::new("h", 50 * MS, 1);
+    let ready = AtomicBool::new(false);
+    let started = Cell::new(Vec::new());
+    let t0 = Instant::now();
+    let arriving = Arriving(&ready);
+    let call = hedge.call_classified(&arriving, || {
+        let mut at = started.take();
+        at.push(Instant::now() - t0);
+        let n = at.len();
+        started.set(at);
+        async move {
+            tokio::time::sleep(if n == 1 { 1000 * MS } else { 10 * MS }).await;
+            Ok::<_, std::io::Error>(n)
+        }
+    });
+    // Sendable from 120 ms on: the hedge due at 50 ms waits, looks again at 100 ms, and starts at 150 ms.
+    let flip = async {
+        tokio::time::sleep(120 * MS).await;
+        ready.store(true, Ordering::SeqCst);
+    };
+    let (r, ()) = tokio::join!(call, flip);
+    assert_eq!(r.unwrap(), 2);
+    assert_eq!(started.take(), [Duration::ZERO, 150 * MS]);
+
+    // Never sendable again: no hedge at all, the one attempt answers.
+    let never = AtomicBool::new(false);
+    let calls = Cell::new(0);
+    let t0 = Instant::now();
+    let r = hedge
+        .call_classified(&Arriving(&never), || {
+            calls.set(calls.get() + 1);
+            async {
+                tokio::time::sleep(300 * MS).await;
+                Ok::<_, std::io::Error>(7)
+            }
+        })
+        .await;
+    assert_eq!((r.unwrap(), calls.get(), Instant::now() - t0), (7, 1, 300 * MS));
+}
+
 #[tokio::test(start_paused = true)]
 async fn hedge_launches_at_once_after_a_failure_and_returns_the_last_failure() {
     let hedge = Hedge::new("h", 1000 * MS, 2);

@@ -40,12 +40,16 @@ struct Seen {
     timeouts: std::sync::Mutex<Vec<(String, Option<String>)>>,
     flaky: AtomicUsize,
     missing: AtomicUsize,
+    stalled: AtomicUsize,
+    collected: AtomicUsize,
     /// `Flaky` fails with UNAVAILABLE this many times before it answers.
     flaky_failures: AtomicUsize,
 }
 
 /// `test.Echo`: `Chat` (bidirectional: echoes each message as it comes), `Flaky` (unary: UNAVAILABLE a set number
-/// of times, then an echo), `Missing` (unary: NOT_FOUND), `Slow` (unary: answers after 10 s), `Count`
+/// of times, then an echo), `Missing` (unary: NOT_FOUND), `Slow` (unary: answers after 10 s), `Stall` (unary: the
+/// first call answers after 10 s, the others at once), `Collect` (client-streaming: answers with every message
+/// once the stream ends), `Count`
 /// (server-streaming: three messages, then INTERNAL).
 #[derive(Clone)]
 struct Echo(Arc<Seen>);
@@ -112,6 +116,32 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
                         }
                     });
                     grpc.unary(missing, req).await
+                }
+                "/test.Echo/Collect" => {
+                    let collect = tower::service_fn(move |req: Request<tonic::Streaming<Msg>>| {
+                        seen.collected.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let mut incoming = req.into_inner();
+                            let mut texts = Vec::new();
+                            while let Some(m) = incoming.next().await {
+                                texts.push(m?.text);
+                            }
+                            Ok::<_, Status>(Response::new(msg(&texts.join(" "))))
+                        }
+                    });
+                    grpc.client_streaming(collect, req).await
+                }
+                "/test.Echo/Stall" => {
+                    let stall = tower::service_fn(move |req: Request<Msg>| {
+                        let first = seen.stalled.fetch_add(1, Ordering::SeqCst) == 0;
+                        async move {
+                            if first {
+                                tokio::time::sleep(Duration::from_secs(10)).await;
+                            }
+                            Ok::<_, Status>(Response::new(msg(&format!("echo: {}", req.into_inner().text))))
+                        }
+                    });
+                    grpc.unary(stall, req).await
                 }
                 "/test.Echo/Slow" => {
                     let slow = tower::service_fn(|req: Request<Msg>| async move {
@@ -348,6 +378,42 @@ async fn each_attempt_tells_the_upstream_the_time_it_has_left() {
     assert_eq!(unary(&ch, "/test.Echo/Flaky", Request::new(msg("y"))).await.unwrap().text, "echo: y");
     let last = server.timeouts("/test.Echo/Flaky").pop().unwrap().unwrap();
     assert_eq!(envelope_http::grpc::parse_timeout(last.as_bytes()), Some(Duration::from_millis(750)), "{last}");
+}
+
+/// On a route that says its calls may be sent twice, a stalled call is hedged once the client has sent its whole
+/// request (tonic streams it, with no length); a bidirectional stream on the same route still flows.
+#[tokio::test]
+async fn a_stalled_call_is_hedged_on_an_idempotent_route() {
+    let server = grpc_server().await;
+    let config =
+        CONFIG.replace("timeout = \"5s\"", "timeout = \"5s\"\nidempotent = true\nhedge = { delay = \"50ms\" }");
+    let env = envelope(&config, server.addr).await;
+    let ch = channel(env.addr).await;
+    let started = Instant::now();
+    assert_eq!(unary(&ch, "/test.Echo/Stall", Request::new(msg("h"))).await.unwrap().text, "echo: h");
+    assert!(started.elapsed() < Duration::from_secs(3), "not the first call's 10 s: {:?}", started.elapsed());
+    assert_eq!(server.seen.stalled.load(Ordering::SeqCst), 2);
+    assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="rpc"}"#).await, 1.0);
+    let log = env.access_log_lines(1).await;
+    assert_eq!((log[0]["attempts"].as_u64(), log[0]["outcome"].as_str()), (Some(2), Some("ok")), "{}", log[0]);
+
+    // A call whose client is still sending is not sent twice meanwhile: the hedge due at 50 ms waits, and the
+    // answer (once the client has finished, at about 150 ms) comes first.
+    let mut client = tonic::client::Grpc::new(ch.clone());
+    client.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let path = PathAndQuery::from_static("/test.Echo/Collect");
+    let sender = tokio::spawn(async move {
+        tx.send(msg("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tx.send(msg("b")).await.unwrap();
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let reply = client.client_streaming(Request::new(stream), path, ProstCodec::<Msg, Msg>::default()).await;
+    sender.await.unwrap();
+    assert_eq!(reply.unwrap().into_inner().text, "a b");
+    assert_eq!(server.seen.collected.load(Ordering::SeqCst), 1, "sent once");
+    assert_eq!(metric(env.admin, r#"envelope_hedges_total{route="rpc"}"#).await, 1.0, "not hedged");
 }
 
 #[tokio::test]

@@ -398,7 +398,7 @@ impl Envelope {
             let mut f = shared.lock().unwrap_or_else(|p| p.into_inner());
             (*f)()
         };
-        hedge.race(|| self.attempt(classifier, make, limit, cover, counter)).await
+        hedge.race(|| classifier.can_send_again(), || self.attempt(classifier, make, limit, cover, counter)).await
     }
 
     /// (7)–(11) One attempt: admission by breaker, rate limit and bulkhead, then the call under its timeout. The

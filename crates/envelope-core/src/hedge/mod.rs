@@ -123,19 +123,24 @@ impl Hedge {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.race(|| {
-            let fut = f();
-            async move { classified(classifier, fut.await) }
-        })
+        self.race(
+            || classifier.can_send_again(),
+            || {
+                let fut = f();
+                async move { classified(classifier, fut.await) }
+            },
+        )
         .await
         .0
     }
 
-    /// Races attempts made by `make`; each yields `(result, outcome, hint)`.
-    pub(crate) async fn race<R, H, Fut, F>(&self, mut make: F) -> (R, Outcome, H)
+    /// Races attempts made by `make`; each yields `(result, outcome, hint)`. Another attempt starts only when
+    /// `ready` says the call can be sent again; until then, a hedge that is due waits another delay.
+    pub(crate) async fn race<R, H, Fut, F, G>(&self, ready: G, mut make: F) -> (R, Outcome, H)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = (R, Outcome, H)>,
+        G: Fn() -> bool,
     {
         if let Some(b) = &self.budget
             && self.deposits
@@ -185,6 +190,14 @@ impl Hedge {
                 }
                 let may_launch = launched <= self.max_hedged;
                 if may_launch && (launch_now || timer.as_mut().poll(cx).is_ready()) {
+                    if !ready() {
+                        // Not sendable yet (its body is still arriving): look again after another delay.
+                        timer.as_mut().reset(clock::now() + delay);
+                        if running.is_empty() {
+                            return Poll::Ready(last.take().expect("an attempt finished"));
+                        }
+                        continue;
+                    }
                     if self.budget.as_ref().is_some_and(|b| !b.withdraw()) {
                         launched = u32::MAX;
                     } else {

@@ -323,9 +323,10 @@ pub(crate) async fn handle_passing(
             within: caller_deadline,
             grpc_deadline: grpc.then_some((start + deadline, route.spec.attempt_timeout)),
         };
-        // Requests that may be sent twice are hedged, on a route that hedges.
+        // Requests that may be sent twice are hedged, on a route that hedges: a buffered body at once, a teed one
+        // (a gRPC call's) once its client has sent all of it.
         let envelope = match &route.hedged {
-            Some(hedged) if replay_safe && prepared.is_replayable() => hedged,
+            Some(hedged) if replay_safe && !matches!(classifier.body, BodyReplay::Never) => hedged,
             _ => &route.envelope,
         };
         let primary = (envelope, &*route.upstream, &route.metrics.to_upstream);
@@ -891,5 +892,10 @@ impl Classify<Response<outbound::Body>, UpstreamError> for RouteClassifier<'_> {
             return envelope_http::grpc::retryable(code);
         }
         self.status.may_retry(result) && (self.idempotent || matches!(result, Err(e) if e.never_sent()))
+    }
+
+    /// A hedge waits until the body can be sent again (a teed body, until its client has sent all of it).
+    fn can_send_again(&self) -> bool {
+        self.body.now()
     }
 }
