@@ -235,15 +235,10 @@ async fn a_drill_sees_every_alert_beyond_burn_rate_fire() {
     up.script("/retry/x", [support::Action::status(503)]);
     up.script("/slow/x", [support::Action::delayed(200, Duration::from_millis(300))]);
     up.script("/brk/x", [support::Action::status(503)]);
-    let config = r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[[listener]]
-name = "inbound"
-listen = "127.0.0.1:0"
-
-[[upstream]]
+    // The admin and listener of CONFIG, then three upstreams and their routes.
+    let head = &CONFIG[..CONFIG.find("[[upstream]]").unwrap()];
+    let config = head.to_owned()
+        + r#"[[upstream]]
 name = "flaky"
 endpoints = ["http://{upstream}"]
 
@@ -277,7 +272,7 @@ upstream = "down"
 [alerts]
 window_scale = 60
 "#;
-    let env = envelope(config, up.addr).await;
+    let env = envelope(&config, up.addr).await;
     let dir = TempDir::new();
     let (mut prom, port) = prometheus(&config.replace("{upstream}", &up.addr.to_string()), env.admin, &dir).await;
     // Traffic on every route, two clients at a time (so the bulkhead of one has a call to refuse), for as long as

@@ -253,13 +253,7 @@ impl Envelope {
         Fut: Future<Output = Result<T, E>>,
         C: Classify<T, E>,
     {
-        self.run(
-            classifier,
-            f,
-            None::<fn(Outcome) -> T>,
-            CallOptions { started: Some(started), ..CallOptions::default() },
-        )
-        .await
+        self.call_with(CallOptions { started: Some(started), ..CallOptions::default() }, classifier, f).await
     }
 
     /// Like [`call_classified`](Self::call_classified), with the [`CallOptions`] a caller of its own may need:
