@@ -39,7 +39,7 @@ rm -rf "$fresh" && python3 -m venv "$fresh"
 "$fresh/bin/pip" install -q ./crates/envelope-python
 (cd /tmp && "$OLDPWD/$fresh/bin/python" -c 'import envelope; assert envelope.Envelope("e", retry=envelope.Retry(2)).call(lambda: 42) == 42; print("pip install: ok")')
 
-# The fuzz targets (request head, chunked decoder, response reader, config loader), 10 s each: they build, and the
+# The fuzz targets (request head, chunked decoder, response reader, config loader, gRPC headers), 10 s each: they build, and the
 # seeds and what libFuzzer finds in that time cross every parser without a crash. Longer runs: scripts/fuzz.sh.
 ./scripts/fuzz.sh 10
 

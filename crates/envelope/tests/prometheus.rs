@@ -35,34 +35,7 @@ async fn prometheus_scrapes_the_sidecar_and_records_the_slo() {
     }
 
     let dir = TempDir::new();
-    let config_path = dir.0.join("envelope.toml");
-    std::fs::write(&config_path, CONFIG.replace("{upstream}", &up.addr.to_string())).unwrap();
-    let rules = std::process::Command::new(env!("CARGO_BIN_EXE_envelope"))
-        .args(["generate", "rules", "--config", config_path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    std::fs::write(dir.0.join("rules.yaml"), &rules.stdout).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::write(
-        dir.0.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yaml]\nscrape_configs:\n  - job_name: envelope\n    static_configs:\n      - targets: ['{}']\n",
-            env.admin
-        ),
-    )
-    .unwrap();
-    let mut prometheus = tokio::process::Command::new("prometheus")
-        .args([
-            "--config.file=prometheus.yml",
-            &format!("--web.listen-address=127.0.0.1:{port}"),
-            "--storage.tsdb.path=data",
-        ])
-        .current_dir(&dir.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prometheus is installed by scripts/test.sh (Debian's prometheus package)");
+    let (mut prometheus, port) = prometheus(&CONFIG.replace("{upstream}", &up.addr.to_string()), env.admin, &dir).await;
 
     // Within a bounded wait: the scrape sees the request counter and the rule records the SLI.
     let deadline = Instant::now() + Duration::from_secs(60);

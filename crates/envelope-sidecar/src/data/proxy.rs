@@ -330,7 +330,7 @@ pub(crate) async fn handle_passing(
             _ => &route.envelope,
         };
         let primary = (envelope, &*route.upstream, &route.metrics.to_upstream);
-        let (result, outcome) = out.call(primary, &route.classifier, &classifier, &mut prepared, start).await;
+        let (result, outcome) = out.call(primary, &classifier, &mut prepared, start).await;
         upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
 
         // 8. The answer: the upstream's; or, when it failed for a reason the route names, its fallback's; or the
@@ -348,7 +348,7 @@ pub(crate) async fn handle_passing(
                     }
                     FallbackTarget::Upstream { upstream, envelope, attempts } => {
                         let to = (envelope, &**upstream, attempts);
-                        match out.call(to, &route.classifier, &classifier, &mut prepared, start).await {
+                        match out.call(to, &classifier, &mut prepared, start).await {
                             (Ok(answer), Outcome::Ok) => {
                                 upstream_status = Some(answer.status().as_u16());
                                 let mut answer = upstream_answer(answer, id, start + deadline);
@@ -466,7 +466,6 @@ impl Outgoing<'_> {
     async fn call(
         &self,
         (envelope, upstream, metrics): (&Envelope, &UpstreamRt, &AttemptMetrics),
-        status: &StatusClassifier,
         classifier: &RouteClassifier<'_>,
         prepared: &mut envelope_http::body::Prepared<Limited<InBody>>,
         start: Instant,
@@ -498,7 +497,8 @@ impl Outgoing<'_> {
                     metrics.attempt_done(sent.elapsed());
                     upstream.report(endpoint, !matches!(&result, Err(e) if e.never_sent()));
                     if let Some(span) = &mut span {
-                        span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), status.classify(&result));
+                        let outcome = classifier.status.classify(&result);
+                        span.finish(result.as_ref().ok().map(|r| r.status().as_u16()), outcome);
                     }
                     result
                 }
@@ -885,7 +885,7 @@ impl Classify<Response<outbound::Body>, UpstreamError> for RouteClassifier<'_> {
     /// server refused it before any message), never after the others. Always only with a body that can be sent
     /// again.
     fn may_retry(&self, result: &Attempt) -> bool {
-        if !self.body.now() {
+        if !self.can_send_again() {
             return false;
         }
         if let Some(code) = self.grpc_status(result) {

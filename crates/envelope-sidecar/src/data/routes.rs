@@ -141,17 +141,15 @@ mod tests {
                 }
                 let method = if rng.bool() { Method::GET } else { Method::POST };
                 let scan = routes.iter().position(|r| r.matches(&path, &method));
-                let found = table.find(&path, &method).map(|r| routes.iter().position(|x| std::ptr::eq(x, r)));
                 let indexed =
                     table.find(&path, &method).map(|r| table.routes.iter().position(|x| std::ptr::eq(x, r)).unwrap());
                 assert_eq!(indexed, scan, "round {round}: {path} {method} in {routes:#?}");
-                let _ = found;
             }
         }
     }
 
     #[test]
-    fn a_match_is_found_in_the_same_time_wherever_its_route_is() {
+    fn a_thousand_prefix_routes_are_indexed_and_each_is_found_by_its_path() {
         // 1,000 prefix routes: the index looks up the path's cuts, not the routes before the one that matches.
         let routes: Vec<PathMatch> = ordered((0..1000).map(|i| prefix(&format!("/r{i}"), None)).collect());
         let table = RouteTable::new(routes);

@@ -315,14 +315,7 @@ fn hedge(spec: &Route, h: &HedgeSpec, events: &Listeners) -> Hedge {
     let hedge = hedge.with_listeners(events.clone());
     match spec.retry.as_ref().and_then(|r| r.budget()) {
         Some(budget) => hedge.drawing_from(budget.clone()),
-        None => hedge.with_budget(
-            RetryBudget::new(
-                envelope_core::retry::DEFAULT_TTL,
-                envelope_core::retry::DEFAULT_MIN_PER_SECOND,
-                envelope_core::retry::DEFAULT_RETRY_RATIO,
-            )
-            .expect("the defaults are valid"),
-        ),
+        None => hedge.with_budget(RetryBudget::default()),
     }
 }
 
